@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Stage 1: bring the H&E image and spot coordinates to 0.5 um/px (see docs/ARCHITECTURE.md)."""
+from utils.cli import make_parser, run, setup_logging, check_directory
+
+
+def main(argv=None):
+    p = make_parser(
+        "Stage 1 of TriHRGE: rescale he-raw.* to the working resolution (default 0.5 um/px), pad it with "
+        "white to a multiple of 224 px, and scale the spot locations and radius the same way.",
+        epilog="Reads he-raw.*, pixel-size-raw.txt, locs-raw.tsv, radius-raw.txt. Writes he.tif (lossless, "
+               "memory-mappable), he-small.png (mean colour per 8 um super-pixel), locs.tsv, radius.txt, "
+               "pixel-size.txt, calibration.json (the exact raw -> calibrated transform) and "
+               "manifests/image_calibration.json.")
+    p.add_argument("--pixel-size", type=float, default=0.5,
+                   help="target pixel size in um/px; the rest of the pipeline assumes 0.5 (16 px = 8 um super-pixels)")
+    args = p.parse_args(argv)
+    setup_logging(args.quiet)
+    from utils.calibration import calibrate
+    from utils.errors import InputError
+    if not 0.05 <= args.pixel_size <= 5:
+        raise InputError(f"--pixel-size {args.pixel_size}: must be between 0.05 and 5 um/px (0.5 is the default)")
+    calibrate(check_directory(args.directory), pixel_size_um=args.pixel_size, force=args.force)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,1 @@
+"""TriHRGE networks (filled in by the model issue)."""

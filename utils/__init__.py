@@ -1,0 +1,1 @@
+"""TriHRGE library: everything the five stage scripts call into."""

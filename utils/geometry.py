@@ -1,0 +1,87 @@
+"""Shared geometry: the 0.5 um/px calibrated frame, the 16 px super-pixel grid, spot footprints.
+
+Coordinates are continuous pixel coordinates: pixel i covers [i, i+1), so x is a column and y a row.
+Calibration maps raw -> calibrated by multiplying with one scale factor (origin kept, padding only at
+the bottom/right), so super-pixel (row, col) covers y in [16 row, 16 row + 16) calibrated pixels,
+i.e. [8 row, 8 row + 8) um from the image origin, whatever the raw pixel size.
+"""
+import numpy as np
+
+TARGET_PIXEL_SIZE_UM = 0.5
+SUPER_PIXEL_PX = 16          # 8 um at 0.5 um/px
+TILE_PX = 224                # one ViT tile: 14 x 14 super-pixels
+SUPER_PIXEL_UM = SUPER_PIXEL_PX * TARGET_PIXEL_SIZE_UM
+
+
+def superpixel_centres(rows, cols):
+    """Centres (x, y) in calibrated pixels of super-pixels given by integer row/col arrays."""
+    rows = np.asarray(rows, dtype=np.float64)
+    cols = np.asarray(cols, dtype=np.float64)
+    return (cols + 0.5) * SUPER_PIXEL_PX, (rows + 0.5) * SUPER_PIXEL_PX
+
+
+def disk_offsets(radius_px):
+    """(drow, dcol) offsets of the super-pixels whose centres lie within radius_px of a spot centre
+    that sits at a super-pixel centre. Use footprint() for spots anywhere."""
+    r = radius_px / SUPER_PIXEL_PX
+    n = int(np.ceil(r))
+    d = np.arange(-n, n + 1)
+    dr, dc = np.meshgrid(d, d, indexing="ij")
+    keep = dr ** 2 + dc ** 2 <= r ** 2
+    return np.stack([dr[keep], dc[keep]], axis=1)
+
+
+def footprint(x, y, radius_px, grid_shape=None):
+    """Super-pixels of one spot: those whose centre is within radius_px (calibrated px) of (x, y).
+
+    Returns int arrays (rows, cols); clipped to grid_shape when given."""
+    r = float(radius_px)
+    r0 = int(np.floor((y - r) / SUPER_PIXEL_PX))
+    r1 = int(np.floor((y + r) / SUPER_PIXEL_PX))
+    c0 = int(np.floor((x - r) / SUPER_PIXEL_PX))
+    c1 = int(np.floor((x + r) / SUPER_PIXEL_PX))
+    rr, cc = np.meshgrid(np.arange(r0, r1 + 1), np.arange(c0, c1 + 1), indexing="ij")
+    cx, cy = superpixel_centres(rr, cc)
+    keep = (cx - x) ** 2 + (cy - y) ** 2 <= r * r
+    rows, cols = rr[keep], cc[keep]
+    if grid_shape is not None:
+        inside = (rows >= 0) & (cols >= 0) & (rows < grid_shape[0]) & (cols < grid_shape[1])
+        rows, cols = rows[inside], cols[inside]
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def footprints(xs, ys, radius_px, grid_shape=None):
+    """Footprints of many spots as flat arrays (spot_index, rows, cols)."""
+    idx, rows, cols = [], [], []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        r, c = footprint(x, y, radius_px, grid_shape)
+        idx.append(np.full(len(r), i, dtype=np.int64))
+        rows.append(r)
+        cols.append(c)
+    if not idx:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return np.concatenate(idx), np.concatenate(rows), np.concatenate(cols)
+
+
+def calibration_scale(raw_pixel_size_um, target_pixel_size_um=TARGET_PIXEL_SIZE_UM):
+    """Factor from raw to calibrated pixel coordinates."""
+    return float(raw_pixel_size_um) / float(target_pixel_size_um)
+
+
+def calibrated_shape(raw_shape, raw_pixel_size_um, target_pixel_size_um=TARGET_PIXEL_SIZE_UM, tile=TILE_PX):
+    """(scaled_hw, padded_hw) of the calibrated image: raw size times the scale, rounded, then padded
+    with white at the bottom/right to a multiple of the tile size."""
+    s = calibration_scale(raw_pixel_size_um, target_pixel_size_um)
+    # floor(x + 0.5), as OpenCV's resize rounds when it is given only the scale factor
+    h = max(1, int(np.floor(raw_shape[0] * s + 0.5)))
+    w = max(1, int(np.floor(raw_shape[1] * s + 0.5)))
+    ph = -(-h // tile) * tile
+    pw = -(-w // tile) * tile
+    return (h, w), (ph, pw)
+
+
+def superpixel_grid_shape(raw_shape, raw_pixel_size_um, target_pixel_size_um=TARGET_PIXEL_SIZE_UM):
+    """(rows, cols) of the super-pixel grid that covers the padded calibrated image."""
+    _, (ph, pw) = calibrated_shape(raw_shape, raw_pixel_size_um, target_pixel_size_um)
+    return ph // SUPER_PIXEL_PX, pw // SUPER_PIXEL_PX

@@ -1,0 +1,126 @@
+"""Stage 2 logic (get_HR.py): spot counts matched to locations, gene selection with the training
+target's scaling, the spot lattice, and the HR pseudo-spots at half spacing."""
+import logging
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+
+from .atomic import StagedOutputs, remove_stale_temporaries
+from .calibration import load_calibration
+from .errors import InputError
+from .genes import minmax_scaling, select_genes
+from .lattice import describe_lattice, hr_pseudo_spots, interpolate_counts
+from .manifest import changed_since_last_run, check_upstream, write_manifest
+from .raw_io import COUNTS_NAMES, find_one, match_spots, read_counts, read_locs
+
+log = logging.getLogger("trihrge")
+
+STAGE = "get_HR"
+SPOTS = "spots.h5ad"
+HR_SPOTS = "hr-spots.h5ad"
+GENES = "genes.tsv"
+LATTICE = "lattice.json"
+PLOT = "hr-spots.png"
+
+
+def _obs(ids, xy, scale, extra=None):
+    obs = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "x_raw": xy[:, 0] / scale, "y_raw": xy[:, 1] / scale},
+                       index=pd.Index(ids, name="spot"))
+    for k, v in (extra or {}).items():
+        obs[k] = v
+    return obs
+
+
+def _plot(path, directory, spots_xy, hr_xy, measured, calib):
+    """Measured spots and HR pseudo-spots over the super-pixel preview of the H&E."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .image_io import read_png
+    he = read_png(Path(directory) / "he-small.png")
+    sp = calib["superpixel_px"]
+    fig, ax = plt.subplots(figsize=(8, 8 * he.shape[0] / he.shape[1]), dpi=110)
+    ax.imshow(he)
+    ax.scatter(hr_xy[~measured, 0] / sp - 0.5, hr_xy[~measured, 1] / sp - 0.5, s=3, c="tab:orange", label="HR pseudo-spot")
+    ax.scatter(spots_xy[:, 0] / sp - 0.5, spots_xy[:, 1] / sp - 0.5, s=8, c="tab:blue", label="measured spot")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_hr(directory, n_genes=None, gene_list=None, force=False):
+    directory = Path(directory)
+    remove_stale_temporaries(directory)
+    check_upstream(directory, STAGE, force=force, log=log)
+    calib = load_calibration(directory)
+    scale = calib["scale"]
+    counts_path = find_one(directory, COUNTS_NAMES, "spot count matrix (cnts.tsv)")
+    ids, genes, X = read_counts(directory)
+    locs_raw, locs_path = read_locs(directory)
+    inputs = [counts_path, locs_path, directory / "calibration.json"] + ([Path(gene_list)] if gene_list else [])
+    params = {"n_genes": n_genes, "gene_list": str(gene_list) if gene_list else None}
+    reasons = changed_since_last_run(directory, STAGE, inputs, params)
+    if reasons:
+        log.info("recomputing: %s", "; ".join(reasons))
+    log.info("%s: %d spots x %d genes", counts_path.name, X.shape[0], X.shape[1])
+
+    locs_raw = match_spots(ids, locs_raw, counts_path, locs_path)
+    H, W = calib["raw_shape"]
+    inside = ((locs_raw["x"] >= 0) & (locs_raw["y"] >= 0) & (locs_raw["x"] < W) & (locs_raw["y"] < H)).to_numpy()
+    if not inside.any():
+        raise InputError(f"{locs_path}: all spots lie outside the {W} x {H} px image; give x (column) and y (row) "
+                         f"in pixels of {calib['raw_image']}")
+    if not inside.all():
+        log.warning("dropping %d of %d spots that lie outside the image (%s)", (~inside).sum(), len(inside),
+                    ", ".join(ids[~inside][:3]))
+    totals = X.sum(axis=1)
+    empty = totals == 0
+    if (empty & inside).any():
+        log.warning("dropping %d spots with no counts at all (%s)", (empty & inside).sum(), ", ".join(ids[empty & inside][:3]))
+    keep = inside & ~empty
+    if keep.sum() < 3:
+        raise InputError(f"{counts_path}: only {keep.sum()} spot(s) inside the image with counts; at least 3 are needed")
+    ids, X, totals = ids[keep], X[keep], totals[keep]
+    xy = locs_raw.loc[ids, ["x", "y"]].to_numpy(dtype=np.float64) * scale
+
+    gidx, var = select_genes(X, genes, n_genes=n_genes, gene_list=gene_list, counts_path=counts_path.name)
+    sel = X[:, gidx]
+    lo, hi = minmax_scaling(sel)
+    var_df = pd.DataFrame({"variance": var[gidx], "scale_min": lo, "scale_max": hi,
+                           "rank": np.arange(len(gidx))}, index=pd.Index(genes[gidx], name="gene"))
+    log.info("selected %d genes (%s)", len(gidx), "from " + str(gene_list) if gene_list else "top by variance")
+
+    lattice = describe_lattice(xy)
+    lattice["spacing_um"] = lattice["spacing_px"] * calib["pixel_size_um"]
+    hr_xy, sources = hr_pseudo_spots(xy, lattice)
+    hr_counts = interpolate_counts(sel, sources)
+    log.info("lattice: %s, spacing %.1f um, orientation %.1f deg; %d measured + %d HR pseudo-spots",
+             lattice["kind"], lattice["spacing_um"], lattice["orientation_deg"], len(xy), len(hr_xy))
+    lattice["n_hr_pseudo_spots"] = int(len(hr_xy))
+
+    uns = {"radius_px": calib["radius_px"], "radius_raw_px": calib["radius_raw_px"],
+           "pixel_size_um": calib["pixel_size_um"], "raw_pixel_size_um": calib["raw_pixel_size_um"],
+           "scale": scale, "lattice": lattice, "target": "min-max per gene: (counts - scale_min) / (scale_max - scale_min)"}
+    spots = anndata.AnnData(X=sel.astype(np.float32), obs=_obs(ids, xy, scale, {"total_counts": totals.astype(np.float32)}),
+                            var=var_df, uns=uns)
+    n_src = np.array([len(s) for s in sources], dtype=np.int64)
+    all_xy = np.concatenate([xy, hr_xy]) if len(hr_xy) else xy
+    measured = np.r_[np.ones(len(xy), bool), np.zeros(len(hr_xy), bool)]
+    hr_ids = list(ids) + [f"hr{i:06d}" for i in range(len(hr_xy))]
+    hr = anndata.AnnData(X=np.concatenate([sel, hr_counts]).astype(np.float32),
+                         obs=_obs(hr_ids, all_xy, scale, {"measured": measured, "n_sources": np.r_[np.ones(len(xy), np.int64), n_src]}),
+                         var=var_df.copy(), uns=uns)
+    with StagedOutputs() as out:
+        spots.write_h5ad(out.path(directory / SPOTS))
+        hr.write_h5ad(out.path(directory / HR_SPOTS))
+        var_df.to_csv(out.path(directory / GENES), sep="\t")
+        out.write_json(directory / LATTICE, lattice)
+        _plot(out.path(directory / PLOT), directory, xy, all_xy, measured, calib)
+        outputs = out.finals
+    write_manifest(directory, STAGE, params, inputs, outputs)
+    log.info("wrote %s (%d spots), %s (%d HR spots), %s, %s", SPOTS, len(xy), HR_SPOTS, len(all_xy), GENES, PLOT)
+    return spots, hr, lattice

@@ -1,0 +1,218 @@
+"""Finding and reading the raw inputs of the data contract (iStar's raw layout and its variants).
+
+Every reader validates what it reads and raises InputError naming the file, the problem and the fix."""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+IMAGE_NAMES = ("he-raw.jpg", "he-raw.jpeg", "he-raw.png", "he-raw.tif", "he-raw.tiff",
+               "he-raw.ome.tif", "he-raw.ome.tiff")
+COUNTS_NAMES = ("cnts.tsv", "cnts.tsv.gz", "cnts.csv", "cnts.csv.gz", "cnts.h5ad")
+LOCS_NAMES = ("locs-raw.tsv", "locs-raw.tsv.gz", "locs-raw.csv", "locs-raw.csv.gz")
+PIXEL_SIZE_RANGE_UM = (0.05, 2.0)
+ID_COLUMNS = ("spot", "id", "barcode", "spot_id", "Unnamed: 0", "")
+
+
+def find_one(directory, names, what):
+    """The single file among `names` in directory (error when none or several)."""
+    directory = Path(directory)
+    found = [directory / n for n in names if (directory / n).is_file()]
+    if not found:
+        raise InputError(f"{directory}/{names[0]}: {what} not found (looked for {', '.join(names)}); "
+                         f"put it there in the raw layout described in the README (section 'Inputs')")
+    if len(found) > 1:
+        raise InputError(f"{found[0]}: several candidates for the {what} ({', '.join(p.name for p in found)}); "
+                         f"keep exactly one of them in {directory}")
+    return found[0]
+
+
+def _read_number(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: not found; write the {what} as a single number into it")
+    text = path.read_text(errors="replace").strip()
+    try:
+        value = float(text.split()[0]) if text else float("nan")
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise InputError(f"{path}: expected one number (the {what}), found {text[:40]!r}; write just the number")
+    return value
+
+
+def read_pixel_size(directory):
+    path = Path(directory) / "pixel-size-raw.txt"
+    v = _read_number(path, "raw image pixel size in um/px")
+    lo, hi = PIXEL_SIZE_RANGE_UM
+    if v <= 0:
+        raise InputError(f"{path}: pixel size must be positive, got {v}; write the um per pixel of he-raw "
+                         f"(about 0.25-0.5 for a 20x/40x scan)")
+    if not lo <= v <= hi:
+        raise InputError(f"{path}: pixel size {v} um/px is outside the plausible range {lo}-{hi} um/px "
+                         f"(an 8 um super-pixel must span several pixels); give the full-resolution H&E "
+                         f"and its um per pixel")
+    return v
+
+
+def read_radius(directory, pixel_size_um):
+    path = Path(directory) / "radius-raw.txt"
+    v = _read_number(path, "spot radius in raw pixels")
+    if v <= 0:
+        raise InputError(f"{path}: spot radius must be positive, got {v}; write the spot radius in raw image "
+                         f"pixels (27.5 um / pixel size for Visium)")
+    um = v * pixel_size_um
+    if not 1.0 <= um <= 500.0:
+        raise InputError(f"{path}: a radius of {v} px is {um:.1f} um at {pixel_size_um} um/px, not a plausible "
+                         f"spot radius (1-500 um); write the radius in raw pixels of he-raw")
+    return v
+
+
+def _sep_for(path):
+    name = Path(path).name.lower()
+    return "," if ".csv" in name else "\t"
+
+
+def _read_table(path):
+    try:
+        return pd.read_csv(path, sep=_sep_for(path), index_col=None, low_memory=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, gzip.BadGzipFile,
+            EOFError, OSError) as e:
+        raise InputError(f"{path}: cannot be read as a {'comma' if _sep_for(path) == ',' else 'tab'}-separated "
+                         f"table ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                         f"check that the file is complete and in that format") from None
+
+
+def _raw_header(path):
+    """Column names exactly as written (pandas renames duplicates to NAME.1)."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    with opener(path, "rt", errors="replace") as f:
+        line = f.readline().rstrip("\r\n")
+    return [c.strip().strip('"') for c in line.split(_sep_for(path))]
+
+
+def _id_column(df, path, what):
+    for c in df.columns:
+        if str(c).strip().lower() in ID_COLUMNS or str(c).startswith("Unnamed"):
+            return c
+    first = df.columns[0]
+    if df[first].dtype == object:
+        return first
+    raise InputError(f"{path}: no spot id column (expected a first column named 'spot', 'barcode' or 'id' "
+                     f"holding the {what} spot ids); add it")
+
+
+def _examples(items, k=3):
+    items = list(items)
+    s = ", ".join(map(str, items[:k]))
+    return s + (", ..." if len(items) > k else "")
+
+
+def read_counts(directory):
+    """(spot_ids, genes, X float32 dense spots x genes) from cnts.* ; raw integer counts are required."""
+    path = find_one(directory, COUNTS_NAMES, "spot count matrix (cnts.tsv)")
+    if path.suffix == ".h5ad":
+        ids, genes, X = _read_counts_h5ad(path)
+    else:
+        df = _read_table(path)
+        if df.shape[1] < 2:
+            raise InputError(f"{path}: expected a spot id column and one column per gene, found {df.shape[1]} "
+                             f"column(s); write spots as rows and genes as columns")
+        idc = _id_column(df, path, "counted")
+        ids = df[idc].astype(str).str.strip()
+        gdf = df.drop(columns=[idc])
+        genes = pd.Index([str(g) for g in gdf.columns])
+        nonnum = [c for c in gdf.columns if not pd.api.types.is_numeric_dtype(gdf[c])]
+        if nonnum:
+            raise InputError(f"{path}: gene column(s) {_examples(nonnum)} hold non-numeric values; "
+                             f"the count matrix must hold numbers only")
+        X = gdf.to_numpy(dtype=np.float32)
+        header = _raw_header(path)
+        dups = pd.Index(header[1:])[pd.Index(header[1:]).duplicated()].unique()
+        if len(dups):
+            raise InputError(f"{path}: duplicated gene names ({_examples(dups)}); "
+                             f"make gene names unique (e.g. sum or rename duplicates)")
+    return validate_counts(path, pd.Index(ids), pd.Index(genes), X)
+
+
+def _read_counts_h5ad(path):
+    import anndata
+    try:
+        ad = anndata.read_h5ad(path)
+    except Exception as e:  # h5py/anndata raise many types for corrupt files
+        raise InputError(f"{path}: cannot be read as AnnData ({type(e).__name__}); write it with anndata's "
+                         f"write_h5ad") from None
+    X = ad.layers["counts"] if "counts" in ad.layers else (ad.raw.X if ad.raw is not None else ad.X)
+    genes = ad.raw.var_names if ("counts" not in ad.layers and ad.raw is not None) else ad.var_names
+    if hasattr(X, "toarray"):
+        X = X.toarray()
+    return ad.obs_names.astype(str), genes.astype(str), np.asarray(X, dtype=np.float32)
+
+
+def validate_counts(path, ids, genes, X):
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise InputError(f"{path}: the count matrix is empty ({X.shape[0]} spots x {X.shape[1]} genes); "
+                         f"give spots as rows and genes as columns")
+    if ids.duplicated().any():
+        raise InputError(f"{path}: duplicated spot ids ({_examples(ids[ids.duplicated()].unique())}); "
+                         f"every spot must appear once")
+    if genes.duplicated().any():
+        raise InputError(f"{path}: duplicated gene names ({_examples(genes[genes.duplicated()].unique())}); "
+                         f"make gene names unique (e.g. sum or rename duplicates)")
+    if not np.isfinite(X).all():
+        bad = np.argwhere(~np.isfinite(X))[0]
+        raise InputError(f"{path}: missing or non-finite count for spot {ids[bad[0]]}, gene {genes[bad[1]]}; "
+                         f"the matrix must be complete (write 0 for no counts)")
+    if (X < 0).any():
+        bad = np.argwhere(X < 0)[0]
+        raise InputError(f"{path}: negative count for spot {ids[bad[0]]}, gene {genes[bad[1]]}; "
+                         f"give raw (non-negative integer) UMI counts")
+    if not np.all(X == np.round(X)):
+        bad = np.argwhere(X != np.round(X))[0]
+        raise InputError(f"{path}: non-integer count {X[bad[0], bad[1]]} (spot {ids[bad[0]]}, gene "
+                         f"{genes[bad[1]]}); give raw UMI counts, not normalised or log values")
+    if X.sum() == 0:
+        raise InputError(f"{path}: every count is zero; give the raw UMI counts of the section")
+    if X.shape[0] < 3:
+        raise InputError(f"{path}: only {X.shape[0]} spot(s); at least 3 measured spots are needed to learn anything")
+    return ids, genes, X
+
+
+def read_locs(directory, name_stem="locs-raw"):
+    """DataFrame indexed by spot id with float columns x (column) and y (row)."""
+    names = tuple(n.replace("locs-raw", name_stem) for n in LOCS_NAMES)
+    path = find_one(directory, names, "spot locations (locs-raw.tsv)")
+    df = _read_table(path)
+    cols = {str(c).strip().lower(): c for c in df.columns}
+    missing = [c for c in ("x", "y") if c not in cols]
+    if missing:
+        raise InputError(f"{path}: column(s) {', '.join(missing)} missing (found {_examples(df.columns, 6)}); "
+                         f"write a spot id column and columns 'x' (image column) and 'y' (image row) in pixels")
+    idc = _id_column(df.drop(columns=[cols["x"], cols["y"]]), path, "located")
+    out = pd.DataFrame({"x": pd.to_numeric(df[cols["x"]], errors="coerce"),
+                        "y": pd.to_numeric(df[cols["y"]], errors="coerce")})
+    out.index = pd.Index(df[idc].astype(str).str.strip(), name="spot")
+    if out.index.duplicated().any():
+        raise InputError(f"{path}: duplicated spot ids ({_examples(out.index[out.index.duplicated()].unique())}); "
+                         f"every spot must appear once")
+    bad = out.index[~np.isfinite(out[["x", "y"]].to_numpy()).all(axis=1)]
+    if len(bad):
+        raise InputError(f"{path}: {len(bad)} spot(s) with missing or non-numeric x/y ({_examples(bad)}); "
+                         f"give numeric pixel coordinates for every spot")
+    return out, path
+
+
+def match_spots(count_ids, locs, counts_path, locs_path):
+    """Locations in the order of the count matrix; every counted spot must have a location."""
+    missing = count_ids[~count_ids.isin(locs.index)]
+    if len(missing) == len(count_ids):
+        raise InputError(f"{locs_path}: none of the {len(count_ids)} spot ids of {Path(counts_path).name} is there "
+                         f"(counts: {_examples(count_ids)}; locations: {_examples(locs.index)}); "
+                         f"both files must use the same spot ids")
+    if len(missing):
+        raise InputError(f"{locs_path}: {len(missing)} of the {len(count_ids)} spots of {Path(counts_path).name} "
+                         f"have no location ({_examples(missing)}); add them or drop them from the counts")
+    return locs.loc[count_ids]
