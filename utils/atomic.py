@@ -4,6 +4,7 @@ the previous artifacts intact and no half-written file under a real name."""
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
@@ -31,8 +32,7 @@ class StagedOutputs:
         final = Path(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_path_for(final)
-        if tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
         self._pending.append((tmp, final))
         return tmp
 
@@ -53,13 +53,19 @@ class StagedOutputs:
             if not tmp.exists():
                 raise RuntimeError(f"internal error: staged output {tmp} was never written")
         for tmp, final in self._pending:
-            os.replace(tmp, final)
+            if tmp.is_dir() and final.exists():
+                # a directory cannot replace a non-empty one: move the old one aside first
+                old = final.with_name(f"{TMP_PREFIX}{os.getpid()}-old-{final.name}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
         self._pending = []
 
     def abort(self):
         for tmp, _ in self._pending:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            _remove(tmp)
         self._pending = []
 
     def __enter__(self):
@@ -71,6 +77,15 @@ class StagedOutputs:
         else:
             self.abort()
         return False
+
+
+def _remove(p):
+    p = Path(p)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def _pid_alive(pid):
@@ -89,6 +104,4 @@ def remove_stale_temporaries(directory):
         pid = p.name[len(TMP_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue
-        with contextlib.suppress(OSError):
-            if p.is_file():
-                p.unlink()
+        _remove(p)

@@ -111,9 +111,14 @@ def build_hr(directory, n_genes=None, gene_list=None, force=False):
     all_xy = np.concatenate([xy, hr_xy]) if len(hr_xy) else xy
     measured = np.r_[np.ones(len(xy), bool), np.zeros(len(hr_xy), bool)]
     hr_ids = list(ids) + [f"hr{i:06d}" for i in range(len(hr_xy))]
+    # which measured spots (row numbers of spots.h5ad) each HR spot is made from; -1 pads
+    src = np.full((len(all_xy), 4), -1, dtype=np.int64)
+    src[:len(xy), 0] = np.arange(len(xy))
+    for i, s in enumerate(sources):
+        src[len(xy) + i, :len(s)] = s
     hr = anndata.AnnData(X=np.concatenate([sel, hr_counts]).astype(np.float32),
                          obs=_obs(hr_ids, all_xy, scale, {"measured": measured, "n_sources": np.r_[np.ones(len(xy), np.int64), n_src]}),
-                         var=var_df.copy(), uns=uns)
+                         var=var_df.copy(), uns=uns, obsm={"sources": src})
     with StagedOutputs() as out:
         spots.write_h5ad(out.path(directory / SPOTS))
         hr.write_h5ad(out.path(directory / HR_SPOTS))

@@ -1,0 +1,103 @@
+"""The TriHRGE network: multi-scale histology tokens fused with HR pseudo-spot gene tokens by three
+cross-attentions, then a head of bias-free linear layers on the fused tokens concatenated with the
+histology features, and a positive output per gene (ELU(alpha=0.01) + 0.01, as iStar/HISTEX).
+
+Inputs of forward():
+  hist   dict scale -> (B, T, C_scale) features of the T = w*w super-pixels of a window
+  genes  (B, K, G) expression of the K nearest HR pseudo-spots, scaled like the target
+  offs   (B, K, 2) their offsets from the window centre, in lattice spacings
+  gmask  (B, K) bool, True where a gene token is hidden (padding or masked in training)
+  keep   optional token indices to predict (inference needs only the window's central block)
+Output: (B, T or len(keep), G) predictions in the scaled target units."""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def positive_output(x):
+    return F.elu(x, alpha=0.01) + 0.01
+
+
+class MultiScaleFusion(nn.Module):
+    """Projects each scale to d and mixes them with a learned per-token softmax weighting."""
+
+    def __init__(self, dims, d):
+        super().__init__()
+        self.names = list(dims)
+        self.proj = nn.ModuleDict({k: nn.Sequential(nn.Linear(c, d), nn.LayerNorm(d)) for k, c in dims.items()})
+        self.gate = nn.Linear(d * len(dims), len(dims)) if len(dims) > 1 else None
+
+    def forward(self, hist):
+        z = torch.stack([self.proj[k](hist[k]) for k in self.names], dim=-2)  # B, T, S, d
+        if self.gate is None:
+            return z[..., 0, :]
+        w = torch.softmax(self.gate(z.flatten(-2)), dim=-1)  # B, T, S
+        return (w.unsqueeze(-1) * z).sum(-2)
+
+
+class TriCrossBlock(nn.Module):
+    """Histology attends to genes; genes attend to histology; the first result attends to the second.
+    nn.MultiheadAttention scales by sqrt(head width), unlike HISTEX's division by the head count."""
+
+    def __init__(self, d, heads, dropout=0.0):
+        super().__init__()
+        self.h2g = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.g2h = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.hh = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.n1, self.n2, self.n3, self.n4 = (nn.LayerNorm(d) for _ in range(4))
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, h, g, gmask):
+        h1 = self.n1(h + self.h2g(h, g, g, key_padding_mask=gmask, need_weights=False)[0])
+        g1 = self.n2(g + self.g2h(g, h, h, need_weights=False)[0])
+        h2 = self.n3(h1 + self.hh(h1, g1, g1, key_padding_mask=gmask, need_weights=False)[0])
+        return self.n4(h2 + self.ff(h2)), g1
+
+
+class TriHRGE(nn.Module):
+    def __init__(self, dims, n_genes, window, d=64, heads=4, depth=2, head_hidden=128,
+                 use_gene_tokens=True, use_linear_head=True, dropout=0.1):
+        super().__init__()
+        self.use_gene_tokens = use_gene_tokens
+        self.use_linear_head = use_linear_head
+        self.fusion = MultiScaleFusion(dims, d)
+        self.pos = nn.Parameter(torch.zeros(1, window * window, d))
+        nn.init.normal_(self.pos, std=0.02)
+        self.drop = nn.Dropout(dropout)
+        if use_gene_tokens:
+            self.gene_in = nn.Sequential(nn.Linear(n_genes, d), nn.LayerNorm(d))
+            self.gene_pos = nn.Sequential(nn.Linear(2, d), nn.GELU(), nn.Linear(d, d))
+            self.blocks = nn.ModuleList(TriCrossBlock(d, heads, dropout) for _ in range(depth))
+        else:
+            # without gene tokens the histology tokens still exchange context within the window
+            layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout, batch_first=True, norm_first=False)
+            self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        raw_dim = sum(dims.values())
+        if use_linear_head:
+            # "linear feature extraction": bias-free linear layers on fused tokens + raw histology
+            self.head = nn.Sequential(nn.Linear(d + raw_dim, head_hidden, bias=False), nn.LeakyReLU(0.1),
+                                      nn.Linear(head_hidden, head_hidden, bias=False), nn.LeakyReLU(0.1),
+                                      nn.Linear(head_hidden, n_genes, bias=False))
+        else:
+            self.head = nn.Linear(d, n_genes)
+
+    def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
+        """keep: token indices whose predictions are needed (the head, the costliest part, runs only
+        on those); None = all tokens."""
+        h = self.drop(self.fusion(hist) + self.pos)
+        if self.use_gene_tokens:
+            g = self.gene_in(genes) + self.gene_pos(offs)
+            # a window whose gene tokens are all hidden would make attention undefined: keep one
+            if gmask is not None:
+                gmask = gmask.clone()
+                gmask[gmask.all(dim=1), 0] = False
+            for blk in self.blocks:
+                h, g = blk(h, g, gmask)
+        else:
+            h = self.blocks(h)
+        if keep is not None:
+            h = h[:, keep]
+            hist = {k: v[:, keep] for k, v in hist.items()}
+        if self.use_linear_head:
+            h = torch.cat([h, torch.cat([hist[k] for k in self.fusion.names], dim=-1)], dim=-1)
+        return positive_output(self.head(h))

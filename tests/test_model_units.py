@@ -1,0 +1,114 @@
+"""Small, fast checks of the model pieces: shapes, the footprint loss, gene tokens, windows."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import hex_lattice
+from models import build_model
+from utils import geometry as geo
+from utils.interpolation import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
+from utils.model_inputs import GeneTokens, gather_windows, spot_windows, window_half
+from utils.predict import block_layout
+from utils.train import footprint_loss
+
+DIMS = {"micro": 6, "meso": 5, "macro": 4, "extra": 5}
+
+
+@pytest.mark.parametrize("opts", [{}, {"use_gene_tokens": False}, {"use_linear_head": False}])
+def test_trihrge_shapes_and_positive_output(opts):
+    torch.manual_seed(0)
+    m = build_model("trihrge", DIMS, 11, 7, d=16, heads=2, depth=1, **opts)
+    B = 3
+    hist = {k: torch.randn(B, 49, c) for k, c in DIMS.items()}
+    hidden = torch.zeros(B, 5, dtype=torch.bool)
+    hidden[1] = True  # all hidden: must still be defined
+    y = m(hist, torch.rand(B, 5, 11), torch.randn(B, 5, 2), hidden)
+    assert y.shape == (B, 49, 11) and torch.isfinite(y).all() and (y > 0).all()
+
+
+def test_mlp_is_per_superpixel():
+    m = build_model("mlp", DIMS, 4, 7)
+    hist = {k: torch.randn(2, 49, c) for k, c in DIMS.items()}
+    y = m(hist)
+    hist2 = {k: v.clone() for k, v in hist.items()}
+    hist2["micro"][:, 5] += 1.0
+    y2 = m(hist2)
+    changed = (y - y2).abs().sum(-1) > 0
+    assert changed[:, 5].all() and not changed[:, :5].any()
+
+
+def test_footprint_loss_is_mean_over_footprint():
+    pred = torch.tensor([[[1.0], [3.0], [100.0]]])
+    fp = torch.tensor([[1.0, 1.0, 0.0]])
+    assert footprint_loss(pred, fp, torch.tensor([[2.0]])).item() == pytest.approx(0.0)
+    assert footprint_loss(pred, fp, torch.tensor([[0.0]])).item() == pytest.approx(4.0)
+
+
+def test_spot_windows_hold_the_footprint():
+    xy = np.array([[100.3, 200.7], [57.0, 311.9], [16 * 20 + 15.9, 16 * 20 + 0.1]])
+    radius = 55.0
+    rows, cols, half, fp = spot_windows(xy, radius, (100, 100))
+    assert half == window_half(radius) == 3
+    from utils.model_inputs import window_grid
+    dr, dc = window_grid(half)
+    for i, (x, y) in enumerate(xy):
+        r, c = geo.footprint(x, y, radius, (100, 100))
+        got = {(rows[i] + a, cols[i] + b) for a, b, f in zip(dr, dc, fp[i]) if f}
+        assert got == set(zip(r.tolist(), c.tolist()))
+
+
+def test_gather_windows_matches_direct_indexing_and_pads():
+    rng = np.random.default_rng(0)
+    maps = {"micro": rng.normal(size=(10, 12, 3)).astype(np.float16)}
+    out, valid = gather_windows(maps, np.array([0, 5]), np.array([0, 6]), 1)
+    x = out["micro"]
+    assert x.shape == (2, 9, 3)
+    np.testing.assert_array_equal(x[1, 4], maps["micro"][5, 6].astype(np.float32))
+    np.testing.assert_array_equal(x[1, 0], maps["micro"][4, 5].astype(np.float32))
+    assert not valid[0, 0] and (x[0, 0] == 0).all()
+
+
+def test_gene_tokens_leave_self_out():
+    xy = hex_lattice(6, 6, 100.0)
+    from utils.lattice import describe_lattice, hr_pseudo_spots
+    lat = describe_lattice(xy)
+    hr, sources = hr_pseudo_spots(xy, lat)
+    allp = np.concatenate([xy, hr])
+    src = np.full((len(allp), 4), -1)
+    src[:len(xy), 0] = np.arange(len(xy))
+    for i, s in enumerate(sources):
+        src[len(xy) + i, :len(s)] = s
+    tok = GeneTokens(allp, np.zeros((len(allp), 2)), src, 100.0, k=5)
+    spot = 14
+    idx, offs, hid = tok.query(xy[[spot]])
+    assert idx[0, 0] == spot and np.allclose(offs[0, 0], 0)
+    idx2, offs2, hid2 = tok.query(xy[[spot]], exclude_spot=np.array([spot]))
+    assert not hid2.any()
+    assert not (src[idx2[0]] == spot).any()  # nothing made from the spot itself
+    assert np.linalg.norm(offs2[0], axis=1).min() > 0.8
+
+
+def test_block_layout_covers_each_superpixel_once():
+    rows, cols = np.nonzero(np.ones((10, 11), bool))
+    cr, cc, block, token = block_layout(rows, cols, 3, 3)
+    w = 7
+    dr = token // w - 3
+    dc = token % w - 3
+    np.testing.assert_array_equal(cr[block] + dr, rows)
+    np.testing.assert_array_equal(cc[block] + dc, cols)
+    assert np.abs(dr).max() <= 1 and np.abs(dc).max() <= 1
+
+
+def test_kernel_weights_and_rescaling():
+    spots = np.array([[0.0, 0.0], [100.0, 0.0]])
+    pts = np.array([[0.0, 0.0], [50.0, 0.0], [1e4, 0.0]])
+    W = kernel_weights(pts, spots, 50.0).toarray()
+    np.testing.assert_allclose(W.sum(1), 1.0)
+    assert W[1, 0] == pytest.approx(0.5) and W[2, 1] == pytest.approx(1.0)
+    vals = np.array([[1.0], [2.0], [4.0]])
+    s = spot_sums(vals, np.array([0, 0, 1]), np.array([0, 1, 2]), 2)
+    np.testing.assert_allclose(s, [[3.0], [4.0]])
+    measured = np.array([[6.0], [4.0]])
+    np.testing.assert_allclose(global_rescale_factors(measured, s), [10 / 7], rtol=1e-6)
+    f = local_rescale_factors(measured, s, kernel_weights(spots, spots, 1.0), eps=0.0)
+    np.testing.assert_allclose(f[:, 0], [2.0, 1.0], rtol=1e-6)

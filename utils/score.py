@@ -1,0 +1,73 @@
+"""Score super-resolution runs against truth: `python -m utils.score RUN_DIR [RUN_DIR ...]`.
+
+Per gene, prediction and truth are min-max scaled inside the truth mask, then Pearson r, SSIM
+(data_range 1) and RMSE; medians and means over genes. Several runs print one comparison table."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import anndata
+import numpy as np
+
+from .cli import HelpFormatter, run, setup_logging
+from .errors import InputError
+from .metrics import align_to_truth, score_maps
+
+
+def score_arrays(rows, cols, X, genes, truth):
+    P, T, t_rows, t_cols, g, coverage = align_to_truth(rows, cols, X, genes, truth)
+    if not g:
+        raise InputError("the prediction and the truth share no gene; score runs made on the same data set")
+    m = score_maps(P, T, t_rows, t_cols, g)
+    m["truth_coverage"] = coverage
+    return m
+
+
+def score_run(run_dir, truth_path=None):
+    run_dir = Path(run_dir)
+    sr_p = run_dir / "super-res.h5ad"
+    if not sr_p.is_file():
+        raise InputError(f"{sr_p}: not found; give a run directory written by HISTEX.py (DIR/results/<model>)")
+    truth_path = Path(truth_path) if truth_path else run_dir.parent.parent / "truth" / "super.h5ad"
+    if not truth_path.is_file():
+        raise InputError(f"{truth_path}: no truth to score against; pass --truth PATH (a super.h5ad with obs row/col)")
+    sr = anndata.read_h5ad(sr_p)
+    m = score_arrays(sr.obs["row"].to_numpy(np.int64), sr.obs["col"].to_numpy(np.int64), np.asarray(sr.X),
+                     list(sr.var_names), anndata.read_h5ad(truth_path))
+    m["model"] = sr.uns.get("model", run_dir.name)
+    return m
+
+
+def format_table(results):
+    head = f"{'run':32s} {'r median':>9s} {'r mean':>8s} {'SSIM med':>9s} {'SSIM mean':>9s} {'RMSE med':>9s}"
+    lines = [head, "-" * len(head)]
+    for name, m in results:
+        s = m["summary"]
+        lines.append(f"{name:32s} {s['pearson']['median']:9.4f} {s['pearson']['mean']:8.4f} {s['ssim']['median']:9.4f} "
+                     f"{s['ssim']['mean']:9.4f} {s['rmse']['median']:9.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (each holds super-res.h5ad)")
+    p.add_argument("--truth", type=Path, default=None,
+                   help="truth super.h5ad (default: DIR/truth/super.h5ad for a run in DIR/results/<model>)")
+    p.add_argument("--write", action="store_true", help="also write metrics.json into each run directory")
+    args = p.parse_args(argv)
+    setup_logging(True)
+    results = []
+    for r in args.runs:
+        m = score_run(r, args.truth)
+        if args.write:
+            from .atomic import StagedOutputs
+            with StagedOutputs() as out:
+                out.write_json(r / "metrics.json", m)
+        results.append((str(r.name), m))
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

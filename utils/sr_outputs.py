@@ -1,0 +1,75 @@
+"""Writing the super-resolution results: super-res.h5ad streamed from a memory-mapped array (so the
+slide-sized matrix never has to sit in memory twice), spot-level predictions, and gene maps."""
+import h5py
+import numpy as np
+import anndata
+import pandas as pd
+
+
+def write_h5ad_streamed(path, obs, var, X, uns=None, chunk_rows=65536):
+    """An .h5ad whose dense float32 X is copied in row chunks from X (array or memmap)."""
+    anndata.AnnData(obs=obs, var=var, uns=uns or {}).write_h5ad(path)
+    n, g = X.shape
+    with h5py.File(path, "a") as f:
+        if "X" in f:
+            del f["X"]
+        d = f.create_dataset("X", shape=(n, g), dtype="f4", chunks=(min(n, 4096), g) if n else None,
+                             compression="gzip", compression_opts=1)
+        d.attrs["encoding-type"] = "array"
+        d.attrs["encoding-version"] = "0.2.0"
+        for s in range(0, n, chunk_rows):
+            d[s:s + chunk_rows] = np.asarray(X[s:s + chunk_rows], dtype=np.float32)
+
+
+def superpixel_obs(rows, cols, scale):
+    """obs of the super-resolution output: grid row/col and the centre in raw image pixels."""
+    from .geometry import superpixel_centres
+    cx, cy = superpixel_centres(rows, cols)
+    return pd.DataFrame({"row": rows.astype(np.int32), "col": cols.astype(np.int32),
+                         "x": cx / scale, "y": cy / scale},
+                        index=pd.Index([f"{r}_{c}" for r, c in zip(rows, cols)], name="superpixel"))
+
+
+def write_gene_maps(out_dir, he_small, rows, cols, X, genes, gene_names):
+    """One PNG per gene: the H&E (super-pixel preview) next to the predicted map."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    pos = {g: i for i, g in enumerate(gene_names)}
+    written = []
+    for g in genes:
+        m = np.full((r1 - r0, c1 - c0), np.nan, dtype=np.float32)
+        m[rows - r0, cols - c0] = np.asarray(X[:, pos[g]])
+        fig, ax = plt.subplots(1, 2, figsize=(10, 5 * (r1 - r0) / max(1, c1 - c0) + 0.6), dpi=110)
+        ax[0].imshow(he_small[r0:r1, c0:c1])
+        ax[0].set_title("H&E")
+        im = ax[1].imshow(m, cmap="magma", vmin=0, vmax=np.nanpercentile(m, 99.5) or None)
+        ax[1].set_title(f"{g} (counts per 8 um super-pixel)")
+        fig.colorbar(im, ax=ax[1], fraction=0.046, pad=0.02)
+        for a in ax:
+            a.set_axis_off()
+        fig.tight_layout()
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
+        p = out_dir / f"{safe}.png"
+        fig.savefig(p)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def write_loss_plot(path, histories):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for i, h in enumerate(histories):
+        ax.plot(np.arange(1, len(h) + 1), h, label=f"state {i}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("footprint loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
