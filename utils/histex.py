@@ -88,6 +88,11 @@ def run_histex(directory, a, progress=True):
     counts = np.asarray(spots.X, dtype=np.float32)
     xy = spots.obs[["x", "y"]].to_numpy(np.float64)
     target = scale_counts(counts, lo, hi)
+    plot_genes = a["plot_genes"] or genes[:4]
+    unknown = [g for g in plot_genes if g not in genes]
+    if unknown:
+        raise InputError(f"--plot-genes: {', '.join(unknown[:3])} not among the {len(genes)} selected genes "
+                         f"(see {directory / 'genes.tsv'})")
     if mask.shape != tuple(calib["superpixel_grid"]):
         raise InputError(f"{directory / 'mask.png'}: grid {mask.shape} does not match he.tif's super-pixel grid "
                          f"{tuple(calib['superpixel_grid'])}; rerun masking_non_tissue.py")
@@ -156,10 +161,12 @@ def run_histex(directory, a, progress=True):
                 log.info("state %d/%d: final loss %.5f in %.0f s", s + 1, a["n_states"], hist_loss[-1], time.time() - t0)
             histories.append(meta["loss_history"])
             models.append(load_state(cfg, pt, device))
+        t_pred = time.time()
         pred_scaled = np.lib.format.open_memmap(out_dir / ".tmp-pred-scaled.npy", mode="w+", dtype=np.float32,
                                                 shape=(len(rows), len(genes)))
         predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=a["batch_windows"], progress=progress,
                        out=pred_scaled)
+        log.info("predicted %d super-pixels with %d state(s) in %.0f s", len(rows), len(models), time.time() - t_pred)
         # counts per super-pixel: a spot's footprint mean maps to its count / footprint size (iStar)
         sr = pred_scaled
         for s0 in range(0, len(rows), 65536):
@@ -184,11 +191,6 @@ def run_histex(directory, a, progress=True):
     uns = {"model": run_name(a), "config": json.dumps(cfg, sort_keys=True), "spot_consistency": consistency,
            "pixel_size_um": calib["pixel_size_um"], "raw_pixel_size_um": calib["raw_pixel_size_um"],
            "superpixel_um": geo.SUPER_PIXEL_UM, "units": "counts per 8 um super-pixel"}
-    plot_genes = a["plot_genes"] or genes[:4]
-    unknown = [g for g in plot_genes if g not in genes]
-    if unknown:
-        raise InputError(f"--plot-genes: {', '.join(unknown[:3])} not among the {len(genes)} selected genes "
-                         f"(see {directory / 'genes.tsv'})")
     metrics = None
     with StagedOutputs() as out:
         write_h5ad_streamed(out.path(out_dir / "super-res.h5ad"), superpixel_obs(rows, cols, scale),
