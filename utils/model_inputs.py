@@ -14,21 +14,14 @@ FEATURE_FILES = ("micro", "meso", "macro", "extra")
 
 
 def load_feature_maps(directory, scales=FEATURE_FILES):
-    """Memory-mapped float16 feature maps DIR/features/<scale>.npy, each (rows, cols, channels)."""
-    fdir = Path(directory) / "features"
-    maps = {}
-    for s in scales:
-        p = fdir / f"{s}.npy"
-        if not p.is_file():
-            raise InputError(f"{p}: not found; run `python Histology_Extractor.py --directory {directory}` first")
-        maps[s] = np.load(p, mmap_mode="r")
-    shapes = {m.shape[:2] for m in maps.values()}
-    if len(shapes) != 1:
-        raise InputError(f"{fdir}: feature maps disagree in grid shape ({shapes}); rerun Histology_Extractor.py")
+    """Memory-mapped float16 feature maps, each (rows, cols, channels), checked against he.tif's grid."""
+    from .features import load_features
+    maps, meta = load_features(directory, tuple(scales))
     calib = json.loads((Path(directory) / "calibration.json").read_text())
-    if tuple(calib["superpixel_grid"]) != shapes.pop():
-        raise InputError(f"{fdir}: feature maps were made for another image size than he.tif "
-                         f"(grid {calib['superpixel_grid']}); rerun Histology_Extractor.py --directory {directory}")
+    if tuple(calib["superpixel_grid"]) != tuple(meta["grid_shape"]):
+        raise InputError(f"{Path(directory) / 'features'}: features were made for another image size than he.tif "
+                         f"(grid {tuple(meta['grid_shape'])}, he.tif {tuple(calib['superpixel_grid'])}); "
+                         f"rerun `python Histology_Extractor.py --directory {directory}`")
     return maps
 
 
