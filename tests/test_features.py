@@ -1,7 +1,6 @@
 """Histology_Extractor: artifact layout, super-pixel alignment of every backbone, determinism,
 checkpoint loading (both formats) and the one-line errors. CPU only; ViTs are tiny and random."""
 import json
-import os
 import time
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_user_error, run_script, snapshot, write_raw_dir
+from conftest import assert_user_error, run_script, snapshot, write_raw_dir
 from utils.calibration import calibrate
 from utils.cli import run
 from utils.features import FEATURES_DIR, extract_features, load_features

@@ -11,7 +11,6 @@ The .npy files are plain NumPy arrays: np.load(path, mmap_mode="r") memory-maps 
 """
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -55,6 +54,19 @@ def extra_features(small_rgb):
     out[..., 3] = (np.arange(R, dtype=np.float32) / R)[:, None]
     out[..., 4] = (np.arange(C, dtype=np.float32) / C)[None, :]
     return out.astype(DTYPE)
+
+
+def check_disk_space(directory, grid_shape, dims):
+    """The .npy outputs are memory-mapped; running out of disk while writing them would kill the process
+    with SIGBUS and no message, so check first (new files are written beside the old ones)."""
+    import shutil
+    R, C = grid_shape
+    need = R * C * (sum(dims.values()) + 5) * np.dtype(DTYPE).itemsize
+    free = shutil.disk_usage(directory).free
+    if need > 0.98 * free:
+        raise InputError(f"{directory}: the features need {need / 2**30:.1f} GiB of disk and only {free / 2**30:.1f} GiB "
+                         f"is free; free some space (old features are replaced only after the new ones are complete)")
+    return need
 
 
 def release_rows(arr, r0, r1):
@@ -171,6 +183,7 @@ def extract_features(directory, backbone=None, weights=None, token=None, shifts=
                  tm.arch, dev, prec, tm.tile_px, tm.input_px, tm.grid, tm.grid, tm.dim, tm.summary_dim)
 
     fdir = d / FEATURES_DIR
+    check_disk_space(d, (R, C), dims)
     t_loop = time.perf_counter()
     with StagedOutputs() as out:
         from numpy.lib.format import open_memmap
