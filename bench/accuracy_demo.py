@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Accuracy on the demo tissue: TriHRGE, the two baselines and the ablations on the same features
+and spots, scored against the simulated 8 um truth (median/mean per-gene Pearson r, SSIM, RMSE).
+
+    python bench/accuracy_demo.py --size medium --seeds 0 1 2 --jobs 2
+
+Runs stages 1-4 once (skipped when already done), then one HISTEX.py run per configuration and
+seed (two at a time with --jobs 2, one torch thread each), prints one table and writes
+bench/results/accuracy_demo-<size>.json."""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {
+    "trihrge": [],
+    "mlp (iStar)": ["--model", "mlp"],
+    "interp": ["--model", "interp"],
+    "trihrge --no-macro": ["--no-macro"],
+    "trihrge --no-multiscale": ["--no-multiscale"],
+    "trihrge --no-gene-tokens": ["--no-gene-tokens"],
+    "trihrge --no-linear-head": ["--no-linear-head"],
+    "trihrge --token-mask 0": ["--token-mask", "0"],
+    "trihrge --spot-consistency global": ["--spot-consistency", "global"],
+    "mlp --spot-consistency local": ["--model", "mlp", "--spot-consistency", "local"],
+}
+
+
+def sh(cmd):
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="medium", choices=["small", "medium", "large"])
+    p.add_argument("--directory", type=Path, default=None, help="demo directory (default bench/data/<size>)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="model seeds (the spread over seeds)")
+    p.add_argument("--epochs", default="30")
+    p.add_argument("--n-states", default="2")
+    p.add_argument("--lr", default="1e-3")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--only", nargs="*", default=None, help="configuration names to run (default all)")
+    a = p.parse_args()
+    d = a.directory or REPO / "bench" / "data" / a.size
+    if not (d / "truth" / "super.h5ad").is_file():
+        sh([sys.executable, "-m", "utils.simulate", "--directory", str(d), "--size", a.size, "--seed", "0"])
+    for s in ("image_calibration.py", "get_HR.py", "Histology_Extractor.py", "masking_non_tissue.py"):
+        if not (d / "manifests" / f"{s[:-3]}.json").is_file():
+            sh([sys.executable, s, "--directory", str(d), "-q"])
+    configs = {k: v for k, v in CONFIGS.items() if a.only is None or k in a.only}
+    common = ["--epochs", a.epochs, "--n-states", a.n_states, "--lr", a.lr, "--threads", "1", "-q"]
+    jobs = [(name, seed) for name in configs for seed in a.seeds]
+
+    def one(job):
+        name, seed = job
+        out = d / "results" / ("bench-" + name.replace(" ", "").replace("--", "_").replace("(", "").replace(")", "") + f"-s{seed}")
+        t = time.time()
+        sh([sys.executable, "HISTEX.py", "--directory", str(d), *configs[name], *common, "--seed", str(seed), "--out", str(out)])
+        m = json.loads((out / "metrics.json").read_text())
+        return name, seed, m["summary"], time.time() - t
+
+    with ThreadPoolExecutor(a.jobs) as ex:
+        results = list(ex.map(one, jobs))
+    table = {}
+    for name, seed, summ, secs in results:
+        table.setdefault(name, []).append({"seed": seed, "summary": summ, "seconds": secs})
+    head = f"{'configuration':36s} {'r median':>14s} {'r mean':>8s} {'SSIM median':>14s} {'SSIM mean':>9s} {'RMSE median':>11s} {'s/run':>6s}"
+    print(head)
+    print("-" * len(head))
+    for name, runs in table.items():
+        def stat(metric, key):
+            v = np.array([r["summary"][metric][key] for r in runs])
+            return v.mean(), v.std()
+        rm, rs = stat("pearson", "median")
+        sm, ss = stat("ssim", "median")
+        print(f"{name:36s} {rm:8.4f}±{rs:.3f} {stat('pearson', 'mean')[0]:8.4f} {sm:8.4f}±{ss:.3f} "
+              f"{stat('ssim', 'mean')[0]:9.4f} {stat('rmse', 'median')[0]:11.4f} {np.mean([r['seconds'] for r in runs]):6.0f}")
+    out = REPO / "bench" / "results" / f"accuracy_demo-{a.size}.json"
+    out.write_text(json.dumps({"size": a.size, "seeds": a.seeds, "epochs": a.epochs, "n_states": a.n_states,
+                               "lr": a.lr, "results": table}, indent=2))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
