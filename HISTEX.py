@@ -45,7 +45,8 @@ def main(argv=None):
                         "super-pixels sum to about its count; global = one factor per gene (iStar); "
                         "auto = local for trihrge, global for mlp, none for interp")
     o.add_argument("--sigma", type=float, default=0.5, help="Gaussian kernel width in lattice spacings (interp, local consistency)")
-    o.add_argument("--stride", type=int, default=5, help="inference block size in super-pixels (each block predicted from the window centred on it)")
+    o.add_argument("--stride", type=int, default=3, help="inference: spacing in super-pixels of the overlapping windows; each super-pixel is the "
+                        "centre-weighted mean of the windows that cover it (smaller = smoother, slower)")
     o.add_argument("--batch-windows", type=int, default=64, help="inference windows per batch (bounds memory)")
     o.add_argument("--plot-genes", nargs="*", default=None, help="genes to draw as maps (default: the 4 most variable)")
     o.add_argument("--out", type=Path, default=None, help="output directory (default DIR/results/<model>)")

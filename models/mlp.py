@@ -16,6 +16,5 @@ class SuperPixelMLP(nn.Module):
         layers.append(nn.Linear(c, n_genes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
-        x = torch.cat([hist[k] for k in self.names], dim=-1)
-        return positive_output(self.net(x if keep is None else x[:, keep]))
+    def forward(self, hist, genes=None, offs=None, gmask=None):
+        return positive_output(self.net(torch.cat([hist[k] for k in self.names], dim=-1)))

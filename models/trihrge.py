@@ -7,8 +7,7 @@ Inputs of forward():
   genes  (B, K, G) expression of the K nearest HR pseudo-spots, scaled like the target
   offs   (B, K, 2) their offsets from the window centre, in lattice spacings
   gmask  (B, K) bool, True where a gene token is hidden (padding or masked in training)
-  keep   optional token indices to predict (inference needs only the window's central block)
-Output: (B, T or len(keep), G) predictions in the scaled target units."""
+Output: (B, T, G) predictions in the scaled target units."""
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -81,9 +80,7 @@ class TriHRGE(nn.Module):
         else:
             self.head = nn.Linear(d, n_genes)
 
-    def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
-        """keep: token indices whose predictions are needed (the head, the costliest part, runs only
-        on those); None = all tokens."""
+    def forward(self, hist, genes=None, offs=None, gmask=None):
         h = self.drop(self.fusion(hist) + self.pos)
         if self.use_gene_tokens:
             g = self.gene_in(genes) + self.gene_pos(offs)
@@ -95,9 +92,6 @@ class TriHRGE(nn.Module):
                 h, g = blk(h, g, gmask)
         else:
             h = self.blocks(h)
-        if keep is not None:
-            h = h[:, keep]
-            hist = {k: v[:, keep] for k, v in hist.items()}
         if self.use_linear_head:
             h = torch.cat([h, torch.cat([hist[k] for k in self.fusion.names], dim=-1)], dim=-1)
         return positive_output(self.head(h))

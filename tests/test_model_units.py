@@ -8,7 +8,7 @@ from models import build_model
 from utils import geometry as geo
 from utils.interpolation import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
 from utils.model_inputs import GeneTokens, gather_windows, spot_windows, window_half
-from utils.predict import block_layout
+from utils.predict import window_cover
 from utils.train import footprint_loss
 
 DIMS = {"micro": 6, "meso": 5, "macro": 4, "extra": 5}
@@ -88,15 +88,17 @@ def test_gene_tokens_leave_self_out():
     assert np.linalg.norm(offs2[0], axis=1).min() > 0.8
 
 
-def test_block_layout_covers_each_superpixel_once():
+def test_window_cover_weights_every_superpixel():
     rows, cols = np.nonzero(np.ones((10, 11), bool))
-    cr, cc, block, token = block_layout(rows, cols, 3, 3)
+    cr, cc, pix, window, token, weight = window_cover(rows, cols, 3, 3)
     w = 7
-    dr = token // w - 3
-    dc = token % w - 3
-    np.testing.assert_array_equal(cr[block] + dr, rows)
-    np.testing.assert_array_equal(cc[block] + dc, cols)
-    assert np.abs(dr).max() <= 1 and np.abs(dc).max() <= 1
+    dr, dc = token // w - 3, token % w - 3
+    np.testing.assert_array_equal(cr[window] + dr, rows[pix])
+    np.testing.assert_array_equal(cc[window] + dc, cols[pix])
+    assert set(pix.tolist()) == set(range(len(rows)))      # every super-pixel is covered
+    assert (weight > 0).all() and weight.max() == 1.0
+    pairs = set(zip(pix.tolist(), window.tolist()))
+    assert len(pairs) == len(pix)                          # at most once per window
 
 
 def test_kernel_weights_and_rescaling():

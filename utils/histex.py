@@ -49,7 +49,9 @@ def _config(a, dims, n_genes, half):
 
 
 def _fingerprint(cfg, data_fp):
-    blob = json.dumps({"cfg": cfg, "data": data_fp}, sort_keys=True).encode()
+    """Identity of a trained state: training settings and data (inference-only settings excluded)."""
+    train_cfg = {k: v for k, v in cfg.items() if k != "stride"}
+    blob = json.dumps({"cfg": train_cfg, "data": data_fp}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -1,6 +1,9 @@
-"""Inference over every tissue super-pixel in windows: the slide is cut into stride x stride blocks,
-each predicted from the window centred on it, so memory is bounded by the window batch."""
+"""Inference over every tissue super-pixel in overlapping windows: windows sit on a lattice with
+stride s, each predicts its whole (2h+1)^2 window, and every super-pixel is the tent-weighted mean
+of the windows that cover it (more weight near a window's centre), so window borders and the
+switch of gene tokens between windows leave no seams. Memory is bounded by the window batch."""
 import numpy as np
+import scipy.sparse as sparse
 import torch
 from tqdm.auto import tqdm
 
@@ -9,36 +12,49 @@ from .model_inputs import gather_windows
 from .train import batch_inputs
 
 
-def block_layout(rows, cols, half, stride):
-    """Blocks of stride x stride super-pixels: block centres and each super-pixel's (block, token)."""
-    stride = min(stride, 2 * half + 1)
-    br, bc = rows // stride, cols // stride
-    key = br.astype(np.int64) * (int(cols.max()) // stride + 2) + bc
-    uniq, block = np.unique(key, return_inverse=True)
+def window_cover(rows, cols, half, stride):
+    """Windows on the stride lattice that cover the super-pixels (rows, cols).
+
+    Returns (centre_r, centre_c) of the windows, and flat arrays (pixel, window, token, weight)."""
+    stride = max(1, min(stride, 2 * half + 1))
+    m = half // stride + 1
+    pix, lat_r, lat_c, dr_all, dc_all = [], [], [], [], []
+    for a in range(-m, m + 1):
+        for b in range(-m, m + 1):
+            lr, lc = rows // stride + a, cols // stride + b
+            dr = rows - (lr * stride + stride // 2)
+            dc = cols - (lc * stride + stride // 2)
+            ok = (np.abs(dr) <= half) & (np.abs(dc) <= half)
+            pix.append(np.flatnonzero(ok))
+            lat_r.append(lr[ok])
+            lat_c.append(lc[ok])
+            dr_all.append(dr[ok])
+            dc_all.append(dc[ok])
+    pix, lat_r, lat_c = np.concatenate(pix), np.concatenate(lat_r), np.concatenate(lat_c)
+    dr, dc = np.concatenate(dr_all), np.concatenate(dc_all)
+    key = lat_r * (int(lat_c.max()) + 2) + (lat_c - int(lat_c.min()) + 1) if len(lat_c) else lat_r
+    uniq, window = np.unique(key, return_inverse=True)
     first = np.zeros(len(uniq), dtype=np.int64)
-    first[block[::-1]] = np.arange(len(rows))[::-1]
-    centre_r = br[first] * stride + stride // 2
-    centre_c = bc[first] * stride + stride // 2
-    dr, dc = rows - centre_r[block], cols - centre_c[block]
+    first[window[::-1]] = np.arange(len(window))[::-1]
+    centre_r = lat_r[first] * stride + stride // 2
+    centre_c = lat_c[first] * stride + stride // 2
     token = (dr + half) * (2 * half + 1) + (dc + half)
-    return centre_r, centre_c, block, token
+    weight = (1.0 - np.abs(dr) / (half + 1.0)) * (1.0 - np.abs(dc) / (half + 1.0))
+    return centre_r, centre_c, pix, window, token, weight.astype(np.float32)
 
 
 @torch.no_grad()
 def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, progress=True, out=None):
-    """Median over model states of the scaled predictions for the super-pixels (rows, cols).
-
-    Returns (or fills `out`, e.g. a memmap) an (n, G) float32 array."""
+    """Median over model states of the scaled predictions for the super-pixels (rows, cols),
+    blended over overlapping windows. Returns (or fills `out`, e.g. a memmap) an (n, G) array."""
     half, stride = cfg["half"], cfg["stride"]
-    centre_r, centre_c, block, token = block_layout(rows, cols, half, stride)
-    # the network's head runs only on the window's central block: token -> position in `keep`
-    keep = np.unique(token)
-    slot = np.searchsorted(keep, token)
-    keep_t = torch.from_numpy(keep).to(device)
-    order = np.argsort(block, kind="stable")
-    starts = np.searchsorted(block[order], np.arange(len(centre_r) + 1))
+    centre_r, centre_c, pix, window, token, weight = window_cover(rows, cols, half, stride)
+    order = np.argsort(window, kind="stable")
+    starts = np.searchsorted(window[order], np.arange(len(centre_r) + 1))
     if out is None:
         out = np.empty((len(rows), cfg["n_genes"]), dtype=np.float32)
+    out[:] = 0.0
+    wsum = np.zeros(len(rows), dtype=np.float64)
     use_tokens = cfg["model"] == "trihrge" and cfg["model_opts"].get("use_gene_tokens", True)
     for b0 in tqdm(range(0, len(centre_r), batch), desc="predict", unit="window", unit_scale=batch,
                    disable=not progress, leave=False):
@@ -52,9 +68,16 @@ def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, prog
                         hr_expr=tokens.expr)
         sel = np.arange(b1 - b0)
         inputs = batch_inputs(data, sel, use_tokens, np.zeros(len(sel), bool), device)
-        preds = torch.stack([m(*inputs, keep=keep_t) for m in models])
+        preds = torch.stack([m(*inputs) for m in models])
         med = preds.median(0).values if len(models) % 2 else preds.quantile(0.5, dim=0)
         med = med.float().cpu().numpy()
         members = order[starts[b0]:starts[b1]]
-        out[members] = med[block[members] - b0, slot[members]]
+        p, w = pix[members], weight[members]
+        # sum the weighted predictions of the super-pixels that several windows of this batch cover
+        uniq, inv = np.unique(p, return_inverse=True)
+        S = sparse.csr_matrix((w, (inv, np.arange(len(p)))), shape=(len(uniq), len(p)))
+        out[uniq] += S @ med[window[members] - b0, token[members]]
+        wsum[uniq] += np.asarray(S.sum(1)).ravel()
+    for s in range(0, len(rows), 65536):
+        out[s:s + 65536] /= wsum[s:s + 65536, None].astype(np.float32)
     return out
