@@ -181,9 +181,8 @@ def run_histex(directory, a, progress=True):
     elif consistency == "local":
         cx, cy = geo.superpixel_centres(rows, cols)
         W = kernel_weights(np.stack([cx, cy], 1), xy, a["sigma"] * lattice["spacing_px"])
-        for s0 in range(0, len(rows), 65536):
-            f = local_rescale_factors(counts, predicted_spots, W[s0:s0 + 65536])
-            sr[s0:s0 + 65536] *= f
+        for s0 in range(0, len(rows), 16384):  # chunks bound the dense (chunk x genes) factors
+            sr[s0:s0 + 16384] *= local_rescale_factors(counts, predicted_spots, W[s0:s0 + 16384])
     predicted_spots = spot_sums(sr, si, tj, len(xy))
     log.info("spot consistency: %s; predicted/measured spot total %.3f", consistency,
              predicted_spots.sum() / max(1.0, counts.sum()))

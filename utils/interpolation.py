@@ -33,9 +33,10 @@ def spot_sums(values, spot_index, sp_index, n_spots):
 def local_rescale_factors(measured, predicted, W, eps=1.0, clip=(0.1, 10.0)):
     """Per super-pixel, per gene multiplicative correction: the kernel-smoothed (in log space) ratio
     of measured to predicted spot counts. W: kernel weights (n_sp x n_spots)."""
-    log_r = np.log((measured + eps) / (predicted + eps))
-    f = np.exp(np.asarray(W @ log_r))
-    return np.clip(f, *clip).astype(np.float32)
+    log_r = np.log((measured + eps) / (predicted + eps)).astype(np.float32)
+    f = np.asarray(W @ log_r, dtype=np.float32)
+    np.exp(f, out=f)
+    return np.clip(f, *clip, out=f)
 
 
 def global_rescale_factors(measured, predicted, eps=1e-8):
