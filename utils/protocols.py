@@ -1,0 +1,176 @@
+"""Real-data evaluation protocols of DESIGN-NOTES section 3, for any raw-layout folder with array
+coordinates in section.json (ST square lattice or Visium hexagonal):
+
+  python -m utils.protocols make leave-out SRC --directory DST   # hide every other spot
+  python -m utils.protocols make coarsen   SRC --directory DST   # sum 2 x 2 blocks of spots
+  (run the five stages on DST)
+  python -m utils.protocols score DST/results/trihrge DST/results/interp ...
+
+`make` writes DST in the raw layout with the training spots only, plus DST/heldout/ (the spots
+to score at: the hidden ones, or the original ones) and DST/protocol.json. `score` sums each run's
+super-pixel predictions over every held-out spot's footprint and reports, per gene, Pearson r
+across held-out spots with the measured counts (the 100 most variable genes), next to the
+nearest-training-spot baseline."""
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from . import geometry as geo
+from .atomic import StagedOutputs
+from .cli import HelpFormatter, run, setup_logging
+from .errors import InputError
+from .raw_io import COUNTS_NAMES, IMAGE_NAMES, find_one, match_spots, read_counts, read_locs
+
+
+def _array_coords(src, n):
+    p = Path(src) / "section.json"
+    if not p.is_file():
+        raise InputError(f"{p}: not found; the protocols need the array coordinates (array_x, array_y) of every spot")
+    sec = json.loads(p.read_text())
+    ax, ay = np.asarray(sec.get("array_x", []), int), np.asarray(sec.get("array_y", []), int)
+    if len(ax) != n or len(ay) != n:
+        raise InputError(f"{p}: array_x/array_y hold {len(ax)}/{len(ay)} values for {n} spots; "
+                         f"they must follow the row order of the counts")
+    return ax, ay, sec
+
+
+def _is_hex(ax, ay):
+    # Visium: array_x steps by 2 within a row and odd rows are shifted by 1
+    return bool(np.all((ax + ay) % 2 == 0) and len(np.unique(ax % 2)) == 2)
+
+
+def split(ax, ay, kind):
+    """leave-out: (train mask, None); coarsen: (None, block id per spot)."""
+    hexagonal = _is_hex(ax, ay)
+    col = ax // 2 if hexagonal else ax
+    if kind == "leave-out":
+        return (col + ay) % 2 == 0, None
+    return None, (col // 2) * 100003 + (ay // 2)
+
+
+def make(kind, src, dst):
+    src, dst = Path(src), Path(dst)
+    ids, genes, X = read_counts(src)
+    locs, locs_path = read_locs(src)
+    locs = match_spots(ids, locs, find_one(src, COUNTS_NAMES, "counts"), locs_path)
+    ax, ay, sec = _array_coords(src, len(ids))
+    radius = float((src / "radius-raw.txt").read_text().split()[0])
+    xy = locs[["x", "y"]].to_numpy(float)
+    if kind == "leave-out":
+        train, _ = split(ax, ay, kind)
+        t_ids, t_X, t_xy, t_r = ids[train], X[train], xy[train], radius
+        h_ids, h_X, h_xy = ids[~train], X[~train], xy[~train]
+    elif kind == "coarsen":
+        _, block = split(ax, ay, kind)
+        uniq, inv = np.unique(block, return_inverse=True)
+        t_X = np.zeros((len(uniq), X.shape[1]), np.float32)
+        np.add.at(t_X, inv, X)
+        t_xy = np.stack([np.bincount(inv, xy[:, k]) / np.bincount(inv) for k in (0, 1)], 1)
+        t_ids = pd.Index([f"block{b}" for b in range(len(uniq))])
+        # one disk of twice the radius has the area of the four spots it sums
+        t_r = 2.0 * radius
+        h_ids, h_X, h_xy = ids, X, xy
+    else:
+        raise InputError(f"unknown protocol {kind!r}; use leave-out or coarsen")
+    dst.mkdir(parents=True, exist_ok=True)
+    if (dst.resolve() == src.resolve()):
+        raise InputError(f"{dst}: must differ from the source folder")
+    image = find_one(src, IMAGE_NAMES, "H&E image")
+    with StagedOutputs() as out:
+        img_out = dst / image.name
+        if not img_out.exists():
+            tmp = out.path(img_out)
+            try:
+                os.link(image, tmp)
+            except OSError:
+                shutil.copyfile(image, tmp)
+        out.write_text(dst / "pixel-size-raw.txt", (src / "pixel-size-raw.txt").read_text())
+        out.write_text(dst / "radius-raw.txt", f"{t_r:.6f}\n")
+        pd.DataFrame(t_X.astype(np.int64), index=pd.Index(t_ids, name="spot"), columns=genes).to_csv(
+            out.path(dst / "cnts.tsv.gz"), sep="\t", compression="gzip")
+        pd.DataFrame({"spot": t_ids, "x": t_xy[:, 0], "y": t_xy[:, 1]}).to_csv(out.path(dst / "locs-raw.tsv"), sep="\t", index=False)
+        pd.DataFrame(h_X.astype(np.int64), index=pd.Index(h_ids, name="spot"), columns=genes).to_csv(
+            out.path(dst / "heldout" / "cnts.tsv.gz"), sep="\t", compression="gzip")
+        pd.DataFrame({"spot": h_ids, "x": h_xy[:, 0], "y": h_xy[:, 1]}).to_csv(
+            out.path(dst / "heldout" / "locs-raw.tsv"), sep="\t", index=False)
+        out.write_json(dst / "protocol.json", {"protocol": kind, "source": str(src), "train_spots": int(len(t_ids)),
+                                               "heldout_spots": int(len(h_ids)), "radius_raw_px": radius,
+                                               "train_radius_raw_px": t_r})
+    return len(t_ids), len(h_ids)
+
+
+def _pearson_per_gene(a, b):
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    den = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
+    return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), 0.0)
+
+
+def score(run_dirs, n_genes=100):
+    import anndata
+    run_dirs = [Path(r) for r in run_dirs]
+    d = run_dirs[0].parent.parent
+    proto = json.loads((d / "protocol.json").read_text())
+    calib = json.loads((d / "calibration.json").read_text())
+    h = pd.read_csv(d / "heldout" / "cnts.tsv.gz", sep="\t", index_col=0)
+    hl = pd.read_csv(d / "heldout" / "locs-raw.tsv", sep="\t", index_col=0)
+    t = pd.read_csv(d / "cnts.tsv.gz", sep="\t", index_col=0)
+    tl = pd.read_csv(d / "locs-raw.tsv", sep="\t", index_col=0)
+    scale = calib["scale"]
+    hxy = hl[["x", "y"]].to_numpy() * scale
+    radius = proto["radius_raw_px"] * scale
+    results = {}
+    genes = None
+    for r in run_dirs:
+        sr = anndata.read_h5ad(r / "super-res.h5ad")
+        if genes is None:
+            common = [g for g in sr.var_names if g in h.columns]
+            genes = list(h[common].var().sort_values(ascending=False).index[:n_genes])
+        gi = [list(sr.var_names).index(g) for g in genes]
+        lookup = np.full(tuple(calib["superpixel_grid"]), -1)
+        lookup[sr.obs["row"].to_numpy(), sr.obs["col"].to_numpy()] = np.arange(sr.n_obs)
+        si, rr, cc = geo.footprints(hxy[:, 0], hxy[:, 1], radius, lookup.shape)
+        j = lookup[rr, cc]
+        ok = j >= 0
+        X = np.asarray(sr.X)[:, gi]
+        pred = np.zeros((len(hxy), len(genes)))
+        np.add.at(pred, si[ok], X[j[ok]])
+        results[r.name] = _pearson_per_gene(pred, h[genes].to_numpy(float))
+    # baseline: the nearest training spot's counts
+    _, nn = cKDTree(tl[["x", "y"]].to_numpy()).query(hl[["x", "y"]].to_numpy())
+    results["nearest spot"] = _pearson_per_gene(t[genes].to_numpy(float)[nn], h[genes].to_numpy(float))
+    return proto, {k: {"median": float(np.median(v)), "mean": float(np.mean(v))} for k, v in results.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make", help="write a protocol folder from a raw-layout folder", formatter_class=HelpFormatter)
+    m.add_argument("protocol", choices=["leave-out", "coarsen"], help="leave-out: hide every other spot (checkerboard); "
+                   "coarsen: sum 2 x 2 blocks of spots")
+    m.add_argument("source", type=Path, help="raw-layout folder with section.json (array_x, array_y)")
+    m.add_argument("--directory", type=Path, required=True, help="the protocol folder to write")
+    s = sub.add_parser("score", help="score runs made on a protocol folder", formatter_class=HelpFormatter)
+    s.add_argument("runs", nargs="+", type=Path, help="run directories DST/results/<model>")
+    s.add_argument("--n-genes", type=int, default=100, help="most variable held-out genes to score")
+    a = p.parse_args(argv)
+    setup_logging(True)
+    if a.cmd == "make":
+        n_t, n_h = make(a.protocol, a.source, a.directory)
+        print(f"{a.directory}: {n_t} training spots, {n_h} held-out spots; now run the five stages on it")
+    else:
+        proto, res = score(a.runs, a.n_genes)
+        print(f"protocol {proto['protocol']}: Pearson r per gene across {proto['heldout_spots']} held-out spots")
+        for k, v in res.items():
+            print(f"  {k:24s} median {v['median']:.4f}  mean {v['mean']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
