@@ -45,8 +45,9 @@ def main(argv=None):
                         "super-pixels sum to about its count; global = one factor per gene (iStar); "
                         "auto = local for trihrge, global for mlp, none for interp")
     o.add_argument("--sigma", type=float, default=0.5, help="Gaussian kernel width in lattice spacings (interp, local consistency)")
-    o.add_argument("--stride", type=int, default=3, help="inference: spacing in super-pixels of the overlapping windows; each super-pixel is the "
-                        "centre-weighted mean of the windows that cover it (smaller = smoother, slower)")
+    o.add_argument("--stride", type=int, default=0, help="inference: spacing in super-pixels of the overlapping windows; each super-pixel is the "
+                        "centre-weighted mean of the windows that cover it (smaller = smoother, slower); "
+                        "0 = auto: max(3, window half-width), 3 for Visium")
     o.add_argument("--batch-windows", type=int, default=64, help="inference windows per batch (bounds memory)")
     o.add_argument("--plot-genes", nargs="*", default=None, help="genes to draw as maps (default: the 4 most variable)")
     o.add_argument("--out", type=Path, default=None, help="output directory (default DIR/results/<model>)")
@@ -55,7 +56,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     from utils.errors import InputError
-    for name in ("epochs", "n_states", "k_tokens", "d_model", "heads", "depth", "stride", "batch_windows"):
+    if args.stride < 0:
+        raise InputError(f"--stride {args.stride}: must be 0 (auto) or positive")
+    for name in ("epochs", "n_states", "k_tokens", "d_model", "heads", "depth", "batch_windows"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not 0.0 <= args.token_mask <= 1.0:

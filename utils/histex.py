@@ -43,7 +43,7 @@ def _config(a, dims, n_genes, half):
         opts = {"d": a["d_model"], "heads": a["heads"], "depth": a["depth"], "dropout": a["dropout"],
                 "head_hidden": a["head_hidden"],
                 "use_gene_tokens": not a["no_gene_tokens"], "use_linear_head": not a["no_linear_head"]}
-    return {"model": a["model"], "dims": dims, "n_genes": n_genes, "half": half, "stride": a["stride"],
+    return {"model": a["model"], "dims": dims, "n_genes": n_genes, "half": half, "stride": a["stride"] or max(3, half),
             "model_opts": opts, "lr": a["lr"], "weight_decay": a["weight_decay"], "batch_size": a["batch_size"],
             "epochs": a["epochs"], "loss": a["loss"], "token_mask": a["token_mask"], "k_tokens": a["k_tokens"]}
 
@@ -107,8 +107,7 @@ def run_histex(directory, a, progress=True):
         raise InputError(f"{directory / 'mask.png'}: no spot footprint overlaps the tissue mask; check the mask "
                          f"(mask-overlay.png) and the spot coordinates")
     n_fp = float(np.mean(fp_size))
-    out_dir = Path(a["out"]) if a["out"] else directory / "results" / run_name(a)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(a["out"]) if a["out"] else directory / "results" / run_name(a)  # made once inputs pass
     states_dir = out_dir / "states"
     device = resolve_device(a["device"])
     if a.get("threads"):
@@ -164,6 +163,7 @@ def run_histex(directory, a, progress=True):
             histories.append(meta["loss_history"])
             models.append(load_state(cfg, pt, device))
         t_pred = time.time()
+        out_dir.mkdir(parents=True, exist_ok=True)
         pred_scaled = np.lib.format.open_memmap(out_dir / ".tmp-pred-scaled.npy", mode="w+", dtype=np.float32,
                                                 shape=(len(rows), len(genes)))
         predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=a["batch_windows"], progress=progress,
