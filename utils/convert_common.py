@@ -7,7 +7,8 @@
 - affine fits (array lattice -> pixels, alignment matrices) and the pixel size they imply;
 - the raw layout writer (he-raw, pixel-size-raw.txt, cnts.*, locs-raw.tsv, radius-raw.txt, section.json);
 - the 8 um truth writer (truth/super.h5ad, truth/mask.png in the layout of utils/simulate.py) and the
-  pseudo-Visium spots summed from it over utils.geometry.footprint, exactly as the simulator does.
+  pseudo-Visium spots summed from it over utils.geometry.footprint: both through utils/truth.py, which the
+  simulator uses too.
 """
 import gzip
 import json
@@ -22,15 +23,15 @@ import pandas as pd
 from scipy import sparse
 
 from .errors import InputError
-from .geometry import (SUPER_PIXEL_PX, SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, calibration_scale, footprint,
-                       superpixel_grid_shape)
+from .geometry import SUPER_PIXEL_UM
 from .raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES, PIXEL_SIZE_RANGE_UM
+from .truth import SPOT_DIAMETER_UM, SPOT_SPACING_UM, pseudo_visium_spots, write_truth_h5ad
 
 log = logging.getLogger("trihrge")
 
 GENE_EXPRESSION = "Gene Expression"
-VISIUM_SPOT_DIAMETER_UM = 55.0      # physical capture spot
-VISIUM_SPOT_SPACING_UM = 100.0      # centre to centre, hexagonal
+VISIUM_SPOT_DIAMETER_UM = SPOT_DIAMETER_UM  # physical capture spot: 55 um
+VISIUM_SPOT_SPACING_UM = SPOT_SPACING_UM    # centre to centre, hexagonal: 100 um
 SPACERANGER_SPOT_DIAMETER_UM = 65.0  # what scalefactors' spot_diameter_fullres spans (Space Ranger >= 1.3 docs)
 TSV_LIMIT = 20_000_000               # spots x genes above which --counts-format auto writes cnts.h5ad
 
@@ -498,84 +499,24 @@ def aggregate_to_superpixels(keys, X, grid_shape):
 
 
 def make_pseudo_spots(truth, rows, cols, grid_shape, image_hw, pixel_size, seed):
-    """Pseudo-Visium spots (55 um, 100 um hexagonal lattice) summed from the 8 um truth, as utils/simulate.py does:
-    lattice from simulate.make_spots over the image, spots wholly inside it, kept when the super-pixel under the
-    centre is in the truth mask, counts = sum of the truth over utils.geometry.footprint.
+    """Pseudo-Visium spots (55 um, 100 um hexagonal lattice) summed from the 8 um truth, as utils/simulate.py does
+    (utils.truth.pseudo_visium_spots, footprint radius as the pipeline derives it from radius-raw.txt); at least 3.
 
     Returns dict(ids, x, y (raw px, rounded as written), counts CSR, array_col, array_row, radius_raw)."""
-    from .simulate import SPOT_DIAMETER_UM, make_spots
-    H, W = image_hw
-    px = float(pixel_size)
-    R, C = grid_shape
-    acol, arow, sx, sy = make_spots(max(H, W) * px, seed)
-    r_um = SPOT_DIAMETER_UM / 2
-    inside = (sx >= r_um) & (sx <= W * px - r_um) & (sy >= r_um) & (sy <= H * px - r_um)
-    acol, arow, sx, sy = acol[inside], arow[inside], sx[inside], sy[inside]
-    x_raw = np.round(sx / px, 4)
-    y_raw = np.round(sy / px, 4)
-    radius_raw = float(f"{r_um / px:.6f}")          # exactly what radius-raw.txt will hold
-    scale = calibration_scale(px)
-    radius_cal = radius_raw * scale                 # what image_calibration.py derives from it
-    index = np.full((R, C), -1, np.int64)
-    index[rows, cols] = np.arange(len(rows))
-    cr = np.floor(y_raw * scale / SUPER_PIXEL_PX).astype(np.int64)
-    cc = np.floor(x_raw * scale / SUPER_PIXEL_PX).astype(np.int64)
-    ok = (cr < R) & (cc < C)
-    keep = np.zeros(len(x_raw), bool)
-    keep[ok] = index[cr[ok], cc[ok]] >= 0
-    kept = np.flatnonzero(keep)
-    sr, sc = [], []
-    for k, i in enumerate(kept):
-        fr, fc = footprint(x_raw[i] * scale, y_raw[i] * scale, radius_cal, grid_shape)
-        t = index[fr, fc]
-        t = t[t >= 0]
-        sr.append(np.full(t.size, k, np.int64))
-        sc.append(t)
-    if kept.size:
-        ri, ci = np.concatenate(sr), np.concatenate(sc)
-        Sm = sparse.csr_matrix((np.ones(ri.size, np.int64), (ri, ci)), shape=(kept.size, truth.shape[0]))
-        counts = (Sm @ truth).tocsr()
-    else:
-        counts = sparse.csr_matrix((0, truth.shape[1]), dtype=np.int64)
-    nonzero = np.asarray(counts.sum(1)).ravel() > 0
-    kept, counts = kept[nonzero], counts[nonzero]
-    if kept.size < 3:
-        raise InputError(f"only {kept.size} pseudo-Visium spot(s) of 55 um fit on the measured tissue inside the image; "
-                         f"at least 3 are needed (is the image the one that covers the measured region?)")
-    return {"ids": [f"{int(acol[i])}x{int(arow[i])}" for i in kept], "x": x_raw[kept], "y": y_raw[kept],
-            "counts": counts, "array_col": acol[kept].astype(int).tolist(), "array_row": arow[kept].astype(int).tolist(),
-            "radius_raw": radius_raw}
+    spots = pseudo_visium_spots(truth, rows, cols, grid_shape, image_hw, pixel_size, seed)
+    if len(spots["ids"]) < 3:
+        raise InputError(f"only {len(spots['ids'])} pseudo-Visium spot(s) of 55 um fit on the measured tissue inside "
+                         f"the image; at least 3 are needed (is the image the one that covers the measured region?)")
+    return spots
 
 
 def write_truth(out, directory, truth, rows, cols, genes, pixel_size, image_hw, source, uns=None, gene_ids=None):
-    """truth/super.h5ad (one observation per super-pixel: obs row, col, x, y = centre in raw px; X counts) and
-    truth/mask.png (255 = super-pixels holding truth), in the layout utils/simulate.py writes."""
-    import anndata
-    from .image_io import write_png
-    grid_shape = superpixel_grid_shape(image_hw, pixel_size)
-    rows = np.asarray(rows, np.int64)
-    cols = np.asarray(cols, np.int64)
-    obs = pd.DataFrame({"row": rows, "col": cols,
-                        "x": (cols + 0.5) * SUPER_PIXEL_UM / pixel_size, "y": (rows + 0.5) * SUPER_PIXEL_UM / pixel_size},
-                       index=pd.Index([f"sp{r}_{c}" for r, c in zip(rows.tolist(), cols.tolist())]))
-    var = pd.DataFrame(index=pd.Index([str(g) for g in genes]))
-    if gene_ids is not None:
-        var["gene_ids"] = [str(g) for g in gene_ids]
-    ad = anndata.AnnData(X=sparse.csr_matrix(truth, dtype=np.int32), obs=obs, var=var)
-    ad.uns["raw_pixel_size_um"] = float(pixel_size)
-    ad.uns["super_pixel_um"] = float(SUPER_PIXEL_UM)
-    ad.uns["calibrated_pixel_size_um"] = float(TARGET_PIXEL_SIZE_UM)
-    ad.uns["grid_shape"] = np.array(grid_shape, dtype=np.int64)
-    ad.uns["image_shape"] = np.array([image_hw[0], image_hw[1], 3], dtype=np.int64)
-    ad.uns["source"] = source
-    for k, v in (uns or {}).items():
-        ad.uns[k] = v
-    tdir = Path(directory) / "truth"
-    ad.write_h5ad(out.path(tdir / "super.h5ad"))
-    mask = np.zeros(grid_shape, np.uint8)
-    mask[rows, cols] = 255
-    write_png(out.path(tdir / "mask.png"), mask)
-    return grid_shape
+    """truth/super.h5ad (one observation per super-pixel: obs row, col, x, y = centre in raw px; X counts as int32
+    CSR; var gene_ids when given; uns source, then `uns`) and truth/mask.png (255 = super-pixels holding truth),
+    in the layout utils/simulate.py writes (utils.truth.write_truth_h5ad)."""
+    var = {"gene_ids": [str(g) for g in gene_ids]} if gene_ids is not None else None
+    return write_truth_h5ad(out, directory, sparse.csr_matrix(truth, dtype=np.int32), rows, cols, genes, pixel_size,
+                            image_hw, uns={"source": source, **(uns or {})}, var=var)
 
 
 def section_record(source, technology, tissue, ids, genes, array_x, array_y, conversion):

@@ -39,15 +39,13 @@ from tqdm import tqdm
 from .atomic import StagedOutputs, remove_stale_temporaries
 from .cli import HelpFormatter, run, setup_logging
 from .errors import InputError
-from .geometry import (SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, calibration_scale, footprint,
-                       superpixel_grid_shape)
+from .geometry import SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, superpixel_grid_shape
 from .raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
+from .truth import SPOT_DIAMETER_UM, SPOT_SPACING_UM, pseudo_visium_spots, write_truth_h5ad
 
 log = logging.getLogger("trihrge")
 
 SIZES_MM = {"small": 1.5, "medium": 3.0, "large": 6.5}
-SPOT_DIAMETER_UM = 55.0
-SPOT_SPACING_UM = 100.0
 PIXEL_SIZE_RANGE_UM = (0.1, 1.0)
 MIN_GENES = 12
 DENSE_LIMIT = 40_000_000     # super-pixels x genes above which truth X is written as CSR
@@ -771,27 +769,6 @@ def simulate_expression(cells, pieces, prof, loadings, prog_fields, tissue_index
 
 
 # ----------------------------------------------------------------------------------------------------
-# spots
-
-
-def make_spots(extent, seed):
-    """Hexagonal pseudo-Visium lattice over the image (spots wholly inside it):
-    (array_col, array_row, x_um, y_um); array_col steps by 2 with odd rows shifted, as on Visium."""
-    rng = _rng(seed, 7)
-    dy = SPOT_SPACING_UM * math.sqrt(3) / 2
-    ox, oy = rng.uniform(0, SPOT_SPACING_UM), rng.uniform(0, dy)
-    rows = np.arange(int((extent - oy) // dy) + 1)
-    cols = np.arange(-1, int(extent // SPOT_SPACING_UM) + 1)
-    J, I = np.meshgrid(rows, cols, indexing="ij")
-    x = ox + I * SPOT_SPACING_UM + (J % 2) * SPOT_SPACING_UM / 2
-    y = oy + J * dy
-    array_col = 2 * (I + 1) + (J % 2)
-    r = SPOT_DIAMETER_UM / 2          # whole spots only, as on a real capture area
-    keep = (x >= r) & (x <= extent - r) & (y >= r) & (y <= extent - r)
-    return array_col[keep], J[keep], x[keep], y[keep]
-
-
-# ----------------------------------------------------------------------------------------------------
 # fibres
 
 
@@ -1182,45 +1159,21 @@ def simulate(directory, size="small", seed=0, pixel_size=0.3, n_genes=300, exten
     log.info("expression: %d tissue super-pixels, %.0f counts (%.1f s)", truth.shape[0], float(gene_totals.sum()),
              time.time() - t)
 
-    # spots
-    scale = calibration_scale(px)
-    acol, arow, sx_um, sy_um = make_spots(extent, seed)
-    x_raw = np.round(sx_um / px, 4)
-    y_raw = np.round(sy_um / px, 4)
+    # spots (the lattice covers the square image exactly: make_spots over W * px = extent)
+    rows_idx, cols_idx = np.nonzero(mask)
     radius_cal = (SPOT_DIAMETER_UM / 2) / TARGET_PIXEL_SIZE_UM
-    centre_r = np.floor(y_raw * scale / 16).astype(np.int64)
-    centre_c = np.floor(x_raw * scale / 16).astype(np.int64)
-    in_grid = (centre_r < R) & (centre_c < C)
-    keep = np.zeros(len(x_raw), bool)
-    keep[in_grid] = mask[centre_r[in_grid], centre_c[in_grid]]
-    spot_rows, spot_cols, spot_ptr = [], [], [0]
-    kept = np.flatnonzero(keep)
-    for i in kept:
-        r_, c_ = footprint(x_raw[i] * scale, y_raw[i] * scale, radius_cal, grid_shape)
-        t_ = tissue_index[r_, c_]
-        t_ = t_[t_ >= 0]
-        spot_rows.append(np.full(t_.size, len(spot_ptr) - 1))
-        spot_cols.append(t_)
-        spot_ptr.append(spot_ptr[-1] + t_.size)
-    if kept.size:
-        Sm = sparse.csr_matrix((np.ones(sum(a.size for a in spot_cols), np.float32),
-                                (np.concatenate(spot_rows), np.concatenate(spot_cols))),
-                               shape=(kept.size, truth.shape[0]))
-        spot_counts = np.rint(np.asarray(Sm @ truth, dtype=np.float64)).astype(np.int64)
-    else:
-        spot_counts = np.zeros((0, n_genes), np.int64)
-    nonzero = spot_counts.sum(1) > 0
-    kept, spot_counts = kept[nonzero], spot_counts[nonzero]
-    if kept.size == 0:
+    spots = pseudo_visium_spots(truth, rows_idx, cols_idx, grid_shape, (H, W), px, seed,
+                                radius_calibrated_px=radius_cal)
+    spot_ids, spot_counts = spots["ids"], spots["counts"]
+    n_spots = len(spot_ids)
+    if n_spots == 0:
         raise InputError(f"--extent-mm {extent_mm}: the field is too small to hold any spot; use a larger size")
-    spot_ids = [f"{int(acol[i])}x{int(arow[i])}" for i in kept]
-    log.info("spots: %d pseudo-Visium spots over tissue, median %d counts", kept.size,
+    log.info("spots: %d pseudo-Visium spots over tissue, median %d counts", n_spots,
              int(np.median(spot_counts.sum(1))))
 
     # write everything atomically
     t = time.time()
     renderer = Renderer(world, cells, fibres, membranes, px, (H, W), seed)
-    rows_idx, cols_idx = np.nonzero(mask)
     with StagedOutputs() as out:
         render_image(out.path(directory / "he-raw.tif"), renderer, progress)
         out.write_text(directory / "pixel-size-raw.txt", f"{px:g}\n")
@@ -1228,22 +1181,22 @@ def simulate(directory, size="small", seed=0, pixel_size=0.3, n_genes=300, exten
         cnts = pd.DataFrame(spot_counts, columns=names)
         cnts.insert(0, "spot", spot_ids)
         cnts.to_csv(out.path(directory / "cnts.tsv"), sep="\t", index=False)
-        locs = pd.DataFrame({"spot": spot_ids, "x": x_raw[kept], "y": y_raw[kept]})
+        locs = pd.DataFrame({"spot": spot_ids, "x": spots["x"], "y": spots["y"]})
         locs.to_csv(out.path(directory / "locs-raw.tsv"), sep="\t", index=False, float_format="%.4f")
         section = {
             "source": "TriHRGE simulator",
             "technology": "pseudo-Visium: 55 um spots on a 100 um hexagonal lattice, summed from 8 um truth",
             "tissue": "simulated breast cancer section",
-            "spots": int(kept.size), "genes": int(n_genes),
-            "array_x": [int(acol[i]) for i in kept], "array_y": [int(arow[i]) for i in kept]}
+            "spots": n_spots, "genes": int(n_genes),
+            "array_x": spots["array_col"], "array_y": spots["array_row"]}
         out.write_text(directory / "section.json", json.dumps(section) + "\n")
-        _write_truth(out, directory / "truth", truth, rows_idx, cols_idx, names, groups, px, seed, size,
-                     grid_shape, (H, W, 3), extent, regions, mask, cells, cell_totals)
+        _write_truth(out, directory, truth, rows_idx, cols_idx, names, groups, px, seed, size, (H, W), regions,
+                     cells, cell_totals)
         sim = {
             "source": "TriHRGE simulator", "seed": int(seed), "size": size, "extent_mm": round(extent / 1000, 6),
             "raw_pixel_size_um": px, "image_shape": [H, W, 3], "super_pixel_um": SUPER_PIXEL_UM,
             "grid_shape": [R, C], "n_genes": int(n_genes), "n_cells": int(len(cells)),
-            "n_spots": int(kept.size), "n_tissue_superpixels": int(mask.sum()),
+            "n_spots": n_spots, "n_tissue_superpixels": int(mask.sum()),
             "tissue_fraction": round(float(mask[:int(extent // 8), :int(extent // 8)].mean()), 4),
             "spot": {"diameter_um": SPOT_DIAMETER_UM, "spacing_um": SPOT_SPACING_UM, "lattice": "hexagonal",
                      "radius_calibrated_px": radius_cal},
@@ -1271,34 +1224,23 @@ def simulate(directory, size="small", seed=0, pixel_size=0.3, n_genes=300, exten
         out.write_json(directory / "truth" / "simulation.json", sim)
     log.info("wrote %s (%.1f s writing, %.1f s in all)", directory, time.time() - t, time.time() - t_start)
     return {"directory": str(directory), "image_shape": (H, W, 3), "grid_shape": grid_shape,
-            "n_cells": len(cells), "n_spots": int(kept.size), "n_tissue_superpixels": int(mask.sum()),
+            "n_cells": len(cells), "n_spots": n_spots, "n_tissue_superpixels": int(mask.sum()),
             "tissue_fraction": sim["tissue_fraction"], "seconds": time.time() - t_start}
 
 
-def _write_truth(out, tdir, truth, rows_idx, cols_idx, names, groups, px, seed, size, grid_shape, image_shape,
-                 extent, regions, mask, cells, cell_totals):
-    import anndata
-    obs = pd.DataFrame({"row": rows_idx.astype(np.int64), "col": cols_idx.astype(np.int64),
-                        "x": (cols_idx + 0.5) * SUPER_PIXEL_UM / px, "y": (rows_idx + 0.5) * SUPER_PIXEL_UM / px,
-                        "region": pd.Categorical.from_codes(regions[rows_idx, cols_idx].astype(np.int64),
-                                                            categories=REGION_NAMES)},
-                       index=pd.Index([f"sp{r}_{c}" for r, c in zip(rows_idx.tolist(), cols_idx.tolist())]))
-    var = pd.DataFrame({"group": pd.Categorical(groups)}, index=pd.Index(names))
+def _write_truth(out, directory, truth, rows_idx, cols_idx, names, groups, px, seed, size, image_hw, regions, cells,
+                 cell_totals):
+    """truth/super.h5ad (with obs region, var group) and mask.png via utils.truth, then the simulator's own
+    regions.png, regions-colour.png and cells.tsv.gz."""
     X = truth
     if truth.size > DENSE_LIMIT:     # block-wise, so the conversion never holds index arrays of the whole matrix
         X = sparse.vstack([sparse.csr_matrix(truth[i:i + 32768]) for i in range(0, truth.shape[0], 32768)],
                           format="csr")
-    ad = anndata.AnnData(X=X, obs=obs, var=var)
-    ad.uns["raw_pixel_size_um"] = float(px)
-    ad.uns["super_pixel_um"] = float(SUPER_PIXEL_UM)
-    ad.uns["calibrated_pixel_size_um"] = float(TARGET_PIXEL_SIZE_UM)
-    ad.uns["grid_shape"] = np.array(grid_shape, dtype=np.int64)
-    ad.uns["image_shape"] = np.array(image_shape, dtype=np.int64)
-    ad.uns["seed"] = int(seed)
-    ad.uns["size"] = size
-    ad.uns["source"] = "TriHRGE simulator"
-    ad.write_h5ad(out.path(tdir / "super.h5ad"))
-    _write_png(out.path(tdir / "mask.png"), (mask * 255).astype(np.uint8))
+    region = pd.Categorical.from_codes(regions[rows_idx, cols_idx].astype(np.int64), categories=REGION_NAMES)
+    write_truth_h5ad(out, directory, X, rows_idx, cols_idx, names, px, image_hw,
+                     uns={"seed": int(seed), "size": size, "source": "TriHRGE simulator"},
+                     obs={"region": region}, var={"group": pd.Categorical(groups)})
+    tdir = Path(directory) / "truth"
     _write_png(out.path(tdir / "regions.png"), regions)
     _write_png(out.path(tdir / "regions-colour.png"), np.array(REGION_COLOURS, np.uint8)[regions])
     cdf = pd.DataFrame({"cell": np.arange(len(cells)), "x": cells.x / px, "y": cells.y / px,
