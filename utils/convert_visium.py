@@ -40,6 +40,20 @@ COL_STEP = VISIUM_SPOT_SPACING_UM / 2
 # Space Ranger files
 
 
+
+def _in_tissue_barcodes(M, pos, pos_path, what, same):
+    """Barcodes of the matrix that lie under tissue; every barcode must have a position."""
+    unknown = M.barcodes[~M.barcodes.isin(pos.index)]
+    if len(unknown):
+        raise InputError(f"{M.path}: {len(unknown)} {what} have no position in {pos_path.name} "
+                         f"({', '.join(unknown[:3])}); give the matrix and spatial/ folder of the {same}")
+    in_tissue = pos.index[pos.in_tissue.to_numpy() == 1]
+    sel = M.barcodes[M.barcodes.isin(in_tissue)]
+    if len(sel) < len(M.barcodes):
+        log.info("dropped %d of %d %s not under tissue (in_tissue = 0)", len(M.barcodes) - len(sel),
+                 len(M.barcodes), what)
+    return sel
+
 def find_spatial(source, what="Space Ranger output folder (outs/)"):
     source = Path(source)
     if not source.exists():
@@ -164,15 +178,7 @@ def convert_visium(args):
     sf, sf_path = read_scalefactors(spatial)
     M = read_10x_matrix(find_matrix(outs, MATRIX_NAMES, args.matrix))
 
-    unknown = M.barcodes[~M.barcodes.isin(pos.index)]
-    if len(unknown):
-        raise InputError(f"{M.path}: {len(unknown)} barcodes have no position in {pos_path.name} "
-                         f"({', '.join(unknown[:3])}); give the matrix and spatial/ folder of the same run")
-    in_tissue = pos.index[pos.in_tissue.to_numpy() == 1]
-    sel = M.barcodes[M.barcodes.isin(in_tissue)]
-    if len(sel) < len(M.barcodes):
-        log.info("dropped %d of %d barcodes not under tissue (in_tissue = 0)", len(M.barcodes) - len(sel),
-                 len(M.barcodes))
+    sel = _in_tissue_barcodes(M, pos, pos_path, "barcodes", "same run")
     if len(sel) < 3:
         raise InputError(f"{pos_path}: only {len(sel)} in-tissue spot(s) with counts; give the run's "
                          f"filtered_feature_bc_matrix.h5 and spatial/ folder")
@@ -241,14 +247,7 @@ def convert_visium_hd(args):
         raise InputError(f"{sf_path}: bin_size_um is {sf['bin_size_um']}, not {bin_size}; pass --bin-size "
                          f"{sf['bin_size_um']:g} or the square_{bin_size:03d}um folder")
     M = read_10x_matrix(find_matrix(bins_dir, MATRIX_NAMES, args.matrix))
-    unknown = M.barcodes[~M.barcodes.isin(pos.index)]
-    if len(unknown):
-        raise InputError(f"{M.path}: {len(unknown)} bins have no position in {pos_path.name} "
-                         f"({', '.join(unknown[:3])}); give the matrix and spatial/ folder of the same bin size")
-    in_tissue = pos.index[pos.in_tissue.to_numpy() == 1]
-    sel = M.barcodes[M.barcodes.isin(in_tissue)]
-    if len(sel) < len(M.barcodes):
-        log.info("dropped %d of %d bins not under tissue", len(M.barcodes) - len(sel), len(M.barcodes))
+    sel = _in_tissue_barcodes(M, pos, pos_path, "bins", "same bin size")
 
     # pixel size: microns_per_pixel, cross-checked with the bin lattice
     lat_ps, report = lattice_pixel_size(pos.array_col, pos.array_row, pos.x, pos.y, bin_size, bin_size, pos_path, "bin")
