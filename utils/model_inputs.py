@@ -46,11 +46,11 @@ def gather_windows(maps, rows, cols, half, dtype=np.float32):
     cc = np.asarray(cols)[:, None] + dc[None]
     valid = (rr >= 0) & (cc >= 0) & (rr < R) & (cc < C)
     rr_c, cc_c = np.clip(rr, 0, R - 1), np.clip(cc, 0, C - 1)
+    # gather rows in sorted order from the memmaps (fast page access), then reorder
+    flat = rr_c * C + cc_c
+    uniq, inv = np.unique(flat.ravel(), return_inverse=True)
     out = {}
     for k, m in maps.items():
-        # gather rows in sorted order from the memmap (fast page access), then reorder
-        flat = rr_c * C + cc_c
-        uniq, inv = np.unique(flat.ravel(), return_inverse=True)
         vals = np.asarray(m.reshape(R * C, -1)[uniq], dtype=dtype)
         x = vals[inv].reshape(flat.shape + (m.shape[-1],))
         x[~valid] = 0
