@@ -121,7 +121,6 @@ def run_histex(directory, a, progress=True):
         # image-free baseline: Gaussian-kernel interpolation of spot counts per super-pixel
         cx, cy = geo.superpixel_centres(rows, cols)
         W = kernel_weights(np.stack([cx, cy], 1), xy, a["sigma"] * lattice["spacing_px"])
-        pred_scaled = None
         sr = np.asarray(W @ (counts / n_fp), dtype=np.float32)
         cfg = {"model": "interp", "sigma_spacings": a["sigma"]}
     else:
@@ -202,9 +201,7 @@ def run_histex(directory, a, progress=True):
                                 layers={"measured": counts}, uns={"model": run_name(a)})
         sp_ad.write_h5ad(out.path(out_dir / "spots-pred.h5ad"))
         he_small = read_png(directory / "he-small.png")
-        tmp_maps = out.path(out_dir / "maps")
-        for p in write_gene_maps(tmp_maps, he_small, rows, cols, sr, plot_genes, genes):
-            pass
+        write_gene_maps(out.path(out_dir / "maps"), he_small, rows, cols, sr, plot_genes, genes)
         if histories:
             write_loss_plot(out.path(out_dir / "loss.png"), histories)
         truth_p = directory / "truth" / "super.h5ad"
