@@ -40,6 +40,7 @@ from .atomic import StagedOutputs, remove_stale_temporaries
 from .cli import HelpFormatter, run, setup_logging
 from .errors import InputError
 from .geometry import SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, superpixel_grid_shape
+from .image_io import write_png
 from .raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
 from .truth import SPOT_DIAMETER_UM, SPOT_SPACING_UM, pseudo_visium_spots, write_truth_h5ad
 
@@ -1080,15 +1081,6 @@ def _write_gz_tsv(path, df, float_format=None):
         gz.write(data)
 
 
-def _write_png(path, arr):
-    if arr.ndim == 3:
-        arr = arr[..., ::-1]
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr))
-    if not ok:
-        raise RuntimeError(f"could not encode {path}")
-    Path(path).write_bytes(buf.tobytes())
-
-
 # ----------------------------------------------------------------------------------------------------
 # the whole simulation
 
@@ -1241,8 +1233,8 @@ def _write_truth(out, directory, truth, rows_idx, cols_idx, names, groups, px, s
                      uns={"seed": int(seed), "size": size, "source": "TriHRGE simulator"},
                      obs={"region": region}, var={"group": pd.Categorical(groups)})
     tdir = Path(directory) / "truth"
-    _write_png(out.path(tdir / "regions.png"), regions)
-    _write_png(out.path(tdir / "regions-colour.png"), np.array(REGION_COLOURS, np.uint8)[regions])
+    write_png(out.path(tdir / "regions.png"), regions)
+    write_png(out.path(tdir / "regions-colour.png"), np.array(REGION_COLOURS, np.uint8)[regions])
     cdf = pd.DataFrame({"cell": np.arange(len(cells)), "x": cells.x / px, "y": cells.y / px,
                         "type": np.array(CELL_TYPES)[cells.type],
                         "radius_um": np.sqrt(cells.ca * cells.cb), "total_counts": cell_totals})
