@@ -5,7 +5,7 @@ from pathlib import Path
 from utils.cli import add_device, add_seed, check_directory, make_parser, run, setup_logging
 
 
-def main(argv=None):
+def build_parser():
     p = make_parser(
         "Stage 5 of TriHRGE: train the network on the measured spots (the mean prediction over each spot's "
         "footprint must match its scaled counts), predict every tissue super-pixel, map the predictions back to "
@@ -16,8 +16,13 @@ def main(argv=None):
     p.add_argument("--model", default="trihrge", choices=["trihrge", "mlp", "interp"],
                    help="trihrge: the TriHRGE network; mlp: iStar's per-super-pixel MLP on the same features; "
                         "interp: no image, spot counts interpolated with a Gaussian kernel")
-    p.add_argument("--epochs", type=int, default=500, help="training epochs per state")
+    p.add_argument("--epochs", type=int, default=500, help="maximum training epochs per state (early stopping, see --patience, usually ends it sooner)")
     p.add_argument("--n-states", type=int, default=5, help="independently seeded models, combined by the median")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of spots each state holds out (its own seeded draw) to stop training when their loss "
+                        "stops improving; the best epoch's weights are kept. 0 = no held-out spots, train all --epochs")
+    p.add_argument("--patience", type=int, default=50,
+                   help="early stopping: epochs without a better held-out loss before a state stops (0 = never stop early)")
     add_seed(p)
     add_device(p)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
@@ -47,13 +52,17 @@ def main(argv=None):
     o.add_argument("--sigma", type=float, default=0.5, help="Gaussian kernel width in lattice spacings (interp, local consistency)")
     o.add_argument("--stride", type=int, default=0, help="inference: spacing in super-pixels of the overlapping windows; each super-pixel is the "
                         "centre-weighted mean of the windows that cover it (smaller = smoother, slower); "
-                        "0 = auto: max(3, window half-width), 3 for Visium")
+                        "0 = auto: max(3, window half-width) for trihrge (3 for Visium), no overlap for mlp (its predictions do not depend on the window)")
     o.add_argument("--batch-windows", type=int, default=64, help="inference windows per batch (bounds memory)")
     o.add_argument("--plot-genes", nargs="*", default=None, help="genes to draw as maps (default: the 4 most variable)")
     o.add_argument("--out", type=Path, default=None, help="output directory (default DIR/results/<model>)")
     o.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     o.add_argument("--retrain", action="store_true", help="retrain states even when finished ones match")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     from utils.errors import InputError
     if args.stride < 0:
@@ -61,6 +70,10 @@ def main(argv=None):
     for name in ("epochs", "n_states", "k_tokens", "d_model", "heads", "depth", "batch_windows"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not 0.0 <= args.val_fraction < 0.5:
+        raise InputError(f"--val-fraction {args.val_fraction}: must be at least 0 and below 0.5")
+    if args.patience < 0:
+        raise InputError(f"--patience {args.patience}: must be 0 (never stop early) or positive")
     if not 0.0 <= args.token_mask <= 1.0:
         raise InputError(f"--token-mask {args.token_mask}: must be a probability between 0 and 1")
     if args.d_model % args.heads:

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from .trihrge import positive_output
+from .trihrge import positive_output, take_tokens
 
 
 class SuperPixelMLP(nn.Module):
@@ -16,5 +16,6 @@ class SuperPixelMLP(nn.Module):
         layers.append(nn.Linear(c, n_genes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, hist, genes=None, offs=None, gmask=None):
-        return positive_output(self.net(torch.cat([hist[k] for k in self.names], dim=-1)))
+    def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
+        x = torch.cat([hist[k] for k in self.names], dim=-1)
+        return positive_output(self.net(x if keep is None else take_tokens(x, keep)))

@@ -8,8 +8,8 @@ from models import build_model
 from utils import geometry as geo
 from utils.interpolation import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
 from utils.model_inputs import GeneTokens, gather_windows, spot_windows, window_half
-from utils.predict import window_cover
-from utils.train import footprint_loss
+from utils.predict import median_of_states, window_cover
+from utils.train import footprint_loss, footprint_tokens
 
 DIMS = {"micro": 6, "meso": 5, "macro": 4, "extra": 5}
 
@@ -35,6 +35,42 @@ def test_mlp_is_per_superpixel():
     y2 = m(hist2)
     changed = (y - y2).abs().sum(-1) > 0
     assert changed[:, 5].all() and not changed[:, :5].any()
+
+
+def test_positive_output_is_elu_plus_offset_with_its_gradient():
+    from models.trihrge import positive_output
+    x = torch.linspace(-30, 30, 2001, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.elu(x, alpha=0.01) + 0.01
+    assert torch.allclose(positive_output(x), ref, atol=1e-12)
+    assert torch.autograd.gradcheck(positive_output, ((x[::50].detach() + 0.013).requires_grad_(),))  # off the kink at 0
+    g, = torch.autograd.grad(positive_output(x).sum(), x)
+    g_ref, = torch.autograd.grad(ref.sum(), x)
+    assert torch.allclose(g, g_ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,opts", [("trihrge", {}), ("trihrge", {"use_gene_tokens": False}),
+                                       ("trihrge", {"depth": 2}), ("mlp", {})])
+def test_keep_predicts_exactly_the_chosen_tokens(name, opts):
+    """Training predicts only footprint tokens (keep); they must equal the full window's values."""
+    torch.manual_seed(1)
+    kw = {"d": 16, "heads": 2, "depth": 1, **opts} if name == "trihrge" else {}
+    m = build_model(name, DIMS, 7, 7, **kw).eval()
+    B = 3
+    hist = {k: torch.randn(B, 49, c) for k, c in DIMS.items()}
+    args = (torch.rand(B, 5, 7), torch.randn(B, 5, 2), torch.zeros(B, 5, dtype=torch.bool))
+    fp = np.random.default_rng(0).random((B, 49)) < 0.6
+    keep, w = footprint_tokens(fp)
+    assert w.sum(1).tolist() == fp.sum(1).tolist() and keep.shape[1] == fp.sum(1).max()
+    full = m(hist, *args)
+    part = m(hist, *args, keep=torch.from_numpy(keep))
+    ref = torch.take_along_dim(full, torch.from_numpy(keep)[..., None], dim=1)
+    assert torch.allclose(part, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_median_of_states_matches_torch(n):
+    x = torch.randn(n, 4, 9, 3)
+    assert torch.allclose(median_of_states(x.unbind(0)), x.quantile(0.5, dim=0), atol=1e-6)
 
 
 def test_footprint_loss_is_mean_over_footprint():
@@ -114,3 +150,40 @@ def test_kernel_weights_and_rescaling():
     np.testing.assert_allclose(global_rescale_factors(measured, s), [10 / 7], rtol=1e-6)
     f = local_rescale_factors(measured, s, kernel_weights(spots, spots, 1.0), eps=0.0)
     np.testing.assert_allclose(f[:, 0], [2.0, 1.0], rtol=1e-6)
+
+
+def test_split_validation_is_seeded_disjoint_and_complete():
+    from utils.train import split_validation
+    a = split_validation(100, 0.1, np.random.default_rng(3))
+    b = split_validation(100, 0.1, np.random.default_rng(3))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert len(a[1]) == 10 and not set(a[0]) & set(a[1]) and len(a[0]) + len(a[1]) == 100
+    assert len(split_validation(100, 0.0, np.random.default_rng(3))[1]) == 0
+    assert len(split_validation(9, 0.1, np.random.default_rng(3))[1]) == 0  # too few spots: no held-out set
+
+
+def test_early_stopping_keeps_the_best_held_out_epoch():
+    """Random targets: the held-out loss soon stops improving; training must stop `patience` epochs
+    after its best epoch and return that epoch's weights."""
+    from utils.train import train_state, validation_loss
+    rng = np.random.default_rng(0)
+    n, T, G = 80, 9, 3
+    data = {"hist": {k: rng.normal(size=(n, T, c)).astype(np.float32) for k, c in DIMS.items()},
+            "fp": (rng.random((n, T)) < 0.7).astype(np.float32), "target": rng.random((n, G)).astype(np.float32)}
+    data["fp"][:, 4] = 1
+    cfg = {"model": "mlp", "dims": DIMS, "n_genes": G, "half": 1, "model_opts": {}, "lr": 3e-3, "weight_decay": 0.0,
+           "batch_size": 8, "epochs": 300, "loss": "mse", "token_mask": 0.0, "val_fraction": 0.2, "patience": 5}
+    state, info = train_state(cfg, data, 0, torch.device("cpu"), progress=False)
+    assert info["val_spots"] == 16 and info["train_spots"] == 64
+    assert info["epochs_run"] < 300 and info["epochs_run"] - info["best_epoch"] == 5
+    v = info["val_history"]
+    assert v[info["best_epoch"] - 1] == min(v)
+    from utils.train import footprint_tokens, split_validation
+    _, val_idx = split_validation(n, 0.2, np.random.default_rng(0))
+    model = build_model("mlp", DIMS, G, 3)
+    model.load_state_dict(state)
+    keep, w = (torch.from_numpy(x) for x in footprint_tokens(data["fp"]))
+    got = validation_loss(model, data, val_idx, keep, w, torch.from_numpy(data["target"]), cfg, False, "cpu", 8)
+    assert got == pytest.approx(min(v), rel=1e-5)
+    state2, info2 = train_state(cfg, data, 0, torch.device("cpu"), progress=False)  # seeded: same run
+    assert info2 == info and all(torch.equal(state[k], state2[k]) for k in state)

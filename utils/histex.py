@@ -43,9 +43,15 @@ def _config(a, dims, n_genes, half):
         opts = {"d": a["d_model"], "heads": a["heads"], "depth": a["depth"], "dropout": a["dropout"],
                 "head_hidden": a["head_hidden"],
                 "use_gene_tokens": not a["no_gene_tokens"], "use_linear_head": not a["no_linear_head"]}
-    return {"model": a["model"], "dims": dims, "n_genes": n_genes, "half": half, "stride": a["stride"] or max(3, half),
+    return {"model": a["model"], "dims": dims, "n_genes": n_genes, "half": half, "stride": a["stride"] or auto_stride(a["model"], half),
             "model_opts": opts, "lr": a["lr"], "weight_decay": a["weight_decay"], "batch_size": a["batch_size"],
-            "epochs": a["epochs"], "loss": a["loss"], "token_mask": a["token_mask"], "k_tokens": a["k_tokens"]}
+            "epochs": a["epochs"], "val_fraction": a["val_fraction"], "patience": a["patience"], "loss": a["loss"], "token_mask": a["token_mask"], "k_tokens": a["k_tokens"]}
+
+
+def auto_stride(model, half):
+    """Inference window spacing: the MLP sees one super-pixel at a time, so windows need not
+    overlap (same values, ~5x less work); TriHRGE's overlapping windows hide window borders."""
+    return 2 * half + 1 if model == "mlp" else max(3, half)
 
 
 def _fingerprint(cfg, data_fp):
@@ -70,6 +76,29 @@ def _footprint_pairs(xy, radius, mask):
     tj = lookup[rr, cc]
     keep = tj >= 0
     return si[keep], tj[keep], full_size
+
+
+def training_data(directory, a, xy, radius, target, hr, lo, hi, lattice, grid_shape):
+    """Everything a network trains on: the feature windows around each spot, its footprint in the
+    window, its scaled target and its gene tokens (with and without its own HR spots)."""
+    scales = ["micro"] if a["no_multiscale"] else [s for s in ("micro", "meso", "macro") if not (a["no_macro"] and s == "macro")]
+    maps = load_feature_maps(directory, scales + ["extra"])
+    feat_inputs = [directory / "features" / f"{s}.npy" for s in scales + ["extra"]]
+    dims = {k: int(m.shape[-1]) for k, m in maps.items()}
+    wr, wc, half, fp = spot_windows(xy, radius, grid_shape)
+    cfg = _config(a, dims, target.shape[1], half)
+    hist, _ = gather_windows(maps, wr, wc, half)
+    hr_scaled = np.clip(scale_counts(np.asarray(hr.X, dtype=np.float32), lo, hi), 0, None)
+    tokens = GeneTokens(hr.obs[["x", "y"]].to_numpy(), hr_scaled, hr.obsm["sources"], lattice["spacing_px"], a["k_tokens"])
+    cx, cy = geo.superpixel_centres(wr, wc)
+    centres = np.stack([cx, cy], 1)
+    tf, of, hf = tokens.query(centres)
+    tl, ol, hl = tokens.query(centres, exclude_spot=np.arange(len(xy)))
+    data = {"hist": hist, "fp": fp.astype(np.float32), "target": target, "hr_expr": tokens.expr,
+            "tok_full": tf, "offs_full": of, "hid_full": hf, "tok_lso": tl, "offs_lso": ol, "hid_lso": hl}
+    data_fp = {"spots": hashlib.sha256(target.tobytes()).hexdigest()[:16],
+               "features": hashlib.sha256(b"".join(np.ascontiguousarray(v[:64]).tobytes() for v in hist.values())).hexdigest()[:16]}
+    return cfg, data, maps, tokens, data_fp, feat_inputs
 
 
 def run_histex(directory, a, progress=True):
@@ -124,23 +153,9 @@ def run_histex(directory, a, progress=True):
         sr = np.asarray(W @ (counts / n_fp), dtype=np.float32)
         cfg = {"model": "interp", "sigma_spacings": a["sigma"]}
     else:
-        scales = ["micro"] if a["no_multiscale"] else [s for s in ("micro", "meso", "macro") if not (a["no_macro"] and s == "macro")]
-        maps = load_feature_maps(directory, scales + ["extra"])
-        inputs += [directory / "features" / f"{s}.npy" for s in scales + ["extra"]]
-        dims = {k: int(m.shape[-1]) for k, m in maps.items()}
-        wr, wc, half, fp = spot_windows(xy, radius, mask.shape)
-        cfg = _config(a, dims, len(genes), half)
-        hist, valid = gather_windows(maps, wr, wc, half)
-        hr_scaled = np.clip(scale_counts(np.asarray(hr.X, dtype=np.float32), lo, hi), 0, None)
-        tokens = GeneTokens(hr.obs[["x", "y"]].to_numpy(), hr_scaled, hr.obsm["sources"], lattice["spacing_px"], a["k_tokens"])
-        cx, cy = geo.superpixel_centres(wr, wc)
-        centres = np.stack([cx, cy], 1)
-        tf, of, hf = tokens.query(centres)
-        tl, ol, hl = tokens.query(centres, exclude_spot=np.arange(len(xy)))
-        data = {"hist": hist, "fp": fp.astype(np.float32), "target": target, "hr_expr": tokens.expr,
-                "tok_full": tf, "offs_full": of, "hid_full": hf, "tok_lso": tl, "offs_lso": ol, "hid_lso": hl}
-        data_fp = {"spots": hashlib.sha256(target.tobytes()).hexdigest()[:16],
-                   "features": hashlib.sha256(b"".join(np.ascontiguousarray(v[:64]).tobytes() for v in hist.values())).hexdigest()[:16]}
+        cfg, data, maps, tokens, data_fp, feat_inputs = training_data(directory, a, xy, radius, target, hr, lo, hi,
+                                                                      lattice, mask.shape)
+        inputs += feat_inputs
         fp_id = _fingerprint(cfg, data_fp)
         models = []
         for s in range(a["n_states"]):
@@ -151,15 +166,19 @@ def run_histex(directory, a, progress=True):
                 log.info("state %d/%d: already trained with these inputs and settings, reusing it", s + 1, a["n_states"])
             else:
                 t0 = time.time()
-                state, hist_loss = train_state(cfg, data, seed, device, progress, desc=f"state {s + 1}/{a['n_states']}")
+                state, info = train_state(cfg, data, seed, device, progress, desc=f"state {s + 1}/{a['n_states']}")
+                dt = time.time() - t0
                 with StagedOutputs() as out:
                     torch.save(state, out.path(pt))
-                    out.write_json(meta_p, {"fingerprint": fp_id, "seed": seed, "epochs": cfg["epochs"],
-                                            "loss_history": hist_loss, "seconds": time.time() - t0,
-                                            "spot_epochs_per_second": len(xy) * cfg["epochs"] / max(1e-9, time.time() - t0)})
+                    out.write_json(meta_p, {"fingerprint": fp_id, "seed": seed, "epochs": cfg["epochs"], **info,
+                                            "seconds": dt,
+                                            "spot_epochs_per_second": info["train_spots"] * info["epochs_run"] / max(1e-9, dt)})
                 meta = json.loads(meta_p.read_text())
-                log.info("state %d/%d: final loss %.5f in %.0f s", s + 1, a["n_states"], hist_loss[-1], time.time() - t0)
-            histories.append(meta["loss_history"])
+                stop = (f"stopped after {info['epochs_run']} epochs, best held-out loss at epoch {info['best_epoch']}"
+                        if info["epochs_run"] < cfg["epochs"] else f"{info['epochs_run']} epochs")
+                log.info("state %d/%d: %s, final loss %.5f, in %.0f s", s + 1, a["n_states"], stop,
+                         info["loss_history"][-1], dt)
+            histories.append((meta["loss_history"], meta.get("val_history", [])))
             models.append(load_state(cfg, pt, device))
         t_pred = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)

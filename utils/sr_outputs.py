@@ -60,12 +60,17 @@ def write_gene_maps(out_dir, he_small, rows, cols, X, genes, gene_names):
 
 
 def write_loss_plot(path, histories):
+    """Training (solid) and held-out spot (dashed) footprint loss per state."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for i, h in enumerate(histories):
-        ax.plot(np.arange(1, len(h) + 1), h, label=f"state {i}")
+    for i, (h, v) in enumerate(histories):
+        line, = ax.plot(np.arange(1, len(h) + 1), h, label=f"state {i} training")
+        if len(v):
+            ax.plot(np.arange(1, len(v) + 1), v, "--", color=line.get_color(), label=f"state {i} held-out spots")
+            best = int(np.argmin(v))
+            ax.plot([best + 1], [v[best]], "o", color=line.get_color(), ms=4)
     ax.set_xlabel("epoch")
     ax.set_ylabel("footprint loss")
     ax.set_yscale("log")

@@ -22,7 +22,7 @@ def resolve_device(device):
 
 
 def footprint_loss(pred, fp, target, kind="mse"):
-    """pred (B, T, G); fp (B, T) 0/1 footprint; target (B, G)."""
+    """pred (B, T, G); fp (B, T) footprint weights (0/1); target (B, G)."""
     mean = (pred * fp.unsqueeze(-1)).sum(1) / fp.sum(1, keepdim=True).clamp_min(1.0)
     if kind == "poisson":
         return (mean - target * torch.log(mean)).mean()
@@ -40,40 +40,90 @@ def batch_inputs(data, idx, use_tokens, masked, device):
     return hist, genes, torch.from_numpy(offs).to(device), torch.from_numpy(hidden).to(device)
 
 
+def footprint_tokens(fp):
+    """Per spot, the window tokens of its footprint, padded to the largest footprint: (index (n, M),
+    weight (n, M) with 0 on padding). Only these tokens need a prediction during training."""
+    fp = np.asarray(fp) > 0
+    m = max(1, int(fp.sum(1).max()))
+    idx = np.argsort(~fp, axis=1, kind="stable")[:, :m]
+    return idx.astype(np.int64), np.take_along_axis(fp, idx, 1).astype(np.float32)
+
+
+def split_validation(n, fraction, gen):
+    """A seeded random `fraction` of the spots held out from one state's training to detect
+    overfitting (each state draws its own, so the median of the states still uses every spot).
+    Returns (train index, validation index); no validation when too few spots."""
+    n_val = int(round(n * fraction))
+    if fraction <= 0 or n_val < 2 or n - n_val < 8:
+        return np.arange(n), np.arange(0)
+    perm = gen.permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@torch.no_grad()
+def validation_loss(model, data, idx, keep, fp_w, target, cfg, use_tokens, device, bs):
+    """Footprint loss of held-out spots; their own HR pseudo-spots are hidden, as in training."""
+    model.eval()
+    total = 0.0
+    for s in range(0, len(idx), bs):
+        b = idx[s:s + bs]
+        pred = model(*batch_inputs(data, b, use_tokens, np.ones(len(b), bool), device), keep=keep[b])
+        total += footprint_loss(pred, fp_w[b], target[b], cfg["loss"]).item() * len(b)
+    model.train()
+    return total / max(1, len(idx))
+
+
 def train_state(cfg, data, seed, device, progress=True, desc="state"):
-    """Train one independently initialised model; returns (state_dict on CPU, loss history)."""
+    """Train one independently initialised model for up to cfg["epochs"] epochs, stopping early
+    when the loss of its held-out spots has not improved for cfg["patience"] epochs (then the
+    weights of the best epoch are kept). Returns (state_dict on CPU, info with loss histories)."""
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
     model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1, **cfg["model_opts"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    n = len(data["target"])
+    train_idx, val_idx = split_validation(len(data["target"]), cfg.get("val_fraction", 0.0), gen)
+    n = len(train_idx)
     bs = cfg["batch_size"] or max(1, min(128, n // 16))
     use_tokens = cfg["model"] == "trihrge" and cfg["model_opts"].get("use_gene_tokens", True)
-    fp = torch.from_numpy(data["fp"]).to(device)
+    keep, fp_w = (torch.from_numpy(v).to(device) for v in footprint_tokens(data["fp"]))
     target = torch.from_numpy(data["target"]).to(device)
-    history = []
+    history, val_history = [], []
+    best, best_epoch, best_state = math.inf, -1, None
+    patience = cfg.get("patience", 0)
     bar = tqdm(range(cfg["epochs"]), desc=desc, disable=not progress, leave=False, unit="epoch")
     model.train()
     for epoch in bar:
-        perm = gen.permutation(n)  # shuffled every epoch (HISTEX's loader did not shuffle)
-        total, count = 0.0, 0
+        perm = train_idx[gen.permutation(n)]  # shuffled every epoch (HISTEX's loader did not shuffle)
+        total = 0.0
         for s in range(0, n, bs):
             idx = np.sort(perm[s:s + bs])
             masked = gen.random(len(idx)) < cfg["token_mask"]
             hist, genes, offs, hidden = batch_inputs(data, idx, use_tokens, masked, device)
-            pred = model(hist, genes, offs, hidden)
-            loss = footprint_loss(pred, fp[idx], target[idx], cfg["loss"])
+            pred = model(hist, genes, offs, hidden, keep=keep[idx])
+            loss = footprint_loss(pred, fp_w[idx], target[idx], cfg["loss"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-            count += len(idx)
-        history.append(total / count)
+        history.append(total / n)
         if not math.isfinite(history[-1]):
             raise RuntimeError(f"training diverged at epoch {epoch} (loss {history[-1]}); lower --lr")
-        bar.set_postfix(loss=f"{history[-1]:.5f}")
+        if len(val_idx):
+            val_history.append(validation_loss(model, data, val_idx, keep, fp_w, target, cfg, use_tokens, device, bs))
+            if val_history[-1] < best:
+                best, best_epoch = val_history[-1], epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            bar.set_postfix(loss=f"{history[-1]:.5f}", val=f"{val_history[-1]:.5f}", best=best_epoch + 1)
+            if patience and epoch - best_epoch >= patience:
+                break
+        else:
+            bar.set_postfix(loss=f"{history[-1]:.5f}")
     bar.close()
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, history
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    info = {"loss_history": history, "val_history": val_history, "train_spots": int(n), "val_spots": int(len(val_idx)),
+            "epochs_run": len(history), "best_epoch": (best_epoch + 1) if len(val_idx) else len(history)}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, info
 
 
 def load_state(cfg, path, device):
