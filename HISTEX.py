@@ -22,7 +22,7 @@ def build_parser():
                    help="share of spots each state holds out (its own seeded draw) to stop training when their loss "
                         "stops improving; the best epoch's weights are kept. 0 = no held-out spots, train all --epochs")
     p.add_argument("--patience", type=int, default=50,
-                   help="early stopping: epochs without a better held-out loss before a state stops (0 = never stop early)")
+                   help="early stopping: epochs without a better (by 0.1%%) held-out loss before a state stops (0 = never stop early)")
     add_seed(p)
     add_device(p)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")

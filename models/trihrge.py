@@ -32,6 +32,8 @@ class _PositiveOutput(torch.autograd.Function):
 
 
 def positive_output(x):
+    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: in place, no saved tensors
+        return torch.exp(x.clamp(max=0)).mul_(0.01).add_(x.clamp_(min=0))
     return _PositiveOutput.apply(x)
 
 

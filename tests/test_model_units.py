@@ -42,6 +42,8 @@ def test_positive_output_is_elu_plus_offset_with_its_gradient():
     x = torch.linspace(-30, 30, 2001, dtype=torch.float64, requires_grad=True)
     ref = torch.nn.functional.elu(x, alpha=0.01) + 0.01
     assert torch.allclose(positive_output(x), ref, atol=1e-12)
+    with torch.no_grad():  # the in-place inference path
+        assert torch.allclose(positive_output(x.detach().clone()), ref, atol=1e-12)
     assert torch.autograd.gradcheck(positive_output, ((x[::50].detach() + 0.013).requires_grad_(),))  # off the kink at 0
     g, = torch.autograd.grad(positive_output(x).sum(), x)
     g_ref, = torch.autograd.grad(ref.sum(), x)
@@ -177,13 +179,14 @@ def test_early_stopping_keeps_the_best_held_out_epoch():
     assert info["val_spots"] == 16 and info["train_spots"] == 64
     assert info["epochs_run"] < 300 and info["epochs_run"] - info["best_epoch"] == 5
     v = info["val_history"]
-    assert v[info["best_epoch"] - 1] == min(v)
+    best = v[info["best_epoch"] - 1]
+    assert best <= min(v) / (1 - 1e-3)  # later epochs improved by less than 0.1% at most
     from utils.train import footprint_tokens, split_validation
     _, val_idx = split_validation(n, 0.2, np.random.default_rng(0))
     model = build_model("mlp", DIMS, G, 3)
     model.load_state_dict(state)
     keep, w = (torch.from_numpy(x) for x in footprint_tokens(data["fp"]))
     got = validation_loss(model, data, val_idx, keep, w, torch.from_numpy(data["target"]), cfg, False, "cpu", 8)
-    assert got == pytest.approx(min(v), rel=1e-5)
+    assert got == pytest.approx(best, rel=1e-5)
     state2, info2 = train_state(cfg, data, 0, torch.device("cpu"), progress=False)  # seeded: same run
     assert info2 == info and all(torch.equal(state[k], state2[k]) for k in state)

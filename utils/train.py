@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from models import build_model
 
 log = logging.getLogger("trihrge")
+MIN_IMPROVEMENT = 1e-3  # early stopping: a held-out loss must beat the best by 0.1% to count as better
 
 
 def resolve_device(device):
@@ -75,8 +76,8 @@ def validation_loss(model, data, idx, keep, fp_w, target, cfg, use_tokens, devic
 
 def train_state(cfg, data, seed, device, progress=True, desc="state"):
     """Train one independently initialised model for up to cfg["epochs"] epochs, stopping early
-    when the loss of its held-out spots has not improved for cfg["patience"] epochs (then the
-    weights of the best epoch are kept). Returns (state_dict on CPU, info with loss histories)."""
+    when the loss of its held-out spots has not improved (by 0.1%) for cfg["patience"] epochs (then
+    the weights of the best epoch are kept). Returns (state_dict on CPU, info with loss histories)."""
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
     model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1, **cfg["model_opts"]).to(device)
@@ -110,7 +111,7 @@ def train_state(cfg, data, seed, device, progress=True, desc="state"):
             raise RuntimeError(f"training diverged at epoch {epoch} (loss {history[-1]}); lower --lr")
         if len(val_idx):
             val_history.append(validation_loss(model, data, val_idx, keep, fp_w, target, cfg, use_tokens, device, bs))
-            if val_history[-1] < best:
+            if val_history[-1] < best * (1.0 - MIN_IMPROVEMENT):
                 best, best_epoch = val_history[-1], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             bar.set_postfix(loss=f"{history[-1]:.5f}", val=f"{val_history[-1]:.5f}", best=best_epoch + 1)
