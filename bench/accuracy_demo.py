@@ -47,6 +47,7 @@ def main():
     p.add_argument("--epochs", default="30")
     p.add_argument("--n-states", default="2")
     p.add_argument("--lr", default="1e-3")
+    p.add_argument("--val-fraction", default="0", help="held-out spots per state (0: the demo budget trains every spot)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="configuration names to run (default all)")
     a = p.parse_args()
@@ -57,7 +58,8 @@ def main():
         if not (d / "manifests" / f"{s[:-3]}.json").is_file():
             sh([sys.executable, s, "--directory", str(d), "-q"])
     configs = {k: v for k, v in CONFIGS.items() if a.only is None or k in a.only}
-    common = ["--epochs", a.epochs, "--n-states", a.n_states, "--lr", a.lr, "--threads", "1", "-q"]
+    common = ["--epochs", a.epochs, "--n-states", a.n_states, "--lr", a.lr, "--val-fraction", a.val_fraction,
+              "--threads", "1", "-q"]
     jobs = [(name, seed) for name in configs for seed in a.seeds]
 
     def one(job):

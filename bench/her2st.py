@@ -50,7 +50,7 @@ def main():
     p.add_argument("--protocols", nargs="+", default=["leave-out", "coarsen"], choices=["leave-out", "coarsen"])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (interp is deterministic: one run)")
-    p.add_argument("--train-args", default="--epochs 30 --n-states 2 --lr 1e-3",
+    p.add_argument("--train-args", default="--epochs 30 --n-states 2 --lr 1e-3 --val-fraction 0",
                    help="HISTEX.py training options for trihrge and mlp (default: the `make demo` budget)")
     p.add_argument("--tag", default="demo", help="name of this budget in the results")
     p.add_argument("--jobs", type=int, default=2)

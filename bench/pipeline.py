@@ -21,8 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["image_calibration.py", "get_HR.py", "Histology_Extractor.py", "masking_non_tissue.py"]
-BUDGETS = {"demo": ["--epochs", "30", "--n-states", "2", "--lr", "1e-3"],  # what `make demo` runs
-           "full": []}                                                       # the defaults: 5 x 500, lr 1e-4
+BUDGETS = {"demo": ["--epochs", "30", "--n-states", "2", "--lr", "1e-3", "--val-fraction", "0"],  # `make demo`
+           "full": []}  # the defaults: 5 states, up to 500 epochs at lr 1e-4 with early stopping
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
