@@ -21,7 +21,7 @@ def build_parser():
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of spots each state holds out (its own seeded draw) to stop training when their loss "
                         "stops improving; the best epoch's weights are kept. 0 = no held-out spots, train all --epochs")
-    p.add_argument("--patience", type=int, default=50,
+    p.add_argument("--patience", type=int, default=20,
                    help="early stopping: epochs without a better (by 0.1%%) held-out loss before a state stops (0 = never stop early)")
     add_seed(p)
     add_device(p)

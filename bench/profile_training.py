@@ -51,17 +51,17 @@ def main():
     T = (2 * cfg["half"] + 1) ** 2
     train_state({**cfg, "epochs": 1}, data, 0, device, progress=False)  # warm-up
     t0 = time.time()
-    train_state(cfg, data, 0, device, progress=False)
+    _, info = train_state(cfg, data, 0, device, progress=False)
     dt = time.time() - t0
-    rate = len(xy) * cfg["epochs"] / dt
+    rate = info["train_spots"] * info["epochs_run"] / dt  # held-out spots (--val-fraction) are only evaluated
     res = {"directory": str(d), "model": run_name(a), "spots": len(xy), "genes": cfg["n_genes"],
            "window_tokens": T, "footprint_tokens_mean": float(data["fp"].sum(1).mean()),
-           "epochs": cfg["epochs"], "seconds": dt, "spot_epochs_per_second": rate,
+           "epochs": info["epochs_run"], "train_spots": info["train_spots"], "seconds": dt, "spot_epochs_per_second": rate,
            "prepare_seconds": t_prep, "threads": torch.get_num_threads(), "device": str(device),
-           "full_defaults_minutes_estimate": len(xy) * 500 * 5 / rate / 60}
-    print(f"{res['model']}: {len(xy)} spots x {T} window tokens ({res['footprint_tokens_mean']:.1f} in footprint), "
+           "minutes_per_100_epochs_5_states": info["train_spots"] * 100 * 5 / rate / 60}
+    print(f"{res['model']}: {info['train_spots']} training spots x {T} window tokens ({res['footprint_tokens_mean']:.1f} in footprint), "
           f"{cfg['n_genes']} genes: {rate:.0f} spot-epochs/s on {torch.get_num_threads()} thread(s); "
-          f"5 x 500 epochs would take {res['full_defaults_minutes_estimate']:.1f} min")
+          f"5 states x 100 epochs take {res['minutes_per_100_epochs_5_states']:.1f} min")
     if own.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
