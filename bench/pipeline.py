@@ -93,12 +93,14 @@ def run_size(size, budgets, seed):
         t, m = timed([py, "HISTEX.py", "--directory", str(d), "--out", str(out), "--retrain", "--seed", str(seed),
                       "-q", *BUDGETS[b]], logs / f"{size}-HISTEX-{b}.log")
         states = sorted((out / "states").glob("state-*.json"))
-        train_s = sum(json.loads(p.read_text())["seconds"] for p in states)
-        epochs = json.loads(states[0].read_text())["epochs"]
+        meta = [json.loads(p.read_text()) for p in states]
+        train_s = sum(m["seconds"] for m in meta)
+        epochs = [m.get("epochs_run", m["epochs"]) for m in meta]  # early stopping: fewer than the maximum
+        spot_epochs = sum(m.get("train_spots", spots.n_obs) * e for m, e in zip(meta, epochs))
         metrics = json.loads((out / "metrics.json").read_text())["summary"]
         r = {"seconds": round(t, 1), "peak_rss_mb": round(m / 2**20), "training_seconds": round(train_s, 1),
-             "spot_epochs_per_second": round(spots.n_obs * epochs * len(states) / train_s),
-             "states": len(states), "epochs": epochs,
+             "spot_epochs_per_second": round(spot_epochs / train_s),
+             "states": len(states), "epochs_run": epochs, "max_epochs": meta[0]["epochs"],
              "median_pearson": round(metrics["pearson"]["median"], 4), "median_ssim": round(metrics["ssim"]["median"], 4)}
         r["end_to_end_seconds"] = round(t + sum(v["seconds"] for v in res["stages"].values()), 1)
         res["budgets"][b] = r
@@ -117,7 +119,9 @@ def table(results):
             lines.append(head + f"| {s} | {v['seconds']} | {v['peak_rss_mb']} |")
             head = "| | | | "
         for b, v in r.get("budgets", {}).items():
-            lines.append(head + f"| HISTEX.py ({b}: {v['states']} x {v['epochs']} epochs) | {v['seconds']} | {v['peak_rss_mb']} |")
+            ep = v.get("epochs_run", v.get("epochs"))
+            ep = f"{min(ep)}-{max(ep)}" if isinstance(ep, list) and min(ep) != max(ep) else (ep[0] if isinstance(ep, list) else ep)
+            lines.append(head + f"| HISTEX.py ({b}: {v['states']} states x {ep} epochs) | {v['seconds']} | {v['peak_rss_mb']} |")
             lines.append(head + f"| end to end ({b}) | {v['end_to_end_seconds']} | max of the above |")
     return "\n".join(lines)
 

@@ -86,4 +86,6 @@ def test_stale_upstream_is_refused(demo, tmp_path):
 def test_bad_histex_options(demo):
     assert_user_error(run_script("HISTEX.py", demo, "--epochs", 0), "--epochs")
     assert_user_error(run_script("HISTEX.py", demo, "--token-mask", 2), "--token-mask")
+    assert_user_error(run_script("HISTEX.py", demo, "--val-fraction", 0.7), "--val-fraction")
+    assert_user_error(run_script("HISTEX.py", demo, "--patience", -1), "--patience")
     assert_user_error(run_script("HISTEX.py", demo, *FAST, "--plot-genes", "NOPE"), "NOPE")

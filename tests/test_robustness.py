@@ -348,7 +348,7 @@ def test_sigkill_keeps_artifacts_and_rerun_matches_uninterrupted_run(demo, tmp_p
 
     # 1. a long run of the same model into the same run folder, killed with SIGKILL while it trains
     log = tmp_path / "killed.log"
-    p = _start([REPO / "HISTEX.py", "--directory", d, "--epochs", 200, "--n-states", 2, "--lr", "1e-3",
+    p = _start([REPO / "HISTEX.py", "--directory", d, "--epochs", 200, "--patience", 0, "--n-states", 2, "--lr", "1e-3",
                 "--threads", 1], log)
     in_training = lambda: "state 1/2" in log.read_text(errors="replace")
     assert _kill_when(p, lambda: in_training() and time.sleep(0.5) is None), log.read_text()[-3000:]
