@@ -25,7 +25,7 @@ def build_parser():
                    help="early stopping: epochs without a better (by 0.1%%) held-out loss before a state stops (0 = never stop early)")
     add_seed(p)
     add_device(p)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (HISTEX/iStar used 1e-4: with early stopping, 1e-3 reaches a lower held-out loss in ~3 x fewer epochs)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     p.add_argument("--batch-size", type=int, default=0, help="spots per batch; 0 = iStar's min(128, n_spots // 16)")
     p.add_argument("--loss", default="mse", choices=["mse", "poisson"],

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 STAGES = ["image_calibration.py", "get_HR.py", "Histology_Extractor.py", "masking_non_tissue.py"]
 BUDGETS = {"demo": ["--epochs", "30", "--n-states", "2", "--lr", "1e-3", "--val-fraction", "0"],  # `make demo`
-           "full": []}  # the defaults: 5 states, up to 500 epochs at lr 1e-4 with early stopping
+           "full": []}  # the defaults: 5 states, up to 500 epochs at lr 1e-3 with early stopping
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 

@@ -18,7 +18,7 @@ DEMO_STAGES = [
     ("Histology_Extractor.py", []),
     ("masking_non_tissue.py", []),
     # demo training budget: 2 states x 30 epochs at lr 1e-3 on every spot (too short for early stopping,
-    # so no held-out spots); the defaults (5 states, up to 500 epochs at 1e-4, early stopping) take far longer
+    # so no held-out spots); the defaults (5 states, up to 500 epochs, early stopping) take several times longer
     ("HISTEX.py", ["--epochs", "30", "--n-states", "2", "--lr", "1e-3", "--val-fraction", "0"]),
     ("HISTEX.py", ["--model", "interp"]),   # the image-free baseline, seconds, for comparison
 ]
