@@ -291,6 +291,13 @@ def image_target_name(path):
                      f"vips or QuPath)")
 
 
+def open_target_image(path):
+    """The --image of a conversion, checked: (path, its he-raw.* name, (height, width))."""
+    image = Path(path)
+    refuse_downscaled(image)
+    return image, image_target_name(image), image_shape(image)
+
+
 def image_shape(path):
     """(height, width) of an image from its header, without decoding the pixels."""
     path = Path(path)

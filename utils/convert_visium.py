@@ -20,8 +20,8 @@ import pandas as pd
 from .atomic import StagedOutputs, remove_stale_temporaries
 from .convert_common import (SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM, aggregate_to_superpixels,
                              check_inside, check_pixel_size, counts_name_for, find_matrix, image_shape,
-                             image_target_name, lattice_pixel_size, make_pseudo_spots, numeric, prepare_directory,
-                             read_10x_matrix, read_json, read_table, refuse_downscaled, require_columns,
+                             lattice_pixel_size, make_pseudo_spots, numeric, open_target_image, prepare_directory,
+                             read_10x_matrix, read_json, read_table, require_columns,
                              section_record, superpixel_of, write_raw_layout, write_truth, make_unique, decode)
 from .errors import InputError
 from .geometry import superpixel_grid_shape
@@ -170,10 +170,7 @@ def visium_pixel_size(pos, sf, override, pos_path, sf_path, image):
 def convert_visium(args):
     spatial = find_spatial(args.source)
     outs = spatial.parent
-    image = Path(args.image)
-    refuse_downscaled(image)
-    image_name = image_target_name(image)
-    hw = image_shape(image)
+    image, image_name, hw = open_target_image(args.image)
     pos, pos_path = read_positions(spatial)
     sf, sf_path = read_scalefactors(spatial)
     M = read_10x_matrix(find_matrix(outs, MATRIX_NAMES, args.matrix))
@@ -237,10 +234,7 @@ def convert_visium_hd(args):
     bin_size = int(args.bin_size)
     bins_dir = find_bins(args.source, bin_size)
     spatial = bins_dir / "spatial"
-    image = Path(args.image)
-    refuse_downscaled(image)
-    image_name = image_target_name(image)
-    hw = image_shape(image)
+    image, image_name, hw = open_target_image(args.image)
     pos, pos_path = read_positions(spatial)
     sf, sf_path = read_scalefactors(spatial)
     if sf.get("bin_size_um") and abs(float(sf["bin_size_um"]) - bin_size) > 1e-6:
@@ -329,10 +323,7 @@ def convert_h5ad(args):
     if not path.is_file():
         raise InputError(f"{path}: not found; give a .h5ad file of a Visium data set (e.g. written by "
                          f"scanpy.read_visium(...).write_h5ad)")
-    image = Path(args.image)
-    refuse_downscaled(image)
-    image_name = image_target_name(image)
-    hw = image_shape(image)
+    image, image_name, hw = open_target_image(args.image)
     try:
         ad = anndata.read_h5ad(path)
     except Exception as e:

@@ -34,10 +34,9 @@ import pandas as pd
 from scipy import sparse
 
 from .atomic import StagedOutputs, remove_stale_temporaries
-from .convert_common import (check_pixel_size, counts_name_for, decode, find_matrix, image_shape, image_target_name,
-                             make_pseudo_spots, numeric, prepare_directory, read_10x_matrix, read_table,
-                             refuse_downscaled, require_columns, section_record, write_raw_layout, write_truth,
-                             affine_scale, fit_affine)
+from .convert_common import (check_pixel_size, counts_name_for, decode, find_matrix, make_pseudo_spots, numeric,
+                             open_target_image, prepare_directory, read_10x_matrix, read_table, require_columns,
+                             section_record, write_raw_layout, write_truth, affine_scale, fit_affine)
 from .errors import InputError
 from .geometry import SUPER_PIXEL_UM, superpixel_grid_shape
 
@@ -306,10 +305,7 @@ def convert_xenium(args):
     if args.image is None or args.alignment is None:
         raise InputError("xenium needs --image (the post-Xenium H&E) and --alignment (the matrix CSV Xenium Explorer "
                          "exports after aligning that H&E); see python -m utils.convert xenium --help")
-    image = Path(args.image)
-    refuse_downscaled(image)
-    image_name = image_target_name(image)
-    hw = image_shape(image)
+    image, image_name, hw = open_target_image(args.image)
     xpx, xpx_how = _xenium_pixel_size(source, args.xenium_pixel_size)
     cells, cells_path = _read_cells(source)
     Mx = read_10x_matrix(find_matrix(source, MATRIX_NAMES, args.matrix, "cell-feature matrix"))
