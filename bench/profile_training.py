@@ -16,11 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import anndata  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import HISTEX  # noqa: E402
-from utils.genes import scale_counts  # noqa: E402
 from utils.histex import run_name, training_data  # noqa: E402
 from utils.train import resolve_device, train_state  # noqa: E402
 
@@ -39,13 +37,8 @@ def main():
     hr = anndata.read_h5ad(d / "hr-spots.h5ad")
     from utils.tissue_mask import load_mask
     mask = load_mask(d)
-    lo = spots.var["scale_min"].to_numpy(np.float32)
-    hi = spots.var["scale_max"].to_numpy(np.float32)
-    target = scale_counts(np.asarray(spots.X, dtype=np.float32), lo, hi)
-    xy = spots.obs[["x", "y"]].to_numpy(np.float64)
     t0 = time.time()
-    cfg, data, *_ = training_data(d, a, xy, float(spots.uns["radius_px"]), target, hr, lo, hi,
-                                  spots.uns["lattice"], mask.shape)
+    cfg, data, *_ = training_data(d, a, spots, hr, mask.shape)
     t_prep = time.time() - t0
     device = resolve_device(a["device"])
     T = (2 * cfg["half"] + 1) ** 2
@@ -54,7 +47,7 @@ def main():
     _, info = train_state(cfg, data, 0, device, progress=False)
     dt = time.time() - t0
     rate = info["train_spots"] * info["epochs_run"] / dt  # held-out spots (--val-fraction) are only evaluated
-    res = {"directory": str(d), "model": run_name(a), "spots": len(xy), "genes": cfg["n_genes"],
+    res = {"directory": str(d), "model": run_name(a), "spots": int(spots.n_obs), "genes": cfg["n_genes"],
            "window_tokens": T, "footprint_tokens_mean": float(data["fp"].sum(1).mean()),
            "epochs": info["epochs_run"], "train_spots": info["train_spots"], "seconds": dt, "spot_epochs_per_second": rate,
            "prepare_seconds": t_prep, "threads": torch.get_num_threads(), "device": str(device),

@@ -78,9 +78,20 @@ def _footprint_pairs(xy, radius, mask):
     return si[keep], tj[keep], full_size
 
 
-def training_data(directory, a, xy, radius, target, hr, lo, hi, lattice, grid_shape):
+def spot_arrays(spots):
+    """From spots.h5ad: counts, centres (x, y), the genes' min-max scaling bounds and the scaled
+    training target."""
+    counts = np.asarray(spots.X, dtype=np.float32)
+    lo = spots.var["scale_min"].to_numpy(np.float32)
+    hi = spots.var["scale_max"].to_numpy(np.float32)
+    return counts, spots.obs[["x", "y"]].to_numpy(np.float64), lo, hi, scale_counts(counts, lo, hi)
+
+
+def training_data(directory, a, spots, hr, grid_shape):
     """Everything a network trains on: the feature windows around each spot, its footprint in the
     window, its scaled target and its gene tokens (with and without its own HR spots)."""
+    _, xy, lo, hi, target = spot_arrays(spots)
+    radius, lattice = float(spots.uns["radius_px"]), spots.uns["lattice"]
     scales = ["micro"] if a["no_multiscale"] else [s for s in ("micro", "meso", "macro") if not (a["no_macro"] and s == "macro")]
     maps = load_feature_maps(directory, scales + ["extra"])
     feat_inputs = [directory / "features" / f"{s}.npy" for s in scales + ["extra"]]
@@ -114,11 +125,7 @@ def run_histex(directory, a, progress=True):
     radius = float(spots.uns["radius_px"])
     mask = load_mask(directory)
     genes = list(spots.var_names)
-    lo = spots.var["scale_min"].to_numpy(np.float32)
-    hi = spots.var["scale_max"].to_numpy(np.float32)
-    counts = np.asarray(spots.X, dtype=np.float32)
-    xy = spots.obs[["x", "y"]].to_numpy(np.float64)
-    target = scale_counts(counts, lo, hi)
+    counts, xy, lo, hi, _ = spot_arrays(spots)
     plot_genes = a["plot_genes"] or genes[:4]
     unknown = [g for g in plot_genes if g not in genes]
     if unknown:
@@ -153,8 +160,7 @@ def run_histex(directory, a, progress=True):
         sr = np.asarray(W @ (counts / n_fp), dtype=np.float32)
         cfg = {"model": "interp", "sigma_spacings": a["sigma"]}
     else:
-        cfg, data, maps, tokens, data_fp, feat_inputs = training_data(directory, a, xy, radius, target, hr, lo, hi,
-                                                                      lattice, mask.shape)
+        cfg, data, maps, tokens, data_fp, feat_inputs = training_data(directory, a, spots, hr, mask.shape)
         inputs += feat_inputs
         fp_id = _fingerprint(cfg, data_fp)
         models = []
