@@ -2,7 +2,7 @@
 """Stage 5: train the TriHRGE network (or a baseline) and write the super-resolution maps."""
 from pathlib import Path
 
-from utils.cli import add_device, add_seed, check_directory, make_parser, run, setup_logging
+from utils.core.cli import add_device, add_seed, check_directory, make_parser, run, setup_logging
 
 
 def build_parser():
@@ -64,7 +64,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    from utils.errors import InputError
+    from utils.core.errors import InputError
     if args.stride < 0:
         raise InputError(f"--stride {args.stride}: must be 0 (auto) or positive")
     for name in ("epochs", "n_states", "k_tokens", "d_model", "heads", "depth", "batch_windows"):
@@ -78,7 +78,7 @@ def main(argv=None):
         raise InputError(f"--token-mask {args.token_mask}: must be a probability between 0 and 1")
     if args.d_model % args.heads:
         raise InputError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
-    from utils.histex import run_histex
+    from utils.stages.histex import run_histex
     a = vars(args)
     a["directory"] = check_directory(args.directory)
     run_histex(a["directory"], a, progress=not args.quiet)

@@ -3,7 +3,7 @@
 import argparse
 import os
 
-from utils.cli import add_device, make_parser, run, setup_logging, check_directory
+from utils.core.cli import add_device, make_parser, run, setup_logging, check_directory
 
 EPILOG = """\
 backbones:
@@ -56,8 +56,8 @@ def main(argv=None):
     if not token:
         # no token: never touch the network (no minute-long retries when the weights are not there)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from utils.backbones import parse_timm_kwargs
-    from utils.features import extract_features
+    from utils.histology.backbones import parse_timm_kwargs
+    from utils.stages.histology_extractor import extract_features
     backbone = args.backbone or ("uni" if (args.weights or args.login) else "stain")
     extract_features(check_directory(args.directory), backbone=backbone, weights=args.weights, token=token,
                      shifts=args.shifts, batch_size=args.batch_size, device=args.device, precision=args.precision,

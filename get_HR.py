@@ -2,7 +2,7 @@
 """Stage 2: spot counts, gene selection and HR pseudo-spots (see docs/ARCHITECTURE.md)."""
 from pathlib import Path
 
-from utils.cli import check_directory, make_parser, run, setup_logging
+from utils.core.cli import check_directory, make_parser, run, setup_logging
 
 
 def main(argv=None):
@@ -19,7 +19,7 @@ def main(argv=None):
     g.add_argument("--gene-list", type=Path, default=None, help="text file with one gene name per line to use instead")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
-    from utils.hr_spots import build_hr
+    from utils.stages.get_hr import build_hr
     build_hr(check_directory(args.directory), n_genes=args.n_genes, gene_list=args.gene_list, force=args.force)
 
 

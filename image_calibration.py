@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Stage 1: bring the H&E image and spot coordinates to 0.5 um/px (see docs/ARCHITECTURE.md)."""
-from utils.cli import make_parser, run, setup_logging, check_directory
+from utils.core.cli import make_parser, run, setup_logging, check_directory
 
 
 def main(argv=None):
@@ -15,8 +15,8 @@ def main(argv=None):
                    help="target pixel size in um/px; the rest of the pipeline assumes 0.5 (16 px = 8 um super-pixels)")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
-    from utils.calibration import calibrate
-    from utils.errors import InputError
+    from utils.stages.image_calibration import calibrate
+    from utils.core.errors import InputError
     if not 0.05 <= args.pixel_size <= 5:
         raise InputError(f"--pixel-size {args.pixel_size}: must be between 0.05 and 5 um/px (0.5 is the default)")
     calibrate(check_directory(args.directory), pixel_size_um=args.pixel_size, force=args.force)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Stage: the tissue mask on the 8 um super-pixel grid (see utils/tissue_mask.py for the method)."""
-from utils.cli import make_parser, run, setup_logging, check_directory
-from utils.tissue_mask import DEFAULT_FILL_HOLES_UM2, DEFAULT_MIN_REGION_UM2, OD_RANGE, TEXTURE_RANGE
+from utils.core.cli import make_parser, run, setup_logging, check_directory
+from utils.histology.tissue_mask import DEFAULT_FILL_HOLES_UM2, DEFAULT_MIN_REGION_UM2, OD_RANGE, TEXTURE_RANGE
 
 
 def main(argv=None):
@@ -41,7 +41,7 @@ def main(argv=None):
                         "the textured tissue")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
-    from utils.tissue_mask import mask_tissue
+    from utils.histology.tissue_mask import mask_tissue
     mask_tissue(check_directory(args.directory), threshold=args.threshold, min_region_um2=args.min_region_um2,
                 fill_holes_um2=args.fill_holes_um2, texture_threshold=args.texture_threshold,
                 background=args.background, force=args.force)

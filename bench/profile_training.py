@@ -19,8 +19,8 @@ import anndata  # noqa: E402
 import torch  # noqa: E402
 
 import HISTEX  # noqa: E402
-from utils.histex import run_name, training_data  # noqa: E402
-from utils.train import resolve_device, train_state  # noqa: E402
+from utils.stages.histex import run_name, training_data  # noqa: E402
+from utils.superres.train import resolve_device, train_state  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     d = own.directory
     spots = anndata.read_h5ad(d / "spots.h5ad")
     hr = anndata.read_h5ad(d / "hr-spots.h5ad")
-    from utils.tissue_mask import load_mask
+    from utils.histology.tissue_mask import load_mask
     mask = load_mask(d)
     t0 = time.time()
     cfg, data, *_ = training_data(d, a, spots, hr, mask.shape)

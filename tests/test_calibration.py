@@ -7,9 +7,9 @@ import pytest
 import tifffile
 
 from conftest import assert_user_error, run_script, snapshot, write_raw_dir
-from utils import geometry as geo
-from utils.calibration import calibrate, superpixel_means
-from utils.image_io import open_calibrated
+from utils.core import geometry as geo
+from utils.stages.image_calibration import calibrate, superpixel_means
+from utils.core.image_io import open_calibrated
 
 
 def _marker_image(h=900, w=1100, box=(400, 300, 60)):

@@ -20,8 +20,8 @@ import tifffile
 from scipy import sparse
 
 from conftest import REPO, assert_user_error, run_script
-from utils import geometry as geo
-from utils.convert import main as convert_main
+from utils.core import geometry as geo
+from utils.convert.cli import main as convert_main
 
 XENIUM_PX = 0.2125
 
@@ -244,7 +244,7 @@ def test_visium_matrix_market_folder(tmp_path, visium):
 
 
 def test_every_option_has_help():
-    from utils.convert import build_parser
+    from utils.convert.cli import build_parser
     p = build_parser()
     subs = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction")
     assert set(subs.choices) == {"visium", "visium-hd", "xenium", "h5ad"}

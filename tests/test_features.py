@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_user_error, run_script, snapshot, write_raw_dir
-from utils.calibration import calibrate
-from utils.cli import run
-from utils.features import FEATURES_DIR, extract_features, load_features
-from utils.features_vit import lattice_weights, shift_offsets, tent_weights
+from utils.stages.image_calibration import calibrate
+from utils.core.cli import run
+from utils.stages.histology_extractor import FEATURES_DIR, extract_features, load_features
+from utils.histology.tile_features import lattice_weights, shift_offsets, tent_weights
 
 SP = 16
 SQUARE = (slice(5, 8), slice(9, 13))   # super-pixel rows 5-7, cols 9-12
@@ -185,7 +185,7 @@ def test_checkpoint_formats_cli_tokens_match_direct_forward_and_no_token_written
         assert man["parameters"]["token_given"] == "yes"
     assert np.array_equal(micro["bin"], micro["safetensors"])
     # the tokens of tile (0, 1) are exactly the super-pixels rows 0-13, cols 14-27
-    from utils.image_io import open_calibrated
+    from utils.core.image_io import open_calibrated
     tile = np.asarray(open_calibrated(tmp_path / "bin")[0:224, 224:448], np.float32) / 255.0
     x = torch.from_numpy((tile - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])).float()
     with torch.inference_mode():

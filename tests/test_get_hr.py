@@ -5,9 +5,9 @@ import pytest
 from scipy.spatial import cKDTree
 
 from conftest import assert_user_error, hex_lattice, run_script, snapshot, square_lattice, write_raw_dir
-from utils.calibration import calibrate
-from utils.hr_spots import build_hr
-from utils.lattice import describe_lattice, hr_pseudo_spots
+from utils.stages.image_calibration import calibrate
+from utils.stages.get_hr import build_hr
+from utils.spots.lattice import describe_lattice, hr_pseudo_spots
 
 
 @pytest.mark.parametrize("angle", [0.0, 17.0, 30.0])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assert_user_error, run_script, write_raw_dir
-from utils import geometry as geo
-from utils.calibration import calibrate, load_calibrated_spots
-from utils.errors import InputError
-from utils.image_io import read_png
-from utils.tissue_mask import load_mask, mask_tissue, spots_inside, superpixel_texture
+from utils.core import geometry as geo
+from utils.stages.image_calibration import calibrate, load_calibrated_spots
+from utils.core.errors import InputError
+from utils.core.image_io import read_png
+from utils.histology.tissue_mask import load_mask, mask_tissue, spots_inside, superpixel_texture
 
 SP = geo.SUPER_PIXEL_PX
 

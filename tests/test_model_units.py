@@ -5,11 +5,11 @@ import torch
 
 from conftest import hex_lattice
 from models import build_model
-from utils import geometry as geo
-from utils.interpolation import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
-from utils.model_inputs import GeneTokens, gather_windows, spot_windows, window_half
-from utils.predict import median_of_states, window_cover
-from utils.train import footprint_loss, footprint_tokens
+from utils.core import geometry as geo
+from utils.superres.consistency import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
+from utils.superres.inputs import GeneTokens, gather_windows, spot_windows, window_half
+from utils.superres.predict import median_of_states, window_cover
+from utils.superres.train import footprint_loss, footprint_tokens
 
 DIMS = {"micro": 6, "meso": 5, "macro": 4, "extra": 5}
 
@@ -87,7 +87,7 @@ def test_spot_windows_hold_the_footprint():
     radius = 55.0
     rows, cols, half, fp = spot_windows(xy, radius, (100, 100))
     assert half == window_half(radius) == 3
-    from utils.model_inputs import window_grid
+    from utils.superres.inputs import window_grid
     dr, dc = window_grid(half)
     for i, (x, y) in enumerate(xy):
         r, c = geo.footprint(x, y, radius, (100, 100))
@@ -108,7 +108,7 @@ def test_gather_windows_matches_direct_indexing_and_pads():
 
 def test_gene_tokens_leave_self_out():
     xy = hex_lattice(6, 6, 100.0)
-    from utils.lattice import describe_lattice, hr_pseudo_spots
+    from utils.spots.lattice import describe_lattice, hr_pseudo_spots
     lat = describe_lattice(xy)
     hr, sources = hr_pseudo_spots(xy, lat)
     allp = np.concatenate([xy, hr])
@@ -155,7 +155,7 @@ def test_kernel_weights_and_rescaling():
 
 
 def test_split_validation_is_seeded_disjoint_and_complete():
-    from utils.train import split_validation
+    from utils.superres.train import split_validation
     a = split_validation(100, 0.1, np.random.default_rng(3))
     b = split_validation(100, 0.1, np.random.default_rng(3))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -167,7 +167,7 @@ def test_split_validation_is_seeded_disjoint_and_complete():
 def test_early_stopping_keeps_the_best_held_out_epoch():
     """Random targets: the held-out loss soon stops improving; training must stop `patience` epochs
     after its best epoch and return that epoch's weights."""
-    from utils.train import train_state, validation_loss
+    from utils.superres.train import train_state, validation_loss
     rng = np.random.default_rng(0)
     n, T, G = 80, 9, 3
     data = {"hist": {k: rng.normal(size=(n, T, c)).astype(np.float32) for k, c in DIMS.items()},
@@ -181,7 +181,7 @@ def test_early_stopping_keeps_the_best_held_out_epoch():
     v = info["val_history"]
     best = v[info["best_epoch"] - 1]
     assert best <= min(v) / (1 - 1e-3)  # later epochs improved by less than 0.1% at most
-    from utils.train import footprint_tokens, split_validation
+    from utils.superres.train import footprint_tokens, split_validation
     _, val_idx = split_validation(n, 0.2, np.random.default_rng(0))
     model = build_model("mlp", DIMS, G, 3)
     model.load_state_dict(state)

@@ -14,7 +14,7 @@ FAST = ["--epochs", "4", "--n-states", "2", "--lr", "1e-3", "--threads", "1", "-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from utils.simulate import simulate
+    from utils.simulate.simulation import simulate
     d = tmp_path_factory.mktemp("demo") / "small"
     simulate(d, size="small", seed=3, extent_mm=1.0, n_genes=60, progress=False)
     for script, args in (("image_calibration.py", []), ("get_HR.py", ["--n-genes", 40]),

@@ -34,7 +34,7 @@ def _stages_1_to_4(d):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The small simulated tissue after stages 1-4 (never modified by the tests: they copy it)."""
-    from utils.simulate import simulate
+    from utils.simulate.simulation import simulate
     d = tmp_path_factory.mktemp("robust") / "small"
     simulate(d, size="small", seed=3, extent_mm=1.0, n_genes=60, progress=False)
     _stages_1_to_4(d)
@@ -159,7 +159,7 @@ RAW_ROWS = [
 def test_bad_raw_inputs(raw, tmp_path, row, script, calibrated, mutate, fragments):
     d = _copy(raw, tmp_path / "d")
     if calibrated:
-        from utils.calibration import calibrate
+        from utils.stages.image_calibration import calibrate
         calibrate(d)
     args = mutate(d)
     before = snapshot(d)
@@ -240,7 +240,7 @@ def _in_process(script, directory, args, capsys):
     torch and anndata are imported once for the whole table; returns a CompletedProcess."""
     import importlib
     import logging
-    from utils.cli import run
+    from utils.core.cli import run
     mod = importlib.import_module(script[:-3])
     argv = ["--directory", str(directory), *map(str, args)]
     root = logging.getLogger()
@@ -276,7 +276,7 @@ def test_directory_without_write_permission(raw, tmp_path, monkeypatch, capsys):
     """Every stage calls utils.cli.check_directory first. As root chmod does not block writes, so the
     refusal is checked by making os.access say no; as another user a real chmod is tried too."""
     import image_calibration
-    from utils import cli
+    from utils.core import cli
     d = _copy(raw, tmp_path / "d")
     before = snapshot(d)
     real_access = os.access

@@ -14,8 +14,8 @@ import pytest
 import tifffile
 
 from conftest import REPO, assert_user_error
-from utils import geometry as geo
-from utils.simulate import simulate
+from utils.core import geometry as geo
+from utils.simulate.simulation import simulate
 
 EXTENT_MM = 0.8
 PX = 0.3
@@ -252,7 +252,7 @@ def test_cli_user_errors(tmp_path, args, fragment):
 
 
 def test_refuses_folder_of_another_data_set(tmp_path):
-    from utils.errors import InputError
+    from utils.core.errors import InputError
     (tmp_path / "he-raw.jpg").write_bytes(b"not ours")
     with pytest.raises(InputError, match="he-raw.jpg"):
         simulate(tmp_path, size="small", seed=0, extent_mm=0.4, progress=False)
@@ -270,7 +270,7 @@ def test_help_lists_options():
 def test_strips_join_without_seams(monkeypatch):
     """The image is rendered in strips; apart from the white pixel noise, the strip height must not
     change a single pixel (no seams where strips meet)."""
-    import utils.simulate as S
+    from utils.simulate import simulation as S
     monkeypatch.setattr(S, "PIXEL_NOISE", 0.0)
     world = S.World(5, 450.0)
     cells = S.make_cells(world, 5)
@@ -284,7 +284,7 @@ def test_strips_join_without_seams(monkeypatch):
 def test_large_layout_writes_sparse_truth(tmp_path, monkeypatch):
     """Above DENSE_LIMIT (the large size) the truth is CSR float32; spots still sum it exactly."""
     import scipy.sparse
-    import utils.simulate as S
+    from utils.simulate import simulation as S
     monkeypatch.setattr(S, "DENSE_LIMIT", 0)
     d = tmp_path / "sparse"
     S.simulate(d, size="small", seed=2, n_genes=20, extent_mm=0.5, progress=False)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import HelpFormatter
+from .core.cli import HelpFormatter
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def main(argv=None):
     runs = [d / "results" / m for m in ("trihrge", "interp")]
     for r in runs:
         print(f"  {r.name:8s} super-resolution: {r / 'super-res.h5ad'}  maps: {r / 'maps'}/")
-    from .score import format_table
+    from .evaluation.score import format_table
     scored = [(r.name, json.loads((r / "metrics.json").read_text())) for r in runs if (r / "metrics.json").is_file()]
     if scored:
         print("\nscores against the simulated 8 um truth (per gene, then median/mean over genes):")

@@ -15,8 +15,8 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from .cli import HelpFormatter, run, setup_logging
-from .errors import InputError
+from ..core.cli import HelpFormatter, run, setup_logging
+from ..core.errors import InputError
 
 DESCRIPTION = __doc__.split("\n\n")[0] + """
 
@@ -176,16 +176,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     if args.command == "visium":
-        from .convert_visium import convert_visium as convert
+        from .visium import convert_visium as convert
     elif args.command == "visium-hd":
-        from .convert_visium import convert_visium_hd as convert
+        from .visium import convert_visium_hd as convert
     elif args.command == "xenium":
-        from .convert_xenium import convert_xenium as convert
+        from .xenium import convert_xenium as convert
     else:
-        from .convert_visium import convert_h5ad as convert
+        from .visium import convert_h5ad as convert
     convert(args)
     return 0
 
-
-if __name__ == "__main__":
-    run(main)

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .errors import InputError
-from .geometry import SUPER_PIXEL_UM
-from .raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES, PIXEL_SIZE_RANGE_UM
-from .truth import SPOT_DIAMETER_UM, SPOT_SPACING_UM, pseudo_visium_spots, write_truth_h5ad
+from ..core.errors import InputError
+from ..core.geometry import SUPER_PIXEL_UM
+from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES, PIXEL_SIZE_RANGE_UM
+from ..evaluation.truth import SPOT_DIAMETER_UM, SPOT_SPACING_UM, pseudo_visium_spots, write_truth_h5ad
 
 log = logging.getLogger("trihrge")
 

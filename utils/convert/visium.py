@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import StagedOutputs, remove_stale_temporaries
-from .convert_common import (SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM, aggregate_to_superpixels,
+from ..core.atomic import StagedOutputs, remove_stale_temporaries
+from .common import (SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM, aggregate_to_superpixels,
                              check_inside, check_pixel_size, counts_name_for, find_matrix, image_shape,
                              lattice_pixel_size, make_pseudo_spots, numeric, open_target_image, prepare_directory,
                              read_10x_matrix, read_json, read_table, require_columns,
                              section_record, superpixel_of, write_raw_layout, write_truth, make_unique, decode)
-from .errors import InputError
-from .geometry import superpixel_grid_shape
+from ..core.errors import InputError
+from ..core.geometry import superpixel_grid_shape
 
 log = logging.getLogger("trihrge")
 
@@ -384,7 +384,7 @@ def convert_h5ad(args):
                                             xy[:, 0], xy[:, 1], COL_STEP, ROW_STEP, path, "spot")
             how = f"affine fit of obsm['{args.spatial_key}'] on obs array_row/array_col (100 um hexagonal array)"
         if ps is None:
-            from .lattice import describe_lattice
+            from ..spots.lattice import describe_lattice
             lat = describe_lattice(xy[:, :2])
             if lat["kind"] == "hexagonal":
                 ps = VISIUM_SPOT_SPACING_UM / lat["spacing_px"]

@@ -33,12 +33,12 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .atomic import StagedOutputs, remove_stale_temporaries
-from .convert_common import (check_pixel_size, counts_name_for, decode, find_matrix, make_pseudo_spots, numeric,
+from ..core.atomic import StagedOutputs, remove_stale_temporaries
+from .common import (check_pixel_size, counts_name_for, decode, find_matrix, make_pseudo_spots, numeric,
                              open_target_image, prepare_directory, read_10x_matrix, read_table, require_columns,
                              section_record, write_raw_layout, write_truth, affine_scale, fit_affine)
-from .errors import InputError
-from .geometry import SUPER_PIXEL_UM, superpixel_grid_shape
+from ..core.errors import InputError
+from ..core.geometry import SUPER_PIXEL_UM, superpixel_grid_shape
 
 log = logging.getLogger("trihrge")
 

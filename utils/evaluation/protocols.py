@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from . import geometry as geo
-from .atomic import StagedOutputs
-from .cli import HelpFormatter, run, setup_logging
-from .errors import InputError
-from .raw_io import COUNTS_NAMES, IMAGE_NAMES, find_one, match_spots, read_counts, read_locs
+from ..core import geometry as geo
+from ..core.atomic import StagedOutputs
+from ..core.cli import HelpFormatter, run, setup_logging
+from ..core.errors import InputError
+from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, find_one, match_spots, read_counts, read_locs
 
 
 def _array_coords(src, n):
@@ -171,6 +171,3 @@ def main(argv=None):
             print(f"  {k:24s} median {v['median']:.4f}  mean {v['mean']:.4f}")
     return 0
 
-
-if __name__ == "__main__":
-    run(main)

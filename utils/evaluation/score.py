@@ -10,8 +10,8 @@ from pathlib import Path
 import anndata
 import numpy as np
 
-from .cli import HelpFormatter, run, setup_logging
-from .errors import InputError
+from ..core.cli import HelpFormatter, run, setup_logging
+from ..core.errors import InputError
 from .metrics import align_to_truth, score_maps
 
 
@@ -61,13 +61,10 @@ def main(argv=None):
     for r in args.runs:
         m = score_run(r, args.truth)
         if args.write:
-            from .atomic import StagedOutputs
+            from ..core.atomic import StagedOutputs
             with StagedOutputs() as out:
                 out.write_json(r / "metrics.json", m)
         results.append((str(r.name), m))
     print(format_table(results))
     return 0
 
-
-if __name__ == "__main__":
-    run(main)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .geometry import (SUPER_PIXEL_PX, SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, calibration_scale, footprints,
+from ..core.geometry import (SUPER_PIXEL_PX, SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, calibration_scale, footprints,
                        superpixel_grid_shape)
 
 SPOT_DIAMETER_UM = 55.0
@@ -98,7 +98,7 @@ def write_truth_h5ad(out, directory, X, rows, cols, genes, pixel_size, image_hw,
     entries of `uns` in their order. mask.png: 255 at the super-pixels holding truth, 0 elsewhere.
     Returns the super-pixel grid shape."""
     import anndata
-    from .image_io import write_png
+    from ..core.image_io import write_png
     grid_shape = superpixel_grid_shape(image_hw, pixel_size)
     rows = np.asarray(rows, np.int64)
     cols = np.asarray(cols, np.int64)

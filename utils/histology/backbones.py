@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import geometry as geo
-from .errors import InputError
+from ..core import geometry as geo
+from ..core.errors import InputError
 
 log = logging.getLogger("trihrge")
 

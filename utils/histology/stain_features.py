@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from . import geometry as geo
+from ..core import geometry as geo
 
 log = logging.getLogger("trihrge")
 

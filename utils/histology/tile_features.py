@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from . import geometry as geo
+from ..core import geometry as geo
 
 log = logging.getLogger("trihrge")
 

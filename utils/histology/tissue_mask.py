@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from . import geometry as geo
-from .atomic import StagedOutputs, remove_stale_temporaries
-from .errors import InputError
-from .image_io import CALIBRATED_IMAGE, open_calibrated, read_png, write_png
-from .manifest import changed_since_last_run, check_upstream, write_manifest
+from ..core import geometry as geo
+from ..core.atomic import StagedOutputs, remove_stale_temporaries
+from ..core.errors import InputError
+from ..core.image_io import CALIBRATED_IMAGE, open_calibrated, read_png, write_png
+from ..core.manifest import changed_since_last_run, check_upstream, write_manifest
 
 log = logging.getLogger("trihrge")
 
@@ -359,7 +359,7 @@ def make_overlay(rgb, mask, valid, locs, radius_px, inside, scale=None, caption=
 def mask_tissue(directory, threshold=None, min_region_um2=DEFAULT_MIN_REGION_UM2,
                 fill_holes_um2=DEFAULT_FILL_HOLES_UM2, texture_threshold=None, background="auto", force=False):
     """Compute and write DIR/mask.png, DIR/mask-overlay.png and DIR/mask.json; returns the summary."""
-    from .calibration import CALIBRATION, LOCS, PREVIEW, RADIUS, load_calibrated_spots, load_calibration
+    from ..stages.image_calibration import CALIBRATION, LOCS, PREVIEW, RADIUS, load_calibrated_spots, load_calibration
     directory = Path(directory)
     if threshold is not None and not 0 < threshold < 3:
         raise InputError(f"--threshold {threshold}: the optical-density threshold must be between 0 and 3 "

@@ -36,13 +36,13 @@ from scipy import ndimage, sparse
 from scipy.spatial import Voronoi
 from tqdm import tqdm
 
-from .atomic import StagedOutputs, remove_stale_temporaries
-from .cli import HelpFormatter, run, setup_logging
-from .errors import InputError
-from .geometry import SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, superpixel_grid_shape
-from .image_io import write_png
-from .raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
-from .truth import SPOT_DIAMETER_UM, SPOT_SPACING_UM, pseudo_visium_spots, write_truth_h5ad
+from ..core.atomic import StagedOutputs, remove_stale_temporaries
+from ..core.cli import HelpFormatter, run, setup_logging
+from ..core.errors import InputError
+from ..core.geometry import SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, superpixel_grid_shape
+from ..core.image_io import write_png
+from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
+from ..evaluation.truth import SPOT_DIAMETER_UM, SPOT_SPACING_UM, pseudo_visium_spots, write_truth_h5ad
 
 log = logging.getLogger("trihrge")
 
@@ -1279,6 +1279,3 @@ def main(argv=None):
              extent_mm=args.extent_mm, progress=not args.quiet)
     return 0
 
-
-if __name__ == "__main__":
-    run(main)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..core.errors import InputError
 
 
 DEFAULT_N_GENES = 1000

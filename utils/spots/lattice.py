@@ -5,7 +5,7 @@ nearest-neighbour vectors: six-fold symmetry concentrates exp(6i theta), four-fo
 import numpy as np
 from scipy.spatial import Delaunay, cKDTree
 
-from .errors import InputError
+from ..core.errors import InputError
 
 NEIGHBOUR_TOL = 1.25     # neighbours lie within this many nearest-neighbour spacings
 ORDER_THRESHOLD = 0.8    # circular concentration above which a lattice is called regular

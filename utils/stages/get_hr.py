@@ -7,13 +7,13 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from .atomic import StagedOutputs, remove_stale_temporaries
-from .calibration import load_calibration
-from .errors import InputError
-from .genes import minmax_scaling, select_genes
-from .lattice import describe_lattice, hr_pseudo_spots, interpolate_counts
-from .manifest import changed_since_last_run, check_upstream, write_manifest
-from .raw_io import COUNTS_NAMES, find_one, match_spots, read_counts, read_locs
+from ..core.atomic import StagedOutputs, remove_stale_temporaries
+from .image_calibration import load_calibration
+from ..core.errors import InputError
+from ..spots.genes import minmax_scaling, select_genes
+from ..spots.lattice import describe_lattice, hr_pseudo_spots, interpolate_counts
+from ..core.manifest import changed_since_last_run, check_upstream, write_manifest
+from ..core.raw_io import COUNTS_NAMES, find_one, match_spots, read_counts, read_locs
 
 log = logging.getLogger("trihrge")
 
@@ -38,7 +38,7 @@ def _plot(path, directory, spots_xy, hr_xy, measured, calib):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .image_io import read_png
+    from ..core.image_io import read_png
     he = read_png(Path(directory) / "he-small.png")
     sp = calib["superpixel_px"]
     fig, ax = plt.subplots(figsize=(8, 8 * he.shape[0] / he.shape[1]), dpi=110)

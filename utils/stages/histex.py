@@ -10,18 +10,18 @@ import anndata
 import numpy as np
 import torch
 
-from . import geometry as geo
-from .atomic import StagedOutputs, remove_stale_temporaries
-from .calibration import load_calibration
-from .errors import InputError
-from .genes import scale_counts
-from .image_io import read_png
-from .interpolation import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
-from .manifest import check_upstream, write_manifest
-from .model_inputs import GeneTokens, gather_windows, load_feature_maps, spot_windows
-from .predict import predict_tissue
-from .sr_outputs import superpixel_obs, write_gene_maps, write_h5ad_streamed, write_loss_plot
-from .train import load_state, resolve_device, train_state
+from ..core import geometry as geo
+from ..core.atomic import StagedOutputs, remove_stale_temporaries
+from .image_calibration import load_calibration
+from ..core.errors import InputError
+from ..spots.genes import scale_counts
+from ..core.image_io import read_png
+from ..superres.consistency import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
+from ..core.manifest import check_upstream, write_manifest
+from ..superres.inputs import GeneTokens, gather_windows, load_feature_maps, spot_windows
+from ..superres.predict import predict_tissue
+from ..superres.outputs import superpixel_obs, write_gene_maps, write_h5ad_streamed, write_loss_plot
+from ..superres.train import load_state, resolve_device, train_state
 
 log = logging.getLogger("trihrge")
 STAGE = "HISTEX"
@@ -117,7 +117,7 @@ def run_histex(directory, a, progress=True):
     t_start = time.time()
     remove_stale_temporaries(directory)
     check_upstream(directory, STAGE, force=a["force"], log=log)
-    from .tissue_mask import load_mask
+    from ..histology.tissue_mask import load_mask
     calib = load_calibration(directory)
     spots = anndata.read_h5ad(directory / "spots.h5ad")
     hr = anndata.read_h5ad(directory / "hr-spots.h5ad")
@@ -231,7 +231,7 @@ def run_histex(directory, a, progress=True):
             write_loss_plot(out.path(out_dir / "loss.png"), histories)
         truth_p = directory / "truth" / "super.h5ad"
         if truth_p.is_file():
-            from .score import score_arrays
+            from ..evaluation.score import score_arrays
             metrics = score_arrays(rows, cols, sr, genes, anndata.read_h5ad(truth_p))
             metrics["model"] = run_name(a)
             out.write_json(out_dir / "metrics.json", metrics)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import geometry as geo
-from .atomic import StagedOutputs, remove_stale_temporaries
-from .errors import InputError
+from ..core import geometry as geo
+from ..core.atomic import StagedOutputs, remove_stale_temporaries
+from ..core.errors import InputError
 
 log = logging.getLogger("trihrge")
 
@@ -96,8 +96,8 @@ def _progress(total, unit, quiet):
 
 
 def _inputs(directory):
-    from .calibration import CALIBRATION, PREVIEW, load_calibration
-    from .image_io import CALIBRATED_IMAGE, open_calibrated, read_png
+    from .image_calibration import CALIBRATION, PREVIEW, load_calibration
+    from ..core.image_io import CALIBRATED_IMAGE, open_calibrated, read_png
     d = Path(directory)
     cal = load_calibration(d)
     img = open_calibrated(d)
@@ -118,8 +118,8 @@ def extract_features(directory, backbone=None, weights=None, token=None, shifts=
     """Run the stage on a calibrated directory; returns the features.json dict.
 
     backbone None -> 'uni' when weights or a token (argument) is given, else 'stain'."""
-    from .backbones import parse_backbone, resolve_weights
-    from .manifest import changed_since_last_run, check_upstream, write_manifest
+    from ..histology.backbones import parse_backbone, resolve_weights
+    from ..core.manifest import changed_since_last_run, check_upstream, write_manifest
     d = Path(directory)
     t_start = time.perf_counter()
     if backbone is None:
@@ -147,7 +147,7 @@ def extract_features(directory, backbone=None, weights=None, token=None, shifts=
     if kind == "stain":
         dev, prec = "cpu", "fp32"
     else:
-        from .backbones import pick_device, pick_precision
+        from ..histology.backbones import pick_device, pick_precision
         dev = pick_device(device)
         prec = pick_precision(precision, dev)
     n_shifts = int(shifts) if shifts is not None else default_shifts(kind, dev)
@@ -164,7 +164,7 @@ def extract_features(directory, backbone=None, weights=None, token=None, shifts=
         log.info("recomputing: %s", "; ".join(reasons))
 
     if kind == "stain":
-        from . import features_stain as fs
+        from ..histology import stain_features as fs
         px = fs.sample_tissue_pixels(img, small, release=release_rows)
         stains = fs.estimate_stains(px)
         if stains.get("reason"):
@@ -176,7 +176,7 @@ def extract_features(directory, backbone=None, weights=None, token=None, shifts=
         extractor = fs.StainExtractor(stains, thresholds)
         dims = {"micro": extractor.dim, "meso": len(fs.context_channels()), "macro": len(fs.context_channels())}
     else:
-        from .backbones import build_tile_model
+        from ..histology.backbones import build_tile_model
         tm = build_tile_model(backbone, wsrc, device=dev, precision=prec, timm_kwargs=timm_kwargs, seed=seed)
         dims = {"micro": tm.dim, "meso": tm.summary_dim, "macro": tm.summary_dim}
         log.info("%s on %s (%s): tiles of %d px -> %d px input, %d x %d tokens per tile, %d-d tokens, %d-d summary",
@@ -211,7 +211,7 @@ def extract_features(directory, backbone=None, weights=None, token=None, shifts=
             }
             tiles_equiv = (R * C) / (geo.TILE_PX // geo.SUPER_PIXEL_PX) ** 2
         else:
-            from .features_vit import MACRO_FACTOR, extract_tiles
+            from ..histology.tile_features import MACRO_FACTOR, extract_tiles
             bar = _progress(None, "tile", quiet)
             try:
                 stats = extract_tiles(img, (R, C), tm, arrays["micro"], arrays["meso"], arrays["macro"],
@@ -279,7 +279,7 @@ def extract_features(directory, backbone=None, weights=None, token=None, shifts=
 
 
 def _run_stain(img, grid_shape, extractor, arrays, band_rows, quiet):
-    from . import features_stain as fs
+    from ..histology import stain_features as fs
     R, C = grid_shape
     bar = _progress(R * 2, "row", quiet)
     try:

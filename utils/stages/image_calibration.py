@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import geometry as geo
-from .atomic import StagedOutputs, remove_stale_temporaries
-from .errors import InputError
-from .image_io import CALIBRATED_IMAGE, read_rgb, write_png
-from .manifest import changed_since_last_run, write_manifest
-from .raw_io import IMAGE_NAMES, find_one, read_locs, read_pixel_size, read_radius
+from ..core import geometry as geo
+from ..core.atomic import StagedOutputs, remove_stale_temporaries
+from ..core.errors import InputError
+from ..core.image_io import CALIBRATED_IMAGE, read_rgb, write_png
+from ..core.manifest import changed_since_last_run, write_manifest
+from ..core.raw_io import IMAGE_NAMES, find_one, read_locs, read_pixel_size, read_radius
 
 log = logging.getLogger("trihrge")
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from . import geometry as geo
-from .errors import InputError
+from ..core import geometry as geo
+from ..core.errors import InputError
 
 FEATURE_FILES = ("micro", "meso", "macro", "extra")
 
 
 def load_feature_maps(directory, scales=FEATURE_FILES):
     """Memory-mapped float16 feature maps, each (rows, cols, channels), checked against he.tif's grid."""
-    from .features import load_features
+    from ..stages.histology_extractor import load_features
     maps, meta = load_features(directory, tuple(scales))
     calib = json.loads((Path(directory) / "calibration.json").read_text())
     if tuple(calib["superpixel_grid"]) != tuple(meta["grid_shape"]):

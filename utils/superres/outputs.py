@@ -23,7 +23,7 @@ def write_h5ad_streamed(path, obs, var, X, uns=None, chunk_rows=65536):
 
 def superpixel_obs(rows, cols, scale):
     """obs of the super-resolution output: grid row/col and the centre in raw image pixels."""
-    from .geometry import superpixel_centres
+    from ..core.geometry import superpixel_centres
     cx, cy = superpixel_centres(rows, cols)
     return pd.DataFrame({"row": rows.astype(np.int32), "col": cols.astype(np.int32),
                          "x": cx / scale, "y": cy / scale},

@@ -7,8 +7,8 @@ import scipy.sparse as sparse
 import torch
 from tqdm.auto import tqdm
 
-from . import geometry as geo
-from .model_inputs import gather_windows
+from ..core import geometry as geo
+from .inputs import gather_windows
 from .train import batch_inputs
 
 

@@ -17,7 +17,7 @@ def resolve_device(device):
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        from .errors import InputError
+        from ..core.errors import InputError
         raise InputError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
     return torch.device(device)
 
