@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Stage 1: bring the H&E image and spot coordinates to 0.5 um/px (see docs/ARCHITECTURE.md)."""
-from utils.core.cli import make_parser, run, setup_logging, check_directory
+from utils.core.cli import Number, check_directory, make_parser, run, setup_logging
+
+# 16 px super-pixels are 8 um only at 0.5 um/px: every later stage relies on it
+PIXEL_SIZE = Number(float, lo=0.5, hi=0.5, note="the super-pixel grid is 16 px = 8 um at 0.5 um/px")
 
 
 def main(argv=None):
@@ -11,14 +14,11 @@ def main(argv=None):
                "memory-mappable), he-small.png (mean colour per 8 um super-pixel), locs.tsv, radius.txt, "
                "pixel-size.txt, calibration.json (the exact raw -> calibrated transform) and "
                "manifests/image_calibration.json.")
-    p.add_argument("--pixel-size", type=float, default=0.5,
-                   help="target pixel size in um/px; the rest of the pipeline assumes 0.5 (16 px = 8 um super-pixels)")
+    p.add_argument("--pixel-size", type=PIXEL_SIZE, default=0.5,
+                   help="target pixel size in um/px; only 0.5 is supported (16 px = 8 um super-pixels)")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     from utils.stages.image_calibration import calibrate
-    from utils.core.errors import InputError
-    if not 0.05 <= args.pixel_size <= 5:
-        raise InputError(f"--pixel-size {args.pixel_size}: must be between 0.05 and 5 um/px (0.5 is the default)")
     calibrate(check_directory(args.directory), pixel_size_um=args.pixel_size, force=args.force)
 
 

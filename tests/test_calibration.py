@@ -9,7 +9,7 @@ import tifffile
 from conftest import assert_user_error, run_script, snapshot, write_raw_dir
 from utils.core import geometry as geo
 from utils.stages.image_calibration import calibrate, superpixel_means
-from utils.core.image_io import open_calibrated
+from utils.core import layout as L
 
 
 def _marker_image(h=900, w=1100, box=(400, 300, 60)):
@@ -29,7 +29,7 @@ def test_coordinates_round_trip_and_marker_lands(tmp_path):
     assert t["scale"] == pytest.approx(s)
     (h, w), (ph, pw) = geo.calibrated_shape(img.shape[:2], 0.3)
     assert t["padded_shape"] == [ph, pw] and ph % 224 == 0 and pw % 224 == 0
-    he = open_calibrated(d)
+    he = L.open_calibrated_image(d, L.load_calibration(d))
     assert he.shape == (ph, pw, 3) and he.dtype == np.uint8
     assert (he[h:, :] == 255).all() and (he[:, w:] == 255).all()  # white padding
     locs = pd.read_csv(d / "locs.tsv", sep="\t", index_col=0)
@@ -76,7 +76,7 @@ def test_odd_image_modes(tmp_path, kind):
     elif kind == "float_tif":
         tifffile.imwrite(d / "he-raw.tif", base.astype(np.float32) / 255.0)
     calibrate(d)
-    he = np.asarray(open_calibrated(d))[:500, :520]
+    he = np.asarray(L.open_calibrated_image(d, L.load_calibration(d)))[:500, :520]
     if kind == "grey":
         assert np.abs(he.astype(int) - base.mean(axis=2, keepdims=True).astype(int)).max() <= 1
     else:
@@ -128,4 +128,4 @@ def test_rerun_is_idempotent(tmp_path):
     calibrate(d)
     b = (d / "he.tif").read_bytes(), (d / "locs.tsv").read_text(), json.loads((d / "calibration.json").read_text())
     assert a == b
-    assert not list(d.glob(".tmp-*"))
+    assert not list(d.glob(".trihrge-tmp*"))

@@ -185,8 +185,8 @@ def test_checkpoint_formats_cli_tokens_match_direct_forward_and_no_token_written
         assert man["parameters"]["token_given"] == "yes"
     assert np.array_equal(micro["bin"], micro["safetensors"])
     # the tokens of tile (0, 1) are exactly the super-pixels rows 0-13, cols 14-27
-    from utils.core.image_io import open_calibrated
-    tile = np.asarray(open_calibrated(tmp_path / "bin")[0:224, 224:448], np.float32) / 255.0
+    from utils.core import layout as L
+    tile = np.asarray(L.open_calibrated_image(tmp_path / "bin", L.load_calibration(tmp_path / "bin"))[0:224, 224:448], np.float32) / 255.0
     x = torch.from_numpy((tile - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])).float()
     with torch.inference_mode():
         tok = model.eval().forward_features(x.permute(2, 0, 1)[None])[0, 1:].reshape(14, 14, -1).numpy()

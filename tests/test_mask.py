@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO, assert_user_error, run_script, write_raw_dir
 from utils.core import geometry as geo
-from utils.stages.image_calibration import calibrate, load_calibrated_spots
+from utils.stages.image_calibration import calibrate
+from utils.core.layout import load_calibrated_spots
 from utils.core.errors import InputError
 from utils.core.image_io import read_png
 from utils.histology.tissue_mask import load_mask, mask_tissue, spots_inside, superpixel_texture

@@ -312,7 +312,7 @@ def test_directory_without_write_permission(raw, tmp_path, monkeypatch, capsys):
 
 def _public(snap):
     """Artifact names, without the temporaries a killed stage may leave (swept by the next run)."""
-    return {k: v for k, v in snap.items() if not any(part.startswith(".tmp-") for part in Path(k).parts)}
+    return {k: v for k, v in snap.items() if not any(part.startswith(".trihrge-tmp") for part in Path(k).parts)}
 
 
 def _start(cmd, log):
@@ -357,7 +357,7 @@ def test_sigkill_keeps_artifacts_and_rerun_matches_uninterrupted_run(demo, tmp_p
     # the rerun completes, sweeps the temporaries and gives the uninterrupted result
     r = run_script("HISTEX.py", d, *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert not list(d.rglob(".tmp-*"))
+    assert not list(d.rglob(".trihrge-tmp*"))
     np.testing.assert_array_equal(anndata.read_h5ad(out / "super-res.h5ad").X, x_clean)
 
     # 2. a fresh run killed right after its first state is on disk: the rerun trains only the
@@ -370,7 +370,7 @@ def test_sigkill_keeps_artifacts_and_rerun_matches_uninterrupted_run(demo, tmp_p
     r = run_script("HISTEX.py", d, *FAST[:-1], "--out", fresh)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "state 1/2: already trained" in r.stderr
-    assert not list(d.rglob(".tmp-*")) and not list(fresh.rglob(".tmp-*"))
+    assert not list(d.rglob(".trihrge-tmp*")) and not list(fresh.rglob(".trihrge-tmp*"))
     np.testing.assert_array_equal(anndata.read_h5ad(fresh / "super-res.h5ad").X, x_clean)
 
 

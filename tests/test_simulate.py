@@ -57,7 +57,7 @@ def _dense(X):
 def test_writes_every_file_and_no_temporaries(sim):
     files = _files(sim)
     assert files == sorted(RAW_FILES + TRUTH_FILES)
-    assert not any(".tmp-" in f for f in files)
+    assert not any(".trihrge-tmp" in f for f in files)
 
 
 def test_same_seed_identical_different_seed_differs(sims):

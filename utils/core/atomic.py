@@ -1,19 +1,44 @@
 """Atomic artifact writing: a stage writes every output to a temporary name next to its final
 place and renames them all only once everything succeeded, so a crash or kill in the middle leaves
-the previous artifacts intact and no half-written file under a real name."""
+the previous artifacts intact and no half-written file under a real name.
+
+Temporaries are named `.trihrge-tmp-<pid>-<name>`: the marker is one no user would choose, so the
+sweep of temporaries left by killed runs never touches a user's own files (`.tmp-notes.txt`)."""
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
-TMP_PREFIX = ".tmp-"
+TMP_MARKER = ".trihrge-tmp"
+_TMP_NAME = re.compile(rf"^{re.escape(TMP_MARKER)}-(\d+)-")
 
 
-def tmp_path_for(final):
+def tmp_path_for(final: Path, tag: str = "") -> Path:
     """A temporary sibling of `final` that keeps its suffix (so writers pick the right format)."""
     final = Path(final)
-    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{final.name}")
+    return final.with_name(f"{TMP_MARKER}-{os.getpid()}-{tag}{final.name}")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError (from Python, h5py or OpenCV) that says the disk or quota is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "errno = 28" in str(exc)
+
+
+def reserve(path: Path) -> None:
+    """Allocate the disk blocks of a (sparse) memory-mapped file now: a full disk then raises ENOSPC
+    here, instead of killing the process with SIGBUS when a page is first written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
 
 
 class StagedOutputs:
@@ -28,21 +53,33 @@ class StagedOutputs:
     def __init__(self):
         self._pending = []  # (tmp, final)
 
-    def path(self, final):
+    def path(self, final: Path) -> Path:
         final = Path(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_path_for(final)
-        _remove(tmp)
+        remove(tmp)
         self._pending.append((tmp, final))
         return tmp
 
-    def write_text(self, final, text):
-        tmp = self.path(final)
-        tmp.write_text(text)
+    def write_text(self, final: Path, text: str) -> Path:
+        self.path(final).write_text(text)
         return final
 
-    def write_json(self, final, obj):
+    def write_json(self, final: Path, obj) -> Path:
         return self.write_text(final, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    def memmap(self, final: Path, dtype, shape):
+        """A writable .npy memory map staged for `final`, its disk blocks reserved up front."""
+        from numpy.lib.format import open_memmap
+        tmp = self.path(final)
+        arr = open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+        reserve(tmp)
+        return arr
+
+    @property
+    def pending(self):
+        """(temporary, final) pairs not yet committed."""
+        return list(self._pending)
 
     @property
     def finals(self):
@@ -55,7 +92,7 @@ class StagedOutputs:
         for tmp, final in self._pending:
             if tmp.is_dir() and final.exists():
                 # a directory cannot replace a non-empty one: move the old one aside first
-                old = final.with_name(f"{TMP_PREFIX}{os.getpid()}-old-{final.name}")
+                old = tmp_path_for(final, "old-")
                 os.replace(final, old)
                 os.replace(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
@@ -65,7 +102,7 @@ class StagedOutputs:
 
     def abort(self):
         for tmp, _ in self._pending:
-            _remove(tmp)
+            remove(tmp)
         self._pending = []
 
     def __enter__(self):
@@ -79,7 +116,7 @@ class StagedOutputs:
         return False
 
 
-def _remove(p):
+def remove(p: Path) -> None:
     p = Path(p)
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
@@ -88,7 +125,7 @@ def _remove(p):
             p.unlink()
 
 
-def _pid_alive(pid):
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -98,10 +135,13 @@ def _pid_alive(pid):
     return True
 
 
-def remove_stale_temporaries(directory):
-    """Sweep temporaries left by killed processes (never under a real artifact name)."""
-    for p in Path(directory).glob(f"**/{TMP_PREFIX}*"):
-        pid = p.name[len(TMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+def remove_stale_temporaries(directory: Path) -> list:
+    """Sweep the temporaries of processes that are gone (only names with this project's marker)."""
+    swept = []
+    for p in Path(directory).rglob(f"{TMP_MARKER}-*"):
+        m = _TMP_NAME.match(p.name)
+        if m is None or (int(m.group(1)) != os.getpid() and pid_alive(int(m.group(1)))):
             continue
-        _remove(p)
+        remove(p)
+        swept.append(p)
+    return swept

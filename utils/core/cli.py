@@ -1,7 +1,9 @@
-"""What every stage script shares: common options, logging, and turning InputError into one clear
-line with exit code 2 (no traceback)."""
+"""What every command shares: the parser (one `error:` line, exit 2, for any bad option), the
+option validators (argparse types that config dataclasses reuse), logging, and turning InputError
+into one clear line with exit code 2 (no traceback)."""
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,8 +17,92 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     pass
 
 
-def make_parser(description, epilog=None):
-    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
+class Parser(argparse.ArgumentParser):
+    """argparse with our error contract: a bad option is one `error:` line (no usage dump), exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise InputError(f"{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------------
+# validators: each parses a command-line string (argparse `type=`) and checks a value (`check`)
+
+class Number:
+    """A number within bounds: Number(int, lo=1) for a count, Number(float, lo=0, lo_open=True) for
+    a positive finite value. NaN and infinities are always refused."""
+
+    def __init__(self, kind, lo=None, hi=None, *, lo_open=False, hi_open=False, note=""):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open, self.note = kind, lo, hi, lo_open, hi_open, note
+        self.__name__ = "integer" if kind is int else "number"  # argparse's word for a value it cannot parse
+
+    def describe(self) -> str:
+        what = "a whole number" if self.kind is int else "a finite number"
+        parts = []
+        if self.lo is not None and self.lo == self.hi:
+            parts.append(f"exactly {self.lo}")
+        elif self.lo is not None:
+            parts.append(f"{'above' if self.lo_open else 'at least'} {self.lo}")
+        if self.hi is not None and self.hi != self.lo:
+            parts.append(f"{'below' if self.hi_open else 'at most'} {self.hi}")
+        return f"{what} {' and '.join(parts)}".strip() + (f" ({self.note})" if self.note else "")
+
+    def ok(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        if self.kind is int and v != int(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def __call__(self, text: str):
+        try:
+            v = self.kind(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {self.describe()}") from None
+        if not self.ok(v):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {self.describe()}")
+        return v
+
+    def check(self, option: str, v):
+        """For values that did not come through argparse (a config built in code)."""
+        if not self.ok(v):
+            raise InputError(f"{option} {v!r}: must be {self.describe()}")
+        return v
+
+
+POSITIVE_INT = Number(int, lo=1)
+COUNT = Number(int, lo=0)                           # 0 allowed (usually "auto" or "off")
+SEED = Number(int, lo=0, hi=2 ** 32 - 1)
+POSITIVE = Number(float, lo=0, lo_open=True)
+NON_NEGATIVE = Number(float, lo=0)
+PROBABILITY = Number(float, lo=0, hi=1)
+
+
+def output_directory(text: str) -> Path:
+    """A directory to write into: refused at once when the path is a file."""
+    p = Path(text).expanduser()
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory; give a folder for the outputs")
+    return p
+
+
+def text_file(text: str) -> Path:
+    p = Path(text).expanduser()
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: {'is a directory, not a file' if p.is_dir() else 'not found'}")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+
+def make_parser(description: str, epilog: str = None) -> Parser:
+    """The parser of a stage script, with the options every stage shares."""
+    p = Parser(description=description, epilog=epilog)
     p.add_argument("--directory", "-d", required=True, type=Path,
                    help="data directory in the raw layout (he-raw.*, pixel-size-raw.txt, cnts.*, "
                         "locs-raw.*, radius-raw.txt); every stage reads and writes its artifacts here")
@@ -26,22 +112,23 @@ def make_parser(description, epilog=None):
     return p
 
 
-def add_seed(p, default=0):
-    p.add_argument("--seed", type=int, default=default, help="random seed; same inputs + seed give the same outputs on CPU")
+def add_seed(p, default: int = 0) -> None:
+    p.add_argument("--seed", type=SEED, default=default,
+                   help="random seed; same inputs + seed give the same outputs (see README, 'Reproducibility')")
 
 
-def add_device(p):
+def add_device(p) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to compute: auto takes the GPU when one is present")
 
 
-def setup_logging(quiet=False):
+def setup_logging(quiet: bool = False) -> None:
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
 
 
-def check_directory(directory):
+def check_directory(directory) -> Path:
     d = Path(directory)
     if not d.is_dir():
         raise InputError(f"{d}: not a directory; pass --directory pointing at the folder that holds he-raw.* and the other raw inputs")
@@ -52,7 +139,7 @@ def check_directory(directory):
 
 
 def run(main, argv=None):
-    """Run a stage's main(argv); InputError -> one line on stderr and exit code 2."""
+    """Run a command's main(argv); InputError -> one line on stderr and exit code 2."""
     try:
         rc = main(argv)
     except InputError as e:

@@ -1,7 +1,4 @@
-"""Reading H&E images of any common kind as 8-bit RGB, and the calibrated image artifact.
-
-The calibrated image is an uncompressed, contiguous TIFF so later stages memory-map it
-(tifffile.memmap) and stream tiles without loading the slide."""
+"""Reading H&E images of any common kind as 8-bit RGB; PNG artifacts in and out."""
 import logging
 from pathlib import Path
 
@@ -10,9 +7,6 @@ import numpy as np
 from .errors import InputError
 
 log = logging.getLogger("trihrge")
-
-CALIBRATED_IMAGE = "he.tif"
-
 
 def _to_rgb8(img, path):
     """Any array an image reader returns -> uint8 (H, W, 3), with a log line for each conversion."""
@@ -94,18 +88,6 @@ def read_rgb(path):
     return _to_rgb8(img, path)
 
 
-def open_calibrated(directory, mode="r"):
-    """Memory-map the calibrated image DIR/he.tif (uint8, H x W x 3, 0.5 um/px)."""
-    import tifffile
-    path = Path(directory) / CALIBRATED_IMAGE
-    if not path.is_file():
-        raise InputError(f"{path}: not found; run `python image_calibration.py --directory {directory}` first")
-    try:
-        return tifffile.memmap(path, mode=mode)
-    except Exception as e:
-        raise InputError(f"{path}: cannot be memory-mapped ({type(e).__name__}); rerun image_calibration.py") from None
-
-
 def write_png(path, rgb_or_grey):
     """PNG via OpenCV (RGB input)."""
     import cv2
@@ -116,9 +98,10 @@ def write_png(path, rgb_or_grey):
         raise OSError(f"could not write {path}")
 
 
-def read_png(path, grey=False):
+def read_png(path, grey=False, fix="write it again"):
+    """An 8-bit PNG artifact as RGB (or grey); `fix` says how to rewrite a damaged one."""
     import cv2
     a = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
     if a is None:
-        raise InputError(f"{path}: cannot be read as an image")
+        raise InputError(f"{path}: cannot be read as an image (truncated or damaged); {fix}")
     return a if grey else cv2.cvtColor(a, cv2.COLOR_BGR2RGB)

@@ -8,11 +8,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .layout import RAW_COUNTS as COUNTS_NAMES, RAW_IMAGES as IMAGE_NAMES, RAW_LOCS as LOCS_NAMES
 
-IMAGE_NAMES = ("he-raw.jpg", "he-raw.jpeg", "he-raw.png", "he-raw.tif", "he-raw.tiff",
-               "he-raw.ome.tif", "he-raw.ome.tiff")
-COUNTS_NAMES = ("cnts.tsv", "cnts.tsv.gz", "cnts.csv", "cnts.csv.gz", "cnts.h5ad")
-LOCS_NAMES = ("locs-raw.tsv", "locs-raw.tsv.gz", "locs-raw.csv", "locs-raw.csv.gz")
 PIXEL_SIZE_RANGE_UM = (0.05, 2.0)
 ID_COLUMNS = ("spot", "id", "barcode", "spot_id", "Unnamed: 0", "")
 

@@ -7,22 +7,16 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from ..core.atomic import StagedOutputs, remove_stale_temporaries
-from .image_calibration import load_calibration
+from ..core import layout as L
 from ..core.errors import InputError
+from ..core.raw_io import COUNTS_NAMES, find_one, match_spots, read_counts, read_locs
+from ..core.stage import Stage
 from ..spots.genes import minmax_scaling, select_genes
 from ..spots.lattice import describe_lattice, hr_pseudo_spots, interpolate_counts
-from ..core.manifest import changed_since_last_run, check_upstream, write_manifest
-from ..core.raw_io import COUNTS_NAMES, find_one, match_spots, read_counts, read_locs
 
 log = logging.getLogger("trihrge")
 
 STAGE = "get_HR"
-SPOTS = "spots.h5ad"
-HR_SPOTS = "hr-spots.h5ad"
-GENES = "genes.tsv"
-LATTICE = "lattice.json"
-PLOT = "hr-spots.png"
 
 
 def _obs(ids, xy, scale, extra=None):
@@ -33,13 +27,11 @@ def _obs(ids, xy, scale, extra=None):
     return obs
 
 
-def _plot(path, directory, spots_xy, hr_xy, measured, calib):
+def _plot(path, he, spots_xy, hr_xy, measured, calib):
     """Measured spots and HR pseudo-spots over the super-pixel preview of the H&E."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ..core.image_io import read_png
-    he = read_png(Path(directory) / "he-small.png")
     sp = calib["superpixel_px"]
     fig, ax = plt.subplots(figsize=(8, 8 * he.shape[0] / he.shape[1]), dpi=110)
     ax.imshow(he)
@@ -52,23 +44,15 @@ def _plot(path, directory, spots_xy, hr_xy, measured, calib):
     plt.close(fig)
 
 
-def build_hr(directory, n_genes=None, gene_list=None, force=False):
+def build_hr(directory, *, n_genes=None, gene_list=None, force=False):
+    """Run stage 2 on DIR; returns (spots, hr_spots, lattice)."""
     directory = Path(directory)
-    remove_stale_temporaries(directory)
-    check_upstream(directory, STAGE, force=force, log=log)
-    calib = load_calibration(directory)
-    scale = calib["scale"]
-    counts_path = find_one(directory, COUNTS_NAMES, "spot count matrix (cnts.tsv)")
-    ids, genes, X = read_counts(directory)
-    locs_raw, locs_path = read_locs(directory)
-    inputs = [counts_path, locs_path, directory / "calibration.json"] + ([Path(gene_list)] if gene_list else [])
-    params = {"n_genes": n_genes, "gene_list": str(gene_list) if gene_list else None}
-    reasons = changed_since_last_run(directory, STAGE, inputs, params)
-    if reasons:
-        log.info("recomputing: %s", "; ".join(reasons))
-    log.info("%s: %d spots x %d genes", counts_path.name, X.shape[0], X.shape[1])
+    with Stage(STAGE, directory, force=force) as st:
+        return _build_hr(st, directory, n_genes, gene_list)
 
-    locs_raw = match_spots(ids, locs_raw, counts_path, locs_path)
+
+def _kept_spots(ids, X, locs_raw, calib, counts_path, locs_path):
+    """Drop spots outside the image or without counts (logged); the rows to keep."""
     H, W = calib["raw_shape"]
     inside = ((locs_raw["x"] >= 0) & (locs_raw["y"] >= 0) & (locs_raw["x"] < W) & (locs_raw["y"] < H)).to_numpy()
     if not inside.any():
@@ -77,31 +61,18 @@ def build_hr(directory, n_genes=None, gene_list=None, force=False):
     if not inside.all():
         log.warning("dropping %d of %d spots that lie outside the image (%s)", (~inside).sum(), len(inside),
                     ", ".join(ids[~inside][:3]))
-    totals = X.sum(axis=1)
-    empty = totals == 0
+    empty = X.sum(axis=1) == 0
     if (empty & inside).any():
         log.warning("dropping %d spots with no counts at all (%s)", (empty & inside).sum(), ", ".join(ids[empty & inside][:3]))
     keep = inside & ~empty
     if keep.sum() < 3:
         raise InputError(f"{counts_path}: only {keep.sum()} spot(s) inside the image with counts; at least 3 are needed")
-    ids, X, totals = ids[keep], X[keep], totals[keep]
-    xy = locs_raw.loc[ids, ["x", "y"]].to_numpy(dtype=np.float64) * scale
+    return keep
 
-    gidx, var = select_genes(X, genes, n_genes=n_genes, gene_list=gene_list, counts_path=counts_path.name)
-    sel = X[:, gidx]
-    lo, hi = minmax_scaling(sel)
-    var_df = pd.DataFrame({"variance": var[gidx], "scale_min": lo, "scale_max": hi,
-                           "rank": np.arange(len(gidx))}, index=pd.Index(genes[gidx], name="gene"))
-    log.info("selected %d genes (%s)", len(gidx), "from " + str(gene_list) if gene_list else "top by variance")
 
-    lattice = describe_lattice(xy)
-    lattice["spacing_um"] = lattice["spacing_px"] * calib["pixel_size_um"]
-    hr_xy, sources = hr_pseudo_spots(xy, lattice)
-    hr_counts = interpolate_counts(sel, sources)
-    log.info("lattice: %s, spacing %.1f um, orientation %.1f deg; %d measured + %d HR pseudo-spots",
-             lattice["kind"], lattice["spacing_um"], lattice["orientation_deg"], len(xy), len(hr_xy))
-    lattice["n_hr_pseudo_spots"] = int(len(hr_xy))
-
+def _anndatas(ids, xy, sel, totals, var_df, calib, lattice, hr_xy, sources, hr_counts):
+    """spots.h5ad (measured spots, selected genes) and hr-spots.h5ad (measured + HR pseudo-spots)."""
+    scale = calib["scale"]
     uns = {"radius_px": calib["radius_px"], "radius_raw_px": calib["radius_raw_px"],
            "pixel_size_um": calib["pixel_size_um"], "raw_pixel_size_um": calib["raw_pixel_size_um"],
            "scale": scale, "lattice": lattice, "target": "min-max per gene: (counts - scale_min) / (scale_max - scale_min)"}
@@ -119,13 +90,55 @@ def build_hr(directory, n_genes=None, gene_list=None, force=False):
     hr = anndata.AnnData(X=np.concatenate([sel, hr_counts]).astype(np.float32),
                          obs=_obs(hr_ids, all_xy, scale, {"measured": measured, "n_sources": np.r_[np.ones(len(xy), np.int64), n_src]}),
                          var=var_df.copy(), uns=uns, obsm={"sources": src})
-    with StagedOutputs() as out:
-        spots.write_h5ad(out.path(directory / SPOTS))
-        hr.write_h5ad(out.path(directory / HR_SPOTS))
-        var_df.to_csv(out.path(directory / GENES), sep="\t")
-        out.write_json(directory / LATTICE, lattice)
-        _plot(out.path(directory / PLOT), directory, xy, all_xy, measured, calib)
-        outputs = out.finals
-    write_manifest(directory, STAGE, params, inputs, outputs)
-    log.info("wrote %s (%d spots), %s (%d HR spots), %s, %s", SPOTS, len(xy), HR_SPOTS, len(all_xy), GENES, PLOT)
+    return spots, hr
+
+
+def _build_hr(st, directory, n_genes, gene_list):
+    calib = L.load_calibration(directory)
+    he = L.read_preview(directory, calib)
+    scale = calib["scale"]
+    counts_path = find_one(directory, COUNTS_NAMES, "spot count matrix (cnts.tsv)")
+    ids, genes, X = read_counts(directory)
+    locs_raw, locs_path = read_locs(directory)
+    st.record(inputs=[counts_path, locs_path, L.CALIBRATION.path(directory)] + ([Path(gene_list)] if gene_list else []),
+              parameters={"n_genes": n_genes, "gene_list": str(gene_list) if gene_list else None})
+    log.info("%s: %d spots x %d genes", counts_path.name, X.shape[0], X.shape[1])
+
+    locs_raw = match_spots(ids, locs_raw, counts_path, locs_path)
+    keep = _kept_spots(ids, X, locs_raw, calib, counts_path, locs_path)
+    ids, X = ids[keep], X[keep]
+    totals = X.sum(axis=1)
+    xy = locs_raw.loc[ids, ["x", "y"]].to_numpy(dtype=np.float64) * scale
+
+    gidx, var = select_genes(X, genes, n_genes=n_genes, gene_list=gene_list, counts_path=counts_path.name)
+    sel = X[:, gidx]
+    lo, hi = minmax_scaling(sel)
+    var_df = pd.DataFrame({"variance": var[gidx], "scale_min": lo, "scale_max": hi,
+                           "rank": np.arange(len(gidx))}, index=pd.Index(genes[gidx], name="gene"))
+    log.info("selected %d genes (%s)", len(gidx), "from " + str(gene_list) if gene_list else "top by variance")
+
+    lattice = describe_lattice(xy)
+    lattice["spacing_um"] = lattice["spacing_px"] * calib["pixel_size_um"]
+    hr_xy, sources = hr_pseudo_spots(xy, lattice)
+    hr_counts = interpolate_counts(sel, sources)
+    log.info("lattice: %s, spacing %.1f um, orientation %.1f deg; %d measured + %d HR pseudo-spots",
+             lattice["kind"], lattice["spacing_um"], lattice["orientation_deg"], len(xy), len(hr_xy))
+    lattice["n_hr_pseudo_spots"] = int(len(hr_xy))
+
+    spots, hr = _anndatas(ids, xy, sel, totals, var_df, calib, lattice, hr_xy, sources, hr_counts)
+    all_xy = np.c_[hr.obs["x"], hr.obs["y"]]
+    st.require_space(2.2 * (spots.X.nbytes + hr.X.nbytes), L.HR_SPOTS.name)
+    _write(st.out, directory, spots, hr, he, calib)
+    log.info("wrote %s (%d spots), %s (%d HR spots), %s, %s", L.SPOTS.name, len(xy), L.HR_SPOTS.name, len(all_xy),
+             L.GENES.name, L.HR_PLOT.name)
     return spots, hr, lattice
+
+
+def _write(out, directory, spots, hr, he, calib):
+    spots.write_h5ad(out.path(L.SPOTS.path(directory)))
+    hr.write_h5ad(out.path(L.HR_SPOTS.path(directory)))
+    spots.var.to_csv(out.path(L.GENES.path(directory)), sep="\t")
+    out.write_json(L.LATTICE.path(directory), spots.uns["lattice"])
+    xy = np.c_[hr.obs["x"], hr.obs["y"]]
+    measured = hr.obs["measured"].to_numpy()
+    _plot(out.path(L.HR_PLOT.path(directory)), he, xy[measured], xy, measured, calib)

@@ -3,7 +3,6 @@
 The transform is a pure scale (x_cal = s * x_raw, y_cal = s * y_raw, s = raw um/px / 0.5) followed
 by white padding at the bottom/right up to a multiple of the 224 px tile, so the origin is kept and
 super-pixel (row, col) is [8 row, 8 row + 8) um from the top-left corner of he-raw."""
-import json
 import logging
 from pathlib import Path
 
@@ -11,20 +10,16 @@ import numpy as np
 import pandas as pd
 
 from ..core import geometry as geo
-from ..core.atomic import StagedOutputs, remove_stale_temporaries
+from ..core import layout as L
+from ..core.atomic import reserve
 from ..core.errors import InputError
-from ..core.image_io import CALIBRATED_IMAGE, read_rgb, write_png
-from ..core.manifest import changed_since_last_run, write_manifest
+from ..core.image_io import read_rgb, write_png
 from ..core.raw_io import IMAGE_NAMES, find_one, read_locs, read_pixel_size, read_radius
+from ..core.stage import Stage
 
 log = logging.getLogger("trihrge")
 
 STAGE = "image_calibration"
-PREVIEW = "he-small.png"        # one pixel per super-pixel: the mean RGB of its 16 x 16 px
-CALIBRATION = "calibration.json"
-LOCS = "locs.tsv"
-RADIUS = "radius.txt"
-PIXEL_SIZE = "pixel-size.txt"
 
 
 def resize_to_target(rgb, scale):
@@ -55,6 +50,7 @@ def write_padded_tiff(path, scaled, padded_shape, rows_per_chunk=2048):
     ph, pw = padded_shape
     h, w = scaled.shape[:2]
     mm = tifffile.memmap(path, shape=(ph, pw, 3), dtype=np.uint8, photometric="rgb")
+    reserve(path)  # a full disk fails here (ENOSPC), not later with SIGBUS on a page write
     for r0 in range(0, ph, rows_per_chunk):
         r1 = min(ph, r0 + rows_per_chunk)
         mm[r0:r1] = 255
@@ -66,16 +62,41 @@ def write_padded_tiff(path, scaled, padded_shape, rows_per_chunk=2048):
 
 def calibrate(directory, pixel_size_um=geo.TARGET_PIXEL_SIZE_UM, force=False):
     directory = Path(directory)
-    remove_stale_temporaries(directory)
+    with Stage(STAGE, directory, force=force) as st:
+        return _calibrate(st, directory, pixel_size_um)
+
+
+def _transform(image_path, raw_px, pixel_size_um, scale, raw_shape, shapes, radius_raw, n_spots, n_outside):
+    """calibration.json: the exact raw -> calibrated transform and the grids it defines."""
+    (h, w), (ph, pw) = shapes
+    return {
+        "raw_image": image_path.name,
+        "raw_pixel_size_um": raw_px,
+        "pixel_size_um": pixel_size_um,
+        "scale": scale,
+        "matrix_raw_to_calibrated": [[scale, 0.0, 0.0], [0.0, scale, 0.0], [0.0, 0.0, 1.0]],
+        "convention": "continuous pixel coordinates (pixel i covers [i, i+1)); x = column, y = row; "
+                      "x_cal = scale * x_raw, y_cal = scale * y_raw; padding only at bottom/right",
+        "raw_shape": list(raw_shape),
+        "scaled_shape": [h, w],
+        "padded_shape": [ph, pw],
+        "superpixel_px": geo.SUPER_PIXEL_PX,
+        "superpixel_grid": [ph // geo.SUPER_PIXEL_PX, pw // geo.SUPER_PIXEL_PX],
+        "tile_px": geo.TILE_PX,
+        "radius_raw_px": radius_raw,
+        "radius_px": radius_raw * scale,
+        "n_spots": int(n_spots),
+        "n_spots_outside_image": int(n_outside),
+    }
+
+
+def _calibrate(st, directory, pixel_size_um):
     image_path = find_one(directory, IMAGE_NAMES, "H&E image (he-raw.jpg/png/tif)")
     raw_px = read_pixel_size(directory)
     radius_raw = read_radius(directory, raw_px)
     locs_raw, locs_path = read_locs(directory)
-    inputs = [image_path, directory / "pixel-size-raw.txt", directory / "radius-raw.txt", locs_path]
-    params = {"pixel_size": pixel_size_um}
-    reasons = changed_since_last_run(directory, STAGE, inputs, params)
-    if reasons:
-        log.info("recomputing: %s", "; ".join(reasons))
+    st.record(inputs=[image_path, directory / L.RAW_PIXEL_SIZE, directory / L.RAW_RADIUS, locs_path],
+              parameters={"pixel_size": pixel_size_um})
 
     log.info("reading %s", image_path)
     rgb = read_rgb(image_path)
@@ -99,55 +120,24 @@ def calibrate(directory, pixel_size_um=geo.TARGET_PIXEL_SIZE_UM, force=False):
                          f"image; give x (column) and y (row) in pixels of {image_path.name}")
     if not inside.all():
         log.warning("%d of %d spots lie outside the image (get_HR.py will drop them)", (~inside).sum(), len(locs))
-    radius = radius_raw * scale
-
-    transform = {
-        "raw_image": image_path.name,
-        "raw_pixel_size_um": raw_px,
-        "pixel_size_um": pixel_size_um,
-        "scale": scale,
-        "matrix_raw_to_calibrated": [[scale, 0.0, 0.0], [0.0, scale, 0.0], [0.0, 0.0, 1.0]],
-        "convention": "continuous pixel coordinates (pixel i covers [i, i+1)); x = column, y = row; "
-                      "x_cal = scale * x_raw, y_cal = scale * y_raw; padding only at bottom/right",
-        "raw_shape": list(raw_shape),
-        "scaled_shape": [h, w],
-        "padded_shape": [ph, pw],
-        "superpixel_px": geo.SUPER_PIXEL_PX,
-        "superpixel_grid": [ph // geo.SUPER_PIXEL_PX, pw // geo.SUPER_PIXEL_PX],
-        "tile_px": geo.TILE_PX,
-        "radius_raw_px": radius_raw,
-        "radius_px": radius,
-        "n_spots": int(len(locs)),
-        "n_spots_outside_image": int((~inside).sum()),
-    }
-    with StagedOutputs() as out:
-        tif = out.path(directory / CALIBRATED_IMAGE)
-        mm = write_padded_tiff(tif, scaled, (ph, pw))
-        del scaled
-        write_png(out.path(directory / PREVIEW), superpixel_means(mm))
-        del mm
-        locs_out = locs.reset_index().rename(columns={locs.index.name or "index": "spot"})
-        locs_out.to_csv(out.path(directory / LOCS), sep="\t", index=False, float_format="%.4f")
-        out.write_text(directory / RADIUS, f"{radius:.6f}\n")
-        out.write_text(directory / PIXEL_SIZE, f"{pixel_size_um}\n")
-        out.write_json(directory / CALIBRATION, transform)
-        outputs = out.finals
-    write_manifest(directory, STAGE, params, inputs, outputs)
-    log.info("wrote %s (%d x %d px), %s, %s, %s", CALIBRATED_IMAGE, pw, ph, LOCS, RADIUS, CALIBRATION)
+    transform = _transform(image_path, raw_px, pixel_size_um, scale, raw_shape, ((h, w), (ph, pw)), radius_raw,
+                           len(locs), (~inside).sum())
+    st.require_space(ph * pw * 3 * 1.1 + 2 * len(locs) * 40, L.CALIBRATED_IMAGE.name)
+    _write(st.out, directory, scaled, locs, transform)
+    del scaled
+    log.info("wrote %s (%d x %d px), %s, %s, %s", L.CALIBRATED_IMAGE.name, pw, ph, L.LOCS.name, L.RADIUS.name,
+             L.CALIBRATION.name)
     return transform
 
 
-def load_calibration(directory):
-    p = Path(directory) / CALIBRATION
-    if not p.is_file():
-        raise InputError(f"{p}: not found; run `python image_calibration.py --directory {directory}` first")
-    return json.loads(p.read_text())
+def _write(out, directory, scaled, locs, transform):
+    mm = write_padded_tiff(out.path(L.CALIBRATED_IMAGE.path(directory)), scaled, transform["padded_shape"])
+    write_png(out.path(L.PREVIEW.path(directory)), superpixel_means(mm))
+    del mm
+    locs_out = locs.reset_index().rename(columns={locs.index.name or "index": "spot"})
+    locs_out.to_csv(out.path(L.LOCS.path(directory)), sep="\t", index=False, float_format="%.4f")
+    out.write_text(L.RADIUS.path(directory), f"{transform['radius_px']:.6f}\n")
+    out.write_text(L.PIXEL_SIZE.path(directory), f"{transform['pixel_size_um']}\n")
+    out.write_json(L.CALIBRATION.path(directory), transform)
 
 
-def load_calibrated_spots(directory):
-    """Calibrated spot locations (DataFrame indexed by spot id, x, y) and radius in calibrated px."""
-    directory = Path(directory)
-    locs = pd.read_csv(directory / LOCS, sep="\t", index_col=0)
-    locs.index = locs.index.astype(str)
-    radius = float((directory / RADIUS).read_text().strip())
-    return locs, radius

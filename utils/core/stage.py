@@ -1,0 +1,189 @@
+"""The stage runner: the one skeleton every stage script and converter runs in.
+
+    with Stage("get_HR", directory, force=force) as st:      # lock, sweep, check upstream
+        ...read and check the inputs...
+        st.record(inputs=[...], parameters={...})            # logs what changed since the last run
+        st.require_space(n_bytes, "spots.h5ad")              # before writing anything big
+        path = st.out.path(directory / "spots.h5ad")         # staged outputs (utils.core.atomic)
+    # normal exit: the outputs and the manifest are committed together; any exception: nothing in
+    # DIR changes, the temporaries are gone, a full disk becomes one `error:` line
+
+In this order on entry: an exclusive lock on DIR (a second run on the same DIR is refused with the
+holder's stage and pid; the lock of a process that died is taken over, with a log line), the sweep
+of this project's temporaries left by killed runs, and the check of the upstream artifacts."""
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from . import manifest as mf
+from .atomic import StagedOutputs, is_disk_full, remove, remove_stale_temporaries, tmp_path_for
+from .errors import InputError
+
+log = logging.getLogger("trihrge")
+
+LOCK_NAME = ".trihrge.lock"
+SPACE_MARGIN = 1.05     # require the estimate plus 5% (file-system overhead, manifests, logs)
+
+
+class DirectoryLock:
+    """An exclusive flock on DIR/.trihrge.lock naming its holder; the file goes when released."""
+
+    def __init__(self, directory: Path, holder: str):
+        self.path = Path(directory) / LOCK_NAME
+        self.holder = holder
+        self._fd = None
+
+    def _holder_of(self, fd) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "DirectoryLock":
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise InputError(f"{self.path.parent}: cannot create the lock file {LOCK_NAME} ({e.strerror}); "
+                                 f"make the directory writable") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                h = self._holder_of(fd)
+                os.close(fd)
+                raise InputError(f"{self.path.parent}: in use by {h.get('stage', 'another TriHRGE process')} "
+                                 f"(pid {h.get('pid', '?')}, since {h.get('started', '?')}); wait until it has "
+                                 f"finished (or stop it), then rerun") from None
+            try:  # the previous holder may have removed the file between our open and our flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = self._holder_of(fd)
+        if previous.get("pid"):
+            log.info("taking over the lock of %s (pid %s), which ended without releasing it",
+                     previous.get("stage", "?"), previous["pid"])
+        me = {"stage": self.holder, "pid": os.getpid(),
+              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its label is missing
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        remove(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+class Stage:
+    """One run of a pipeline stage (or a converter, with manifest=False) on DIR.
+
+    stage: the key in utils.core.manifest.STAGES (for a converter: a label for the lock).
+    force: use stale upstream artifacts (logged). sweep: further folders whose temporaries are this
+    run's business (HISTEX's --out outside DIR)."""
+
+    def __init__(self, stage: str, directory: Path, *, force: bool = False, manifest: bool = True,
+                 sweep: tuple = ()):
+        self.stage = stage
+        self.directory = Path(directory)
+        self.force = force
+        self.write_manifest = manifest
+        self.sweep = tuple(Path(p) for p in sweep)
+        self.out = StagedOutputs()
+        self.inputs: list = []
+        self.parameters: dict = {}
+        self._scratch: list = []
+        self._lock = DirectoryLock(self.directory, mf.STAGES[stage][0] if stage in mf.STAGES else stage)
+
+    # --- entry ------------------------------------------------------------------------------
+    def __enter__(self) -> "Stage":
+        self._lock.acquire()
+        try:
+            for d in (self.directory, *self.sweep):
+                if d.is_dir():
+                    remove_stale_temporaries(d)
+            if self.write_manifest:
+                mf.check_upstream(self.directory, self.stage, force=self.force, log=log)
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def record(self, inputs, parameters: dict) -> None:
+        """The inputs (files) and parameters that go into the manifest; logs what changed since the
+        previous run of this stage."""
+        self.inputs = [Path(p) for p in inputs]
+        self.parameters = dict(parameters)
+        if self.write_manifest:
+            reasons = mf.changed_since_last_run(self.directory, self.stage, self.inputs, self.parameters)
+            if reasons:
+                log.info("recomputing: %s", "; ".join(reasons))
+
+    def require_space(self, n_bytes: float, what: str, where: Path = None) -> None:
+        """Refuse to start writing `what` (about n_bytes) when the disk cannot hold it."""
+        where = Path(where or self.directory)
+        while not where.exists():
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if n_bytes * SPACE_MARGIN > free:
+            raise InputError(f"{where}: {what} needs about {_size(n_bytes)} of disk and only {_size(free)} is free; "
+                             f"free some space and rerun (the previous artifacts are replaced only once the new "
+                             f"ones are complete)")
+
+    def scratch(self, near: Path) -> Path:
+        """A per-process scratch path next to `near` (the output it becomes), removed on every exit."""
+        p = tmp_path_for(Path(near), "scratch-")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._scratch.append(p)
+        return p
+
+    # --- exit -------------------------------------------------------------------------------
+    def __exit__(self, exc_type, exc, tb):
+        committing = exc_type is None
+        try:
+            if committing:
+                try:
+                    self._commit()
+                except BaseException as e:
+                    exc = e
+            if exc is not None:
+                self.out.abort()
+        finally:
+            for p in self._scratch:
+                remove(p)
+            self._lock.release()
+        if exc is None:
+            return False
+        if is_disk_full(exc):
+            raise InputError(f"{self.directory}: the disk is full (No space left on device) while writing the "
+                             f"outputs; free some space and rerun (nothing was changed, no temporary is left)") from None
+        if isinstance(exc, OSError) and (committing or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+            raise InputError(f"{exc.filename or self.directory}: cannot be written ({exc.strerror or exc}); make it "
+                             f"writable and rerun (the previous artifacts are unchanged)") from None
+        if committing:
+            raise exc
+        return False
+
+    def _commit(self) -> None:
+        if self.write_manifest:
+            staged = [(tmp, final) for tmp, final in self.out.pending]
+            m = mf.build_manifest(self.directory, self.stage, self.parameters, self.inputs, staged)
+            self.out.write_json(mf.manifest_path(self.directory, self.stage), m)
+        self.out.commit()  # the manifest is the last rename: it never describes outputs not in place
+
+
+def _size(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
