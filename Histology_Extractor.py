@@ -3,7 +3,8 @@
 import argparse
 import os
 
-from utils.core.cli import add_device, make_parser, run, setup_logging, check_directory
+from utils.histology.backbones import BACKBONES
+from utils.core.cli import POSITIVE_INT, add_device, check_directory, make_parser, run, setup_logging
 
 EPILOG = """\
 backbones:
@@ -33,18 +34,18 @@ def main(argv=None):
                     "(the super-pixel, its 112 um tile, a 448 um context) plus mean colour and position.",
                     epilog=EPILOG)
     p.add_argument("--backbone", default=None,
-                   help="stain | uni | uni2-h | timm:NAME; default: uni when --weights or --login is given, else stain")
+                   help=" | ".join(BACKBONES) + "; default: uni when --weights or --login is given, else stain")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="local checkpoint: pytorch_model.bin / .pth (loaded with weights_only=True) or .safetensors")
     p.add_argument("--login", default=None, metavar="TOKEN",
                    help="Hugging Face token to download gated weights (or set HF_TOKEN); never stored")
-    p.add_argument("--shifts", type=int, default=None,
+    p.add_argument("--shifts", type=POSITIVE_INT, default=None,
                    help="passes of shifted tiling for tile backbones (default 4 on GPU, 1 on CPU)")
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default 64 on GPU, 16 on CPU)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="tiles per forward pass (default 64 on GPU, 16 on CPU)")
     add_device(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="GPU autocast precision (auto: bf16 where supported, else fp16); the CPU always uses fp32")
-    p.add_argument("--band-rows", type=int, default=32,
+    p.add_argument("--band-rows", type=POSITIVE_INT, default=32,
                    help="stain backbone: super-pixel rows per band (memory vs. speed; the result does not depend on it)")
     p.add_argument("--timm-kwargs", default=None, metavar="JSON",
                    help="extra keyword arguments for timm.create_model with --backbone timm:NAME")
@@ -59,9 +60,10 @@ def main(argv=None):
     from utils.histology.backbones import parse_timm_kwargs
     from utils.stages.histology_extractor import extract_features
     backbone = args.backbone or ("uni" if (args.weights or args.login) else "stain")
+    timm_kwargs = parse_timm_kwargs(args.timm_kwargs)
     extract_features(check_directory(args.directory), backbone=backbone, weights=args.weights, token=token,
                      shifts=args.shifts, batch_size=args.batch_size, device=args.device, precision=args.precision,
-                     band_rows=args.band_rows, timm_kwargs=parse_timm_kwargs(args.timm_kwargs),
+                     band_rows=args.band_rows, timm_kwargs=timm_kwargs,
                      random_init=args.random_init, force=args.force, quiet=args.quiet)
 
 

@@ -80,7 +80,7 @@ def run_size(size, budgets, seed):
         print(f"[{size}] {s:24s} {t:7.1f} s {m / 2**20:7.0f} MB", flush=True)
     import anndata
     import numpy as np
-    from utils.histology.tissue_mask import load_mask
+    from utils.core.layout import load_mask
     spots = anndata.read_h5ad(d / "spots.h5ad")
     mask = load_mask(d)
     calib = json.loads((d / "calibration.json").read_text())

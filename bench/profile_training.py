@@ -19,8 +19,10 @@ import anndata  # noqa: E402
 import torch  # noqa: E402
 
 import HISTEX  # noqa: E402
-from utils.stages.histex import run_name, training_data  # noqa: E402
-from utils.superres.train import resolve_device, train_state  # noqa: E402
+from utils.core.device import resolve_device  # noqa: E402
+from utils.superres.config import HistexConfig  # noqa: E402
+from utils.superres.inputs import training_data  # noqa: E402
+from utils.superres.train import train_state  # noqa: E402
 
 
 def main():
@@ -35,10 +37,12 @@ def main():
     d = own.directory
     spots = anndata.read_h5ad(d / "spots.h5ad")
     hr = anndata.read_h5ad(d / "hr-spots.h5ad")
-    from utils.histology.tissue_mask import load_mask
+    from utils.core.layout import load_mask
     mask = load_mask(d)
     t0 = time.time()
-    cfg, data, *_ = training_data(d, a, spots, hr, mask.shape)
+    config = HistexConfig.from_options(a)
+    td = training_data(d, config, spots, hr, mask.shape)
+    cfg, data = td.cfg, td.data
     t_prep = time.time() - t0
     device = resolve_device(a["device"])
     T = (2 * cfg["half"] + 1) ** 2
@@ -47,7 +51,7 @@ def main():
     _, info = train_state(cfg, data, 0, device, progress=False)
     dt = time.time() - t0
     rate = info["train_spots"] * info["epochs_run"] / dt  # held-out spots (--val-fraction) are only evaluated
-    res = {"directory": str(d), "model": run_name(a), "spots": int(spots.n_obs), "genes": cfg["n_genes"],
+    res = {"directory": str(d), "model": config.run_name, "spots": int(spots.n_obs), "genes": cfg["n_genes"],
            "window_tokens": T, "footprint_tokens_mean": float(data["fp"].sum(1).mean()),
            "epochs": info["epochs_run"], "train_spots": info["train_spots"], "seconds": dt, "spot_epochs_per_second": rate,
            "prepare_seconds": t_prep, "threads": torch.get_num_threads(), "device": str(device),

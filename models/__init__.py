@@ -1,14 +1,9 @@
-"""TriHRGE networks: the TriHRGE model and the iStar-style MLP baseline (the image-free
-interpolation baseline needs no network: utils/interpolation.py)."""
-from .mlp import SuperPixelMLP
-from .trihrge import TriHRGE
+"""TriHRGE networks and baselines, built by name from one registry (models/registry.py): the TriHRGE
+model, iStar's per-super-pixel MLP and the image-free kernel interpolation."""
+# each module registers its model; this order is the order of HISTEX.py --model
+from . import trihrge  # noqa: F401
+from . import mlp  # noqa: F401
+from . import interpolation  # noqa: F401
+from .registry import MODELS, build_model, model_class, register_model
 
-TRAINED_MODELS = ("trihrge", "mlp")
-
-
-def build_model(name, dims, n_genes, window, **opts):
-    if name == "trihrge":
-        return TriHRGE(dims, n_genes, window, **opts)
-    if name == "mlp":
-        return SuperPixelMLP(dims, n_genes)
-    raise ValueError(f"unknown model {name!r}")
+__all__ = ["MODELS", "build_model", "model_class", "register_model"]

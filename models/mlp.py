@@ -2,11 +2,29 @@
 import torch
 from torch import nn
 
-from .trihrge import positive_output, take_tokens
+from .layers import positive_output, take_tokens
+from .registry import register_model
 
 
+@register_model("mlp")
 class SuperPixelMLP(nn.Module):
-    def __init__(self, dims, n_genes, hidden=256, depth=4):
+    """Input: hist dict scale -> (B, T, C_scale) (gene tokens ignored); output (B, T, G), or (B, M, G)
+    at the token indices keep (B, M)."""
+
+    trainable = True
+    default_spot_consistency = "global"
+    use_gene_tokens = False
+
+    @staticmethod
+    def options(config) -> dict:
+        return {}
+
+    @staticmethod
+    def inference_stride(half: int) -> int:
+        """One super-pixel at a time: windows need not overlap (same values, ~5x less work)."""
+        return 2 * half + 1
+
+    def __init__(self, dims, n_genes, window=None, hidden=256, depth=4):
         super().__init__()
         self.names = list(dims)
         layers, c = [], sum(dims.values())

@@ -14,32 +14,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-
-class _PositiveOutput(torch.autograd.Function):
-    """ELU(alpha=0.01) + 0.01 written as relu(x) + 0.01 exp(min(x, 0)): the same function, but
-    torch's CPU ELU kernel is about 10x slower than exp and was 11% of a training step."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.exp(x.clamp(max=0)).mul_(0.01).add_(x.clamp(min=0))
-        ctx.save_for_backward(x, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y = ctx.saved_tensors
-        return grad * torch.where(x > 0, 1.0, y)  # d/dx: 1 above 0, 0.01 exp(x) = y below
-
-
-def positive_output(x):
-    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: in place, no saved tensors
-        return torch.exp(x.clamp(max=0)).mul_(0.01).add_(x.clamp_(min=0))
-    return _PositiveOutput.apply(x)
-
-
-def take_tokens(x, keep):
-    """x (B, T, C) -> (B, M, C) at the token indices keep (B, M)."""
-    return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+from .layers import positive_output, take_tokens
+from .registry import register_model
 
 
 class MultiScaleFusion(nn.Module):
@@ -80,7 +56,22 @@ class TriCrossBlock(nn.Module):
         return self.n4(h2 + self.ff(h2)), g1
 
 
+@register_model("trihrge")
 class TriHRGE(nn.Module):
+    trainable = True
+    default_spot_consistency = "local"
+
+    @staticmethod
+    def options(config) -> dict:
+        return {"d": config.d_model, "heads": config.heads, "depth": config.depth, "dropout": config.dropout,
+                "head_hidden": config.head_hidden, "use_gene_tokens": not config.no_gene_tokens,
+                "use_linear_head": not config.no_linear_head}
+
+    @staticmethod
+    def inference_stride(half: int) -> int:
+        """Overlapping windows (tent-blended) hide window borders and the switch of gene tokens."""
+        return max(3, half)
+
     def __init__(self, dims, n_genes, window, d=64, heads=4, depth=2, head_hidden=128,
                  use_gene_tokens=True, use_linear_head=True, dropout=0.1):
         super().__init__()

@@ -11,7 +11,8 @@ import pytest
 from conftest import assert_user_error, run_script, snapshot, write_raw_dir
 from utils.stages.image_calibration import calibrate
 from utils.core.cli import run
-from utils.stages.histology_extractor import FEATURES_DIR, extract_features, load_features
+from utils.core.layout import FEATURES_DIR
+from utils.stages.histology_extractor import extract_features, load_features
 from utils.histology.tile_features import lattice_weights, shift_offsets, tent_weights
 
 SP = 16

@@ -12,7 +12,9 @@ from utils.stages.image_calibration import calibrate
 from utils.core.layout import load_calibrated_spots
 from utils.core.errors import InputError
 from utils.core.image_io import read_png
-from utils.histology.tissue_mask import load_mask, mask_tissue, spots_inside, superpixel_texture
+from utils.core.layout import load_mask
+from utils.histology.tissue_mask import spots_inside, superpixel_texture
+from utils.stages.masking_non_tissue import mask_tissue
 
 SP = geo.SUPER_PIXEL_PX
 

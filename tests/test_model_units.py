@@ -38,7 +38,7 @@ def test_mlp_is_per_superpixel():
 
 
 def test_positive_output_is_elu_plus_offset_with_its_gradient():
-    from models.trihrge import positive_output
+    from models.layers import positive_output
     x = torch.linspace(-30, 30, 2001, dtype=torch.float64, requires_grad=True)
     ref = torch.nn.functional.elu(x, alpha=0.01) + 0.01
     assert torch.allclose(positive_output(x), ref, atol=1e-12)

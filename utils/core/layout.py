@@ -222,9 +222,11 @@ def load_features(directory, calibration: dict, scales=FEATURE_SCALES + ("extra"
     return maps, meta
 
 
-def load_mask(directory, calibration: dict) -> np.ndarray:
+def load_mask(directory, calibration: dict = None) -> np.ndarray:
     """The tissue mask as a bool array on the super-pixel grid (True = tissue)."""
     from .image_io import read_png
-    m = read_png(MASK.existing(directory), grey=True, fix=MASK.fix(directory))
+    p = MASK.existing(directory)
+    calibration = calibration or load_calibration(directory)
+    m = read_png(p, grey=True, fix=MASK.fix(directory))
     check_grid(MASK, directory, m.shape, calibration)
     return m > 127

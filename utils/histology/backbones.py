@@ -322,16 +322,6 @@ class TileModel:
         return tok, summ
 
 
-def pick_device(device):
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu (or auto), "
-                         "or install the CUDA build of torch")
-    return device
-
-
 def pick_precision(precision, device):
     if device != "cuda":
         if precision in ("bf16", "fp16"):

@@ -5,6 +5,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
+from ..core import geometry as geo
+
 
 def kernel_weights(points_xy, spots_xy, sigma_px, cutoff=3.0, k=32):
     """Row-normalised sparse Gaussian weights (n_points x n_spots) over the k nearest spots within
@@ -42,3 +44,42 @@ def local_rescale_factors(measured, predicted, W, eps=1.0, clip=(0.1, 10.0)):
 def global_rescale_factors(measured, predicted, eps=1e-8):
     """iStar's mapping: one factor per gene so that predicted and measured totals over spots agree."""
     return (measured.sum(0) / np.maximum(predicted.sum(0), eps)).astype(np.float32)
+
+
+def tissue_index(mask):
+    """(rows, cols) of the tissue super-pixels, row-major: the order of super-res.h5ad's rows."""
+    rows, cols = np.nonzero(mask)
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def footprint_pairs(xy, radius, mask):
+    """Flat (spot, tissue super-pixel) pairs of every spot footprint, and the footprint sizes
+    (all super-pixels, tissue or not)."""
+    lookup = np.full(mask.shape, -1, dtype=np.int64)
+    rows, cols = tissue_index(mask)
+    lookup[rows, cols] = np.arange(len(rows))
+    si, rr, cc = geo.footprints(xy[:, 0], xy[:, 1], radius, mask.shape)
+    full_size = np.bincount(si, minlength=len(xy))
+    tj = lookup[rr, cc]
+    keep = tj >= 0
+    return si[keep], tj[keep], full_size
+
+
+def superpixel_kernel(rows, cols, xy, sigma_px):
+    """kernel_weights from the spots at xy to the centres of super-pixels (rows, cols)."""
+    return kernel_weights(np.stack(geo.superpixel_centres(rows, cols), 1), xy, sigma_px)
+
+
+def apply_spot_consistency(sr, mode, counts, pairs, kernel):
+    """Rescale sr (n_superpixels, G) in place: 'global' one factor per gene (iStar), 'local' the
+    kernel-smoothed ratio per super-pixel (kernel(): the weights, built only when needed), 'none'.
+    pairs = (spot, super-pixel) footprint pairs. Returns the predicted spot sums afterwards."""
+    si, tj = pairs
+    predicted = spot_sums(sr, si, tj, len(counts))
+    if mode == "global":
+        sr *= global_rescale_factors(counts, predicted)
+    elif mode == "local":
+        W = kernel()
+        for s0 in range(0, len(sr), 16384):  # chunks bound the dense (chunk x genes) factors
+            sr[s0:s0 + 16384] *= local_rescale_factors(counts, predicted, W[s0:s0 + 16384])
+    return spot_sums(sr, si, tj, len(counts))

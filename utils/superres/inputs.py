@@ -1,28 +1,22 @@
 """What the networks see: windows of super-pixel features around a point, the spot footprints
 inside those windows, and the gene tokens of the nearest HR pseudo-spots. Vectorised gathering, so
 no Python loop runs per super-pixel."""
-import json
-from pathlib import Path
+import hashlib
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
 
 from ..core import geometry as geo
+from ..core import layout as L
+from ..core.layout import FEATURE_SCALES
 from ..core.errors import InputError
+from ..spots.genes import scale_counts
 
-FEATURE_FILES = ("micro", "meso", "macro", "extra")
-
-
-def load_feature_maps(directory, scales=FEATURE_FILES):
+def load_feature_maps(directory, scales=FEATURE_SCALES + ("extra",)):
     """Memory-mapped float16 feature maps, each (rows, cols, channels), checked against he.tif's grid."""
-    from ..stages.histology_extractor import load_features
-    maps, meta = load_features(directory, tuple(scales))
-    calib = json.loads((Path(directory) / "calibration.json").read_text())
-    if tuple(calib["superpixel_grid"]) != tuple(meta["grid_shape"]):
-        raise InputError(f"{Path(directory) / 'features'}: features were made for another image size than he.tif "
-                         f"(grid {tuple(meta['grid_shape'])}, he.tif {tuple(calib['superpixel_grid'])}); "
-                         f"rerun `python Histology_Extractor.py --directory {directory}`")
-    return maps
+    return L.load_features(directory, L.load_calibration(directory), tuple(scales))[0]
 
 
 def window_half(radius_px):
@@ -106,3 +100,63 @@ class GeneTokens:
             hidden = np.take_along_axis(own, order, 1)[:, :self.k]
         offs = (self.xy[idx] - centres_xy[:, None, :]) / self.spacing
         return idx, offs.astype(np.float32), hidden
+
+
+def batch_inputs(data, idx, use_tokens, masked, device):
+    """The forward() inputs of windows idx: (hist, genes, offs, gmask); the gene tokens are those
+    without the window's own HR spots where `masked` (training), else all of them."""
+    hist = {k: torch.from_numpy(v[idx]).to(device) for k, v in data["hist"].items()}
+    if not use_tokens:
+        return hist, None, None, None
+    tok_idx = np.where(masked[:, None], data["tok_lso"][idx], data["tok_full"][idx])
+    offs = np.where(masked[:, None, None], data["offs_lso"][idx], data["offs_full"][idx])
+    hidden = np.where(masked[:, None], data["hid_lso"][idx], data["hid_full"][idx])
+    genes = torch.from_numpy(data["hr_expr"][tok_idx]).to(device)
+    return hist, genes, torch.from_numpy(offs).to(device), torch.from_numpy(hidden).to(device)
+
+
+def spot_arrays(spots):
+    """From spots.h5ad: counts, centres (x, y), the genes' min-max scaling bounds and the scaled
+    training target."""
+    counts = np.asarray(spots.X, dtype=np.float32)
+    lo = spots.var["scale_min"].to_numpy(np.float32)
+    hi = spots.var["scale_max"].to_numpy(np.float32)
+    return counts, spots.obs[["x", "y"]].to_numpy(np.float64), lo, hi, scale_counts(counts, lo, hi)
+
+
+@dataclass
+class TrainingData:
+    """Everything the networks train on and predict from.
+
+    cfg: the model configuration (HistexConfig.model_config); data: arrays per spot (hist scale ->
+    (n, T, C), fp (n, T), target (n, G), gene tokens with and without the spot's own HR spots);
+    maps: the feature maps; tokens: GeneTokens; fingerprint: hashes of the target and features."""
+    cfg: dict
+    data: dict
+    maps: dict
+    tokens: "GeneTokens"
+    fingerprint: dict
+
+
+def training_data(directory, config, spots, hr, grid_shape) -> TrainingData:
+    """The feature windows around each spot, its footprint in the window, its scaled target and its
+    gene tokens (with and without its own HR spots)."""
+    _, xy, lo, hi, target = spot_arrays(spots)
+    radius, lattice = float(spots.uns["radius_px"]), spots.uns["lattice"]
+    scales = config.scales + ["extra"]
+    maps = load_feature_maps(directory, scales)
+    wr, wc, half, fp = spot_windows(xy, radius, grid_shape)
+    cfg = config.model_config({k: int(m.shape[-1]) for k, m in maps.items()}, target.shape[1], half)
+    hist, _ = gather_windows(maps, wr, wc, half)
+    hr_scaled = np.clip(scale_counts(np.asarray(hr.X, dtype=np.float32), lo, hi), 0, None)
+    tokens = GeneTokens(hr.obs[["x", "y"]].to_numpy(), hr_scaled, hr.obsm["sources"], lattice["spacing_px"],
+                        config.k_tokens)
+    centres = np.stack(geo.superpixel_centres(wr, wc), 1)
+    tf, of, hf = tokens.query(centres)
+    tl, ol, hl = tokens.query(centres, exclude_spot=np.arange(len(xy)))
+    data = {"hist": hist, "fp": fp.astype(np.float32), "target": target, "hr_expr": tokens.expr,
+            "tok_full": tf, "offs_full": of, "hid_full": hf, "tok_lso": tl, "offs_lso": ol, "hid_lso": hl}
+    fingerprint = {"spots": hashlib.sha256(target.tobytes()).hexdigest()[:16],
+                   "features": hashlib.sha256(b"".join(np.ascontiguousarray(v[:64]).tobytes()
+                                                       for v in hist.values())).hexdigest()[:16]}
+    return TrainingData(cfg, data, maps, tokens, fingerprint)

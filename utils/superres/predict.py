@@ -8,8 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import geometry as geo
-from .inputs import gather_windows
-from .train import batch_inputs
+from .inputs import batch_inputs, gather_windows
 
 
 def window_cover(rows, cols, half, stride):
@@ -70,7 +69,7 @@ def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, prog
         out = np.empty((len(rows), cfg["n_genes"]), dtype=np.float32)
     out[:] = 0.0
     wsum = np.zeros(len(rows), dtype=np.float64)
-    use_tokens = cfg["model"] == "trihrge" and cfg["model_opts"].get("use_gene_tokens", True)
+    use_tokens = models[0].use_gene_tokens
     for b0 in tqdm(range(0, len(centre_r), batch), desc="predict", unit="window", unit_scale=batch,
                    disable=not progress, leave=False):
         b1 = min(len(centre_r), b0 + batch)

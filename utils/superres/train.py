@@ -9,17 +9,11 @@ from tqdm.auto import tqdm
 
 from models import build_model
 
+from ..core.errors import InputError
+from .inputs import batch_inputs
+
 log = logging.getLogger("trihrge")
 MIN_IMPROVEMENT = 1e-3  # early stopping: a held-out loss must beat the best by 0.1% to count as better
-
-
-def resolve_device(device):
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        from ..core.errors import InputError
-        raise InputError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
-    return torch.device(device)
 
 
 def footprint_loss(pred, fp, target, kind="mse"):
@@ -28,17 +22,6 @@ def footprint_loss(pred, fp, target, kind="mse"):
     if kind == "poisson":
         return (mean - target * torch.log(mean)).mean()
     return ((mean - target) ** 2).mean()
-
-
-def batch_inputs(data, idx, use_tokens, masked, device):
-    hist = {k: torch.from_numpy(v[idx]).to(device) for k, v in data["hist"].items()}
-    if not use_tokens:
-        return hist, None, None, None
-    tok_idx = np.where(masked[:, None], data["tok_lso"][idx], data["tok_full"][idx])
-    offs = np.where(masked[:, None, None], data["offs_lso"][idx], data["offs_full"][idx])
-    hidden = np.where(masked[:, None], data["hid_lso"][idx], data["hid_full"][idx])
-    genes = torch.from_numpy(data["hr_expr"][tok_idx]).to(device)
-    return hist, genes, torch.from_numpy(offs).to(device), torch.from_numpy(hidden).to(device)
 
 
 def footprint_tokens(fp):
@@ -85,7 +68,7 @@ def train_state(cfg, data, seed, device, progress=True, desc="state"):
     train_idx, val_idx = split_validation(len(data["target"]), cfg.get("val_fraction", 0.0), gen)
     n = len(train_idx)
     bs = cfg["batch_size"] or max(1, min(128, n // 16))
-    use_tokens = cfg["model"] == "trihrge" and cfg["model_opts"].get("use_gene_tokens", True)
+    use_tokens = model.use_gene_tokens
     keep, fp_w = (torch.from_numpy(v).to(device) for v in footprint_tokens(data["fp"]))
     target = torch.from_numpy(data["target"]).to(device)
     history, val_history = [], []
@@ -108,7 +91,8 @@ def train_state(cfg, data, seed, device, progress=True, desc="state"):
             total += loss.item() * len(idx)
         history.append(total / n)
         if not math.isfinite(history[-1]):
-            raise RuntimeError(f"training diverged at epoch {epoch} (loss {history[-1]}); lower --lr")
+            raise InputError(f"training diverged at epoch {epoch + 1} (loss {history[-1]}); rerun with a lower "
+                             f"--lr (now {cfg['lr']:g})")
         if len(val_idx):
             val_history.append(validation_loss(model, data, val_idx, keep, fp_w, target, cfg, use_tokens, device, bs))
             if val_history[-1] < best * (1.0 - MIN_IMPROVEMENT):
@@ -125,9 +109,3 @@ def train_state(cfg, data, seed, device, progress=True, desc="state"):
     info = {"loss_history": history, "val_history": val_history, "train_spots": int(n), "val_spots": int(len(val_idx)),
             "epochs_run": len(history), "best_epoch": (best_epoch + 1) if len(val_idx) else len(history)}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, info
-
-
-def load_state(cfg, path, device):
-    model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1, **cfg["model_opts"])
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.to(device).eval()

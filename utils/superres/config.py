@@ -1,0 +1,117 @@
+"""The settings of one HISTEX run (HistexConfig), their validation, the run's name, and the model
+configuration a trained state is identified by (its fingerprint, utils/superres/states.py).
+
+HISTEX.py builds its options from the same validators (VALIDATORS), so a value is checked in one
+place whether it comes from the command line or from code."""
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..core.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SEED, Number
+from ..core.errors import InputError
+
+VAL_FRACTION = Number(float, lo=0, hi=0.5, hi_open=True)
+DROPOUT = Number(float, lo=0, hi=1, hi_open=True)
+VALIDATORS = {
+    "epochs": POSITIVE_INT, "n_states": POSITIVE_INT, "val_fraction": VAL_FRACTION, "patience": COUNT,
+    "seed": SEED, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "batch_size": COUNT, "k_tokens": POSITIVE_INT,
+    "token_mask": PROBABILITY, "d_model": POSITIVE_INT, "heads": POSITIVE_INT, "depth": POSITIVE_INT,
+    "dropout": DROPOUT, "head_hidden": POSITIVE_INT, "sigma": POSITIVE, "stride": COUNT,
+    "batch_windows": POSITIVE_INT, "threads": COUNT,
+}
+CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "global", "none"),
+           "device": ("auto", "cpu", "cuda")}
+ABLATIONS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("no_gene_tokens", "notokens"),
+             ("no_linear_head", "nohead"))
+
+
+@dataclass
+class HistexConfig:
+    """Every HISTEX.py option except --directory / --force / --quiet (see HISTEX.py --help)."""
+    model: str = "trihrge"
+    epochs: int = 500
+    n_states: int = 5
+    val_fraction: float = 0.1
+    patience: int = 20
+    seed: int = 0
+    device: str = "auto"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 0
+    loss: str = "mse"
+    k_tokens: int = 5
+    token_mask: float = 0.5
+    d_model: int = 64
+    heads: int = 4
+    depth: int = 2
+    dropout: float = 0.1
+    head_hidden: int = 128
+    no_macro: bool = False
+    no_multiscale: bool = False
+    no_gene_tokens: bool = False
+    no_linear_head: bool = False
+    spot_consistency: str = "auto"
+    sigma: float = 0.5
+    stride: int = 0
+    batch_windows: int = 64
+    plot_genes: list = None
+    out: Path = None
+    threads: int = 0
+    retrain: bool = False
+
+    @classmethod
+    def from_options(cls, options: dict) -> "HistexConfig":
+        """From a dict of option values (argparse's vars()); keys that are not settings are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names}).validated()
+
+    def validated(self) -> "HistexConfig":
+        from models import MODELS
+        if self.model not in MODELS:
+            raise InputError(f"--model {self.model}: choose {', '.join(MODELS)}")
+        for name, check in VALIDATORS.items():
+            check.check(_option(name), getattr(self, name))
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise InputError(f"{_option(name)} {getattr(self, name)}: choose {', '.join(choices)}")
+        if self.d_model % self.heads:
+            raise InputError(f"--d-model {self.d_model}: must be a multiple of --heads {self.heads}")
+        return self
+
+    @property
+    def model_class(self):
+        from models import model_class
+        return model_class(self.model)
+
+    @property
+    def run_name(self) -> str:
+        """results/<run_name>: the model and its ablations, e.g. trihrge-nomacro."""
+        return self.model + "".join(f"-{tag}" for flag, tag in ABLATIONS if getattr(self, flag))
+
+    @property
+    def scales(self) -> list:
+        """Feature scales the network reads (besides 'extra')."""
+        if self.no_multiscale:
+            return ["micro"]
+        return ["micro", "meso"] + ([] if self.no_macro else ["macro"])
+
+    @property
+    def consistency(self) -> str:
+        return self.model_class.default_spot_consistency if self.spot_consistency == "auto" else self.spot_consistency
+
+    def model_config(self, dims: dict, n_genes: int, half: int) -> dict:
+        """What a trained state depends on (plus the inference stride): stored in run.json and
+        hashed into the state fingerprint, so its keys and values must stay as they are."""
+        cls = self.model_class
+        return {"model": self.model, "dims": dims, "n_genes": n_genes, "half": half,
+                "stride": self.stride or cls.inference_stride(half), "model_opts": cls.options(self),
+                "lr": self.lr, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
+                "epochs": self.epochs, "val_fraction": self.val_fraction, "patience": self.patience,
+                "loss": self.loss, "token_mask": self.token_mask, "k_tokens": self.k_tokens}
+
+    def as_parameters(self) -> dict:
+        """Plain data for the manifest and run.json."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
