@@ -3,8 +3,8 @@
 import argparse
 import os
 
-from utils.histology.backbones import BACKBONES
 from utils.core.cli import POSITIVE_INT, add_device, check_directory, make_parser, run, setup_logging
+from utils.histology.backbones import BACKBONES
 
 EPILOG = """\
 backbones:

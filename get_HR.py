@@ -1,8 +1,6 @@
 #!/usr/bin/env python
 """Stage 2: spot counts, gene selection and HR pseudo-spots (see docs/ARCHITECTURE.md)."""
-from pathlib import Path
-
-from utils.core.cli import check_directory, make_parser, run, setup_logging
+from utils.core.cli import POSITIVE_INT, check_directory, make_parser, run, setup_logging, text_file
 
 
 def main(argv=None):
@@ -13,10 +11,10 @@ def main(argv=None):
         epilog="Needs image_calibration.py first. Writes spots.h5ad, hr-spots.h5ad, genes.tsv, lattice.json, "
                "hr-spots.png and manifests/get_HR.json.")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--n-genes", type=int, default=None,
+    g.add_argument("--n-genes", type=POSITIVE_INT, default=None,
                    help="number of genes to keep, the most variable across spots (default: 1000 as iStar, "
                         "or all genes of a smaller panel)")
-    g.add_argument("--gene-list", type=Path, default=None, help="text file with one gene name per line to use instead")
+    g.add_argument("--gene-list", type=text_file, default=None, help="text file with one gene name per line to use instead")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     from utils.stages.get_hr import build_hr

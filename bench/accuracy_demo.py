@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from utils.core.manifest import SCRIPTS  # noqa: E402
+
 CONFIGS = {
     "trihrge": [],
     "mlp (iStar)": ["--model", "mlp"],
@@ -54,7 +57,7 @@ def main():
     d = a.directory or REPO / "bench" / "data" / a.size
     if not (d / "truth" / "super.h5ad").is_file():
         sh([sys.executable, "-m", "utils.simulate", "--directory", str(d), "--size", a.size, "--seed", "0"])
-    for s in ("image_calibration.py", "get_HR.py", "Histology_Extractor.py", "masking_non_tissue.py"):
+    for s in SCRIPTS[:-1]:  # stages 1-4
         if not (d / "manifests" / f"{s[:-3]}.json").is_file():
             sh([sys.executable, s, "--directory", str(d), "-q"])
     configs = {k: v for k, v in CONFIGS.items() if a.only is None or k in a.only}

@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "her2st"
 MODELS = {"trihrge": [], "mlp": ["--model", "mlp"], "interp": ["--model", "interp"]}
-STAGES = ["image_calibration.py", "get_HR.py", "Histology_Extractor.py", "masking_non_tissue.py"]
+from utils.core.manifest import SCRIPTS  # noqa: E402
+
+STAGES = SCRIPTS[:-1]  # stages 1-4 (utils/core/manifest.py: the one stage list)
 
 
 def sh(cmd):
@@ -93,7 +95,7 @@ def main():
                 print(f"  {k:14s} median per-gene r {v['median_r_mean']:.3f} +- {v['median_r_sd']:.3f} ({v['runs']} run(s))",
                       flush=True)
     rows = sorted({r for tag in allres.values() for r in tag})
-    print(f"\n| section, protocol | " + " | ".join(a.models + ["nearest spot"]) + " |")
+    print("\n| section, protocol | " + " | ".join(a.models + ["nearest spot"]) + " |")
     print("|---" * (len(a.models) + 2) + "|")
     for r in rows:
         v = allres.get(a.tag, {}).get(r)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-STAGES = ["image_calibration.py", "get_HR.py", "Histology_Extractor.py", "masking_non_tissue.py"]
+from utils.core.manifest import SCRIPTS  # noqa: E402
+
+STAGES = SCRIPTS[:-1]  # stages 1-4 (utils/core/manifest.py: the one stage list)
 BUDGETS = {"demo": ["--epochs", "30", "--n-states", "2", "--lr", "1e-3", "--val-fraction", "0"],  # `make demo`
            "full": []}  # the defaults: 5 states, up to 500 epochs at lr 1e-3 with early stopping
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -79,7 +81,7 @@ def run_size(size, budgets, seed):
         res["stages"][s] = {"seconds": round(t, 2), "peak_rss_mb": round(m / 2**20)}
         print(f"[{size}] {s:24s} {t:7.1f} s {m / 2**20:7.0f} MB", flush=True)
     import anndata
-    import numpy as np
+
     from utils.core.layout import load_mask
     spots = anndata.read_h5ad(d / "spots.h5ad")
     mask = load_mask(d)

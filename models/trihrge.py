@@ -12,7 +12,6 @@ Inputs of forward():
 Output: (B, T, G) predictions in the scaled target units, or (B, M, G) with keep."""
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .layers import positive_output, take_tokens
 from .registry import register_model

@@ -106,3 +106,31 @@ def her2st_c2(tmp_path):
         p.chmod(0o644)
     dst.chmod(0o755)
     return dst
+
+
+UPSTREAM = (("image_calibration.py", []), ("get_HR.py", ["--n-genes", 40]),
+            ("Histology_Extractor.py", []), ("masking_non_tissue.py", []))
+
+
+def run_stages_1_to_4(d):
+    for script, args in UPSTREAM:
+        r = run_script(script, d, *args, "-q")
+        assert r.returncode == 0, (script, r.stderr[-3000:])
+
+
+@pytest.fixture(scope="session")
+def demo_upstream(tmp_path_factory):
+    """The small simulated tissue after stages 1-4, built once per session. Never modify it: copy it
+    (copy_demo)."""
+    from utils.simulate.simulation import simulate
+    d = tmp_path_factory.mktemp("demo-upstream") / "small"
+    simulate(d, size="small", seed=3, extent_mm=1.0, n_genes=60, progress=False)
+    run_stages_1_to_4(d)
+    return d
+
+
+def copy_demo(src, dst, results=False):
+    """A private copy of a demo directory (without results/ unless asked)."""
+    import shutil
+    shutil.copytree(src, dst, ignore=None if results else shutil.ignore_patterns("results"))
+    return dst

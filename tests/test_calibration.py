@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-
 from conftest import assert_user_error, run_script, snapshot, write_raw_dir
+
 from utils.core import geometry as geo
-from utils.stages.image_calibration import calibrate, superpixel_means
 from utils.core import layout as L
+from utils.stages.image_calibration import calibrate, superpixel_means
 
 
 def _marker_image(h=900, w=1100, box=(400, 300, 60)):

@@ -7,13 +7,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import assert_user_error, run_script, snapshot, write_raw_dir
-from utils.stages.image_calibration import calibrate
+
 from utils.core.cli import run
 from utils.core.layout import FEATURES_DIR
-from utils.stages.histology_extractor import extract_features, load_features
 from utils.histology.tile_features import lattice_weights, shift_offsets, tent_weights
+from utils.stages.histology_extractor import extract_features, load_features
+from utils.stages.image_calibration import calibrate
 
 SP = 16
 SQUARE = (slice(5, 8), slice(9, 13))   # super-pixel rows 5-7, cols 9-12
@@ -52,6 +52,7 @@ def _tissue(h=460, w=600, seed=0):
 def _cli(argv, capsys):
     """Run Histology_Extractor.main in-process as the script would; returns (exit code, stderr)."""
     import logging
+
     import Histology_Extractor
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -252,7 +253,7 @@ def test_uni_without_weights_or_token_fails_fast(tmp_path):
     proc = run_script("Histology_Extractor.py", d, "--backbone", "uni",
                       env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")}, timeout=60)
     elapsed = time.perf_counter() - t0
-    line = assert_user_error(proc, "MahmoodLab/UNI", "--weights", "--login")
+    assert_user_error(proc, "MahmoodLab/UNI", "--weights", "--login")
     assert elapsed < 10, elapsed
     assert snapshot(d) == before
     proc = run_script("Histology_Extractor.py", d, "--backbone", "uni2-h", "--weights", tmp_path / "nope.bin",

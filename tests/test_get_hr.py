@@ -2,12 +2,12 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_user_error, hex_lattice, run_script, snapshot, square_lattice, write_raw_dir
 from scipy.spatial import cKDTree
 
-from conftest import assert_user_error, hex_lattice, run_script, snapshot, square_lattice, write_raw_dir
-from utils.stages.image_calibration import calibrate
-from utils.stages.get_hr import build_hr
 from utils.spots.lattice import describe_lattice, hr_pseudo_spots
+from utils.stages.get_hr import build_hr
+from utils.stages.image_calibration import calibrate
 
 
 @pytest.mark.parametrize("angle", [0.0, 17.0, 30.0])

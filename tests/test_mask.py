@@ -5,15 +5,14 @@ import json
 import cv2
 import numpy as np
 import pytest
-
 from conftest import REPO, assert_user_error, run_script, write_raw_dir
+
 from utils.core import geometry as geo
-from utils.stages.image_calibration import calibrate
-from utils.core.layout import load_calibrated_spots
 from utils.core.errors import InputError
 from utils.core.image_io import read_png
-from utils.core.layout import load_mask
+from utils.core.layout import load_calibrated_spots, load_mask
 from utils.histology.tissue_mask import spots_inside, superpixel_texture
+from utils.stages.image_calibration import calibrate
 from utils.stages.masking_non_tissue import mask_tissue
 
 SP = geo.SUPER_PIXEL_PX

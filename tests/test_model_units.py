@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import hex_lattice
+
 from models import build_model
 from utils.core import geometry as geo
 from utils.superres.consistency import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
@@ -146,7 +146,9 @@ def test_kernel_weights_and_rescaling():
     np.testing.assert_allclose(W.sum(1), 1.0)
     assert W[1, 0] == pytest.approx(0.5) and W[2, 1] == pytest.approx(1.0)
     vals = np.array([[1.0], [2.0], [4.0]])
-    s = spot_sums(vals, np.array([0, 0, 1]), np.array([0, 1, 2]), 2)
+    import scipy.sparse as sparse
+    M = sparse.csr_matrix((np.ones(3), (np.array([0, 0, 1]), np.array([0, 1, 2]))), shape=(2, 3))
+    s = spot_sums(vals, M)
     np.testing.assert_allclose(s, [[3.0], [4.0]])
     measured = np.array([[6.0], [4.0]])
     np.testing.assert_allclose(global_rescale_factors(measured, s), [10 / 7], rtol=1e-6)

@@ -6,22 +6,14 @@ import shutil
 import anndata
 import numpy as np
 import pytest
-
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, copy_demo, run_script
 
 FAST = ["--epochs", "4", "--n-states", "2", "--lr", "1e-3", "--threads", "1", "-q"]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from utils.simulate.simulation import simulate
-    d = tmp_path_factory.mktemp("demo") / "small"
-    simulate(d, size="small", seed=3, extent_mm=1.0, n_genes=60, progress=False)
-    for script, args in (("image_calibration.py", []), ("get_HR.py", ["--n-genes", 40]),
-                         ("Histology_Extractor.py", []), ("masking_non_tissue.py", [])):
-        r = run_script(script, d, *args, "-q")
-        assert r.returncode == 0, (script, r.stderr[-3000:])
-    return d
+def demo(demo_upstream, tmp_path_factory):
+    return copy_demo(demo_upstream, tmp_path_factory.mktemp("demo") / "small")
 
 
 def test_histex_end_to_end(demo):

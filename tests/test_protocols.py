@@ -4,8 +4,8 @@ import json
 import anndata
 import numpy as np
 import pandas as pd
-
 from conftest import square_lattice, write_raw_dir
+
 from utils.evaluation.protocols import make, score, split
 
 

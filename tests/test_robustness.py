@@ -16,29 +16,25 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-
-from conftest import REPO, assert_user_error, hex_lattice, run_script, snapshot, write_raw_dir
+from conftest import (
+    REPO,
+    assert_user_error,
+    copy_demo,
+    hex_lattice,
+    run_script,
+    run_stages_1_to_4,
+    snapshot,
+    write_raw_dir,
+)
 
 FAST = ["--epochs", "3", "--n-states", "2", "--lr", "1e-3", "--threads", "1", "-q"]
 TOKEN = "hf_" + "FAKE" * 8 + "0123"  # built at run time: no token-like literal in the repo
-UPSTREAM = (("image_calibration.py", []), ("get_HR.py", ["--n-genes", 40]),
-            ("Histology_Extractor.py", []), ("masking_non_tissue.py", []))
-
-
-def _stages_1_to_4(d):
-    for script, args in UPSTREAM:
-        r = run_script(script, d, *args, "-q")
-        assert r.returncode == 0, (script, r.stderr[-3000:])
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_upstream):
     """The small simulated tissue after stages 1-4 (never modified by the tests: they copy it)."""
-    from utils.simulate.simulation import simulate
-    d = tmp_path_factory.mktemp("robust") / "small"
-    simulate(d, size="small", seed=3, extent_mm=1.0, n_genes=60, progress=False)
-    _stages_1_to_4(d)
-    return d
+    return demo_upstream
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +43,6 @@ def raw(tmp_path_factory):
     d = tmp_path_factory.mktemp("raw") / "d"
     write_raw_dir(d, hex_lattice(6, 5, 250.0, origin=(150.0, 150.0)), pixel_size=0.4)
     return d
-
-
-def _copy(src, dst, results=False):
-    shutil.copytree(src, dst, ignore=None if results else shutil.ignore_patterns("results"))
-    return dst
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,14 +141,14 @@ RAW_ROWS = [
     ("counts-no-genes", "get_HR.py", True, _counts(lambda df: df.iloc[:, :0]), ["cnts.tsv"]),
     ("counts-text", "get_HR.py", True, _counts(_text_gene), ["cnts.tsv", "G3", "non-numeric"]),
     ("counts-h5ad-corrupt", "get_HR.py", True, _corrupt_h5ad, ["cnts.h5ad", "cannot be read as AnnData"]),
-    ("n-genes-zero", "get_HR.py", True, lambda d: ["--n-genes", 0], ["--n-genes 0", "at least 1"]),
+    ("n-genes-zero", "get_HR.py", True, lambda d: ["--n-genes", 0], ["--n-genes", "at least 1"]),
     ("gene-list-empty", "get_HR.py", True, _gene_list_empty, ["genes-empty.txt", "empty"]),
 ]
 
 
 @pytest.mark.parametrize("row,script,calibrated,mutate,fragments", RAW_ROWS, ids=[r[0] for r in RAW_ROWS])
 def test_bad_raw_inputs(raw, tmp_path, row, script, calibrated, mutate, fragments):
-    d = _copy(raw, tmp_path / "d")
+    d = copy_demo(raw, tmp_path / "d")
     if calibrated:
         from utils.stages.image_calibration import calibrate
         calibrate(d)
@@ -211,10 +202,10 @@ def _corrupt_manifest(d):
 DEMO_ROWS = [
     ("features-changed", "HISTEX.py", lambda d: _features_other_size(d) and [],
      ["micro.npy", "changed after Histology_Extractor.py", "--force"]),
-    ("features-shape", "HISTEX.py", _features_other_size, ["micro.npy", "features.json says", "rerun Histology_Extractor.py"]),
+    ("features-shape", "HISTEX.py", _features_other_size, ["micro.npy", "features.json says", "rerun `python Histology_Extractor.py"]),
     ("features-other-image", "HISTEX.py", _features_all_other_size,
-     ["features", "another image size", "rerun `python Histology_Extractor.py"]),
-    ("features-garbage", "HISTEX.py", _features_garbage, ["meso.npy", "cannot be read", "rerun Histology_Extractor.py"]),
+     ["features", "super-pixel grid", "rerun `python Histology_Extractor.py"]),
+    ("features-garbage", "HISTEX.py", _features_garbage, ["meso.npy", "cannot be read", "rerun `python Histology_Extractor.py"]),
     ("features-missing", "HISTEX.py", lambda d: shutil.rmtree(d / "features") or [],
      ["missing", "Histology_Extractor.py"]),
     ("mask-empty", "HISTEX.py", _mask(np.zeros_like), ["mask.png", "no tissue in the mask", "masking_non_tissue.py"]),
@@ -222,15 +213,15 @@ DEMO_ROWS = [
     ("mask-other-size", "HISTEX.py", _mask(lambda m: m[:-4]), ["mask.png", "super-pixel grid", "masking_non_tissue.py"]),
     ("mask-not-run", "HISTEX.py", lambda d: (d / "manifests" / "masking_non_tissue.json").unlink() or [],
      ["masking_non_tissue.json", "has not run", "masking_non_tissue.py"]),
-    ("manifest-corrupt", "HISTEX.py", _corrupt_manifest, ["get_HR.json", "not valid JSON", "rerun get_HR.py"]),
+    ("manifest-corrupt", "HISTEX.py", _corrupt_manifest, ["get_HR.json", "not valid JSON", "rerun `python get_HR.py"]),
     ("he-tif-missing", "Histology_Extractor.py", _unlink("he.tif"), ["he.tif", "missing", "image_calibration.py"]),
     ("he-small-changed", "masking_non_tissue.py", lambda d: cv2.imwrite(str(d / "he-small.png"), np.zeros((5, 5, 3), np.uint8)) and [],
      ["he-small.png", "changed after image_calibration.py", "--force"]),
     ("he-small-other-size", "masking_non_tissue.py",
      lambda d: cv2.imwrite(str(d / "he-small.png"), np.zeros((5, 5, 3), np.uint8)) and ["--force"],
      ["he-small.png", "super-pixel grid"]),
-    ("shifts-zero", "Histology_Extractor.py", lambda d: ["--shifts", 0], ["--shifts 0", "must be 1"]),
-    ("batch-zero", "Histology_Extractor.py", lambda d: ["--batch-size", 0], ["--batch-size 0", "at least 1"]),
+    ("shifts-zero", "Histology_Extractor.py", lambda d: ["--shifts", 0], ["--shifts", "at least 1"]),
+    ("batch-zero", "Histology_Extractor.py", lambda d: ["--batch-size", 0], ["--batch-size", "at least 1"]),
     ("not-a-directory", "image_calibration.py", None, ["not a directory", "--directory"]),
 ]
 
@@ -240,6 +231,7 @@ def _in_process(script, directory, args, capsys):
     torch and anndata are imported once for the whole table; returns a CompletedProcess."""
     import importlib
     import logging
+
     from utils.core.cli import run
     mod = importlib.import_module(script[:-3])
     argv = ["--directory", str(directory), *map(str, args)]
@@ -258,7 +250,7 @@ def _in_process(script, directory, args, capsys):
 
 @pytest.mark.parametrize("row,script,mutate,fragments", DEMO_ROWS, ids=[r[0] for r in DEMO_ROWS])
 def test_bad_artifacts(demo, tmp_path, capsys, row, script, mutate, fragments):
-    d = _copy(demo, tmp_path / "d")
+    d = copy_demo(demo, tmp_path / "d")
     if mutate is None:  # --directory names a file
         target = d / "cnts.tsv"
         before = snapshot(d)
@@ -277,7 +269,7 @@ def test_directory_without_write_permission(raw, tmp_path, monkeypatch, capsys):
     refusal is checked by making os.access say no; as another user a real chmod is tried too."""
     import image_calibration
     from utils.core import cli
-    d = _copy(raw, tmp_path / "d")
+    d = copy_demo(raw, tmp_path / "d")
     before = snapshot(d)
     real_access = os.access
     monkeypatch.setattr(cli.os, "access", lambda p, mode, *a, **k: False if Path(p) == d else real_access(p, mode, *a, **k))
@@ -311,8 +303,10 @@ def test_directory_without_write_permission(raw, tmp_path, monkeypatch, capsys):
 # interruption, reruns, determinism
 
 def _public(snap):
-    """Artifact names, without the temporaries a killed stage may leave (swept by the next run)."""
-    return {k: v for k, v in snap.items() if not any(part.startswith(".trihrge-tmp") for part in Path(k).parts)}
+    """Artifact names, without the temporaries and the lock file a killed stage leaves (the next run
+    sweeps them and takes the lock over)."""
+    return {k: v for k, v in snap.items()
+            if k != ".trihrge.lock" and not any(part.startswith(".trihrge-tmp") for part in Path(k).parts)}
 
 
 def _start(cmd, log):
@@ -339,7 +333,7 @@ def _kill_when(p, ready, limit=60):
 
 
 def test_sigkill_keeps_artifacts_and_rerun_matches_uninterrupted_run(demo, tmp_path):
-    d = _copy(demo, tmp_path / "d")
+    d = copy_demo(demo, tmp_path / "d")
     r = run_script("HISTEX.py", d, *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
     out = d / "results" / "trihrge"
@@ -378,7 +372,7 @@ def test_input_change_rerun_equals_clean_run_and_writes_only_inside(demo, tmp_pa
     """radius-raw.txt changed: rerunning stages 1-4 + HISTEX on the old directory gives what a clean
     run on fresh inputs gives; and the stages write nothing outside --directory."""
     new_radius = str(float((demo / "radius-raw.txt").read_text()) * 1.1)
-    a = _copy(demo, tmp_path / "rerun")
+    a = copy_demo(demo, tmp_path / "rerun")
     (a / "radius-raw.txt").write_text(new_radius)
     box = tmp_path / "box"
     box.mkdir()
@@ -390,7 +384,7 @@ def test_input_change_rerun_equals_clean_run_and_writes_only_inside(demo, tmp_pa
     (b / "radius-raw.txt").write_text(new_radius)
     outside_before = {k: v for k, v in snapshot(box).items() if not k.startswith("clean/")}
     for d in (a, b):
-        _stages_1_to_4(d)
+        run_stages_1_to_4(d)
         r = run_script("HISTEX.py", d, "--model", "interp", "-q")
         assert r.returncode == 0, r.stderr[-3000:]
     assert {k: v for k, v in snapshot(box).items() if not k.startswith("clean/")} == outside_before
@@ -414,7 +408,7 @@ def _all_text(root):
 
 
 def test_hub_token_is_written_nowhere(demo, tmp_path):
-    d = _copy(demo, tmp_path / "d")
+    d = copy_demo(demo, tmp_path / "d")
     hf = tmp_path / "hf-home"
     env = {"HF_HUB_OFFLINE": "1", "HF_TOKEN": TOKEN, "HF_HOME": str(hf)}
     before = snapshot(d)

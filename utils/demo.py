@@ -8,15 +8,13 @@ import time
 from pathlib import Path
 
 from .core.cli import HelpFormatter
+from .core.manifest import SCRIPTS
 
 REPO = Path(__file__).resolve().parent.parent
 
 # stage script, extra arguments the demo passes (kept small so the medium demo runs in minutes on 2 cores)
 DEMO_STAGES = [
-    ("image_calibration.py", []),
-    ("get_HR.py", []),
-    ("Histology_Extractor.py", []),
-    ("masking_non_tissue.py", []),
+    *((script, []) for script in SCRIPTS[:-1]),   # stages 1-4 with their defaults
     # demo training budget: 2 states x 30 epochs at lr 1e-3 on every spot (too short for early stopping,
     # so no held-out spots); the defaults (5 states, up to 500 epochs, early stopping) take several times longer
     ("HISTEX.py", ["--epochs", "30", "--n-states", "2", "--lr", "1e-3", "--val-fraction", "0"]),

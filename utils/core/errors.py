@@ -3,8 +3,3 @@
 
 class InputError(Exception):
     """Bad or missing input. The message must name the file, the problem and the fix."""
-
-
-def require(condition, message):
-    if not condition:
-        raise InputError(message)

@@ -20,17 +20,6 @@ def superpixel_centres(rows, cols):
     return (cols + 0.5) * SUPER_PIXEL_PX, (rows + 0.5) * SUPER_PIXEL_PX
 
 
-def disk_offsets(radius_px):
-    """(drow, dcol) offsets of the super-pixels whose centres lie within radius_px of a spot centre
-    that sits at a super-pixel centre. Use footprint() for spots anywhere."""
-    r = radius_px / SUPER_PIXEL_PX
-    n = int(np.ceil(r))
-    d = np.arange(-n, n + 1)
-    dr, dc = np.meshgrid(d, d, indexing="ij")
-    keep = dr ** 2 + dc ** 2 <= r ** 2
-    return np.stack([dr[keep], dc[keep]], axis=1)
-
-
 def footprint(x, y, radius_px, grid_shape=None):
     """Super-pixels of one spot: those whose centre is within radius_px (calibrated px) of (x, y).
 
@@ -62,6 +51,19 @@ def footprints(xs, ys, radius_px, grid_shape=None):
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
     return np.concatenate(idx), np.concatenate(rows), np.concatenate(cols)
+
+
+def footprint_matrix(xy, radius_px, index, n_points, dtype=np.float32):
+    """Sparse (n_spots, n_points) 0/1 matrix: 1 where point index[row, col] lies in spot i's footprint.
+
+    xy: (n_spots, 2) calibrated centres; index: (rows, cols) grid of point numbers, -1 where there is
+    none. M @ values sums per-point values over every footprint (the footprint sum of every module)."""
+    import scipy.sparse as sparse
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    si, rr, cc = footprints(xy[:, 0], xy[:, 1], radius_px, index.shape)
+    j = index[rr, cc]
+    on = j >= 0
+    return sparse.csr_matrix((np.ones(int(on.sum()), dtype), (si[on], j[on])), shape=(len(xy), int(n_points)))
 
 
 def calibration_scale(raw_pixel_size_um, target_pixel_size_um=TARGET_PIXEL_SIZE_UM):

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .layout import RAW_COUNTS as COUNTS_NAMES, RAW_IMAGES as IMAGE_NAMES, RAW_LOCS as LOCS_NAMES
+from .layout import RAW_COUNTS as COUNTS_NAMES
+from .layout import RAW_IMAGES as IMAGE_NAMES  # noqa: F401  (re-exported: the names the readers look for)
+from .layout import RAW_LOCS as LOCS_NAMES
 
 PIXEL_SIZE_RANGE_UM = (0.05, 2.0)
 ID_COLUMNS = ("spot", "id", "barcode", "spot_id", "Unnamed: 0", "")

@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 
 from ..core import geometry as geo
 from ..core.atomic import StagedOutputs
-from ..core.cli import HelpFormatter, run, setup_logging
+from ..core.cli import HelpFormatter, setup_logging
 from ..core.errors import InputError
 from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, find_one, match_spots, read_counts, read_locs
 
@@ -135,12 +135,8 @@ def score(run_dirs, n_genes=100):
         gi = [list(sr.var_names).index(g) for g in genes]
         lookup = np.full(tuple(calib["superpixel_grid"]), -1)
         lookup[sr.obs["row"].to_numpy(), sr.obs["col"].to_numpy()] = np.arange(sr.n_obs)
-        si, rr, cc = geo.footprints(hxy[:, 0], hxy[:, 1], radius, lookup.shape)
-        j = lookup[rr, cc]
-        ok = j >= 0
-        X = np.asarray(sr.X)[:, gi]
-        pred = np.zeros((len(hxy), len(genes)))
-        np.add.at(pred, si[ok], X[j[ok]])
+        M = geo.footprint_matrix(hxy, radius, lookup, sr.n_obs, dtype=np.float64)
+        pred = np.asarray(M @ np.asarray(sr.X, dtype=np.float64)[:, gi])
         results[r.name] = _pearson_per_gene(pred, h[genes].to_numpy(float))
     # baseline: the nearest training spot's counts
     _, nn = cKDTree(tl[["x", "y"]].to_numpy()).query(hl[["x", "y"]].to_numpy())

@@ -3,14 +3,12 @@
 Per gene, prediction and truth are min-max scaled inside the truth mask, then Pearson r, SSIM
 (data_range 1) and RMSE; medians and means over genes. Several runs print one comparison table."""
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import anndata
 import numpy as np
 
-from ..core.cli import HelpFormatter, run, setup_logging
+from ..core.cli import HelpFormatter, setup_logging
 from ..core.errors import InputError
 from .metrics import align_to_truth, score_maps
 

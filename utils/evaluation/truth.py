@@ -14,8 +14,14 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ..core.geometry import (SUPER_PIXEL_PX, SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, calibration_scale, footprints,
-                       superpixel_grid_shape)
+from ..core.geometry import (
+    SUPER_PIXEL_PX,
+    SUPER_PIXEL_UM,
+    TARGET_PIXEL_SIZE_UM,
+    calibration_scale,
+    footprint_matrix,
+    superpixel_grid_shape,
+)
 
 SPOT_DIAMETER_UM = 55.0
 SPOT_SPACING_UM = 100.0
@@ -72,12 +78,9 @@ def pseudo_visium_spots(truth, rows, cols, grid_shape, image_hw, pixel_size, see
     keep = np.zeros(len(x_raw), bool)
     keep[ok] = index[cr[ok], cc[ok]] >= 0
     kept = np.flatnonzero(keep)
-    spot, fr, fc = footprints(x_raw[kept] * scale, y_raw[kept] * scale, radius_calibrated_px, grid_shape)
-    t = index[fr, fc]
-    on = t >= 0
-    # spots x super-pixels of ones in the truth's dtype (float32 for the simulator's dense truth, int64 for sparse)
-    Sm = sparse.csr_matrix((np.ones(int(on.sum()), truth.dtype), (spot[on], t[on])),
-                           shape=(kept.size, truth.shape[0]))
+    # ones in the truth's dtype (float32 for the simulator's dense truth, int64 for sparse)
+    Sm = footprint_matrix(np.c_[x_raw[kept], y_raw[kept]] * scale, radius_calibrated_px, index, truth.shape[0],
+                          dtype=truth.dtype)
     if sparse.issparse(truth):
         counts = (Sm @ truth).tocsr()
     else:
@@ -98,6 +101,7 @@ def write_truth_h5ad(out, directory, X, rows, cols, genes, pixel_size, image_hw,
     entries of `uns` in their order. mask.png: 255 at the super-pixels holding truth, 0 elsewhere.
     Returns the super-pixel grid shape."""
     import anndata
+
     from ..core.image_io import write_png
     grid_shape = superpixel_grid_shape(image_hw, pixel_size)
     rows = np.asarray(rows, np.int64)

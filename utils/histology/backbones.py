@@ -103,15 +103,15 @@ def resolve_weights(backbone, weights=None, token=None, random_init=False):
             raise InputError(f"{p}: the weights file is empty; download the checkpoint again")
         return WeightSource("file", path=p, description=f"file {p.name} ({p.stat().st_size} bytes)", token_given=token_given)
     if backbone not in HUB_MODELS:
-        raise InputError(f"--backbone timm:...: needs --weights PATH (a local checkpoint of that architecture); "
-                         f"the timm hub names are not downloaded here")
+        raise InputError("--backbone timm:...: needs --weights PATH (a local checkpoint of that architecture); "
+                         "the timm hub names are not downloaded here")
     repo, fname, _ = HUB_MODELS[backbone]
     if not token:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - a dependency
-        raise InputError(f"huggingface_hub is not installed; pip install huggingface_hub, or pass --weights") from None
+        raise InputError("huggingface_hub is not installed; pip install huggingface_hub, or pass --weights") from None
     if not token:
         try:
             path = hf_hub_download(repo, fname, local_files_only=True)
@@ -183,8 +183,8 @@ def load_state_dict(path):
 
 def _resolve_layer_names(kwargs):
     """JSON-able layer names ('SwiGLUPacked', 'SiLU', 'GELU') -> classes for timm."""
-    import torch
     import timm.layers
+    import torch
     out = dict(kwargs)
     for k in ("mlp_layer", "act_layer", "norm_layer"):
         v = out.get(k)

@@ -4,7 +4,6 @@ import numpy as np
 from ..core import geometry as geo
 
 
-
 def make_overlay(rgb, mask, valid, locs, radius_px, inside, scale=None, caption=None):
     """RGB preview: the H&E (one pixel per super-pixel, enlarged `scale` times: 2 by default, 1 above
     2000 super-pixels, up to 8 for grids under 200 super-pixels), background tinted

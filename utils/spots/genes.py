@@ -5,7 +5,6 @@ import numpy as np
 
 from ..core.errors import InputError
 
-
 DEFAULT_N_GENES = 1000
 
 
@@ -56,7 +55,3 @@ def minmax_scaling(X):
 def scale_counts(X, lo, hi):
     rng = np.where(hi > lo, hi - lo, 1.0)
     return ((X - lo) / rng).astype(np.float32)
-
-
-def unscale(Y, lo, hi):
-    return (Y * np.where(hi > lo, hi - lo, 1.0) + lo).astype(np.float32)

@@ -20,7 +20,7 @@ from ..core.device import resolve_device
 from ..core.errors import InputError
 from ..core.stage import Stage
 from ..superres.config import HistexConfig
-from ..superres.consistency import apply_spot_consistency, footprint_pairs, superpixel_kernel, tissue_index
+from ..superres.consistency import apply_spot_consistency, superpixel_kernel, tissue_footprints, tissue_index
 from ..superres.inputs import spot_arrays, training_data
 from ..superres.outputs import superpixel_obs, write_gene_maps, write_h5ad_streamed, write_loss_plot
 from ..superres.predict import predict_tissue
@@ -39,7 +39,7 @@ class _SpotInputs:
     mask: np.ndarray
     rows: np.ndarray
     cols: np.ndarray
-    pairs: tuple            # (spot, tissue super-pixel) footprint pairs
+    footprints: object      # sparse (spots, tissue super-pixels) footprint matrix
     footprint_size: np.ndarray
     plot_genes: list
 
@@ -70,11 +70,11 @@ def _read_inputs(directory, config) -> _SpotInputs:
     rows, cols = tissue_index(mask)
     if len(rows) == 0:
         raise L.MASK.damaged(directory, "no tissue in the mask (perhaps rerun it with a lower --threshold)")
-    si, tj, fp_size = footprint_pairs(spots.obs[["x", "y"]].to_numpy(np.float64), float(spots.uns["radius_px"]), mask)
-    if len(si) == 0:
+    fp, fp_size = tissue_footprints(spots.obs[["x", "y"]].to_numpy(np.float64), float(spots.uns["radius_px"]), mask)
+    if fp.nnz == 0:
         raise InputError(f"{L.MASK.path(directory)}: no spot footprint overlaps the tissue mask; check the mask "
                          f"({L.MASK_OVERLAY.name}) and the spot coordinates")
-    return _SpotInputs(calib, spots, hr, mask, rows, cols, (si, tj), fp_size, plot_genes)
+    return _SpotInputs(calib, spots, hr, mask, rows, cols, fp, fp_size, plot_genes)
 
 
 def _interpolate(inp, config, n_fp):
@@ -137,7 +137,7 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         else:
             sr, cfg, histories = _interpolate(inp, config, n_fp)
         sigma_px = config.sigma * inp.spots.uns["lattice"]["spacing_px"]
-        predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.pairs,
+        predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints,
                                            lambda: superpixel_kernel(inp.rows, inp.cols, inp.xy, sigma_px))
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,
                  predicted.sum() / max(1.0, inp.counts.sum()))

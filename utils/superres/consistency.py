@@ -24,12 +24,9 @@ def kernel_weights(points_xy, spots_xy, sigma_px, cutoff=3.0, k=32):
     return sp.csr_matrix((w.ravel(), (rows, idx.ravel())), shape=(len(points_xy), len(spots_xy)))
 
 
-def spot_sums(values, spot_index, sp_index, n_spots):
-    """Sum of per-super-pixel values (n_sp x G) over each spot's footprint.
-
-    spot_index/sp_index: flat pairs (spot i, super-pixel j) of the footprints, j indexing `values`."""
-    M = sp.csr_matrix((np.ones(len(spot_index)), (spot_index, sp_index)), shape=(n_spots, values.shape[0]))
-    return np.asarray(M @ values, dtype=np.float64)
+def spot_sums(values, footprints):
+    """Sum of per-super-pixel values (n_sp x G) over each spot's footprint (geometry.footprint_matrix)."""
+    return np.asarray(footprints @ values, dtype=np.float64)
 
 
 def local_rescale_factors(measured, predicted, W, eps=1.0, clip=(0.1, 10.0)):
@@ -52,17 +49,13 @@ def tissue_index(mask):
     return rows.astype(np.int64), cols.astype(np.int64)
 
 
-def footprint_pairs(xy, radius, mask):
-    """Flat (spot, tissue super-pixel) pairs of every spot footprint, and the footprint sizes
-    (all super-pixels, tissue or not)."""
-    lookup = np.full(mask.shape, -1, dtype=np.int64)
+def tissue_footprints(xy, radius, mask):
+    """(footprint matrix spots x tissue super-pixels, footprint sizes over the whole grid)."""
     rows, cols = tissue_index(mask)
-    lookup[rows, cols] = np.arange(len(rows))
-    si, rr, cc = geo.footprints(xy[:, 0], xy[:, 1], radius, mask.shape)
-    full_size = np.bincount(si, minlength=len(xy))
-    tj = lookup[rr, cc]
-    keep = tj >= 0
-    return si[keep], tj[keep], full_size
+    index = np.full(mask.shape, -1, dtype=np.int64)
+    index[rows, cols] = np.arange(len(rows))
+    full = geo.footprint_matrix(xy, radius, np.arange(mask.size).reshape(mask.shape), mask.size)
+    return geo.footprint_matrix(xy, radius, index, len(rows)), np.diff(full.indptr)
 
 
 def superpixel_kernel(rows, cols, xy, sigma_px):
@@ -70,16 +63,15 @@ def superpixel_kernel(rows, cols, xy, sigma_px):
     return kernel_weights(np.stack(geo.superpixel_centres(rows, cols), 1), xy, sigma_px)
 
 
-def apply_spot_consistency(sr, mode, counts, pairs, kernel):
+def apply_spot_consistency(sr, mode, counts, footprints, kernel):
     """Rescale sr (n_superpixels, G) in place: 'global' one factor per gene (iStar), 'local' the
     kernel-smoothed ratio per super-pixel (kernel(): the weights, built only when needed), 'none'.
-    pairs = (spot, super-pixel) footprint pairs. Returns the predicted spot sums afterwards."""
-    si, tj = pairs
-    predicted = spot_sums(sr, si, tj, len(counts))
+    footprints: the footprint matrix. Returns the predicted spot sums afterwards."""
+    predicted = spot_sums(sr, footprints)
     if mode == "global":
         sr *= global_rescale_factors(counts, predicted)
     elif mode == "local":
         W = kernel()
         for s0 in range(0, len(sr), 16384):  # chunks bound the dense (chunk x genes) factors
             sr[s0:s0 + 16384] *= local_rescale_factors(counts, predicted, W[s0:s0 + 16384])
-    return spot_sums(sr, si, tj, len(counts))
+    return spot_sums(sr, footprints)

@@ -11,8 +11,8 @@ from scipy.spatial import cKDTree
 from ..core import geometry as geo
 from ..core import layout as L
 from ..core.layout import FEATURE_SCALES
-from ..core.errors import InputError
 from ..spots.genes import scale_counts
+
 
 def load_feature_maps(directory, scales=FEATURE_SCALES + ("extra",)):
     """Memory-mapped float16 feature maps, each (rows, cols, channels), checked against he.tif's grid."""

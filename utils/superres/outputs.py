@@ -1,8 +1,8 @@
 """Writing the super-resolution results: super-res.h5ad streamed from a memory-mapped array (so the
 slide-sized matrix never has to sit in memory twice), spot-level predictions, and gene maps."""
+import anndata
 import h5py
 import numpy as np
-import anndata
 import pandas as pd
 
 
