@@ -55,7 +55,7 @@ def tissue_footprints(xy, radius, mask):
     index = np.full(mask.shape, -1, dtype=np.int64)
     index[rows, cols] = np.arange(len(rows))
     full = geo.footprint_matrix(xy, radius, np.arange(mask.size).reshape(mask.shape), mask.size)
-    return geo.footprint_matrix(xy, radius, index, len(rows)), np.diff(full.indptr)
+    return geo.footprint_matrix(xy, radius, index, len(rows), dtype=np.float64), np.diff(full.indptr)
 
 
 def superpixel_kernel(rows, cols, xy, sigma_px):
