@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from conftest import REPO, assert_user_error, run_script
 from scipy import sparse
 
-from conftest import REPO, assert_user_error, run_script
-from utils.core import geometry as geo
 from utils.convert.cli import main as convert_main
+from utils.core import geometry as geo
 
 XENIUM_PX = 0.2125
 

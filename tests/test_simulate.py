@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-
 from conftest import REPO, assert_user_error
+
 from utils.core import geometry as geo
 from utils.simulate.simulation import simulate
 
@@ -284,6 +284,7 @@ def test_strips_join_without_seams(monkeypatch):
 def test_large_layout_writes_sparse_truth(tmp_path, monkeypatch):
     """Above DENSE_LIMIT (the large size) the truth is CSR float32; spots still sum it exactly."""
     import scipy.sparse
+
     from utils.simulate import simulation as S
     monkeypatch.setattr(S, "DENSE_LIMIT", 0)
     d = tmp_path / "sparse"

@@ -11,12 +11,10 @@ cnts.tsv.gz or cnts.h5ad, locs-raw.tsv, radius-raw.txt and section.json; visium-
 written atomically (utils/atomic.py). The readers live in utils/convert_visium.py, utils/convert_xenium.py and
 utils/convert_common.py.
 """
-import argparse
 import textwrap
 from pathlib import Path
 
-from ..core.cli import HelpFormatter, run, setup_logging
-from ..core.errors import InputError
+from ..core.cli import POSITIVE, SEED, HelpFormatter, Parser, setup_logging
 
 DESCRIPTION = __doc__.split("\n\n")[0] + """
 
@@ -30,21 +28,9 @@ def _wrap(text, width=100):
     return "\n\n".join(textwrap.fill(par, width) for par in text.split("\n\n"))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise InputError(f"{message} (see {self.prog} --help)")
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-        return v
-    return parse
+def _skip_image_check(p):
+    p.add_argument("--skip-image-check", action="store_true",
+                   help="do not check --image against tissue_hires_image.png and tissue_hires_scalef")
 
 
 def _common(p, image_help, matrix=True):
@@ -52,7 +38,7 @@ def _common(p, image_help, matrix=True):
                    help="output folder for the raw layout (created if missing); files of an earlier conversion are "
                         "replaced, raw-layout files of another data set make it refuse")
     p.add_argument("--image", type=Path, required=True, help=image_help)
-    p.add_argument("--pixel-size", type=_positive(float), default=None, metavar="UM",
+    p.add_argument("--pixel-size", type=POSITIVE, default=None, metavar="UM",
                    help="um per pixel of --image, overriding the value derived from the data (see the command's "
                         "description for how it is derived)")
     p.add_argument("--image-mode", choices=["hardlink", "copy", "symlink"], default="hardlink",
@@ -70,7 +56,7 @@ def _common(p, image_help, matrix=True):
 
 
 def _pseudo(p):
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=SEED, default=0,
                    help="seed of the pseudo-Visium lattice offset (and of the multinomial split of Xenium cells); "
                         "the same seed gives the same spots")
 
@@ -80,8 +66,8 @@ FULLRES = ("the full-resolution H&E given to Space Ranger (its --image: TIFF/OME
 
 
 def build_parser():
-    p = _Parser(prog="python -m utils.convert", description=DESCRIPTION, formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{visium,visium-hd,xenium,h5ad}", parser_class=_Parser)
+    p = Parser(prog="python -m utils.convert", description=DESCRIPTION, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{visium,visium-hd,xenium,h5ad}", parser_class=Parser)
     sub.required = True
 
     v = sub.add_parser(
@@ -95,10 +81,9 @@ def build_parser():
                     "65 um spot). radius-raw.txt = 27.5 um / pixel size."))
     v.add_argument("source", type=Path, help="Space Ranger outs/ folder (holding spatial/ and the matrix)")
     _common(v, FULLRES)
-    v.add_argument("--spot-diameter-um", type=_positive(float), default=55.0,
+    v.add_argument("--spot-diameter-um", type=POSITIVE, default=55.0,
                    help="physical spot diameter written as radius-raw.txt (Visium: 55)")
-    v.add_argument("--skip-image-check", action="store_true",
-                   help="do not check --image against tissue_hires_image.png and tissue_hires_scalef")
+    _skip_image_check(v)
 
     h = sub.add_parser(
         "visium-hd", formatter_class=HelpFormatter, help="Space Ranger (>= 3.0) Visium HD outs/ folder",
@@ -114,8 +99,7 @@ def build_parser():
                    help="bins to build the truth from: 8 um bins map one-to-one onto super-pixels only when the bin "
                         "grid is aligned with the image; 2 um bins (16 per super-pixel) avoid that aliasing at more "
                         "memory")
-    h.add_argument("--skip-image-check", action="store_true",
-                   help="do not check --image against tissue_hires_image.png and tissue_hires_scalef")
+    _skip_image_check(h)
     _pseudo(h)
 
     x = sub.add_parser(
@@ -142,14 +126,14 @@ def build_parser():
     x.add_argument("--alignment-units", choices=["pixels", "microns"], default="pixels",
                    help="units of the Xenium side of the alignment: Xenium morphology-image pixels (Xenium "
                         "Explorer's matrix and keypoints exports) or microns")
-    x.add_argument("--xenium-pixel-size", type=_positive(float), default=None, metavar="UM",
+    x.add_argument("--xenium-pixel-size", type=POSITIVE, default=None, metavar="UM",
                    help="um per Xenium morphology pixel (default: pixel_size of SOURCE/experiment.xenium, else 0.2125)")
     x.add_argument("--boundaries", type=Path, default=None,
                    help="cell boundary table to use instead of SOURCE/cell_boundaries.parquet")
     x.add_argument("--assign", choices=["auto", "boundaries", "centroids"], default="auto",
                    help="split cells over super-pixels by boundary overlap, or put each wholly at its centroid; auto "
                         "uses boundaries when the file exists")
-    x.add_argument("--raster-um", type=_positive(float), default=0.5,
+    x.add_argument("--raster-um", type=POSITIVE, default=0.5,
                    help="sub-grid (um) on which cell polygons are rasterised to measure their overlap with the 8 um "
                         "super-pixels; must divide 8")
     _pseudo(x)
@@ -167,7 +151,7 @@ def build_parser():
     _common(a, FULLRES, matrix=False)
     a.add_argument("--spatial-key", default="spatial", help="obsm key of the spot centres in full-resolution pixels")
     a.add_argument("--library-id", default=None, help="library in uns['spatial'] when it holds several")
-    a.add_argument("--spot-diameter-um", type=_positive(float), default=55.0,
+    a.add_argument("--spot-diameter-um", type=POSITIVE, default=55.0,
                    help="physical spot diameter written as radius-raw.txt (Visium: 55)")
     return p
 

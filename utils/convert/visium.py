@@ -17,14 +17,34 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.atomic import StagedOutputs, remove_stale_temporaries
-from .common import (SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM, aggregate_to_superpixels,
-                             check_inside, check_pixel_size, counts_name_for, find_matrix, image_shape,
-                             lattice_pixel_size, make_pseudo_spots, numeric, open_target_image, prepare_directory,
-                             read_10x_matrix, read_json, read_table, require_columns,
-                             section_record, superpixel_of, write_raw_layout, write_truth, make_unique, decode)
 from ..core.errors import InputError
 from ..core.geometry import superpixel_grid_shape
+from ..core.stage import Stage
+from .common import (
+    SPACERANGER_SPOT_DIAMETER_UM,
+    VISIUM_SPOT_SPACING_UM,
+    aggregate_to_superpixels,
+    check_inside,
+    check_pixel_size,
+    counts_name_for,
+    decode,
+    find_matrix,
+    image_shape,
+    lattice_pixel_size,
+    make_pseudo_spots,
+    make_unique,
+    numeric,
+    open_target_image,
+    prepare_directory,
+    read_10x_matrix,
+    read_json,
+    read_table,
+    require_columns,
+    section_record,
+    superpixel_of,
+    write_raw_layout,
+    write_truth,
+)
 
 log = logging.getLogger("trihrge")
 
@@ -191,7 +211,6 @@ def convert_visium(args):
 
     counts_name = counts_name_for(args.counts_format, len(sel), len(M.genes))
     directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=False)
-    remove_stale_temporaries(directory)
     conversion = {"converter": "python -m utils.convert visium", "source": str(Path(args.source).resolve()),
                   "image": str(image.resolve()), "positions": pos_path.name, "matrix": M.path.name,
                   "pixel_size_um": ps, "pixel_size_from": how, "lattice": report,
@@ -199,7 +218,8 @@ def convert_visium(args):
     section = section_record("10x Visium (Space Ranger)", "10x Visium: 55 um spots on a 100 um hexagonal lattice",
                              args.tissue, sel, M.genes, pos.loc[sel, "array_col"], pos.loc[sel, "array_row"],
                              conversion)
-    with StagedOutputs() as out:
+    with Stage("convert", directory, manifest=False) as st:
+        out = st.out
         write_raw_layout(out, directory, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=sel, genes=M.genes, X=X, x=x, y=y, radius_raw=radius_raw,
                          section=section, counts_name=counts_name, gene_ids=M.gene_ids)
@@ -285,7 +305,6 @@ def convert_visium_hd(args):
     spots = make_pseudo_spots(truth, rows, cols, grid_shape, hw, ps, args.seed)
     counts_name = counts_name_for(args.counts_format, len(spots["ids"]), len(M.genes))
     directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=True)
-    remove_stale_temporaries(directory)
     conversion = {"converter": "python -m utils.convert visium-hd", "source": str(Path(args.source).resolve()),
                   "bins": bins_dir.name, "image": str(image.resolve()), "matrix": M.path.name,
                   "pixel_size_um": ps, "pixel_size_from": how, "lattice": report, "seed": int(args.seed),
@@ -295,7 +314,8 @@ def convert_visium_hd(args):
                              "pseudo-Visium: 55 um spots on a 100 um hexagonal lattice, summed from 8 um truth "
                              f"built from Visium HD {bin_size} um bins", args.tissue, spots["ids"], M.genes,
                              spots["array_col"], spots["array_row"], conversion)
-    with StagedOutputs() as out:
+    with Stage("convert", directory, manifest=False) as st:
+        out = st.out
         write_raw_layout(out, directory, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=spots["ids"], genes=M.genes, X=spots["counts"], x=spots["x"],
                          y=spots["y"], radius_raw=spots["radius_raw"], section=section, counts_name=counts_name,
@@ -411,7 +431,6 @@ def convert_h5ad(args):
     radius_raw = args.spot_diameter_um / 2 / ps
     counts_name = counts_name_for(args.counts_format, len(ids), len(genes))
     directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=False)
-    remove_stale_temporaries(directory)
     ax = ad.obs["array_col"].to_numpy()[sel][inside] if "array_col" in ad.obs.columns else []
     ay = ad.obs["array_row"].to_numpy()[sel][inside] if "array_row" in ad.obs.columns else []
     conversion = {"converter": "python -m utils.convert h5ad", "source": str(path.resolve()),
@@ -421,7 +440,8 @@ def convert_h5ad(args):
                   "scalefactors": {k: float(v) for k, v in sf.items() if np.isscalar(v)}}
     section = section_record("AnnData (scanpy Visium object)", "10x Visium: 55 um spots on a 100 um hexagonal lattice",
                              args.tissue, ids, genes, ax, ay, conversion)
-    with StagedOutputs() as out:
+    with Stage("convert", directory, manifest=False) as st:
+        out = st.out
         write_raw_layout(out, directory, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=ids, genes=genes, X=X, x=x, y=y, radius_raw=radius_raw,
                          section=section, counts_name=counts_name, gene_ids=gene_ids)

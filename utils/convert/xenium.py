@@ -33,12 +33,27 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ..core.atomic import StagedOutputs, remove_stale_temporaries
-from .common import (check_pixel_size, counts_name_for, decode, find_matrix, make_pseudo_spots, numeric,
-                             open_target_image, prepare_directory, read_10x_matrix, read_table, require_columns,
-                             section_record, write_raw_layout, write_truth, affine_scale, fit_affine)
 from ..core.errors import InputError
 from ..core.geometry import SUPER_PIXEL_UM, superpixel_grid_shape
+from ..core.stage import Stage
+from .common import (
+    affine_scale,
+    check_pixel_size,
+    counts_name_for,
+    decode,
+    find_matrix,
+    fit_affine,
+    make_pseudo_spots,
+    numeric,
+    open_target_image,
+    prepare_directory,
+    read_10x_matrix,
+    read_table,
+    require_columns,
+    section_record,
+    write_raw_layout,
+    write_truth,
+)
 
 log = logging.getLogger("trihrge")
 
@@ -385,7 +400,6 @@ def convert_xenium(args):
     spots = make_pseudo_spots(truth, rows, cols, grid_shape, hw, ps, args.seed)
     counts_name = counts_name_for(args.counts_format, len(spots["ids"]), len(Mx.genes))
     directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=True)
-    remove_stale_temporaries(directory)
     conversion = {"converter": "python -m utils.convert xenium", "source": str(source.resolve()),
                   "image": str(image.resolve()), "alignment": str(Path(args.alignment).resolve()),
                   "alignment_kind": kind, "alignment_matrix": M.tolist(), "invert_alignment": bool(args.invert_alignment),
@@ -400,7 +414,8 @@ def convert_xenium(args):
                              spots["array_row"], conversion)
     cells_out = pd.DataFrame({"cell_id": cell_ids.astype(str), "x": np.round(cx, 3), "y": np.round(cy, 3),
                               "total_counts": np.asarray(X.sum(1)).ravel()})
-    with StagedOutputs() as out:
+    with Stage("convert", directory, manifest=False) as st:
+        out = st.out
         write_raw_layout(out, directory, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=spots["ids"], genes=Mx.genes, X=spots["counts"], x=spots["x"],
                          y=spots["y"], radius_raw=spots["radius_raw"], section=section, counts_name=counts_name,

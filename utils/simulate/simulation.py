@@ -36,12 +36,12 @@ from scipy import ndimage, sparse
 from scipy.spatial import Voronoi
 from tqdm import tqdm
 
-from ..core.atomic import StagedOutputs, remove_stale_temporaries
-from ..core.cli import HelpFormatter, run, setup_logging
+from ..core.cli import HelpFormatter, setup_logging
 from ..core.errors import InputError
 from ..core.geometry import SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, superpixel_grid_shape
 from ..core.image_io import write_png
 from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
+from ..core.stage import Stage
 from ..evaluation.truth import SPOT_DIAMETER_UM, SPOT_SPACING_UM, pseudo_visium_spots, write_truth_h5ad
 
 log = logging.getLogger("trihrge")
@@ -1112,7 +1112,6 @@ def simulate(directory, size="small", seed=0, pixel_size=0.3, n_genes=300, exten
             raise InputError(f"{directory}: already holds {', '.join(others)} of another data set, which would sit "
                              f"beside the simulated files; pass an empty or new folder for --directory")
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(directory)
 
     px = float(pixel_size)
     W = H = int(round(extent_mm * 1000.0 / px))
@@ -1166,7 +1165,8 @@ def simulate(directory, size="small", seed=0, pixel_size=0.3, n_genes=300, exten
     # write everything atomically
     t = time.time()
     renderer = Renderer(world, cells, fibres, membranes, px, (H, W), seed)
-    with StagedOutputs() as out:
+    with Stage("simulate", directory, manifest=False) as st:
+        out = st.out
         render_image(out.path(directory / "he-raw.tif"), renderer, progress)
         out.write_text(directory / "pixel-size-raw.txt", f"{px:g}\n")
         out.write_text(directory / "radius-raw.txt", f"{SPOT_DIAMETER_UM / 2 / px:.6f}\n")
