@@ -270,12 +270,14 @@ def test_help_lists_options():
 def test_strips_join_without_seams(monkeypatch):
     """The image is rendered in strips; apart from the white pixel noise, the strip height must not
     change a single pixel (no seams where strips meet)."""
-    from utils.simulate import simulation as S
-    monkeypatch.setattr(S, "PIXEL_NOISE", 0.0)
-    world = S.World(5, 450.0)
-    cells = S.make_cells(world, 5)
-    membranes, _ = S.adipocyte_geometry(world, cells, 5)
-    r = S.Renderer(world, cells, S.make_fibres(world, 5), membranes, PX, (1500, 1500), 5)
+    from utils.simulate import cells as C
+    from utils.simulate import render
+    from utils.simulate.world import World
+    monkeypatch.setattr(render, "PIXEL_NOISE", 0.0)
+    world = World(5, 450.0)
+    cells = C.make_cells(world, 5)
+    membranes, _ = C.adipocyte_geometry(world, cells, 5)
+    r = render.Renderer(world, cells, render.make_fibres(world, 5), membranes, PX, (1500, 1500), 5)
     a = np.concatenate([r.render(y, min(1500, y + 512), k) for k, y in enumerate(range(0, 1500, 512))])
     b = np.concatenate([r.render(y, min(1500, y + 237), k) for k, y in enumerate(range(0, 1500, 237))])
     np.testing.assert_array_equal(a, b)

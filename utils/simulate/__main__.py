@@ -1,5 +1,5 @@
-"""`python -m utils.simulate`: the demo tissue simulator's command line (utils/simulate/simulation.py)."""
+"""`python -m utils.simulate`: the demo tissue simulator's command line (utils/simulate/cli.py)."""
 from ..core.cli import run
-from .simulation import main
+from .cli import main
 
 run(main)
