@@ -8,8 +8,9 @@
 Every converter writes he-raw.<ext> (a hard link to, or copy of, the given image), pixel-size-raw.txt,
 cnts.tsv.gz or cnts.h5ad, locs-raw.tsv, radius-raw.txt and section.json; visium-hd and xenium also write the
 8 um ground truth (truth/super.h5ad, truth/mask.png) and pseudo-Visium spots summed from it. Everything is
-written atomically (utils/atomic.py). The readers live in utils/convert_visium.py, utils/convert_xenium.py and
-utils/convert_common.py.
+written atomically inside the stage runner (utils/core/stage.py). The readers live in visium.py and
+xenium.py; tables.py, tenx_matrix.py, he_image.py, affine.py, raw_layout.py and truth_layout.py hold what they
+share.
 """
 import textwrap
 from pathlib import Path

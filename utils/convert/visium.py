@@ -20,31 +20,13 @@ import pandas as pd
 from ..core.errors import InputError
 from ..core.geometry import superpixel_grid_shape
 from ..core.stage import Stage
-from .common import (
-    SPACERANGER_SPOT_DIAMETER_UM,
-    VISIUM_SPOT_SPACING_UM,
-    aggregate_to_superpixels,
-    check_inside,
-    check_pixel_size,
-    counts_name_for,
-    decode,
-    find_matrix,
-    image_shape,
-    lattice_pixel_size,
-    make_pseudo_spots,
-    make_unique,
-    numeric,
-    open_target_image,
-    prepare_directory,
-    read_10x_matrix,
-    read_json,
-    read_table,
-    require_columns,
-    section_record,
-    superpixel_of,
-    write_raw_layout,
-    write_truth,
-)
+from .affine import lattice_pixel_size
+from .constants import SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM
+from .he_image import check_inside, check_pixel_size, image_shape, open_target_image
+from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
+from .tables import decode, make_unique, numeric, read_json, read_table, require_columns
+from .tenx_matrix import find_matrix, read_10x_matrix
+from .truth_layout import aggregate_to_superpixels, make_pseudo_spots, section_record, superpixel_of, write_truth
 
 log = logging.getLogger("trihrge")
 

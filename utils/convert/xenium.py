@@ -36,24 +36,12 @@ from scipy import sparse
 from ..core.errors import InputError
 from ..core.geometry import SUPER_PIXEL_UM, superpixel_grid_shape
 from ..core.stage import Stage
-from .common import (
-    affine_scale,
-    check_pixel_size,
-    counts_name_for,
-    decode,
-    find_matrix,
-    fit_affine,
-    make_pseudo_spots,
-    numeric,
-    open_target_image,
-    prepare_directory,
-    read_10x_matrix,
-    read_table,
-    require_columns,
-    section_record,
-    write_raw_layout,
-    write_truth,
-)
+from .affine import affine_scale, fit_affine
+from .he_image import check_pixel_size, open_target_image
+from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
+from .tables import decode, numeric, read_table, require_columns
+from .tenx_matrix import find_matrix, read_10x_matrix
+from .truth_layout import make_pseudo_spots, section_record, write_truth
 
 log = logging.getLogger("trihrge")
 

@@ -104,7 +104,8 @@ def _id_column(df, path, what):
                      f"holding the {what} spot ids); add it")
 
 
-def _examples(items, k=3):
+def examples(items, k=3):
+    """The first k items for a message: "a, b, c, ..."."""
     items = list(items)
     s = ", ".join(map(str, items[:k]))
     return s + (", ..." if len(items) > k else "")
@@ -126,13 +127,13 @@ def read_counts(directory):
         genes = pd.Index([str(g) for g in gdf.columns])
         nonnum = [c for c in gdf.columns if not pd.api.types.is_numeric_dtype(gdf[c])]
         if nonnum:
-            raise InputError(f"{path}: gene column(s) {_examples(nonnum)} hold non-numeric values; "
+            raise InputError(f"{path}: gene column(s) {examples(nonnum)} hold non-numeric values; "
                              f"the count matrix must hold numbers only")
         X = gdf.to_numpy(dtype=np.float32)
         header = _raw_header(path)
         dups = pd.Index(header[1:])[pd.Index(header[1:]).duplicated()].unique()
         if len(dups):
-            raise InputError(f"{path}: duplicated gene names ({_examples(dups)}); "
+            raise InputError(f"{path}: duplicated gene names ({examples(dups)}); "
                              f"make gene names unique (e.g. sum or rename duplicates)")
     return validate_counts(path, pd.Index(ids), pd.Index(genes), X)
 
@@ -156,10 +157,10 @@ def validate_counts(path, ids, genes, X):
         raise InputError(f"{path}: the count matrix is empty ({X.shape[0]} spots x {X.shape[1]} genes); "
                          f"give spots as rows and genes as columns")
     if ids.duplicated().any():
-        raise InputError(f"{path}: duplicated spot ids ({_examples(ids[ids.duplicated()].unique())}); "
+        raise InputError(f"{path}: duplicated spot ids ({examples(ids[ids.duplicated()].unique())}); "
                          f"every spot must appear once")
     if genes.duplicated().any():
-        raise InputError(f"{path}: duplicated gene names ({_examples(genes[genes.duplicated()].unique())}); "
+        raise InputError(f"{path}: duplicated gene names ({examples(genes[genes.duplicated()].unique())}); "
                          f"make gene names unique (e.g. sum or rename duplicates)")
     if not np.isfinite(X).all():
         bad = np.argwhere(~np.isfinite(X))[0]
@@ -188,18 +189,18 @@ def read_locs(directory, name_stem="locs-raw"):
     cols = {str(c).strip().lower(): c for c in df.columns}
     missing = [c for c in ("x", "y") if c not in cols]
     if missing:
-        raise InputError(f"{path}: column(s) {', '.join(missing)} missing (found {_examples(df.columns, 6)}); "
+        raise InputError(f"{path}: column(s) {', '.join(missing)} missing (found {examples(df.columns, 6)}); "
                          f"write a spot id column and columns 'x' (image column) and 'y' (image row) in pixels")
     idc = _id_column(df.drop(columns=[cols["x"], cols["y"]]), path, "located")
     out = pd.DataFrame({"x": pd.to_numeric(df[cols["x"]], errors="coerce"),
                         "y": pd.to_numeric(df[cols["y"]], errors="coerce")})
     out.index = pd.Index(df[idc].astype(str).str.strip(), name="spot")
     if out.index.duplicated().any():
-        raise InputError(f"{path}: duplicated spot ids ({_examples(out.index[out.index.duplicated()].unique())}); "
+        raise InputError(f"{path}: duplicated spot ids ({examples(out.index[out.index.duplicated()].unique())}); "
                          f"every spot must appear once")
     bad = out.index[~np.isfinite(out[["x", "y"]].to_numpy()).all(axis=1)]
     if len(bad):
-        raise InputError(f"{path}: {len(bad)} spot(s) with missing or non-numeric x/y ({_examples(bad)}); "
+        raise InputError(f"{path}: {len(bad)} spot(s) with missing or non-numeric x/y ({examples(bad)}); "
                          f"give numeric pixel coordinates for every spot")
     return out, path
 
@@ -209,9 +210,9 @@ def match_spots(count_ids, locs, counts_path, locs_path):
     missing = count_ids[~count_ids.isin(locs.index)]
     if len(missing) == len(count_ids):
         raise InputError(f"{locs_path}: none of the {len(count_ids)} spot ids of {Path(counts_path).name} is there "
-                         f"(counts: {_examples(count_ids)}; locations: {_examples(locs.index)}); "
+                         f"(counts: {examples(count_ids)}; locations: {examples(locs.index)}); "
                          f"both files must use the same spot ids")
     if len(missing):
         raise InputError(f"{locs_path}: {len(missing)} of the {len(count_ids)} spots of {Path(counts_path).name} "
-                         f"have no location ({_examples(missing)}); add them or drop them from the counts")
+                         f"have no location ({examples(missing)}); add them or drop them from the counts")
     return locs.loc[count_ids]

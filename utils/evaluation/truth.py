@@ -1,5 +1,5 @@
 """8 um super-pixel truth and the pseudo-Visium spots summed from it, shared by the simulator (utils/simulate.py)
-and the 10x converters (utils/convert_common.py):
+and the 10x converters (utils/convert/truth_layout.py):
 
 - make_spots: the hexagonal pseudo-Visium lattice (55 um spots, 100 um apart, array_col stepping by 2 with odd
   rows shifted, as on Visium), placed by the seed;

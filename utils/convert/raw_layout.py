@@ -1,0 +1,77 @@
+"""The output directory and the raw layout written into it (counts, locations, radius, pixel size, section.json)."""
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from ..core.errors import InputError
+from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
+from .constants import TSV_LIMIT
+from .he_image import place_image
+
+
+def prepare_directory(directory, image_name, counts_name, writes_truth):
+    """Create DIR; refuse when it already holds raw-layout files of another data set that ours would not replace."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory}: exists and is not a directory; pass a folder for --directory")
+    if directory.is_dir():
+        ours = {image_name, counts_name, "locs-raw.tsv"}
+        others = [n for n in (*IMAGE_NAMES, *COUNTS_NAMES, *LOCS_NAMES) if n not in ours and (directory / n).exists()]
+        if not writes_truth and (directory / "truth" / "super.h5ad").exists():
+            others.append("truth/super.h5ad")
+        if others:
+            raise InputError(f"{directory}: already holds {', '.join(others)} of another data set, which would sit "
+                             f"beside the converted files; remove them or pass an empty or new folder for --directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InputError(f"{directory}: no write permission; make it writable or pass another --directory")
+    return directory
+
+
+def counts_name_for(fmt, n_spots, n_genes):
+    if fmt == "auto":
+        fmt = "tsv" if n_spots * n_genes <= TSV_LIMIT else "h5ad"
+    return "cnts.tsv.gz" if fmt == "tsv" else "cnts.h5ad"
+
+
+def _write_counts_tsv_gz(path, ids, genes, X, rows_per_chunk=2000):
+    """Dense TSV (spot, gene columns) gzipped with mtime 0 (byte-identical reruns), written in chunks."""
+    X = sparse.csr_matrix(X)
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        gz.write(("spot\t" + "\t".join(genes) + "\n").encode())
+        for i in range(0, X.shape[0], rows_per_chunk):
+            block = pd.DataFrame(X[i:i + rows_per_chunk].toarray(), columns=list(genes))
+            block.insert(0, "spot", list(ids[i:i + rows_per_chunk]))
+            gz.write(block.to_csv(sep="\t", index=False, header=False).encode())
+
+
+def _write_counts_h5ad(path, ids, genes, X, gene_ids=None):
+    import anndata
+    var = pd.DataFrame(index=pd.Index(list(genes)))
+    if gene_ids is not None:
+        var["gene_ids"] = [str(g) for g in gene_ids]
+    ad = anndata.AnnData(X=sparse.csr_matrix(X, dtype=np.int32), obs=pd.DataFrame(index=pd.Index(list(ids))), var=var)
+    ad.write_h5ad(path)
+
+
+def write_raw_layout(out, directory, *, image, image_name, image_mode, pixel_size, ids, genes, X, x, y, radius_raw,
+                     section, counts_name, gene_ids=None):
+    """Write the raw layout into DIR through StagedOutputs `out`."""
+    directory = Path(directory)
+    ids = [str(i) for i in ids]
+    genes = [str(g) for g in genes]
+    place_image(out, image, directory / image_name, image_mode)
+    out.write_text(directory / "pixel-size-raw.txt", f"{pixel_size:.8g}\n")
+    out.write_text(directory / "radius-raw.txt", f"{radius_raw:.6f}\n")
+    if counts_name.endswith(".h5ad"):
+        _write_counts_h5ad(out.path(directory / counts_name), ids, genes, X, gene_ids)
+    else:
+        _write_counts_tsv_gz(out.path(directory / counts_name), ids, genes, X)
+    locs = pd.DataFrame({"spot": ids, "x": np.asarray(x, np.float64), "y": np.asarray(y, np.float64)})
+    locs.to_csv(out.path(directory / "locs-raw.tsv"), sep="\t", index=False, float_format="%.4f")
+    out.write_text(directory / "section.json", json.dumps(section) + "\n")

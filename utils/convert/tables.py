@@ -1,0 +1,83 @@
+"""Reading the tables of 10x outputs: JSON, CSV/TSV/parquet, required and numeric columns, unique names."""
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..core.errors import InputError
+from ..core.raw_io import examples
+
+log = logging.getLogger("trihrge")
+
+
+def decode(values):
+    """bytes / numbers -> array of str (10x HDF5 and parquet files store ids as bytes in some versions)."""
+    out = [v.decode("utf-8", "replace") if isinstance(v, (bytes, np.bytes_)) else str(v) for v in values]
+    return np.array(out, dtype=object)
+
+
+def make_unique(names, path, what="gene"):
+    """Unique names: later duplicates get -1, -2, ... (as anndata's var_names_make_unique), with a log line."""
+    names = [str(n) for n in names]
+    seen = set(names)
+    counts = {}
+    out, renamed = [], []
+    first = set()
+    for n in names:
+        if n not in first:
+            first.add(n)
+            out.append(n)
+            continue
+        k = counts.get(n, 0)
+        while True:
+            k += 1
+            cand = f"{n}-{k}"
+            if cand not in seen:
+                break
+        counts[n] = k
+        seen.add(cand)
+        out.append(cand)
+        renamed.append(f"{n} -> {cand}")
+    if renamed:
+        log.info("%s: %d duplicated %s name(s) made unique by a suffix (%s%s)", Path(path).name, len(renamed), what,
+                 ", ".join(renamed[:5]), ", ..." if len(renamed) > 5 else "")
+    return pd.Index(out)
+
+
+def read_json(path, what):
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot be read as JSON ({type(e).__name__}); give the {what} written by the "
+                         f"10x software, unchanged") from None
+
+
+def read_table(path, what, **kw):
+    """A parquet or (gzipped) CSV table as a DataFrame."""
+    path = Path(path)
+    try:
+        if path.name.lower().endswith(".parquet"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path, **kw)
+    except Exception as e:  # pyarrow/pandas raise many types for damaged files
+        raise InputError(f"{path}: cannot be read as the {what} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''}); check that the file is complete") from None
+
+
+def require_columns(df, columns, path, what):
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: column(s) {', '.join(missing)} missing from the {what} (found "
+                         f"{examples(df.columns, 8)}); give the file written by the 10x software")
+
+
+def numeric(df, column, path):
+    v = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(v).all():
+        raise InputError(f"{path}: column {column} holds {int((~np.isfinite(v)).sum())} missing or non-numeric "
+                         f"value(s); give the file written by the 10x software, unchanged")
+    return v
