@@ -46,6 +46,15 @@ def make_unique(names, path, what="gene"):
     return pd.Index(out)
 
 
+def check_plain_names(names, path, what):
+    """Refuse names holding a tab, line break or comma-free control character: the raw-layout tables
+    (TSV) cannot hold them, and quoting them would not survive the iStar-style readers."""
+    bad = [str(n) for n in names if any(ch in str(n) for ch in "\t\n\r")]
+    if bad:
+        raise InputError(f"{path}: {len(bad)} {what}(s) hold a tab or line break ({examples(map(repr, bad))}), "
+                         f"which a tab-separated count table cannot hold; rename them before converting")
+
+
 def read_json(path, what):
     path = Path(path)
     try:

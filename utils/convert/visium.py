@@ -24,7 +24,7 @@ from .affine import lattice_pixel_size
 from .constants import SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM
 from .he_image import check_inside, check_pixel_size, image_shape, open_target_image
 from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
-from .tables import decode, make_unique, numeric, read_json, read_table, require_columns
+from .tables import check_plain_names, decode, make_unique, numeric, read_json, read_table, require_columns
 from .tenx_matrix import find_matrix, read_10x_matrix
 from .truth_layout import aggregate_to_superpixels, make_pseudo_spots, section_record, superpixel_of, write_truth
 
@@ -314,6 +314,8 @@ def convert_visium_hd(args):
 
 
 def _integer_counts(X):
+    if X is None:
+        return False
     data = X.data if hasattr(X, "data") and hasattr(X, "indptr") else np.asarray(X)
     return data.size == 0 or (np.all(np.isfinite(data)) and np.all(data == np.round(data)) and data.min() >= 0)
 
@@ -354,6 +356,9 @@ def convert_h5ad(args):
         X, genes, source_counts, var = ad.X, ad.var_names, "X", ad.var
     elif ad.raw is not None and _integer_counts(ad.raw.X):
         X, genes, source_counts, var = ad.raw.X, ad.raw.var_names, "raw.X", ad.raw.var
+    elif ad.X is None and ad.raw is None:
+        raise InputError(f"{path}: the AnnData holds no count matrix (no X, layers['counts'] or raw); store the raw "
+                         f"UMI counts in X or layers['counts'] before write_h5ad")
     else:
         raise InputError(f"{path}: no raw integer counts (X is normalised and there is no layers['counts'] or raw); "
                          f"save the raw UMI counts in layers['counts'] before write_h5ad")
@@ -367,6 +372,8 @@ def convert_h5ad(args):
         X, genes = X[:, keep], genes[keep]
         var = var.iloc[keep]
     genes = make_unique(genes, path)
+    check_plain_names(genes, path, "gene name (var_names)")
+    check_plain_names(ad.obs_names, path, "spot id (obs_names)")
     gene_ids = var["gene_ids"].astype(str).to_numpy() if "gene_ids" in var.columns else None
     ids = pd.Index(ad.obs_names.astype(str))
     sel = np.ones(ad.n_obs, bool)

@@ -1,5 +1,6 @@
 """Reading H&E images of any common kind as 8-bit RGB; PNG artifacts in and out."""
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ log = logging.getLogger("trihrge")
 def _to_rgb8(img, path):
     """Any array an image reader returns -> uint8 (H, W, 3), with a log line for each conversion."""
     img = np.asarray(img)
-    img = np.squeeze(img)
+    while img.ndim > 3 and img.shape[0] == 1:  # singleton leading axes (TIFF series); never squeeze pixels
+        img = img[0]
     if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
         log.info("%s: channels-first image %s, moved channels last", path.name, img.shape)
         img = np.moveaxis(img, 0, -1)
@@ -47,16 +49,73 @@ def _to_rgb8(img, path):
     return np.ascontiguousarray(img)
 
 
-def _check_jpeg_complete(path):
-    with open(path, "rb") as f:
-        head = f.read(2)
-        f.seek(max(0, path.stat().st_size - 4096))
-        tail = f.read()
-    if head != b"\xff\xd8":
-        raise InputError(f"{path}: not a JPEG file (bad header); give the H&E image as JPEG, PNG or TIFF "
-                         f"with the matching extension")
-    if b"\xff\xd9" not in tail:
-        raise InputError(f"{path}: the JPEG is truncated (no end marker); copy the complete file again")
+_ORIENTATION = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped", 5: "transposed",
+                6: "rotated 90 degrees clockwise", 7: "transversed", 8: "rotated 90 degrees counter-clockwise"}
+
+
+def _log_orientation(path, tag) -> None:
+    """EXIF / TIFF orientation is ignored, loudly: spot coordinates (Space Ranger, scanpy) refer to the
+    pixels as stored, not to the rotated view a photo viewer shows."""
+    if tag in _ORIENTATION:
+        log.warning("%s: the file says it should be shown %s (EXIF/TIFF orientation %d); this is ignored, "
+                    "because spot coordinates refer to the pixels as stored. If your x/y were measured on the "
+                    "rotated view, rotate the image itself and drop the tag", path.name, _ORIENTATION[tag], tag)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable; free pages where there is no /proc)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_size(path, width, height):
+    """Refuse an image whose decoded RGB would not fit in memory (decoding is the only way to read a
+    JPEG/PNG; a tiled TIFF is memory-mapped instead)."""
+    need = width * height * 3 * 2  # the decoded image and one converted copy
+    free = available_memory()
+    if need > free:
+        raise InputError(f"{path}: a {width} x {height} px image needs about {need / 2 ** 30:.1f} GiB of memory to "
+                         f"decode and only {free / 2 ** 30:.1f} GiB is free; save it as a (tiled) TIFF, or free memory")
+
+
+def _read_pil(path):
+    """JPEG/PNG through Pillow: truncation is decided by decoding (a complete JPEG followed by a
+    camera's trailer is valid), and OpenCV's 2^30-pixel limit does not apply (memory is checked)."""
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = None  # deliberate: our own size check above replaces the bomb guard
+    try:
+        with Image.open(path) as im:
+            _check_size(path, *im.size)
+            _log_orientation(path, im.getexif().get(0x0112))
+            im.load()
+            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+                im = im.convert("RGBA" if ("transparency" in im.info or im.mode == "PA") else "RGB")
+            return np.asarray(im)
+    except InputError:
+        raise
+    except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError for damaged files
+        what = "truncated or damaged" if "truncated" in str(e) or isinstance(e, OSError) else "damaged"
+        raise InputError(f"{path}: cannot be decoded as an image ({what}: {str(e)[:80]}); give a complete JPEG, "
+                         f"PNG or TIFF file (copy the complete file again)") from None
+
+
+def _read_tiff(path):
+    import tifffile
+    try:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]  # level 0 of a pyramid is the full resolution
+            tag = tf.pages[0].tags.get("Orientation")
+            _log_orientation(path, int(tag.value) if tag is not None else None)
+            return series.asarray()
+    except Exception as e:  # tifffile raises many types for damaged files
+        raise InputError(f"{path}: cannot be read as TIFF ({type(e).__name__}: {str(e)[:100]}); "
+                         f"check that the file is complete") from None
 
 
 def read_rgb(path):
@@ -64,27 +123,13 @@ def read_rgb(path):
     path = Path(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty; copy the H&E image again")
-    name = path.name.lower()
-    if name.endswith((".tif", ".tiff")):
-        import tifffile
-        try:
-            with tifffile.TiffFile(path) as tf:
-                series = tf.series[0]  # level 0 of a pyramid is the full resolution
-                img = series.asarray()
-        except Exception as e:  # tifffile raises many types for damaged files
-            raise InputError(f"{path}: cannot be read as TIFF ({type(e).__name__}: {str(e)[:100]}); "
-                             f"check that the file is complete") from None
-    else:
-        import cv2
-        if name.endswith((".jpg", ".jpeg")):
-            _check_jpeg_complete(path)
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise InputError(f"{path}: cannot be decoded as an image; give a complete JPEG, PNG or TIFF file")
-        if img.ndim == 3 and img.shape[2] == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        elif img.ndim == 3 and img.shape[2] == 4:
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    if path.name.lower().endswith((".jpg", ".jpeg")) and head[:2] != b"\xff\xd8":
+        raise InputError(f"{path}: not a JPEG file (bad header); give the H&E image as JPEG, PNG or TIFF "
+                         f"with the matching extension")
+    img = _read_tiff(path) if is_tiff or path.name.lower().endswith((".tif", ".tiff")) else _read_pil(path)
     return _to_rgb8(img, path)
 
 

@@ -207,7 +207,11 @@ def read_hr_spots(directory, spots):
 def load_features(directory, calibration: dict, scales=FEATURE_SCALES + ("extra",)):
     """(maps, meta): {scale: memory-mapped float16 (rows, cols, channels)} and features.json."""
     meta = read_json(FEATURES_META, directory, ("grid_shape", "dims"))
-    check_grid(FEATURES_META, directory, tuple(meta["grid_shape"]), calibration)
+    grid, dims = meta["grid_shape"], meta["dims"]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)
+            and isinstance(dims, dict) and all(isinstance(dims.get(s), int) and dims[s] > 0 for s in scales)):
+        raise FEATURES_META.damaged(directory, "damaged: grid_shape / dims are not valid")
+    check_grid(FEATURES_META, directory, tuple(grid), calibration)
     maps = {}
     for s in scales:
         a = FEATURE_MAPS[s]

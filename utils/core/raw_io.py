@@ -11,6 +11,7 @@ from .errors import InputError
 from .layout import RAW_COUNTS as COUNTS_NAMES
 from .layout import RAW_IMAGES as IMAGE_NAMES  # noqa: F401  (re-exported: the names the readers look for)
 from .layout import RAW_LOCS as LOCS_NAMES
+from .text_io import check_encoding, read_text
 
 PIXEL_SIZE_RANGE_UM = (0.05, 2.0)
 ID_COLUMNS = ("spot", "id", "barcode", "spot_id", "Unnamed: 0", "")
@@ -19,7 +20,10 @@ ID_COLUMNS = ("spot", "id", "barcode", "spot_id", "Unnamed: 0", "")
 def find_one(directory, names, what):
     """The single file among `names` in directory (error when none or several)."""
     directory = Path(directory)
-    found = [directory / n for n in names if (directory / n).is_file()]
+    found = [directory / n for n in names if (directory / n).exists()]
+    for p in found:
+        if not p.is_file():
+            raise InputError(f"{p}: is a directory, not a file; put the {what} there as a file")
     if not found:
         raise InputError(f"{directory}/{names[0]}: {what} not found (looked for {', '.join(names)}); "
                          f"put it there in the raw layout described in the README (section 'Inputs')")
@@ -31,9 +35,9 @@ def find_one(directory, names, what):
 
 def _read_number(path, what):
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: not found; write the {what} as a single number into it")
-    text = path.read_text(errors="replace").strip()
+    text = read_text(path, f"{what} (a single number)").strip()
     try:
         value = float(text.split()[0]) if text else float("nan")
     except ValueError:
@@ -75,22 +79,51 @@ def _sep_for(path):
     return "," if ".csv" in name else "\t"
 
 
-def _read_table(path):
-    try:
-        return pd.read_csv(path, sep=_sep_for(path), index_col=None, low_memory=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, gzip.BadGzipFile,
-            EOFError, OSError) as e:
-        raise InputError(f"{path}: cannot be read as a {'comma' if _sep_for(path) == ',' else 'tab'}-separated "
-                         f"table ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                         f"check that the file is complete and in that format") from None
-
-
 def _raw_header(path):
     """Column names exactly as written (pandas renames duplicates to NAME.1)."""
     opener = gzip.open if str(path).lower().endswith(".gz") else open
-    with opener(path, "rt", errors="replace") as f:
-        line = f.readline().rstrip("\r\n")
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
+            line = f.readline().rstrip("\r\n")
+    except (OSError, EOFError):
+        return []
     return [c.strip().strip('"') for c in line.split(_sep_for(path))]
+
+
+def _is_id_name(name) -> bool:
+    return str(name).strip().lower() in ID_COLUMNS or str(name).startswith("Unnamed")
+
+
+def _read_table(path):
+    """A raw table; the first column and every id-named column are read as text, so that ids such as
+    0.1 / 0.10 / 000 / NA stay distinct strings (pandas would coerce them to numbers or NaN)."""
+    check_encoding(path)
+    header = _raw_header(path)
+    as_text = {i: str for i, name in enumerate(header) if i == 0 or _is_id_name(name)}
+    try:
+        df = pd.read_csv(path, sep=_sep_for(path), index_col=None, low_memory=False, encoding="utf-8-sig",
+                         converters=as_text)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, gzip.BadGzipFile,
+            EOFError, OSError) as e:
+        if isinstance(e, pd.errors.EmptyDataError):
+            raise InputError(f"{path}: the file is empty; write a header line and one line per spot") from None
+        raise InputError(f"{path}: cannot be read as a {'comma' if _sep_for(path) == ',' else 'tab'}-separated "
+                         f"table ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                         f"check that the file is complete and in that format") from None
+    if len(df) == 0:
+        raise InputError(f"{path}: holds only a header line, no spots; write one line per spot below it")
+    return df
+
+
+def _numbers_back(df, idc):
+    """Columns read as text that are not the id column go back to numbers where they are numbers."""
+    for c in df.columns[:1]:
+        if c != idc:
+            try:
+                df[c] = pd.to_numeric(df[c])
+            except (ValueError, TypeError):
+                pass
+    return df
 
 
 def _id_column(df, path, what):
@@ -122,6 +155,7 @@ def read_counts(directory):
             raise InputError(f"{path}: expected a spot id column and one column per gene, found {df.shape[1]} "
                              f"column(s); write spots as rows and genes as columns")
         idc = _id_column(df, path, "counted")
+        df = _numbers_back(df, idc)
         ids = df[idc].astype(str).str.strip()
         gdf = df.drop(columns=[idc])
         genes = pd.Index([str(g) for g in gdf.columns])
@@ -147,6 +181,9 @@ def _read_counts_h5ad(path):
                          f"write_h5ad") from None
     X = ad.layers["counts"] if "counts" in ad.layers else (ad.raw.X if ad.raw is not None else ad.X)
     genes = ad.raw.var_names if ("counts" not in ad.layers and ad.raw is not None) else ad.var_names
+    if X is None:
+        raise InputError(f"{path}: the AnnData holds no count matrix (X is empty and there is no layers['counts'] "
+                         f"or raw); store the raw UMI counts in X or layers['counts'] before write_h5ad")
     if hasattr(X, "toarray"):
         X = X.toarray()
     return ad.obs_names.astype(str), genes.astype(str), np.asarray(X, dtype=np.float32)
@@ -202,6 +239,11 @@ def read_locs(directory, name_stem="locs-raw"):
     if len(bad):
         raise InputError(f"{path}: {len(bad)} spot(s) with missing or non-numeric x/y ({examples(bad)}); "
                          f"give numeric pixel coordinates for every spot")
+    same = out.duplicated(subset=["x", "y"], keep=False)
+    if same.any():
+        first = out[same].iloc[0]
+        raise InputError(f"{path}: {int(same.sum())} spots share a location (e.g. {examples(out.index[same])} at "
+                         f"x={first.x:g}, y={first.y:g}); every spot needs its own x, y (check the x/y columns)")
     return out, path
 
 

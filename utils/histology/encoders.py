@@ -185,6 +185,8 @@ def build_encoder(backbone: str, *, weights_source=None, device: str = "auto", p
         if shifts not in (None, 1):
             log.info("--shifts %d: the stain backbone has no tiles (seamless banded filters), so there is "
                      "nothing to shift", shifts)
+        if device not in ("auto", "cpu"):
+            log.warning("--device %s: the stain backbone runs on the CPU (NumPy/OpenCV filters); using cpu", device)
         return StainEncoder(band_rows=band_rows)
     if weights_source is None:
         raise InputError(f"--backbone {backbone}: needs weights (--weights PATH or --login TOKEN)")

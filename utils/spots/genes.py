@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.text_io import read_text
 
 DEFAULT_N_GENES = 1000
 
@@ -16,9 +17,10 @@ def select_genes(X, genes, n_genes=None, gene_list=None, counts_path="cnts"):
     var = X.var(axis=0)
     if gene_list is not None:
         path = Path(gene_list)
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"{path}: gene list not found; give a text file with one gene name per line")
-        wanted = [g.strip() for g in path.read_text().splitlines() if g.strip() and not g.startswith("#")]
+        text = read_text(path, "gene list (one gene name per line)")
+        wanted = [g.strip() for g in text.splitlines() if g.strip() and not g.startswith("#")]
         if not wanted:
             raise InputError(f"{path}: the gene list is empty; write one gene name per line")
         pos = {g: i for i, g in enumerate(genes)}

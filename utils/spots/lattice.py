@@ -23,6 +23,17 @@ def neighbour_pairs(xy, max_dist):
     return pairs
 
 
+def _spans_lattice_axes(theta, orient, n_axes, share=0.1) -> bool:
+    """True when the neighbour directions populate each of the lattice's n_axes axes (mod 180 degrees),
+    so that a line of spots (one axis) is never called a 2-D lattice."""
+    step = np.pi / n_axes
+    d = np.mod(theta - orient, np.pi)  # direction relative to the first axis, mod 180 degrees
+    axis = np.round(d / step).astype(int) % n_axes
+    near = np.abs(d - np.round(d / step) * step) < np.radians(15)
+    counts = np.bincount(axis[near], minlength=n_axes)
+    return len(theta) > 0 and bool((counts >= share * len(theta)).all())
+
+
 def describe_lattice(xy):
     """Kind ('hexagonal' | 'square' | 'irregular'), spacing (px) and orientation (degrees)."""
     xy = np.asarray(xy, dtype=np.float64)
@@ -43,6 +54,8 @@ def describe_lattice(xy):
         kind, orient = "square", np.degrees(np.angle(np.mean(np.exp(4j * theta))) / 4)
     else:
         kind, orient = "irregular", 0.0
+    if kind != "irregular" and not _spans_lattice_axes(theta, np.radians(orient), 3 if kind == "hexagonal" else 2):
+        kind, orient = "irregular", 0.0  # e.g. collinear spots: one direction has perfect 6- and 4-fold order
     degree = np.bincount(pairs.ravel(), minlength=len(xy)) if len(pairs) else np.zeros(len(xy), int)
     return {
         "kind": kind,

@@ -119,6 +119,7 @@ def _build_hr(st, directory, n_genes, gene_list):
 
     lattice = describe_lattice(xy)
     lattice["spacing_um"] = lattice["spacing_px"] * calib["pixel_size_um"]
+    check_footprint_overlap(calib, lattice, directory)
     hr_xy, sources = hr_pseudo_spots(xy, lattice)
     hr_counts = interpolate_counts(sel, sources)
     log.info("lattice: %s, spacing %.1f um, orientation %.1f deg; %d measured + %d HR pseudo-spots",
@@ -132,6 +133,25 @@ def _build_hr(st, directory, n_genes, gene_list):
     log.info("wrote %s (%d spots), %s (%d HR spots), %s, %s", L.SPOTS.name, len(xy), L.HR_SPOTS.name, len(all_xy),
              L.GENES.name, L.HR_PLOT.name)
     return spots, hr, lattice
+
+
+# radius / nearest-neighbour spacing: Visium 0.275, ST 0.5. Above 1 a footprint covers its neighbours'
+# centres (each super-pixel is shared by many spots); above 3 it spans ~30 spots and costs >20x time.
+OVERLAP_WARN, OVERLAP_REFUSE = 1.0, 3.0
+
+
+def check_footprint_overlap(calib, lattice, directory):
+    ratio = calib["radius_px"] / lattice["spacing_px"]
+    radius_um = calib["radius_px"] * calib["pixel_size_um"]
+    msg = (f"the spot radius {radius_um:.0f} um is {ratio:.1f}x the {lattice['spacing_um']:.0f} um spacing of "
+           f"the spots")
+    if ratio > OVERLAP_REFUSE:
+        raise InputError(f"{Path(directory) / 'radius-raw.txt'}: {msg}, so every footprint would cover dozens of "
+                         f"neighbours; write the radius of one spot in raw pixels (Visium: 27.5 um / pixel size), "
+                         f"then rerun image_calibration.py")
+    if ratio > OVERLAP_WARN:
+        log.warning("%s: each footprint overlaps its neighbours' centres (slower, blurrier targets); check "
+                    "radius-raw.txt", msg)
 
 
 def _write(out, directory, spots, hr, he, calib):

@@ -38,6 +38,7 @@ def write_gene_maps(out_dir, he_small, rows, cols, X, genes, gene_names):
     out_dir.mkdir(parents=True, exist_ok=True)
     r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     pos = {g: i for i, g in enumerate(gene_names)}
+    files = map_file_names(genes)
     written = []
     for g in genes:
         m = np.full((r1 - r0, c1 - c0), np.nan, dtype=np.float32)
@@ -51,12 +52,33 @@ def write_gene_maps(out_dir, he_small, rows, cols, X, genes, gene_names):
         for a in ax:
             a.set_axis_off()
         fig.tight_layout()
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
-        p = out_dir / f"{safe}.png"
+        p = out_dir / files[g]
         fig.savefig(p)
         plt.close(fig)
         written.append(p)
+    pd.DataFrame({"gene": list(genes), "file": [files[g] for g in genes]}).to_csv(out_dir / MAP_INDEX, sep="\t",
+                                                                                  index=False)
     return written
+
+
+MAP_INDEX = "index.tsv"  # gene -> file name of its map
+
+
+def map_file_names(genes) -> dict:
+    """A distinct, portable PNG name per gene. A name that is unsafe for file systems (HLA/A, HLA?A) or
+    that would collide with another, also ignoring case (macOS, Windows), gets a short hash of the
+    gene name appended, so that HLA/A, HLA_A and HLA?A never overwrite each other."""
+    import hashlib
+    safe = {g: "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(g)).strip(".") or "gene"
+            for g in genes}
+    folded = pd.Series([v.lower() for v in safe.values()])
+    clash = set(folded[folded.duplicated(keep=False)])
+    out = {}
+    for g, v in safe.items():
+        if v != g or v.lower() in clash:
+            v = f"{v}-{hashlib.sha1(str(g).encode()).hexdigest()[:8]}"
+        out[g] = f"{v}.png"
+    return out
 
 
 def write_loss_plot(path, histories):

@@ -42,15 +42,21 @@ def _paths(out_dir: Path, s: int):
 
 def _reusable(cfg, fp_id, pt, meta_p, device):
     """(model, meta) of a finished state with this fingerprint; None when there is none or it is damaged."""
-    if not (pt.is_file() and meta_p.is_file()):
+    if not (pt.exists() or meta_p.exists()):
         return None
     try:
-        meta = json.loads(meta_p.read_text())
-        if not isinstance(meta, dict) or meta.get("fingerprint") != fp_id:
-            return None
+        meta = json.loads(meta_p.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("loss_history"), list):
+            raise ValueError("not a state record")
+    except Exception as e:  # a state is a cache, not data: any damage means training it again
+        log.warning("%s: damaged (%s); training this state again", meta_p, type(e).__name__)
+        return None
+    if meta.get("fingerprint") != fp_id:
+        return None
+    try:
         return load_state(cfg, pt, device), meta
-    except Exception as e:  # torch/json raise many types for damaged files
-        log.warning("%s: cannot be read (%s); training this state again", pt, type(e).__name__)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        log.warning("%s: damaged (%s); training this state again", pt, type(e).__name__)
         return None
 
 

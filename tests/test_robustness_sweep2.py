@@ -1,0 +1,302 @@
+"""The second robustness sweep (docs/ROBUSTNESS.md, rows 76-): damaged artifacts inside DIR, valid
+but unusual inputs (BOMs, CRLF, string ids that look like numbers, JPEG trailers, EXIF, 1 px images),
+and silent losses (gene maps overwriting each other, names a TSV cannot hold, degenerate lattices,
+absurd footprints)."""
+import json
+import logging
+
+import anndata
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import assert_user_error, copy_demo, hex_lattice, run_script, snapshot, write_raw_dir
+from test_robustness import FAST, _in_process
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    d = tmp_path_factory.mktemp("raw2") / "d"
+    write_raw_dir(d, hex_lattice(6, 5, 250.0, origin=(150.0, 150.0)), pixel_size=0.4)
+    return d
+
+
+def _recode(name, encoding):
+    def f(d):
+        text = (d / name).read_text()
+        (d / name).write_bytes(text.encode(encoding))
+    return f
+
+
+def _to_dir(name):
+    def f(d):
+        (d / name).unlink()
+        (d / name).mkdir()
+    return f
+
+
+def _header_only(name):
+    return lambda d: (d / name).write_text((d / name).read_text().splitlines()[0] + "\n")
+
+
+def _one_location(d):
+    df = pd.read_csv(d / "locs-raw.tsv", sep="\t")
+    df["x"], df["y"] = 400.0, 400.0
+    df.to_csv(d / "locs-raw.tsv", sep="\t", index=False)
+
+
+def _gene_list(data):
+    def f(d):
+        (d / "genes.txt").write_bytes(data)
+        return ["--gene-list", d / "genes.txt"]
+    return f
+
+
+# (id, stage, mutate -> extra args or None, fragments of the one error line)
+REFUSED = [
+    ("pixel-size-utf16", "image_calibration.py", _recode("pixel-size-raw.txt", "utf-16"), ["pixel-size-raw.txt", "UTF-16", "save it as UTF-8"]),
+    ("locs-utf16", "image_calibration.py", _recode("locs-raw.tsv", "utf-16"), ["locs-raw.tsv", "UTF-16", "UTF-8"]),
+    ("counts-utf16", "get_HR.py", _recode("cnts.tsv", "utf-16"), ["cnts.tsv", "UTF-16", "UTF-8"]),
+    ("gene-list-utf16", "get_HR.py", _gene_list("G1\nG2\n".encode("utf-16")), ["genes.txt", "UTF-16", "UTF-8"]),
+    ("pixel-size-dir", "image_calibration.py", _to_dir("pixel-size-raw.txt"), ["pixel-size-raw.txt", "is a directory"]),
+    ("radius-dir", "image_calibration.py", _to_dir("radius-raw.txt"), ["radius-raw.txt", "is a directory"]),
+    ("locs-dir", "image_calibration.py", _to_dir("locs-raw.tsv"), ["locs-raw.tsv", "is a directory"]),
+    ("image-dir", "image_calibration.py", _to_dir("he-raw.png"), ["he-raw.png", "is a directory"]),
+    ("counts-dir", "get_HR.py", _to_dir("cnts.tsv"), ["cnts.tsv", "is a directory"]),
+    ("locs-header-only", "image_calibration.py", _header_only("locs-raw.tsv"), ["locs-raw.tsv", "only a header"]),
+    ("counts-header-only", "get_HR.py", _header_only("cnts.tsv"), ["cnts.tsv", "only a header"]),
+    ("locs-empty", "image_calibration.py", lambda d: (d / "locs-raw.tsv").write_text(""), ["locs-raw.tsv", "empty"]),
+    ("counts-empty", "get_HR.py", lambda d: (d / "cnts.tsv").write_text(""), ["cnts.tsv", "empty"]),
+    ("image-1x1", "image_calibration.py", lambda d: cv2.imwrite(str(d / "he-raw.png"), np.zeros((1, 1, 3), np.uint8)) and None,
+     ["he-raw.png", "1 x 1 px", "smaller than one 224 px tile"]),
+    ("all-spots-one-location", "image_calibration.py", _one_location, ["locs-raw.tsv", "share a location", "own x, y"]),
+    ("radius-450um", "get_HR.py", lambda d: (d / "radius-raw.txt").write_text(f"{450 / 0.4}\n") and None,
+     ["radius-raw.txt", "4.5x", "spacing"]),
+]
+
+
+@pytest.mark.parametrize("row,script,mutate,fragments", REFUSED, ids=[r[0] for r in REFUSED])
+def test_refused_with_one_line(raw, tmp_path, row, script, mutate, fragments):
+    d = copy_demo(raw, tmp_path / "d")
+    args = mutate(d)
+    args = list(args) if isinstance(args, list) else []
+    if script != "image_calibration.py":
+        assert run_script("image_calibration.py", d, "-q").returncode == 0
+        if "--gene-list" not in args:
+            args += ["--n-genes", 5]
+    before = snapshot(d)
+    assert_user_error(run_script(script, d, *args), *fragments)
+    assert snapshot(d) == before
+
+
+def _bom(name):
+    return _recode(name, "utf-8-sig")
+
+
+def _crlf(name):
+    return lambda d: (d / name).write_bytes((d / name).read_text().replace("\n", "\r\n").encode())
+
+
+ACCEPTED = [("bom", [_bom(n) for n in ("pixel-size-raw.txt", "radius-raw.txt", "locs-raw.tsv", "cnts.tsv")],
+             _gene_list("\ufeffG1\nG2\n".encode())),
+            ("crlf", [_crlf(n) for n in ("pixel-size-raw.txt", "radius-raw.txt", "locs-raw.tsv", "cnts.tsv")],
+             _gene_list(b"G1\r\nG2\r\n"))]
+
+
+@pytest.mark.parametrize("row,mutators,gene_list", ACCEPTED, ids=[r[0] for r in ACCEPTED])
+def test_bom_and_crlf_are_read_like_plain_utf8(raw, tmp_path, row, mutators, gene_list):
+    d = copy_demo(raw, tmp_path / "d")
+    for m in mutators:
+        m(d)
+    args = gene_list(d)
+    assert run_script("image_calibration.py", d, "-q").returncode == 0
+    r = run_script("get_HR.py", d, *args, "-q")
+    assert r.returncode == 0, r.stderr
+    clean = copy_demo(raw, tmp_path / "clean")
+    gene_list(clean)
+    (clean / "genes.txt").write_text("G1\nG2\n")
+    run_script("image_calibration.py", clean, "-q")
+    run_script("get_HR.py", clean, "--gene-list", clean / "genes.txt", "-q")
+    a, b = anndata.read_h5ad(d / "spots.h5ad"), anndata.read_h5ad(clean / "spots.h5ad")
+    assert list(a.var_names) == ["G1", "G2"] and list(a.obs_names) == list(b.obs_names)
+    np.testing.assert_array_equal(a.X, b.X)
+    assert (d / "radius.txt").read_text() == (clean / "radius.txt").read_text()
+
+
+def test_spot_ids_are_text_everywhere(raw, tmp_path):
+    """0.1 / 0.10 / 000 / 0 / 1e3 / NA are six different spots, kept exactly as written."""
+    d = copy_demo(raw, tmp_path / "d")
+    ids = ["0.1", "0.10", "000", "0", "1e3", "NA"] + [str(i) for i in range(6, 30)]
+    for name in ("cnts.tsv", "locs-raw.tsv"):
+        df = pd.read_csv(d / name, sep="\t", dtype=str)
+        df.iloc[:, 0] = ids
+        df.to_csv(d / name, sep="\t", index=False)
+    assert run_script("image_calibration.py", d, "-q").returncode == 0
+    r = run_script("get_HR.py", d, "--n-genes", 5, "-q")
+    assert r.returncode == 0, r.stderr
+    assert list(anndata.read_h5ad(d / "spots.h5ad").obs_names) == ids
+    locs = pd.read_csv(d / "locs.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert list(locs.iloc[:, 0]) == ids
+
+
+def test_jpeg_with_trailer_is_read_and_truncated_jpeg_refused(raw, tmp_path):
+    d = copy_demo(raw, tmp_path / "d")
+    img = cv2.imread(str(d / "he-raw.png"))
+    (d / "he-raw.png").unlink()
+    cv2.imwrite(str(d / "he-raw.jpg"), img)
+    full = (d / "he-raw.jpg").read_bytes()
+    (d / "he-raw.jpg").write_bytes(full + b"SCANNER-TRAILER" * 500)  # no JPEG end marker in the last bytes
+    r = run_script("image_calibration.py", d, "-q")
+    assert r.returncode == 0, r.stderr
+    (d / "he-raw.jpg").write_bytes(full[: len(full) // 2])
+    assert_user_error(run_script("image_calibration.py", d, "--force"), "he-raw.jpg", "truncated")
+
+
+def test_exif_orientation_is_logged_as_ignored(tmp_path, caplog):
+    from PIL import Image
+
+    from utils.core.image_io import read_rgb
+    p = tmp_path / "he.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(p, exif=exif)
+    with caplog.at_level(logging.WARNING, logger="trihrge"):
+        rgb = read_rgb(p)
+    assert rgb.shape == (40, 60, 3)  # pixels as stored, like Space Ranger's coordinates
+    assert "orientation 6" in caplog.text and "ignored" in caplog.text
+
+
+def test_image_above_pillow_bomb_limit_and_memory_check(tmp_path, monkeypatch):
+    """Pillow's decompression-bomb guard (and OpenCV's 2^30 px limit) do not apply: memory is checked."""
+    from PIL import Image
+
+    from utils.core import image_io
+    from utils.core.errors import InputError
+    p = tmp_path / "big.png"
+    Image.new("L", (13500, 13500), 180).save(p)  # 182 Mpx: over Pillow's 2 x 89 Mpx error limit
+    assert image_io.read_rgb(p).shape == (13500, 13500, 3)
+    monkeypatch.setattr(image_io, "available_memory", lambda: 10 * 2 ** 20)
+    with pytest.raises(InputError, match="needs about .* GiB of memory"):
+        image_io.read_rgb(p)
+
+
+def test_collinear_spots_are_not_a_lattice():
+    from utils.spots.lattice import describe_lattice
+    line = np.c_[np.arange(10) * 100.0, np.full(10, 50.0)]
+    assert describe_lattice(line)["kind"] == "irregular"
+    assert describe_lattice(line[:3])["kind"] == "irregular"
+    assert describe_lattice(hex_lattice(6, 2, 100.0))["kind"] == "hexagonal"  # a two-row strip is still hexagonal
+    assert describe_lattice(hex_lattice(6, 5, 100.0))["kind"] == "hexagonal"
+
+
+def test_footprint_overlapping_neighbours_warns(raw, tmp_path):
+    d = copy_demo(raw, tmp_path / "d")
+    (d / "radius-raw.txt").write_text(f"{225 / 0.4}\n")
+    run_script("image_calibration.py", d, "-q")
+    r = run_script("get_HR.py", d, "--n-genes", 5)
+    assert r.returncode == 0 and "overlaps its neighbours" in r.stderr, r.stderr
+
+
+def test_gene_maps_never_overwrite_each_other():
+    from utils.superres.outputs import map_file_names
+    genes = ["HLA/A", "HLA_A", "HLA?A", "hla_a", "ERBB2", "..", ""]
+    files = map_file_names(genes)
+    assert len(set(f.lower() for f in files.values())) == len(genes)
+    assert files["ERBB2"] == "ERBB2.png"
+    assert all("/" not in f and f not in (".png", "..png") for f in files.values())
+
+
+def test_gene_maps_index_in_a_run(demo_upstream, tmp_path):
+    d = copy_demo(demo_upstream, tmp_path / "d")
+    genes = list(pd.read_csv(d / "genes.tsv", sep="\t", index_col=0).index[:2])
+    r = run_script("HISTEX.py", d, "--model", "interp", "--plot-genes", *genes, "-q")
+    assert r.returncode == 0, r.stderr
+    index = pd.read_csv(d / "results" / "interp" / "maps" / "index.tsv", sep="\t")
+    assert list(index["gene"]) == genes
+    assert all((d / "results" / "interp" / "maps" / f).is_file() for f in index["file"])
+
+
+def _state(d, suffix):
+    return d / "results" / "trihrge" / "states" / f"state-00{suffix}"
+
+
+DAMAGED_STATES = [
+    ("json-corrupt", ".json", lambda p: p.write_text("{bad")),
+    ("json-list", ".json", lambda p: p.write_text("[1]")),
+    ("json-no-history", ".json", lambda p: p.write_text(json.dumps({"fingerprint": "x"}))),
+    ("pt-truncated", ".pt", lambda p: p.write_bytes(p.read_bytes()[:100])),
+]
+
+
+def test_damaged_states_are_retrained_with_a_warning(demo_upstream, tmp_path):
+    """A trained state is a cache: each kind of damage is retrained with a warning, to the same result."""
+    d = copy_demo(demo_upstream, tmp_path / "d")
+    assert run_script("HISTEX.py", d, *FAST).returncode == 0
+    first = anndata.read_h5ad(d / "results" / "trihrge" / "super-res.h5ad").X
+    for row, suffix, damage in DAMAGED_STATES:
+        damage(_state(d, suffix))
+        r = run_script("HISTEX.py", d, *FAST[:-1])
+        assert r.returncode == 0, (row, r.stderr)
+        assert "damaged" in r.stderr and "training this state again" in r.stderr, (row, r.stderr)
+        assert "state 2/2: already trained" in r.stderr, (row, r.stderr)
+        np.testing.assert_array_equal(anndata.read_h5ad(d / "results" / "trihrge" / "super-res.h5ad").X, first)
+    _state(d, ".json").write_text("{bad")
+    assert run_script("HISTEX.py", d, *FAST, "--retrain").returncode == 0
+
+
+def _features_json(edit):
+    def f(d):
+        p = d / "features" / "features.json"
+        p.write_text(json.dumps(edit(json.loads(p.read_text()))))
+        return ["--force"]
+    return f
+
+
+DAMAGED = [
+    ("features-json-dims-text", "HISTEX.py", _features_json(lambda m: {**m, "dims": "x"}), ["features.json", "Histology_Extractor.py"]),
+    ("features-json-grid-short", "HISTEX.py", _features_json(lambda m: {**m, "grid_shape": [3]}), ["features.json", "Histology_Extractor.py"]),
+    ("features-json-null", "HISTEX.py", lambda d: (d / "features" / "features.json").write_text("null") and ["--force"],
+     ["features.json", "Histology_Extractor.py"]),
+    ("spots-truncated", "HISTEX.py", lambda d: (d / "spots.h5ad").write_bytes((d / "spots.h5ad").read_bytes()[:500]) and ["--force"],
+     ["spots.h5ad", "get_HR.py"]),
+    ("mask-garbage", "HISTEX.py", lambda d: (d / "mask.png").write_bytes(b"garbage") and ["--force"],
+     ["mask.png", "rerun `python masking_non_tissue.py"]),
+    ("manifest-empty-object", "HISTEX.py", lambda d: (d / "manifests" / "get_HR.json").write_text("{}") and [],
+     ["get_HR.json", "rerun `python get_HR.py"]),
+    ("manifest-null", "HISTEX.py", lambda d: (d / "manifests" / "Histology_Extractor.json").write_text("null") and [],
+     ["Histology_Extractor.json", "rerun `python Histology_Extractor.py"]),
+]
+
+
+@pytest.mark.parametrize("row,script,mutate,fragments", DAMAGED, ids=[r[0] for r in DAMAGED])
+def test_damaged_artifacts(demo_upstream, tmp_path, capsys, row, script, mutate, fragments):
+    d = copy_demo(demo_upstream, tmp_path / "d")
+    args = mutate(d)
+    before = snapshot(d)
+    assert_user_error(_in_process(script, d, [*args, *FAST], capsys), *fragments)
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", "null"])
+def test_damaged_manifest_never_blocks_the_stage_that_writes_it(demo_upstream, tmp_path, content):
+    d = copy_demo(demo_upstream, tmp_path / "d")
+    (d / "manifests" / "get_HR.json").write_text(content)
+    r = run_script("get_HR.py", d, "--n-genes", 40, "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((d / "manifests" / "get_HR.json").read_text())["stage"] == "get_HR"
+
+
+def test_h5ad_without_x(tmp_path, raw):
+    d = copy_demo(raw, tmp_path / "d")
+    ids = pd.read_csv(d / "cnts.tsv", sep="\t", index_col=0).index.astype(str)
+    (d / "cnts.tsv").unlink()
+    anndata.AnnData(obs=pd.DataFrame(index=ids), var=pd.DataFrame(index=["G1", "G2"])).write_h5ad(d / "cnts.h5ad")
+    run_script("image_calibration.py", d, "-q")
+    assert_user_error(run_script("get_HR.py", d, "--n-genes", 1), "cnts.h5ad", "no count matrix")
+
+
+def test_stain_backbone_says_it_runs_on_cpu(caplog):
+    from utils.histology.encoders import build_encoder
+    with caplog.at_level(logging.WARNING, logger="trihrge"):
+        enc = build_encoder("stain", device="cuda")
+    assert enc.device == "cpu" and "runs on the CPU" in caplog.text

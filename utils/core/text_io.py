@@ -1,0 +1,47 @@
+"""Opening the user's text inputs (numbers, gene lists, tables): a directory, UTF-16/32 text and a
+UTF-8 byte-order mark get one clear line or are accepted; CRLF line ends are accepted everywhere."""
+import gzip
+from pathlib import Path
+
+from .errors import InputError
+
+# byte-order marks of encodings we do not read (UTF-8 with a BOM is read as UTF-8)
+_FOREIGN_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                 (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def require_file(path, what="file") -> Path:
+    """The path, which must exist and be a regular file (not a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a file; put the {what} there as a file")
+    if not path.is_file():
+        raise InputError(f"{path}: not found")
+    return path
+
+
+def check_encoding(path) -> None:
+    """Refuse UTF-16/32 text (Excel's "Unicode text") with a line that says how to fix it."""
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+    except (OSError, EOFError):
+        return  # the reader that follows reports damage
+    for bom, name in _FOREIGN_BOMS:
+        if head.startswith(bom):
+            raise InputError(f"{path}: is {name} text; save it as UTF-8 (e.g. 'CSV UTF-8' or "
+                             f"'Tab delimited Text' in Excel, or iconv -f {name} -t UTF-8)")
+
+
+def read_text(path, what="file") -> str:
+    """A small text input as str: UTF-8 with or without a BOM, any line ends (normalised to \\n)."""
+    path = require_file(path, what)
+    check_encoding(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: is not UTF-8 text; save it as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
