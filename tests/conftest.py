@@ -129,6 +129,14 @@ def demo_upstream(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def raw(tmp_path_factory):
+    """A tiny raw-layout data set (hex lattice of 30 spots), not yet calibrated. Never modify it: copy it."""
+    d = tmp_path_factory.mktemp("raw") / "d"
+    write_raw_dir(d, hex_lattice(6, 5, 250.0, origin=(150.0, 150.0)), pixel_size=0.4)
+    return d
+
+
 def copy_demo(src, dst, results=False):
     """A private copy of a demo directory (without results/ unless asked)."""
     import shutil

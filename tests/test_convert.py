@@ -304,6 +304,32 @@ def test_h5ad_scanpy_visium_object(tmp_path, visium):
     ad.write_h5ad(src)
     p = convert_cli("h5ad", src, "--directory", tmp_path / "raw3", "--image", image)
     assert_user_error(p, "visium.h5ad", "layers['counts']")
+    # no X at all (docs/ROBUSTNESS.md row 91)
+    bare = anndata.AnnData(obs=ad.obs, var=ad.var, obsm=ad.obsm, uns=ad.uns)
+    bare.write_h5ad(src)
+    p = convert_cli("h5ad", src, "--directory", tmp_path / "raw4", "--image", image)
+    assert_user_error(p, "visium.h5ad", "no count matrix")
+    assert not (tmp_path / "raw4").exists() or not any((tmp_path / "raw4").iterdir())
+
+
+@pytest.mark.parametrize("where", ["gene", "spot"])
+def test_h5ad_names_with_tabs_are_refused(tmp_path, visium, where):
+    """A tab or line break cannot live in the TSV count table (docs/ROBUSTNESS.md row 97)."""
+    d0, outs, image, t = visium
+    pos = t["pos"].loc[t["barcodes"]]
+    genes = [f"G{j}" for j in range(10)]
+    barcodes = list(t["barcodes"])
+    if where == "gene":
+        genes[3] = "A\tB"
+    else:
+        barcodes[2] = "AC\nGT-1"
+    ad = anndata.AnnData(X=t["X"][:, :10].astype(np.float32), obs=pd.DataFrame(index=barcodes),
+                         var=pd.DataFrame(index=genes))
+    ad.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
+    src = tmp_path / "tabs.h5ad"
+    ad.write_h5ad(src)
+    p = convert_cli("h5ad", src, "--directory", tmp_path / "raw", "--image", image, "--pixel-size", VIS_PS)
+    assert_user_error(p, "tabs.h5ad", "tab or line break")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,11 +20,9 @@ from conftest import (
     REPO,
     assert_user_error,
     copy_demo,
-    hex_lattice,
     run_script,
     run_stages_1_to_4,
     snapshot,
-    write_raw_dir,
 )
 
 FAST = ["--epochs", "3", "--n-states", "2", "--lr", "1e-3", "--threads", "1", "-q"]
@@ -35,14 +33,6 @@ TOKEN = "hf_" + "FAKE" * 8 + "0123"  # built at run time: no token-like literal 
 def demo(demo_upstream):
     """The small simulated tissue after stages 1-4 (never modified by the tests: they copy it)."""
     return demo_upstream
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-    """A tiny raw-layout data set (hex lattice of 30 spots), not yet calibrated."""
-    d = tmp_path_factory.mktemp("raw") / "d"
-    write_raw_dir(d, hex_lattice(6, 5, 250.0, origin=(150.0, 150.0)), pixel_size=0.4)
-    return d
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,15 +10,8 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_user_error, copy_demo, hex_lattice, run_script, snapshot, write_raw_dir
+from conftest import assert_user_error, copy_demo, hex_lattice, run_script, snapshot
 from test_robustness import FAST, _in_process
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-    d = tmp_path_factory.mktemp("raw2") / "d"
-    write_raw_dir(d, hex_lattice(6, 5, 250.0, origin=(150.0, 150.0)), pixel_size=0.4)
-    return d
 
 
 def _recode(name, encoding):
