@@ -248,7 +248,7 @@ def _read_cells(source):
     for n in CELLS_NAMES:
         p = Path(source) / n
         if p.is_file():
-            df = read_table(p, "cell table")
+            df = read_table(p, "cell table", dtype={"cell_id": str}, keep_default_na=False)
             require_columns(df, ["cell_id", "x_centroid", "y_centroid"], p, "cell table")
             out = pd.DataFrame({"x": numeric(df, "x_centroid", p), "y": numeric(df, "y_centroid", p)},
                                index=pd.Index(decode(df["cell_id"].to_numpy()), name="cell_id"))
@@ -268,7 +268,7 @@ def _read_boundaries(source, override):
                 break
     if path is None:
         return None, None
-    df = read_table(path, "cell boundaries")
+    df = read_table(path, "cell boundaries", dtype={"cell_id": str}, keep_default_na=False)
     require_columns(df, ["cell_id", "vertex_x", "vertex_y"], path, "cell boundaries")
     ids = decode(df["cell_id"].to_numpy())
     codes, uniq = pd.factorize(ids)
