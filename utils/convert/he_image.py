@@ -49,6 +49,8 @@ def open_target_image(path):
 def image_shape(path):
     """(height, width) of an image from its header, without decoding the pixels."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a file; pass the full-resolution H&E image file with --image")
     if not path.is_file():
         raise InputError(f"{path}: not found; pass the full-resolution H&E with --image")
     if path.stat().st_size == 0:
