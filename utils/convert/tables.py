@@ -47,8 +47,8 @@ def make_unique(names, path, what="gene"):
 
 
 def check_plain_names(names, path, what):
-    """Refuse names holding a tab, line break or comma-free control character: the raw-layout tables
-    (TSV) cannot hold them, and quoting them would not survive the iStar-style readers."""
+    """Refuse names holding a tab or a line break: the raw-layout tables (TSV) cannot hold them, and
+    quoting them would not survive the iStar-style readers."""
     bad = [str(n) for n in names if any(ch in str(n) for ch in "\t\n\r")]
     if bad:
         raise InputError(f"{path}: {len(bad)} {what}(s) hold a tab or line break ({examples(map(repr, bad))}), "

@@ -79,6 +79,7 @@ RESULTS_DIR = "results"
 SUPER_RES = "super-res.h5ad"
 SPOTS_PRED = "spots-pred.h5ad"
 GENE_MAPS = "maps"
+GENE_MAP_INDEX = "index.tsv"        # inside maps/: gene -> file name of its map
 LOSS_PLOT = "loss.png"
 STATES_DIR = "states"
 RUN_JSON = "run.json"

@@ -94,12 +94,17 @@ def _is_id_name(name) -> bool:
     return str(name).strip().lower() in ID_COLUMNS or str(name).startswith("Unnamed")
 
 
+def _read_as_text(i, name) -> bool:
+    """Columns that may hold spot ids: the first one and every id-named one."""
+    return i == 0 or _is_id_name(name)
+
+
 def _read_table(path):
-    """A raw table; the first column and every id-named column are read as text, so that ids such as
+    """A raw table; the columns that may hold ids are read as text, so that ids such as
     0.1 / 0.10 / 000 / NA stay distinct strings (pandas would coerce them to numbers or NaN)."""
     check_encoding(path)
     header = _raw_header(path)
-    as_text = {i: str for i, name in enumerate(header) if i == 0 or _is_id_name(name)}
+    as_text = {i: str for i, name in enumerate(header) if _read_as_text(i, name)}
     try:
         df = pd.read_csv(path, sep=_sep_for(path), index_col=None, low_memory=False, encoding="utf-8-sig",
                          converters=as_text)
@@ -117,8 +122,8 @@ def _read_table(path):
 
 def _numbers_back(df, idc):
     """Columns read as text that are not the id column go back to numbers where they are numbers."""
-    for c in df.columns[:1]:
-        if c != idc:
+    for i, c in enumerate(df.columns):
+        if _read_as_text(i, c) and c != idc:
             try:
                 df[c] = pd.to_numeric(df[c])
             except (ValueError, TypeError):
@@ -128,7 +133,7 @@ def _numbers_back(df, idc):
 
 def _id_column(df, path, what):
     for c in df.columns:
-        if str(c).strip().lower() in ID_COLUMNS or str(c).startswith("Unnamed"):
+        if _is_id_name(c):
             return c
     first = df.columns[0]
     if df[first].dtype == object:

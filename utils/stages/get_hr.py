@@ -146,12 +146,12 @@ def check_footprint_overlap(calib, lattice, directory):
     msg = (f"the spot radius {radius_um:.0f} um is {ratio:.1f}x the {lattice['spacing_um']:.0f} um spacing of "
            f"the spots")
     if ratio > OVERLAP_REFUSE:
-        raise InputError(f"{Path(directory) / 'radius-raw.txt'}: {msg}, so every footprint would cover dozens of "
+        raise InputError(f"{Path(directory) / L.RAW_RADIUS}: {msg}, so every footprint would cover dozens of "
                          f"neighbours; write the radius of one spot in raw pixels (Visium: 27.5 um / pixel size), "
                          f"then rerun image_calibration.py")
     if ratio > OVERLAP_WARN:
         log.warning("%s: each footprint overlaps its neighbours' centres (slower, blurrier targets); check "
-                    "radius-raw.txt", msg)
+                    "%s", msg, L.RAW_RADIUS)
 
 
 def _write(out, directory, spots, hr, he, calib):

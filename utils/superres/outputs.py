@@ -5,6 +5,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from ..core.layout import GENE_MAP_INDEX
+
 
 def write_h5ad_streamed(path, obs, var, X, uns=None, chunk_rows=65536):
     """An .h5ad whose dense float32 X is copied in row chunks from X (array or memmap)."""
@@ -56,12 +58,9 @@ def write_gene_maps(out_dir, he_small, rows, cols, X, genes, gene_names):
         fig.savefig(p)
         plt.close(fig)
         written.append(p)
-    pd.DataFrame({"gene": list(genes), "file": [files[g] for g in genes]}).to_csv(out_dir / MAP_INDEX, sep="\t",
-                                                                                  index=False)
+    index = pd.DataFrame({"gene": list(genes), "file": [files[g] for g in genes]})
+    index.to_csv(out_dir / GENE_MAP_INDEX, sep="\t", index=False)
     return written
-
-
-MAP_INDEX = "index.tsv"  # gene -> file name of its map
 
 
 def map_file_names(genes) -> dict:
