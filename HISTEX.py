@@ -59,7 +59,10 @@ def build_parser():
     o.add_argument("--batch-windows", type=V["batch_windows"], default=D.batch_windows, help="inference windows per batch (bounds memory)")
     o.add_argument("--plot-genes", nargs="*", default=None, help="genes to draw as maps (default: the 4 most variable)")
     o.add_argument("--out", type=output_directory, default=None, help="output directory (default DIR/results/<model>)")
-    o.add_argument("--threads", type=V["threads"], default=D.threads, help="CPU threads for torch (0: torch's default)")
+    o.add_argument("--threads", type=V["threads"], default=D.threads,
+                   help="CPUs to use: up to this many states train at once (a worker process each, one thread each) "
+                        "and inference runs on this many threads; results do not depend on it. 0: the CPUs this "
+                        "process may run on")
     o.add_argument("--retrain", action="store_true", help="retrain states even when finished ones match")
     return p
 

@@ -208,8 +208,11 @@ def test_out_pointing_at_a_file_is_refused_before_training(demo_upstream, tmp_pa
     assert_user_error(run_script("HISTEX.py", demo_upstream, "--out", f), "--out", "not a directory")
 
 
-def test_diverging_training_is_one_error_line(demo_upstream, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_diverging_training_is_one_error_line(demo_upstream, tmp_path, workers):
+    """Also when the states train in worker processes: their error comes back as the one line."""
     d = copy_demo(demo_upstream, tmp_path / "d")
     before = snapshot(d)
-    assert_user_error(run_script("HISTEX.py", d, *FAST, "--lr", "1e30"), "diverged", "--lr")
+    args = [*FAST, "--lr", "1e30", "--n-states", "2", "--threads", workers]
+    assert_user_error(run_script("HISTEX.py", d, *args), "diverged", "--lr")
     assert snapshot(d) == before and not _temporaries(d)

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.image_io import open_pil
 from ..core.raw_io import PIXEL_SIZE_RANGE_UM
+from ..core.text_io import require_file
 from .constants import DOWNSCALED_IMAGES, OME_SUFFIXES, OTHER_SUFFIXES, TIFF_SUFFIXES
 
 log = logging.getLogger("trihrge")
@@ -48,11 +50,7 @@ def open_target_image(path):
 
 def image_shape(path):
     """(height, width) of an image from its header, without decoding the pixels."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a file; pass the full-resolution H&E image file with --image")
-    if not path.is_file():
-        raise InputError(f"{path}: not found; pass the full-resolution H&E with --image")
+    path = require_file(path, fix="pass the full-resolution H&E image file with --image")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty; copy the H&E image again")
     name = path.name.lower()
@@ -65,9 +63,7 @@ def image_shape(path):
             if "Y" not in axes or "X" not in axes:
                 raise ValueError(f"axes {axes}")
             return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
-        from PIL import Image
-        Image.MAX_IMAGE_PIXELS = None
-        with Image.open(path) as im:
+        with open_pil(path) as im:
             w, h = im.size
         return int(h), int(w)
     except InputError:

@@ -13,3 +13,13 @@ def resolve_device(device: str = "auto") -> str:
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device {device}: choose auto, cpu or cuda")
     return device
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM or taskset allocation), not
+    the machine's total: torch's default of every core oversubscribes a shared node."""
+    import os
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)

@@ -84,13 +84,19 @@ def _check_size(path, width, height):
                          f"decode and only {free / 2 ** 30:.1f} GiB is free; save it as a (tiled) TIFF, or free memory")
 
 
+def open_pil(path):
+    """Pillow's Image.open without its decompression-bomb limit: large scans are valid input and
+    our own memory check (_check_size) replaces that guard."""
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = None
+    return Image.open(path)
+
+
 def _read_pil(path):
     """JPEG/PNG through Pillow: truncation is decided by decoding (a complete JPEG followed by a
     camera's trailer is valid), and OpenCV's 2^30-pixel limit does not apply (memory is checked)."""
-    from PIL import Image
-    Image.MAX_IMAGE_PIXELS = None  # deliberate: our own size check above replaces the bomb guard
     try:
-        with Image.open(path) as im:
+        with open_pil(path) as im:
             _check_size(path, *im.size)
             _log_orientation(path, im.getexif().get(0x0112))
             im.load()

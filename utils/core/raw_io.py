@@ -117,6 +117,7 @@ def _read_table(path):
                          f"check that the file is complete and in that format") from None
     if len(df) == 0:
         raise InputError(f"{path}: holds only a header line, no spots; write one line per spot below it")
+    df.attrs["header"] = header  # the names as written, for the duplicate check
     return df
 
 
@@ -169,7 +170,7 @@ def read_counts(directory):
             raise InputError(f"{path}: gene column(s) {examples(nonnum)} hold non-numeric values; "
                              f"the count matrix must hold numbers only")
         X = gdf.to_numpy(dtype=np.float32)
-        header = _raw_header(path)
+        header = df.attrs["header"]
         dups = pd.Index(header[1:])[pd.Index(header[1:]).duplicated()].unique()
         if len(dups):
             raise InputError(f"{path}: duplicated gene names ({examples(dups)}); "

@@ -10,13 +10,13 @@ _FOREIGN_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"
                  (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 
 
-def require_file(path, what="file") -> Path:
-    """The path, which must exist and be a regular file (not a directory)."""
+def require_file(path, what="file", fix=None) -> Path:
+    """The path, which must exist and be a regular file (not a directory); `fix` says what to pass."""
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a file; put the {what} there as a file")
+        raise InputError(f"{path}: is a directory, not a file; {fix or f'put the {what} there as a file'}")
     if not path.is_file():
-        raise InputError(f"{path}: not found")
+        raise InputError(f"{path}: not found" + (f"; {fix}" if fix else ""))
     return path
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core import geometry as geo
 from ..core import layout as L
-from ..core.device import resolve_device
+from ..core.device import available_cpus, resolve_device
 from ..core.errors import InputError
 from ..core.stage import Stage
 from ..superres.config import HistexConfig
@@ -88,7 +88,8 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
     """Median over the trained states, mapped back to counts per super-pixel, in a scratch memmap."""
     td = training_data(directory, config, inp.spots, inp.hr, inp.mask.shape)
     models, histories = trained_states(td.cfg, td, out_dir=out_dir, n_states=config.n_states, seed=config.seed,
-                                       retrain=config.retrain, device=device, progress=progress)
+                                       retrain=config.retrain, device=device, progress=progress,
+                                       workers=config.threads or available_cpus())
     t_pred = time.time()
     shape = (len(inp.rows), len(inp.genes))
     st.require_space(3 * shape[0] * shape[1] * 4, "the super-resolution maps", where=out_dir)
@@ -126,9 +127,8 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
             inputs += [L.FEATURE_MAPS[s].path(directory) for s in config.scales + ["extra"]]
         st.record(inputs=inputs, parameters=config.as_parameters())
         device = resolve_device(config.device)
-        if config.threads:
-            import torch
-            torch.set_num_threads(config.threads)
+        import torch
+        torch.set_num_threads(config.threads or available_cpus())  # inference; training: one per state
         n_fp = float(np.mean(inp.footprint_size))
         log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
                  inp.spots.n_obs, len(inp.genes), len(inp.rows), n_fp, config.run_name, device)

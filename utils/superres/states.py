@@ -3,18 +3,28 @@ of HISTEX reuses it (a state's fingerprint is a hash of its training configurati
 
 <out>/states/state-NN.pt    the weights (torch.save of a state dict of tensors, read weights_only)
 <out>/states/state-NN.json  fingerprint, seed, loss histories, timings
-A state that cannot be read (truncated, damaged, another format) is trained again, with a warning."""
+A state that cannot be read (truncated, damaged, another format) is trained again, with a warning.
+
+Bit-identical states for any thread count: on the CPU every state trains with one torch thread (a
+multi-threaded weight gradient sums in a thread-dependent order: --threads 1 vs 2 moved counts by
+0.3 on her2st C2); states train side by side in worker processes instead, one per CPU."""
+import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from models import build_model
 
 from ..core.atomic import StagedOutputs
+from ..core.errors import InputError
 from ..core.layout import STATES_DIR
 from .train import train_state
 
@@ -60,36 +70,85 @@ def _reusable(cfg, fp_id, pt, meta_p, device):
         return None
 
 
-def _train_and_save(cfg, data, fp_id, seed, pt, meta_p, device, progress, desc):
+@contextlib.contextmanager
+def _one_thread(device):
+    """One intra-op torch thread on the CPU while training (see the module docstring)."""
+    before = torch.get_num_threads()
+    if str(device) == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_to_files(cfg, data, fp_id, seed, pt, meta_p, device, progress, desc) -> dict:
+    """Train one state and commit its weights and record together; returns the record."""
     t0 = time.time()
-    state, info = train_state(cfg, data, seed, device, progress, desc=desc)
+    with _one_thread(device):
+        state, info = train_state(cfg, data, seed, device, progress, desc=desc)
     dt = time.time() - t0
     meta = {"fingerprint": fp_id, "seed": seed, "epochs": cfg["epochs"], **info, "seconds": dt,
             "spot_epochs_per_second": info["train_spots"] * info["epochs_run"] / max(1e-9, dt)}
     with StagedOutputs() as out:  # committed at once: a later crash keeps the finished states
         torch.save(state, out.path(pt))
         out.write_json(meta_p, meta)
-    stop = (f"stopped after {info['epochs_run']} epochs, best held-out loss at epoch {info['best_epoch']}"
-            if info["epochs_run"] < cfg["epochs"] else f"{info['epochs_run']} epochs")
-    log.info("%s: %s, final loss %.5f, in %.0f s", desc, stop, info["loss_history"][-1], dt)
-    return load_state(cfg, pt, device), meta
+    return meta
+
+
+def _log_trained(desc, cfg, meta):
+    stop = (f"stopped after {meta['epochs_run']} epochs, best held-out loss at epoch {meta['best_epoch']}"
+            if meta["epochs_run"] < cfg["epochs"] else f"{meta['epochs_run']} epochs")
+    log.info("%s: %s, final loss %.5f, in %.0f s", desc, stop, meta["loss_history"][-1], meta["seconds"])
+
+
+def _train_many(jobs, cfg, data, device, workers, progress):
+    """Train the states of `jobs` [(s, fp_id, seed, pt, meta_p, desc)]; returns {s: record}.
+    On the CPU with workers > 1 they train in that many spawned processes (safe with OpenMP and
+    CUDA, unlike fork); the results are the same as training them one after another."""
+    done = {}
+    if workers <= 1 or len(jobs) <= 1 or str(device) != "cpu":
+        for s, fp_id, seed, pt, meta_p, desc in jobs:
+            done[s] = _train_to_files(cfg, data, fp_id, seed, pt, meta_p, device, progress, desc)
+            _log_trained(desc, cfg, done[s])
+        return done
+    log.info("training %d states in %d worker processes (one CPU thread each)", len(jobs), workers)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_to_files, cfg, data, fp_id, seed, pt, meta_p, "cpu", False, desc): (s, desc)
+                       for s, fp_id, seed, pt, meta_p, desc in jobs}
+            try:
+                for f in tqdm(as_completed(futures), total=len(futures), desc="states", unit="state",
+                              disable=not progress, leave=False):
+                    s, desc = futures[f]
+                    done[s] = f.result()
+                    _log_trained(desc, cfg, done[s])
+            except BaseException:  # one state failed (e.g. diverged): do not start the others
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    except BrokenProcessPool:
+        raise InputError("a training worker process died (out of memory?); the states trained so far are kept: "
+                         "rerun with --threads 1 (one state at a time) or free memory") from None
+    return done
 
 
 def trained_states(cfg: dict, training, *, out_dir: Path, n_states: int, seed: int, retrain: bool, device,
-                   progress: bool = True):
-    """n_states independently seeded models (state s uses seed * 1000 + s), reusing finished ones.
-    Returns (models, loss histories [(train, held-out), ...])."""
+                   workers: int = 1, progress: bool = True):
+    """n_states independently seeded models (state s uses seed * 1000 + s), reusing finished ones;
+    on the CPU up to `workers` states train at once. Returns (models, loss histories [(train,
+    held-out), ...])."""
     fp_id = fingerprint(cfg, training.fingerprint)
-    models, histories = [], []
+    found, jobs = {}, []
     for s in range(n_states):
         pt, meta_p = _paths(out_dir, s)
         desc = f"state {s + 1}/{n_states}"
-        found = None if retrain else _reusable(cfg, fp_id, pt, meta_p, device)
-        if found:
+        found[s] = None if retrain else _reusable(cfg, fp_id, pt, meta_p, device)
+        if found[s]:
             log.info("%s: already trained with these inputs and settings, reusing it", desc)
         else:
-            found = _train_and_save(cfg, training.data, fp_id, seed * 1000 + s, pt, meta_p, device, progress, desc)
-        model, meta = found
-        models.append(model)
-        histories.append((meta["loss_history"], meta.get("val_history", [])))
+            jobs.append((s, fp_id, seed * 1000 + s, pt, meta_p, desc))
+    for s, meta in _train_many(jobs, cfg, training.data, device, workers, progress).items():
+        found[s] = load_state(cfg, _paths(out_dir, s)[0], device), meta
+    models = [found[s][0] for s in range(n_states)]
+    histories = [(found[s][1]["loss_history"], found[s][1].get("val_history", [])) for s in range(n_states)]
     return models, histories
