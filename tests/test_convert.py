@@ -639,3 +639,15 @@ def test_refuses_a_folder_of_another_data_set(tmp_path, visium):
     (d / "he-raw.jpg").write_bytes(b"x")
     p = convert_cli("visium", outs, "--directory", d, "--image", image)
     assert_user_error(p, "he-raw.jpg", "another data set")
+
+
+def test_xenium_names_with_line_breaks_are_refused(tmp_path):
+    """Every converter refuses a gene name or id that the TSV tables cannot hold (ROBUSTNESS row 97)."""
+    src, image, align, t = xenium_folder(tmp_path, boundaries=False)
+    names = ["MARKA", "MARKB", "X\n0"] + [f"X{j}" for j in range(1, 18)] + ["NegControlProbe_1", "BLANK_1"]
+    types = ["Gene Expression"] * 20 + ["Negative Control Probe", "Blank Codeword"]
+    write_10x_h5(src / "cell_feature_matrix.h5", t["ids"], names, types, t["X"])
+    d = tmp_path / "raw"
+    p = convert_cli("xenium", src, "--directory", d, "--image", image, "--alignment", align)
+    assert_user_error(p, "xenium", "gene name", "tab or line break")
+    assert not d.exists() or not any(d.iterdir())

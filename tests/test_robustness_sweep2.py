@@ -245,7 +245,49 @@ def _features_json(edit):
     return f
 
 
+def _h5ad(name, edit):
+    def f(d):
+        a = anndata.read_h5ad(d / name)
+        edit(a)
+        a.write_h5ad(d / name)
+        return ["--force"]
+    return f
+
+
+def _set_first(column, value):
+    def edit(a):
+        a.obs.iloc[0, a.obs.columns.get_loc(column)] = value
+    return edit
+
+
+def _negative_count(a):
+    X = np.asarray(a.X, dtype=np.float32).copy()
+    X[0, 0] = -5
+    a.X = X
+
+
+def _calibration(key, value):
+    def f(d):
+        p = d / "calibration.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), key: value}))
+        return ["--force"]
+    return f
+
+
+def _features_is_a_file(d):
+    import shutil
+    shutil.rmtree(d / "features")
+    (d / "features").write_text("x")
+    return ["--force"]
+
+
 DAMAGED = [
+    ("spots-x-nan", "HISTEX.py", _h5ad("spots.h5ad", _set_first("x", np.nan)), ["spots.h5ad", "obs 'x'", "get_HR.py"]),
+    ("spots-negative-count", "HISTEX.py", _h5ad("spots.h5ad", _negative_count), ["spots.h5ad", "X holds", "get_HR.py"]),
+    ("hr-spots-y-nan", "HISTEX.py", _h5ad("hr-spots.h5ad", _set_first("y", np.nan)), ["hr-spots.h5ad", "obs 'y'", "get_HR.py"]),
+    ("calibration-radius-text", "get_HR.py", _calibration("radius_px", "big"), ["calibration.json", "radius_px", "image_calibration.py"]),
+    ("calibration-scale-negative", "HISTEX.py", _calibration("scale", -1), ["calibration.json", "scale", "image_calibration.py"]),
+    ("features-dir-is-a-file", "Histology_Extractor.py", _features_is_a_file, ["features", "is a file where a directory", "delete it"]),
     ("features-json-dims-text", "HISTEX.py", _features_json(lambda m: {**m, "dims": "x"}), ["features.json", "Histology_Extractor.py"]),
     ("features-json-grid-short", "HISTEX.py", _features_json(lambda m: {**m, "grid_shape": [3]}), ["features.json", "Histology_Extractor.py"]),
     ("features-json-null", "HISTEX.py", lambda d: (d / "features" / "features.json").write_text("null") and ["--force"],
@@ -266,7 +308,8 @@ def test_damaged_artifacts(demo_upstream, tmp_path, capsys, row, script, mutate,
     d = copy_demo(demo_upstream, tmp_path / "d")
     args = mutate(d)
     before = snapshot(d)
-    assert_user_error(_in_process(script, d, [*args, *FAST], capsys), *fragments)
+    extra = FAST if script == "HISTEX.py" else []
+    assert_user_error(_in_process(script, d, [*args, *extra], capsys), *fragments)
     assert snapshot(d) == before
 
 

@@ -12,6 +12,7 @@ from ..core.errors import InputError
 from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
 from .constants import TSV_LIMIT
 from .he_image import place_image
+from .tables import check_plain_names
 
 
 def prepare_directory(directory, image_name, counts_name, writes_truth):
@@ -59,12 +60,14 @@ def _write_counts_h5ad(path, ids, genes, X, gene_ids=None):
     ad.write_h5ad(path)
 
 
-def write_raw_layout(out, directory, *, image, image_name, image_mode, pixel_size, ids, genes, X, x, y, radius_raw,
-                     section, counts_name, gene_ids=None):
-    """Write the raw layout into DIR through StagedOutputs `out`."""
+def write_raw_layout(out, directory, *, source, image, image_name, image_mode, pixel_size, ids, genes, X, x, y,
+                     radius_raw, section, counts_name, gene_ids=None):
+    """Write the raw layout into DIR through StagedOutputs `out` (`source`: the converted input, for messages)."""
     directory = Path(directory)
     ids = [str(i) for i in ids]
     genes = [str(g) for g in genes]
+    check_plain_names(genes, source, "gene name")
+    check_plain_names(ids, source, "spot id")
     place_image(out, image, directory / image_name, image_mode)
     out.write_text(directory / "pixel-size-raw.txt", f"{pixel_size:.8g}\n")
     out.write_text(directory / "radius-raw.txt", f"{radius_raw:.6f}\n")

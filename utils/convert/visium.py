@@ -24,7 +24,7 @@ from .affine import lattice_pixel_size
 from .constants import SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM
 from .he_image import check_inside, check_pixel_size, image_shape, open_target_image
 from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
-from .tables import check_plain_names, decode, make_unique, numeric, read_json, read_table, require_columns
+from .tables import decode, make_unique, numeric, read_json, read_table, require_columns
 from .tenx_matrix import find_matrix, read_10x_matrix
 from .truth_layout import aggregate_to_superpixels, make_pseudo_spots, section_record, superpixel_of, write_truth
 
@@ -202,7 +202,7 @@ def convert_visium(args):
                              conversion)
     with Stage("convert", directory, manifest=False) as st:
         out = st.out
-        write_raw_layout(out, directory, image=image, image_name=image_name, image_mode=args.image_mode,
+        write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=sel, genes=M.genes, X=X, x=x, y=y, radius_raw=radius_raw,
                          section=section, counts_name=counts_name, gene_ids=M.gene_ids)
     log.info("wrote %s: %d in-tissue spots x %d genes, %s (%d x %d px at %.5g um/px), radius %.2f px",
@@ -298,7 +298,7 @@ def convert_visium_hd(args):
                              spots["array_col"], spots["array_row"], conversion)
     with Stage("convert", directory, manifest=False) as st:
         out = st.out
-        write_raw_layout(out, directory, image=image, image_name=image_name, image_mode=args.image_mode,
+        write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=spots["ids"], genes=M.genes, X=spots["counts"], x=spots["x"],
                          y=spots["y"], radius_raw=spots["radius_raw"], section=section, counts_name=counts_name,
                          gene_ids=M.gene_ids)
@@ -372,8 +372,6 @@ def convert_h5ad(args):
         X, genes = X[:, keep], genes[keep]
         var = var.iloc[keep]
     genes = make_unique(genes, path)
-    check_plain_names(genes, path, "gene name (var_names)")
-    check_plain_names(ad.obs_names, path, "spot id (obs_names)")
     gene_ids = var["gene_ids"].astype(str).to_numpy() if "gene_ids" in var.columns else None
     ids = pd.Index(ad.obs_names.astype(str))
     sel = np.ones(ad.n_obs, bool)
@@ -431,7 +429,7 @@ def convert_h5ad(args):
                              args.tissue, ids, genes, ax, ay, conversion)
     with Stage("convert", directory, manifest=False) as st:
         out = st.out
-        write_raw_layout(out, directory, image=image, image_name=image_name, image_mode=args.image_mode,
+        write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=ids, genes=genes, X=X, x=x, y=y, radius_raw=radius_raw,
                          section=section, counts_name=counts_name, gene_ids=gene_ids)
     log.info("wrote %s: %d spots x %d genes at %.5g um/px", directory, len(ids), len(genes), ps)

@@ -39,7 +39,7 @@ from ..core.stage import Stage
 from .affine import affine_scale, fit_affine
 from .he_image import check_pixel_size, open_target_image
 from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
-from .tables import decode, numeric, read_table, require_columns
+from .tables import check_plain_names, decode, numeric, read_table, require_columns
 from .tenx_matrix import find_matrix, read_10x_matrix
 from .truth_layout import make_pseudo_spots, section_record, write_truth
 
@@ -400,11 +400,12 @@ def convert_xenium(args):
                              "pseudo-Visium: 55 um spots on a 100 um hexagonal lattice, summed from 8 um truth built "
                              "from Xenium cells", args.tissue, spots["ids"], Mx.genes, spots["array_col"],
                              spots["array_row"], conversion)
+    check_plain_names(cell_ids.astype(str), args.source, "cell id")
     cells_out = pd.DataFrame({"cell_id": cell_ids.astype(str), "x": np.round(cx, 3), "y": np.round(cy, 3),
                               "total_counts": np.asarray(X.sum(1)).ravel()})
     with Stage("convert", directory, manifest=False) as st:
         out = st.out
-        write_raw_layout(out, directory, image=image, image_name=image_name, image_mode=args.image_mode,
+        write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=spots["ids"], genes=Mx.genes, X=spots["counts"], x=spots["x"],
                          y=spots["y"], radius_raw=spots["radius_raw"], section=section, counts_name=counts_name,
                          gene_ids=Mx.gene_ids)

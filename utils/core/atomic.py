@@ -12,6 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .errors import InputError
+
 TMP_MARKER = ".trihrge-tmp"
 _TMP_NAME = re.compile(rf"^{re.escape(TMP_MARKER)}-(\d+)-")
 
@@ -55,6 +57,12 @@ class StagedOutputs:
 
     def path(self, final: Path) -> Path:
         final = Path(final)
+        for parent in (final.parent, *final.parent.parents):
+            if parent.exists() or parent.is_symlink():
+                if not parent.is_dir():
+                    raise InputError(f"{parent}: is a file where a directory is expected (for {final.name}); "
+                                     f"move it away or delete it and rerun")
+                break
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_path_for(final)
         remove(tmp)

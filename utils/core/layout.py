@@ -111,15 +111,21 @@ _CALIBRATION_KEYS = ("raw_image", "raw_pixel_size_um", "pixel_size_um", "scale",
                      "padded_shape", "superpixel_px", "superpixel_grid", "radius_px", "radius_raw_px")
 
 
+_CALIBRATION_NUMBERS = ("raw_pixel_size_um", "pixel_size_um", "scale", "superpixel_px", "radius_px", "radius_raw_px")
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v)) and v > 0
+
+
 def load_calibration(directory) -> dict:
     cal = read_json(CALIBRATION, directory, _CALIBRATION_KEYS)
-    try:
-        grid = tuple(int(v) for v in cal["superpixel_grid"])
-        ok = len(grid) == 2 and min(grid) > 0 and float(cal["scale"]) > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise CALIBRATION.damaged(directory, "damaged: superpixel_grid / scale are not valid")
+    bad = [k for k in _CALIBRATION_NUMBERS if not _positive_number(cal[k])]
+    grid = cal["superpixel_grid"]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
+        bad.append("superpixel_grid")
+    if bad:
+        raise CALIBRATION.damaged(directory, f"damaged: {', '.join(bad)} not valid")
     return cal
 
 
@@ -188,20 +194,35 @@ def read_h5ad(artifact: Artifact, directory):
                                           f"damaged)") from None
 
 
+def _check_values(artifact: Artifact, directory, ad) -> None:
+    """Centres obs x, y and the matrix X: finite numbers, X not negative (counts)."""
+    import pandas as pd
+    for c in ("x", "y"):
+        v = ad.obs[c]
+        if not pd.api.types.is_numeric_dtype(v) or not np.isfinite(v.to_numpy(np.float64)).all():
+            raise artifact.damaged(directory, f"damaged: obs '{c}' holds values that are not finite numbers")
+    X = np.asarray(ad.X.toarray() if hasattr(ad.X, "toarray") else ad.X)
+    if not np.issubdtype(X.dtype, np.number) or not np.isfinite(X).all() or (X < 0).any():
+        raise artifact.damaged(directory, "damaged: X holds values that are not finite non-negative numbers")
+
+
 def read_spots(directory):
     """spots.h5ad, checked for what stage 5 uses."""
     ad = read_h5ad(SPOTS, directory)
     need = [k for k in ("x", "y") if k not in ad.obs] + [k for k in ("scale_min", "scale_max") if k not in ad.var]
     need += [k for k in ("radius_px", "lattice") if k not in ad.uns]
-    if need or ad.n_obs == 0 or ad.n_vars == 0:
-        raise SPOTS.damaged(directory, f"damaged: {'no ' + ', '.join(need) if need else 'no spots or genes'}")
+    if need or ad.n_obs == 0 or ad.n_vars == 0 or ad.X is None:
+        raise SPOTS.damaged(directory, f"damaged: {'no ' + ', '.join(need) if need else 'no spots, genes or X'}")
+    _check_values(SPOTS, directory, ad)
     return ad
 
 
 def read_hr_spots(directory, spots):
     ad = read_h5ad(HR_SPOTS, directory)
-    if "sources" not in ad.obsm or list(ad.var_names) != list(spots.var_names) or "x" not in ad.obs:
+    if ("sources" not in ad.obsm or list(ad.var_names) != list(spots.var_names) or "x" not in ad.obs
+            or "y" not in ad.obs or ad.X is None):
         raise HR_SPOTS.damaged(directory, "damaged, or made with other genes than spots.h5ad")
+    _check_values(HR_SPOTS, directory, ad)
     return ad
 
 
