@@ -45,6 +45,11 @@ def _gene_list(data):
     return f
 
 
+def _transpose_counts(d):
+    df = pd.read_csv(d / "cnts.tsv", sep="\t", dtype={0: str})
+    df.set_index(df.columns[0]).T.rename_axis("gene").reset_index().to_csv(d / "cnts.tsv", sep="\t", index=False)
+
+
 # (id, stage, mutate -> extra args or None, fragments of the one error line)
 REFUSED = [
     ("pixel-size-utf16", "image_calibration.py", _recode("pixel-size-raw.txt", "utf-16"), ["pixel-size-raw.txt", "UTF-16", "save it as UTF-8"]),
@@ -63,6 +68,11 @@ REFUSED = [
     ("image-1x1", "image_calibration.py", lambda d: cv2.imwrite(str(d / "he-raw.png"), np.zeros((1, 1, 3), np.uint8)) and None,
      ["he-raw.png", "1 x 1 px", "smaller than one 224 px tile"]),
     ("all-spots-one-location", "image_calibration.py", _one_location, ["locs-raw.tsv", "share a location", "own x, y"]),
+    ("pixel-size-two-numbers", "image_calibration.py", lambda d: (d / "pixel-size-raw.txt").write_text("0.4\n0.5\n") and None,
+     ["pixel-size-raw.txt", "holds 2 numbers", "one number"]),
+    ("pixel-size-decimal-comma", "image_calibration.py", lambda d: (d / "pixel-size-raw.txt").write_text("0,4\n") and None,
+     ["pixel-size-raw.txt", "'0,4'", "dot as the decimal separator (0.4)"]),
+    ("counts-transposed", "get_HR.py", _transpose_counts, ["cnts.tsv", "genes as rows", "transpose it"]),
     ("radius-450um", "get_HR.py", lambda d: (d / "radius-raw.txt").write_text(f"{450 / 0.4}\n") and None,
      ["radius-raw.txt", "4.5x", "spacing"]),
 ]

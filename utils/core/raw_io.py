@@ -2,6 +2,7 @@
 
 Every reader validates what it reads and raises InputError naming the file, the problem and the fix."""
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,24 @@ def _read_number(path, what):
     if not path.exists():
         raise InputError(f"{path}: not found; write the {what} as a single number into it")
     text = read_text(path, f"{what} (a single number)").strip()
-    try:
-        value = float(text.split()[0]) if text else float("nan")
-    except ValueError:
-        value = float("nan")
-    if not np.isfinite(value):
+    numbers = [v for v in (_as_number(t) for t in text.split()) if v is not None]  # a unit after it is fine
+    first = text.split()[0] if text else ""
+    if len(numbers) > 1:
+        raise InputError(f"{path}: holds {len(numbers)} numbers ({text[:40]!r}); write just the {what}, one number")
+    if re.fullmatch(r"[+-]?\d+,\d+", first):
+        raise InputError(f"{path}: found {first!r}; write the {what} with a dot as the decimal separator "
+                         f"({first.replace(',', '.')})")
+    value = _as_number(first)
+    if value is None or not np.isfinite(value):
         raise InputError(f"{path}: expected one number (the {what}), found {text[:40]!r}; write just the number")
     return value
+
+
+def _as_number(token):
+    try:
+        return float(token)
+    except ValueError:
+        return None
 
 
 def read_pixel_size(directory):
@@ -253,9 +265,12 @@ def read_locs(directory, name_stem="locs-raw"):
     return out, path
 
 
-def match_spots(count_ids, locs, counts_path, locs_path):
+def match_spots(count_ids, locs, counts_path, locs_path, genes=None):
     """Locations in the order of the count matrix; every counted spot must have a location."""
     missing = count_ids[~count_ids.isin(locs.index)]
+    if genes is not None and len(missing) == len(count_ids) and pd.Index(genes).isin(locs.index).mean() > 0.5:
+        raise InputError(f"{counts_path}: holds spots as columns and genes as rows (its columns are the spot ids of "
+                         f"{Path(locs_path).name}); transpose it: one row per spot, one column per gene")
     if len(missing) == len(count_ids):
         raise InputError(f"{locs_path}: none of the {len(count_ids)} spot ids of {Path(counts_path).name} is there "
                          f"(counts: {examples(count_ids)}; locations: {examples(locs.index)}); "

@@ -104,7 +104,7 @@ def _build_hr(st, directory, n_genes, gene_list):
               parameters={"n_genes": n_genes, "gene_list": str(gene_list) if gene_list else None})
     log.info("%s: %d spots x %d genes", counts_path.name, X.shape[0], X.shape[1])
 
-    locs_raw = match_spots(ids, locs_raw, counts_path, locs_path)
+    locs_raw = match_spots(ids, locs_raw, counts_path, locs_path, genes)
     keep = _kept_spots(ids, X, locs_raw, calib, counts_path, locs_path)
     ids, X = ids[keep], X[keep]
     totals = X.sum(axis=1)
