@@ -22,8 +22,13 @@ def build_parser():
     p.add_argument("--epochs", type=V["epochs"], default=D.epochs, help="maximum training epochs per state (early stopping, see --patience, usually ends it sooner)")
     p.add_argument("--n-states", type=V["n_states"], default=D.n_states, help="independently seeded models, combined by the median")
     p.add_argument("--val-fraction", type=V["val_fraction"], default=D.val_fraction,
-                   help="share of spots each state holds out (its own seeded draw) to stop training when their loss "
-                        "stops improving; the best epoch's weights are kept. 0 = no held-out spots, train all --epochs")
+                   help="with --no-cross-fit: share of spots each state holds out (its own seeded draw) to stop "
+                        "training when their loss stops improving; the best epoch's weights are kept. 0 = no held-out "
+                        "spots (and no cross-validation), train all --epochs")
+    p.add_argument("--no-cross-fit", dest="cross_fit", action="store_false",
+                   help="by default the --n-states states partition the spots into folds and state s holds out fold s "
+                        "(for early stopping and the out-of-fold accuracy estimate in run.json / genes-accuracy.tsv); "
+                        "this draws --val-fraction per state instead (no accuracy estimate)")
     p.add_argument("--patience", type=V["patience"], default=D.patience,
                    help="early stopping: epochs without a better (by 0.1%%) held-out loss before a state stops (0 = never stop early)")
     add_seed(p)

@@ -84,6 +84,7 @@ LOSS_PLOT = "loss.png"
 STATES_DIR = "states"
 RUN_JSON = "run.json"
 METRICS = "metrics.json"
+GENES_ACCURACY = "genes-accuracy.tsv"   # cross-fitted per-gene accuracy (utils/superres/crossval.py)
 # --- truth (simulator, Visium HD and Xenium converters) --------------------------------------------------
 TRUTH = Artifact("truth/super.h5ad")
 TRUTH_MASK = Artifact("truth/mask.png")

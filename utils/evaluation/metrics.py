@@ -4,6 +4,14 @@ import numpy as np
 from skimage.metrics import structural_similarity
 
 
+def pearson_per_gene(a, b):
+    """Pearson r of each column of a with the same column of b (rows: spots); 0 for a constant column."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    den = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
+    return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), 0.0)
+
+
 def _minmax(v):
     lo, hi = v.min(), v.max()
     return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)

@@ -26,6 +26,7 @@ from ..core.atomic import StagedOutputs
 from ..core.cli import HelpFormatter, setup_logging
 from ..core.errors import InputError
 from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, find_one, match_spots, read_counts, read_locs
+from .metrics import pearson_per_gene
 
 
 def _array_coords(src, n):
@@ -105,14 +106,9 @@ def make(kind, src, dst):
     return len(t_ids), len(h_ids)
 
 
-def _pearson_per_gene(a, b):
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
-    return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), 0.0)
-
-
-def score(run_dirs, n_genes=100):
+def heldout_pearson(run_dirs, n_genes=100, log1p=False):
+    """(protocol record, genes, {run name or "nearest spot": per-gene Pearson r at the held-out
+    spots}) over the n_genes most variable held-out genes; log1p: of log1p counts."""
     import anndata
     run_dirs = [Path(r) for r in run_dirs]
     d = run_dirs[0].parent.parent
@@ -125,6 +121,7 @@ def score(run_dirs, n_genes=100):
     scale = calib["scale"]
     hxy = hl[["x", "y"]].to_numpy() * scale
     radius = proto["radius_raw_px"] * scale
+    f = np.log1p if log1p else (lambda v: v)
     results = {}
     genes = None
     for r in run_dirs:
@@ -137,10 +134,15 @@ def score(run_dirs, n_genes=100):
         lookup[sr.obs["row"].to_numpy(), sr.obs["col"].to_numpy()] = np.arange(sr.n_obs)
         M = geo.footprint_matrix(hxy, radius, lookup, sr.n_obs, dtype=np.float64)
         pred = np.asarray(M @ np.asarray(sr.X, dtype=np.float64)[:, gi])
-        results[r.name] = _pearson_per_gene(pred, h[genes].to_numpy(float))
+        results[r.name] = pearson_per_gene(f(pred), f(h[genes].to_numpy(float)))
     # baseline: the nearest training spot's counts
     _, nn = cKDTree(tl[["x", "y"]].to_numpy()).query(hl[["x", "y"]].to_numpy())
-    results["nearest spot"] = _pearson_per_gene(t[genes].to_numpy(float)[nn], h[genes].to_numpy(float))
+    results["nearest spot"] = pearson_per_gene(f(t[genes].to_numpy(float)[nn]), f(h[genes].to_numpy(float)))
+    return proto, genes, results
+
+
+def score(run_dirs, n_genes=100):
+    proto, _, results = heldout_pearson(run_dirs, n_genes)
     return proto, {k: {"median": float(np.median(v)), "mean": float(np.mean(v))} for k, v in results.items()}
 
 

@@ -21,6 +21,8 @@ from ..core.errors import InputError
 from ..core.stage import Stage
 from ..superres.config import HistexConfig
 from ..superres.consistency import apply_spot_consistency, superpixel_kernel, tissue_footprints, tissue_index
+from ..superres.crossval import gene_accuracy, leave_one_out_interpolation, out_of_fold_scaled, spot_folds
+from ..superres.crossval import summary as cv_summary
 from ..superres.inputs import spot_arrays, training_data
 from ..superres.outputs import superpixel_obs, write_gene_maps, write_h5ad_streamed, write_loss_plot
 from ..superres.predict import predict_tissue
@@ -81,15 +83,22 @@ def _interpolate(inp, config, n_fp):
     """The image-free baseline: Gaussian-kernel interpolation of the spot counts."""
     sigma_px = config.sigma * inp.spots.uns["lattice"]["spacing_px"]
     sr = config.model_class.predict(superpixel_kernel(inp.rows, inp.cols, inp.xy, sigma_px), inp.counts, n_fp)
-    return sr, {"model": config.model, "sigma_spacings": config.sigma}, []
+    return sr, {"model": config.model, "sigma_spacings": config.sigma}, [], _reference_oof(inp, config)
 
 
 def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress):
-    """Median over the trained states, mapped back to counts per super-pixel, in a scratch memmap."""
+    """Median over the trained states, mapped back to counts per super-pixel, in a scratch memmap;
+    and the out-of-fold spot counts of cross-fitting (None without folds)."""
     td = training_data(directory, config, inp.spots, inp.hr, inp.mask.shape)
+    folds = spot_folds(inp.spots.n_obs, config.cv_folds, config.seed) if config.cv_folds else None
+    if config.cv_folds and folds is None:
+        log.info("too few spots (%d) for %d-fold cross-fitting: no accuracy estimate", inp.spots.n_obs,
+                 config.cv_folds)
     models, histories = trained_states(td.cfg, td, out_dir=out_dir, n_states=config.n_states, seed=config.seed,
-                                       retrain=config.retrain, device=device, progress=progress,
+                                       retrain=config.retrain, device=device, progress=progress, folds=folds,
                                        workers=config.threads or available_cpus())
+    _, _, lo, hi, _ = spot_arrays(inp.spots)
+    oof = None if folds is None else lo + out_of_fold_scaled(models, folds, td.data, device) * (hi - lo)
     t_pred = time.time()
     shape = (len(inp.rows), len(inp.genes))
     st.require_space(3 * shape[0] * shape[1] * 4, "the super-resolution maps", where=out_dir)
@@ -97,11 +106,26 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
     predict_tissue(models, td.cfg, td.maps, td.tokens, inp.rows, inp.cols, device, batch=config.batch_windows,
                    progress=progress, out=sr)
     log.info("predicted %d super-pixels with %d state(s) in %.0f s", shape[0], len(models), time.time() - t_pred)
-    _, _, lo, hi, _ = spot_arrays(inp.spots)
     # counts per super-pixel: a spot's footprint mean maps to its count / footprint size (iStar)
     for s0 in range(0, len(sr), 65536):
         sr[s0:s0 + 65536] = (lo + sr[s0:s0 + 65536] * (hi - lo)) / n_fp
-    return sr, td.cfg, histories
+    return sr, td.cfg, histories, oof
+
+
+def _reference_oof(inp, config):
+    return leave_one_out_interpolation(inp.counts, inp.xy, config.sigma * inp.spots.uns["lattice"]["spacing_px"])
+
+
+def _cross_validation(inp, config, oof):
+    """Per-gene out-of-fold accuracy (None without an out-of-fold prediction), logged in one line."""
+    if oof is None:
+        return None
+    table = gene_accuracy(inp.counts, oof, _reference_oof(inp, config), inp.genes)
+    cv = cv_summary(table)
+    log.info("cross-validated accuracy (out-of-fold, spot level, %d most variable genes, %d spots): median "
+             "Pearson r %.3f; interpolation reference %.3f", cv["n_genes"], cv["n_spots"], cv["pearson_median"],
+             cv["reference_pearson_median"])
+    return table, cv
 
 
 def _scratch_memmap(path, shape):
@@ -133,17 +157,20 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
                  inp.spots.n_obs, len(inp.genes), len(inp.rows), n_fp, config.run_name, device)
         if config.model_class.trainable:
-            sr, cfg, histories = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress)
+            sr, cfg, histories, oof = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress)
         else:
-            sr, cfg, histories = _interpolate(inp, config, n_fp)
+            sr, cfg, histories, oof = _interpolate(inp, config, n_fp)
+        cv = _cross_validation(inp, config, oof)
         sigma_px = config.sigma * inp.spots.uns["lattice"]["spacing_px"]
         predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints,
                                            lambda: superpixel_kernel(inp.rows, inp.cols, inp.xy, sigma_px))
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,
                  predicted.sum() / max(1.0, inp.counts.sum()))
         run = {"model": config.run_name, "config": cfg, "args": {k: str(v) for k, v in config.as_parameters().items()},
-               "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows))}
-        metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start)
+               "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows)),
+               "cross_validation": cv[1] if cv else None}
+        metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start,
+                                 cv[0] if cv else None)
     log.info("wrote %s (%d super-pixels x %d genes) in %.0f s", out_dir / L.SUPER_RES, len(inp.rows), len(inp.genes),
              time.time() - t_start)
     if metrics:
@@ -161,15 +188,20 @@ def _spots_pred(inp, predicted, name):
                            layers={"measured": inp.counts}, uns={"model": name})
 
 
-def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, t_start):
-    """super-res.h5ad, spots-pred.h5ad, maps/, loss.png, metrics.json (with truth) and run.json,
-    staged in `out`; returns the metrics (None without truth)."""
+def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy=None):
+    """super-res.h5ad, spots-pred.h5ad, maps/, loss.png, genes-accuracy.tsv (with cross-fitting),
+    metrics.json (with truth) and run.json, staged in `out`; returns the metrics (None without truth)."""
     uns = {"model": run["model"], "config": json.dumps(run["config"], sort_keys=True),
            "spot_consistency": run["spot_consistency"], "pixel_size_um": inp.calib["pixel_size_um"],
            "raw_pixel_size_um": inp.calib["raw_pixel_size_um"], "superpixel_um": geo.SUPER_PIXEL_UM,
            "units": "counts per 8 um super-pixel"}
+    var = inp.spots.var[["scale_min", "scale_max"]].copy()
+    if accuracy is not None:
+        by_gene = accuracy.set_index("gene")
+        var[["cv_pearson", "cv_pearson_reference"]] = by_gene.loc[var.index, ["cv_pearson", "cv_pearson_reference"]]
+        accuracy.to_csv(out.path(out_dir / L.GENES_ACCURACY), sep="\t", index=False, float_format="%.4f")
     write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), superpixel_obs(inp.rows, inp.cols, inp.calib["scale"]),
-                        inp.spots.var[["scale_min", "scale_max"]].copy(), sr, uns)
+                        var, sr, uns)
     _spots_pred(inp, predicted, run["model"]).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
     write_gene_maps(out.path(out_dir / L.GENE_MAPS), L.read_preview(directory, inp.calib), inp.rows, inp.cols, sr,
                     inp.plot_genes, inp.genes)

@@ -31,6 +31,7 @@ class HistexConfig:
     epochs: int = 500
     n_states: int = 5
     val_fraction: float = 0.1
+    cross_fit: bool = True
     patience: int = 20
     seed: int = 0
     device: str = "auto"
@@ -95,6 +96,13 @@ class HistexConfig:
         return ["micro", "meso"] + ([] if self.no_macro else ["macro"])
 
     @property
+    def cv_folds(self) -> int:
+        """Cross-fitting: state s holds out fold s of n_states folds of the spots (0: off; then each
+        state draws its own --val-fraction, and --val-fraction 0 holds out nothing)."""
+        active = self.cross_fit and self.val_fraction > 0 and self.n_states >= 2 and self.model_class.trainable
+        return self.n_states if active else 0
+
+    @property
     def consistency(self) -> str:
         return self.model_class.default_spot_consistency if self.spot_consistency == "auto" else self.spot_consistency
 
@@ -106,7 +114,8 @@ class HistexConfig:
                 "stride": self.stride or cls.inference_stride(half), "model_opts": cls.options(self),
                 "lr": self.lr, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
                 "epochs": self.epochs, "val_fraction": self.val_fraction, "patience": self.patience,
-                "loss": self.loss, "token_mask": self.token_mask, "k_tokens": self.k_tokens}
+                "loss": self.loss, "token_mask": self.token_mask, "k_tokens": self.k_tokens,
+                **({"cv_folds": self.cv_folds, "cv_seed": self.seed} if self.cv_folds else {})}
 
     def as_parameters(self) -> dict:
         """Plain data for the manifest and run.json."""

@@ -82,11 +82,11 @@ def _one_thread(device):
         torch.set_num_threads(before)
 
 
-def _train_to_files(cfg, data, fp_id, seed, pt, meta_p, device, progress, desc) -> dict:
+def _train_to_files(cfg, data, fp_id, seed, val_idx, pt, meta_p, device, progress, desc) -> dict:
     """Train one state and commit its weights and record together; returns the record."""
     t0 = time.time()
     with _one_thread(device):
-        state, info = train_state(cfg, data, seed, device, progress, desc=desc)
+        state, info = train_state(cfg, data, seed, device, progress, desc=desc, val_idx=val_idx)
     dt = time.time() - t0
     meta = {"fingerprint": fp_id, "seed": seed, "epochs": cfg["epochs"], **info, "seconds": dt,
             "spot_epochs_per_second": info["train_spots"] * info["epochs_run"] / max(1e-9, dt)}
@@ -103,20 +103,20 @@ def _log_trained(desc, cfg, meta):
 
 
 def _train_many(jobs, cfg, data, device, workers, progress):
-    """Train the states of `jobs` [(s, fp_id, seed, pt, meta_p, desc)]; returns {s: record}.
+    """Train the states of `jobs` [(s, fp_id, seed, val_idx, pt, meta_p, desc)]; returns {s: record}.
     On the CPU with workers > 1 they train in that many spawned processes (safe with OpenMP and
     CUDA, unlike fork); the results are the same as training them one after another."""
     done = {}
     if workers <= 1 or len(jobs) <= 1 or str(device) != "cpu":
-        for s, fp_id, seed, pt, meta_p, desc in jobs:
-            done[s] = _train_to_files(cfg, data, fp_id, seed, pt, meta_p, device, progress, desc)
+        for s, *job, desc in jobs:
+            done[s] = _train_to_files(cfg, data, *job, device, progress, desc)
             _log_trained(desc, cfg, done[s])
         return done
     log.info("training %d states in %d worker processes (one CPU thread each)", len(jobs), workers)
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_train_to_files, cfg, data, fp_id, seed, pt, meta_p, "cpu", False, desc): (s, desc)
-                       for s, fp_id, seed, pt, meta_p, desc in jobs}
+            futures = {pool.submit(_train_to_files, cfg, data, *job, "cpu", False, desc): (s, desc)
+                       for s, *job, desc in jobs}
             try:
                 for f in tqdm(as_completed(futures), total=len(futures), desc="states", unit="state",
                               disable=not progress, leave=False):
@@ -133,10 +133,10 @@ def _train_many(jobs, cfg, data, device, workers, progress):
 
 
 def trained_states(cfg: dict, training, *, out_dir: Path, n_states: int, seed: int, retrain: bool, device,
-                   workers: int = 1, progress: bool = True):
-    """n_states independently seeded models (state s uses seed * 1000 + s), reusing finished ones;
-    on the CPU up to `workers` states train at once. Returns (models, loss histories [(train,
-    held-out), ...])."""
+                   folds=None, workers: int = 1, progress: bool = True):
+    """n_states independently seeded models (state s uses seed * 1000 + s and holds out folds[s]
+    when folds are given), reusing finished ones; on the CPU up to `workers` states train at once.
+    Returns (models, loss histories [(train, held-out), ...])."""
     fp_id = fingerprint(cfg, training.fingerprint)
     found, jobs = {}, []
     for s in range(n_states):
@@ -146,7 +146,7 @@ def trained_states(cfg: dict, training, *, out_dir: Path, n_states: int, seed: i
         if found[s]:
             log.info("%s: already trained with these inputs and settings, reusing it", desc)
         else:
-            jobs.append((s, fp_id, seed * 1000 + s, pt, meta_p, desc))
+            jobs.append((s, fp_id, seed * 1000 + s, None if folds is None else folds[s], pt, meta_p, desc))
     for s, meta in _train_many(jobs, cfg, training.data, device, workers, progress).items():
         found[s] = load_state(cfg, _paths(out_dir, s)[0], device), meta
     models = [found[s][0] for s in range(n_states)]

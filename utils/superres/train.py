@@ -16,9 +16,14 @@ log = logging.getLogger("trihrge")
 MIN_IMPROVEMENT = 1e-3  # early stopping: a held-out loss must beat the best by 0.1% to count as better
 
 
+def footprint_mean(pred, fp):
+    """pred (B, T, G); fp (B, T) footprint weights (0/1) -> (B, G) mean over each footprint."""
+    return (pred * fp.unsqueeze(-1)).sum(1) / fp.sum(1, keepdim=True).clamp_min(1.0)
+
+
 def footprint_loss(pred, fp, target, kind="mse"):
     """pred (B, T, G); fp (B, T) footprint weights (0/1); target (B, G)."""
-    mean = (pred * fp.unsqueeze(-1)).sum(1) / fp.sum(1, keepdim=True).clamp_min(1.0)
+    mean = footprint_mean(pred, fp)
     if kind == "poisson":
         return (mean - target * torch.log(mean)).mean()
     return ((mean - target) ** 2).mean()
@@ -57,15 +62,19 @@ def validation_loss(model, data, idx, keep, fp_w, target, cfg, use_tokens, devic
     return total / max(1, len(idx))
 
 
-def train_state(cfg, data, seed, device, progress=True, desc="state"):
+def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=None):
     """Train one independently initialised model for up to cfg["epochs"] epochs, stopping early
-    when the loss of its held-out spots has not improved (by 0.1%) for cfg["patience"] epochs (then
-    the weights of the best epoch are kept). Returns (state_dict on CPU, info with loss histories)."""
+    when the loss of its held-out spots (val_idx, its cross-fitting fold; None: a seeded
+    --val-fraction draw) has not improved (by 0.1%) for cfg["patience"] epochs (then the weights of
+    the best epoch are kept). Returns (state_dict on CPU, info with loss histories)."""
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
     model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1, **cfg["model_opts"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    train_idx, val_idx = split_validation(len(data["target"]), cfg.get("val_fraction", 0.0), gen)
+    if val_idx is None:
+        train_idx, val_idx = split_validation(len(data["target"]), cfg.get("val_fraction", 0.0), gen)
+    else:
+        train_idx = np.setdiff1d(np.arange(len(data["target"])), val_idx)
     n = len(train_idx)
     bs = cfg["batch_size"] or max(1, min(128, n // 16))
     use_tokens = model.use_gene_tokens

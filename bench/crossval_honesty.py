@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Is the per-run accuracy estimate honest? On her2st sections under the checkerboard leave-out
+protocol, compare each gene's cross-fitted estimate (super-res.h5ad var cv_pearson, made from the
+training spots only) with the true Pearson r at the hidden spots, over the 100 most variable
+held-out genes: Spearman rank correlation of the two, and the gap between their medians. Both
+are of log1p counts (as cv_pearson); the raw-count r of `utils.protocols score` is printed too.
+
+    python bench/crossval_honesty.py --sections C2 C3 [--train-args "..."]
+
+Needs ../shared/data/her2st (exits cleanly when absent); reuses bench/her2st.py's folders.
+Writes bench/results/crossval_honesty.json."""
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import anndata
+import numpy as np
+from scipy.stats import spearmanr
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from her2st import DATA, prepare, sh  # noqa: E402
+
+from utils.evaluation.protocols import heldout_pearson  # noqa: E402
+
+
+def check(d, model, train_args, out_name):
+    out = d / "results" / out_name
+    if not (out / "super-res.h5ad").is_file():
+        t0 = time.time()
+        sh([sys.executable, "HISTEX.py", "--directory", d, "--model", model, "--out", out, "-q", *train_args])
+        print(f"  {d.name} {model}: HISTEX.py in {time.time() - t0:.0f} s", flush=True)
+    _, genes, true_log = heldout_pearson([out], log1p=True)
+    _, _, true_raw = heldout_pearson([out])
+    var = anndata.read_h5ad(out / "super-res.h5ad", backed="r").var
+    est = var.loc[genes, "cv_pearson"].to_numpy(float)
+    ref = var.loc[genes, "cv_pearson_reference"].to_numpy(float)
+    truth = true_log[out_name]
+    run = json.loads((out / "run.json").read_text())
+    return {"section": d.name, "model": model, "n_genes": len(genes),
+            "estimate_median": float(np.median(est)), "true_median_log1p": float(np.median(truth)),
+            "true_median_raw": float(np.median(true_raw[out_name])),
+            "median_gap": float(np.median(est) - np.median(truth)),
+            "spearman": float(spearmanr(est, truth).statistic),
+            "reference_estimate_median": float(np.median(ref)),
+            "nearest_spot_true_median_log1p": float(np.median(true_log["nearest spot"])),
+            "run_summary": run.get("cross_validation")}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="+", default=["C2", "C3"])
+    p.add_argument("--models", nargs="+", default=["trihrge"])
+    p.add_argument("--train-args", default="", help="extra HISTEX.py options (default: full defaults)")
+    p.add_argument("--root", type=Path, default=REPO / "bench" / "data" / "her2st")
+    a = p.parse_args()
+    if not (DATA / a.sections[0] / "he-raw.jpg").is_file():
+        print(f"{DATA} not present: nothing to measure")
+        return
+    rows = []
+    for section in a.sections:
+        d = prepare(section, "leave-out", a.root)
+        for model in a.models:
+            tag = f"{model}-cv" + ("-" + "".join(ch for ch in a.train_args if ch.isalnum())[:20] if a.train_args else "")
+            rows.append(check(d, model, shlex.split(a.train_args), tag))
+            r = rows[-1]
+            print(f"{section} {model}: estimate median {r['estimate_median']:.3f}, true held-out median "
+                  f"{r['true_median_log1p']:.3f} (raw counts {r['true_median_raw']:.3f}), gap {r['median_gap']:+.3f}, "
+                  f"Spearman {r['spearman']:.2f} over {r['n_genes']} genes; interpolation estimate "
+                  f"{r['reference_estimate_median']:.3f}", flush=True)
+    out = REPO / "bench" / "results" / "crossval_honesty.json"
+    out.write_text(json.dumps({"train_args": a.train_args, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

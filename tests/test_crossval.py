@@ -1,0 +1,111 @@
+"""Cross-fitting (utils/superres/crossval.py): folds that partition the spots, a leave-one-out
+interpolation reference that never sees the spot itself, out-of-fold predictions from the state
+that held each spot out, and the per-run accuracy outputs of HISTEX.py."""
+import json
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import copy_demo, hex_lattice, run_script
+
+from utils.superres.crossval import gene_accuracy, leave_one_out_interpolation, out_of_fold_scaled, spot_folds, summary
+
+FAST = ["--epochs", "4", "--n-states", "2", "--lr", "1e-3", "--threads", "1", "-q"]
+
+
+def test_folds_partition_the_spots_and_are_seeded():
+    folds = spot_folds(103, 5, seed=7)
+    together = np.concatenate(folds)
+    assert len(folds) == 5 and sorted(together) == list(range(103))
+    assert {len(f) for f in folds} <= {20, 21}
+    assert all(np.array_equal(a, b) for a, b in zip(folds, spot_folds(103, 5, seed=7)))
+    assert not all(np.array_equal(a, b) for a, b in zip(folds, spot_folds(103, 5, seed=8)))
+    assert spot_folds(9, 5, seed=0) is None and spot_folds(50, 1, seed=0) is None
+
+
+def test_leave_one_out_interpolation_never_uses_the_spot_itself():
+    xy = hex_lattice(6, 5, 100.0)
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(5, (len(xy), 3)).astype(np.float32)
+    spike = counts.copy()
+    spike[7] = 1e6  # a spot's own value must not reach its own prediction
+    a = leave_one_out_interpolation(counts, xy, 50.0)
+    b = leave_one_out_interpolation(spike, xy, 50.0)
+    assert np.allclose(a[7], b[7]) and (b[np.arange(len(xy)) != 7].max() > 1e3)
+    const = np.full((len(xy), 2), 4.0, np.float32)
+    np.testing.assert_allclose(leave_one_out_interpolation(const, xy, 50.0), 4.0, rtol=1e-6)
+    far = np.array([[0.0, 0.0], [1e5, 0.0], [1e5, 100.0]])  # an isolated spot takes its nearest other spot
+    np.testing.assert_allclose(leave_one_out_interpolation(np.array([[1.0], [2.0], [3.0]]), far, 10.0)[0], [2.0])
+
+
+class _Constant(torch.nn.Module):
+    """A stand-in state that predicts the value v everywhere (T tokens, G genes)."""
+    use_gene_tokens = False
+
+    def __init__(self, v, g):
+        super().__init__()
+        self.v, self.g = v, g
+
+    def forward(self, hist, genes, offs, hidden, keep=None):
+        n, t = keep.shape
+        return torch.full((n, t, self.g), self.v)
+
+
+def test_each_spot_is_predicted_by_the_state_that_held_it_out():
+    n, t, g = 12, 9, 2
+    data = {"hist": {"micro": np.zeros((n, t, 1), np.float32)}, "fp": np.ones((n, t), np.float32),
+            "target": np.zeros((n, g), np.float32)}
+    folds = [np.array([0, 5, 9, 11]), np.array([1, 2, 3, 4]), np.array([6, 7, 8, 10])]
+    out = out_of_fold_scaled([_Constant(float(s), g) for s in range(3)], folds, data, "cpu")
+    for s, f in enumerate(folds):
+        assert (out[f] == s).all()
+
+
+def test_gene_accuracy_table_and_summary():
+    rng = np.random.default_rng(1)
+    measured = rng.poisson(20, (60, 4)).astype(float)
+    good = measured * rng.uniform(0.9, 1.1, measured.shape)
+    noise = rng.poisson(20, (60, 4)).astype(float)
+    table = gene_accuracy(measured, good, noise, ["A", "B", "C", "D"])
+    assert list(table.columns) == ["gene", "cv_pearson", "cv_pearson_reference", "mean_count", "log1p_variance"]
+    assert table["cv_pearson"].is_monotonic_decreasing and (table["cv_pearson"] > 0.8).all()
+    assert (table["cv_pearson_reference"].abs() < 0.5).all()
+    s = summary(table, n_genes=2)
+    assert s["n_genes"] == 2 and s["n_spots"] == 60 and s["pearson_median"] > s["reference_pearson_median"]
+
+
+@pytest.fixture(scope="module")
+def demo(demo_upstream, tmp_path_factory):
+    return copy_demo(demo_upstream, tmp_path_factory.mktemp("cv") / "small")
+
+
+def test_histex_measures_itself(demo):
+    r = run_script("HISTEX.py", demo, *FAST[:-1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cross-validated accuracy (out-of-fold, spot level" in r.stderr
+    out = demo / "results" / "trihrge"
+    run = json.loads((out / "run.json").read_text())
+    cv = run["cross_validation"]
+    spots = anndata.read_h5ad(demo / "spots.h5ad")
+    assert cv["n_spots"] == spots.n_obs and cv["n_genes"] == min(100, spots.n_vars)
+    assert -1 <= cv["pearson_median"] <= 1 and -1 <= cv["reference_pearson_median"] <= 1
+    table = pd.read_csv(out / "genes-accuracy.tsv", sep="\t")
+    assert len(table) == spots.n_vars and table["cv_pearson"].is_monotonic_decreasing
+    var = anndata.read_h5ad(out / "super-res.h5ad", backed="r").var
+    np.testing.assert_allclose(var.loc[table["gene"], "cv_pearson"], table["cv_pearson"], atol=1e-4)
+    # the two states held out the two folds: together every spot once
+    held = [json.loads((out / "states" / f"state-0{i}.json").read_text())["val_spots"] for i in range(2)]
+    assert sum(held) == spots.n_obs
+
+
+def test_no_cross_fit_and_the_interpolation(demo, tmp_path):
+    r = run_script("HISTEX.py", demo, *FAST, "--no-cross-fit", "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["cross_validation"] is None
+    assert not (tmp_path / "a" / "genes-accuracy.tsv").exists()
+    r = run_script("HISTEX.py", demo, "--model", "interp", "-q", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cv = json.loads((tmp_path / "b" / "run.json").read_text())["cross_validation"]
+    assert cv["pearson_median"] == cv["reference_pearson_median"]
