@@ -57,6 +57,11 @@ def build_parser():
                    help="mapping predictions back to counts: local = smooth per-gene correction so each spot's "
                         "super-pixels sum to about its count; global = one factor per gene (iStar); "
                         "auto = local for trihrge, global for mlp, none for interp")
+    o.add_argument("--fusion", default=D.fusion, choices=CHOICES["fusion"],
+                   help="blend = per gene, mix the model's map with the interpolation by the weight that best predicts "
+                        "the held-out spots (cross-fitting; shrunk towards one weight for all genes), so a gene the "
+                        "histology does not inform falls back to smoothing; none (default: blend changed her2st "
+                        "held-out r by -0.001/+0.003) = the model's map alone")
     o.add_argument("--sigma", type=V["sigma"], default=D.sigma, help="Gaussian kernel width in lattice spacings (interp, local consistency)")
     o.add_argument("--stride", type=V["stride"], default=D.stride, help="inference: spacing in super-pixels of the overlapping windows; each super-pixel is the "
                         "centre-weighted mean of the windows that cover it (smaller = smoother, slower); "

@@ -93,11 +93,22 @@ def test_histex_measures_itself(demo):
     assert -1 <= cv["pearson_median"] <= 1 and -1 <= cv["reference_pearson_median"] <= 1
     table = pd.read_csv(out / "genes-accuracy.tsv", sep="\t")
     assert len(table) == spots.n_vars and table["cv_pearson"].is_monotonic_decreasing
+    assert run["fusion"] is None and "blend_weight" not in table.columns  # fusion is opt-in
     var = anndata.read_h5ad(out / "super-res.h5ad", backed="r").var
     np.testing.assert_allclose(var.loc[table["gene"], "cv_pearson"], table["cv_pearson"], atol=1e-4)
     # the two states held out the two folds: together every spot once
     held = [json.loads((out / "states" / f"state-0{i}.json").read_text())["val_spots"] for i in range(2)]
     assert sum(held) == spots.n_obs
+
+
+def test_fusion_blend(demo, tmp_path):
+    r = run_script("HISTEX.py", demo, *FAST, "--fusion", "blend", "--out", tmp_path / "f")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads((tmp_path / "f" / "run.json").read_text())
+    table = pd.read_csv(tmp_path / "f" / "genes-accuracy.tsv", sep="\t")
+    assert {"cv_pearson_model", "blend_weight"} <= set(table.columns) and table["blend_weight"].between(0, 1).all()
+    assert run["fusion"]["n_spots"] == anndata.read_h5ad(demo / "spots.h5ad").n_obs
+    assert 0 <= run["fusion"]["pooled_weight"] <= 1
 
 
 def test_no_cross_fit_and_the_interpolation(demo, tmp_path):
@@ -109,3 +120,22 @@ def test_no_cross_fit_and_the_interpolation(demo, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     cv = json.loads((tmp_path / "b" / "run.json").read_text())["cross_validation"]
     assert cv["pearson_median"] == cv["reference_pearson_median"]
+
+
+def test_blend_weights_follow_the_evidence_and_shrink():
+    from utils.superres.fusion import blend_maps, blend_weights
+    rng = np.random.default_rng(2)
+    n = 200
+    measured = rng.poisson(30, (n, 3)).astype(float)
+    reference = np.full((n, 3), 30.0) + rng.normal(0, 1, (n, 3))
+    model = np.stack([measured[:, 0] + rng.normal(0, 1, n),     # the image knows gene 0
+                      rng.poisson(30, n).astype(float),          # and nothing of gene 1
+                      reference[:, 2] + 1e-3], 1)                # gene 2: no evidence either way
+    a, record = blend_weights(measured, model, reference)
+    assert a[0] > 0.8 and a[1] < 0.2
+    assert abs(a[2] - record["pooled_weight"]) < 0.05  # little evidence: the pooled weight
+    assert 0 <= record["pooled_weight"] <= 1 and record["n_spots"] == n
+    sr = np.ones((4, 3), np.float32)
+    kernel = np.full((4, 2), 0.5)
+    blend_maps(sr, a, kernel, np.array([[4.0, 4.0, 4.0], [8.0, 8.0, 8.0]]), 2.0)
+    np.testing.assert_allclose(sr, np.tile(a * 1 + (1 - a) * 3.0, (4, 1)), rtol=1e-6)

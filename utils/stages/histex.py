@@ -5,6 +5,7 @@ map predictions back to counts, write the outputs and, when truth exists, the sc
 
 Steps, each a function below: read and check the inputs (_SpotInputs), super-resolve (a trained
 model's median over states, or the image-free interpolation), spot consistency, write the outputs."""
+import functools
 import json
 import logging
 import time
@@ -21,8 +22,14 @@ from ..core.errors import InputError
 from ..core.stage import Stage
 from ..superres.config import HistexConfig
 from ..superres.consistency import apply_spot_consistency, superpixel_kernel, tissue_footprints, tissue_index
-from ..superres.crossval import gene_accuracy, leave_one_out_interpolation, out_of_fold_scaled, spot_folds
+from ..superres.crossval import (
+    gene_accuracy,
+    leave_one_out_interpolation,
+    out_of_fold_scaled,
+    spot_folds,
+)
 from ..superres.crossval import summary as cv_summary
+from ..superres.fusion import blend_maps, blend_weights, blended_oof
 from ..superres.inputs import spot_arrays, training_data
 from ..superres.outputs import superpixel_obs, write_gene_maps, write_h5ad_streamed, write_loss_plot
 from ..superres.predict import predict_tissue
@@ -57,6 +64,10 @@ class _SpotInputs:
     def genes(self):
         return list(self.spots.var_names)
 
+    def sigma_px(self, config) -> float:
+        """The Gaussian kernel width (interpolation, local consistency) in pixels: --sigma spacings."""
+        return config.sigma * self.spots.uns["lattice"]["spacing_px"]
+
 
 def _read_inputs(directory, config) -> _SpotInputs:
     calib = L.load_calibration(directory)
@@ -81,8 +92,7 @@ def _read_inputs(directory, config) -> _SpotInputs:
 
 def _interpolate(inp, config, n_fp):
     """The image-free baseline: Gaussian-kernel interpolation of the spot counts."""
-    sigma_px = config.sigma * inp.spots.uns["lattice"]["spacing_px"]
-    sr = config.model_class.predict(superpixel_kernel(inp.rows, inp.cols, inp.xy, sigma_px), inp.counts, n_fp)
+    sr = config.model_class.predict(superpixel_kernel(inp.rows, inp.cols, inp.xy, inp.sigma_px(config)), inp.counts, n_fp)
     return sr, {"model": config.model, "sigma_spacings": config.sigma}, [], _reference_oof(inp, config)
 
 
@@ -113,19 +123,30 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
 
 
 def _reference_oof(inp, config):
-    return leave_one_out_interpolation(inp.counts, inp.xy, config.sigma * inp.spots.uns["lattice"]["spacing_px"])
+    return leave_one_out_interpolation(inp.counts, inp.xy, inp.sigma_px(config))
 
 
-def _cross_validation(inp, config, oof):
-    """Per-gene out-of-fold accuracy (None without an out-of-fold prediction), logged in one line."""
+def _fuse_and_measure(inp, config, sr, oof, n_fp, kernel):
+    """With an out-of-fold prediction: the per-gene blend with the interpolation (--fusion blend,
+    applied to sr in place) and the cross-validated accuracy of the maps that are written, logged in
+    one line. Returns (genes-accuracy table, run.json summary, fusion record), Nones without one."""
     if oof is None:
-        return None
-    table = gene_accuracy(inp.counts, oof, _reference_oof(inp, config), inp.genes)
+        return None, None, None
+    ref = _reference_oof(inp, config)
+    model_oof, fusion = oof, None
+    if config.fusion == "blend" and config.model_class.trainable:
+        a, fusion = blend_weights(inp.counts, oof, ref)
+        blend_maps(sr, a, kernel(), inp.counts, n_fp)
+        oof = blended_oof(a, oof, ref)
+        log.info("fusion: per-gene blend with the interpolation, median weight of the model %.2f (pooled %.2f)",
+                 fusion["median_weight"], fusion["pooled_weight"])
+    table = gene_accuracy(inp.counts, oof, ref, inp.genes, model=model_oof if fusion else None,
+                          weights=a if fusion else None)
     cv = cv_summary(table)
     log.info("cross-validated accuracy (out-of-fold, spot level, %d most variable genes, %d spots): median "
              "Pearson r %.3f; interpolation reference %.3f", cv["n_genes"], cv["n_spots"], cv["pearson_median"],
              cv["reference_pearson_median"])
-    return table, cv
+    return table, cv, fusion
 
 
 def _scratch_memmap(path, shape):
@@ -160,17 +181,15 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
             sr, cfg, histories, oof = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress)
         else:
             sr, cfg, histories, oof = _interpolate(inp, config, n_fp)
-        cv = _cross_validation(inp, config, oof)
-        sigma_px = config.sigma * inp.spots.uns["lattice"]["spacing_px"]
-        predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints,
-                                           lambda: superpixel_kernel(inp.rows, inp.cols, inp.xy, sigma_px))
+        kernel = functools.cache(lambda: superpixel_kernel(inp.rows, inp.cols, inp.xy, inp.sigma_px(config)))
+        accuracy, cv, fusion = _fuse_and_measure(inp, config, sr, oof, n_fp, kernel)
+        predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints, kernel)
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,
                  predicted.sum() / max(1.0, inp.counts.sum()))
         run = {"model": config.run_name, "config": cfg, "args": {k: str(v) for k, v in config.as_parameters().items()},
                "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows)),
-               "cross_validation": cv[1] if cv else None}
-        metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start,
-                                 cv[0] if cv else None)
+               "cross_validation": cv, "fusion": fusion}
+        metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy)
     log.info("wrote %s (%d super-pixels x %d genes) in %.0f s", out_dir / L.SUPER_RES, len(inp.rows), len(inp.genes),
              time.time() - t_start)
     if metrics:

@@ -1,7 +1,8 @@
 """Every run measures itself by cross-fitting: the states partition the spots into folds, state s
 holds out fold s (its early-stopping set), and its prediction at those spots, with each spot's own
-HR pseudo-spots hidden from the gene tokens and before any spot consistency, is an out-of-fold
-prediction. Every spot gets one at no extra training cost. The interpolation reference is scored
+HR pseudo-spots hidden from the gene tokens and before spot consistency, is an out-of-fold
+prediction (applying the consistency of the other spots to it made the estimate less faithful on
+her2st: docs/BENCHMARKS.md). Every spot gets one at no extra training cost. The interpolation reference is scored
 the same way, leaving each spot out of the kernel. Accuracy is spot-level, not super-pixel-level.
 
     folds = spot_folds(n_spots, n_folds, seed)           # list of index arrays, or None
@@ -12,6 +13,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from scipy.spatial import cKDTree
 
@@ -49,32 +51,43 @@ def out_of_fold_scaled(models, folds, data, device, batch=64):
     return out
 
 
-def leave_one_out_interpolation(counts, xy, sigma_px):
-    """(n_spots, G): each spot's counts from the Gaussian kernel over the other spots (the
-    interpolation baseline with the spot itself left out), at the spot centre."""
+def _leave_one_out_kernel(xy, sigma_px):
+    """Row-normalised Gaussian weights from each spot to the other spots (its own weight removed);
+    and the spots with no other spot within the kernel's reach."""
     W = kernel_weights(xy, xy, sigma_px, k=33).tolil()
     W.setdiag(0)
     W = W.tocsr()
     sums = np.asarray(W.sum(1)).ravel()
-    pred = (W @ counts) / np.where(sums > 0, sums, 1.0)[:, None]
-    lone = sums <= 0
+    W = sp.diags(np.where(sums > 0, 1.0 / np.where(sums > 0, sums, 1.0), 0.0)) @ W
+    return W.tocsr(), sums <= 0
+
+
+def leave_one_out_interpolation(counts, xy, sigma_px):
+    """(n_spots, G): each spot's counts from the Gaussian kernel over the other spots (the
+    interpolation baseline with the spot itself left out), at the spot centre."""
+    W, lone = _leave_one_out_kernel(xy, sigma_px)
+    pred = np.asarray(W @ counts, dtype=np.float32)
     if lone.any():  # no other spot within the kernel's reach: the nearest other spot
         _, nn = cKDTree(xy).query(xy[lone], k=2)
         pred[lone] = counts[nn[:, 1]]
-    return np.asarray(pred, dtype=np.float32)
+    return pred
 
 
-def gene_accuracy(measured, predicted, reference, genes) -> pd.DataFrame:
+def gene_accuracy(measured, predicted, reference, genes, model=None, weights=None) -> pd.DataFrame:
     """Per gene: Pearson r of log1p counts across the spots with an out-of-fold prediction, for the
-    model (cv_pearson) and the interpolation reference (cv_pearson_reference), and the gene's mean
-    count. Sorted by cv_pearson, best first."""
+    maps written (cv_pearson), the interpolation reference (cv_pearson_reference) and, with a fusion,
+    the image model alone (cv_pearson_model) and its blend weight; the gene's mean count. Sorted by
+    cv_pearson, best first."""
     ok = np.isfinite(predicted).all(1) & np.isfinite(reference).all(1)
     m = np.log1p(np.asarray(measured, np.float64)[ok])
-    table = pd.DataFrame({"gene": list(genes),
-                          "cv_pearson": pearson_per_gene(np.log1p(np.clip(predicted[ok], 0, None)), m),
-                          "cv_pearson_reference": pearson_per_gene(np.log1p(np.clip(reference[ok], 0, None)), m),
-                          "mean_count": np.asarray(measured, np.float64).mean(0),
-                          "log1p_variance": m.var(0)})
+
+    def r(pred):
+        return pearson_per_gene(np.log1p(np.clip(np.asarray(pred, np.float64)[ok], 0, None)), m)
+
+    table = pd.DataFrame({"gene": list(genes), "cv_pearson": r(predicted), "cv_pearson_reference": r(reference),
+                          **({"cv_pearson_model": r(model)} if model is not None else {}),
+                          **({"blend_weight": weights} if weights is not None else {}),
+                          "mean_count": np.asarray(measured, np.float64).mean(0), "log1p_variance": m.var(0)})
     table.attrs["n_spots"] = int(ok.sum())
     return table.sort_values("cv_pearson", ascending=False, kind="stable").reset_index(drop=True)
 
