@@ -3,6 +3,7 @@ coordinates in section.json (ST square lattice or Visium hexagonal):
 
   python -m utils.protocols make leave-out SRC --directory DST   # hide every other spot
   python -m utils.protocols make coarsen   SRC --directory DST   # sum 2 x 2 blocks of spots
+  python -m utils.protocols make sparse-leave-out SRC ...         # hide a seeded random 1 in 5
   (run the five stages on DST)
   python -m utils.protocols score DST/results/trihrge DST/results/interp ...
 
@@ -46,8 +47,15 @@ def _is_hex(ax, ay):
     return bool(np.all((ax + ay) % 2 == 0) and len(np.unique(ax % 2)) == 2)
 
 
+SPARSE_HIDDEN = 5  # sparse-leave-out hides 1 spot in 5: a hidden spot's neighbours are mostly measured
+
+
 def split(ax, ay, kind):
-    """leave-out: (train mask, None); coarsen: (None, block id per spot)."""
+    """leave-out / sparse-leave-out: (train mask, None); coarsen: (None, block id per spot)."""
+    if kind == "sparse-leave-out":
+        hidden = np.zeros(len(ax), bool)
+        hidden[np.random.default_rng(0).permutation(len(ax))[::SPARSE_HIDDEN]] = True
+        return ~hidden, None
     hexagonal = _is_hex(ax, ay)
     col = ax // 2 if hexagonal else ax
     if kind == "leave-out":
@@ -63,7 +71,7 @@ def make(kind, src, dst):
     ax, ay, sec = _array_coords(src, len(ids))
     radius = float((src / "radius-raw.txt").read_text().split()[0])
     xy = locs[["x", "y"]].to_numpy(float)
-    if kind == "leave-out":
+    if kind in ("leave-out", "sparse-leave-out"):
         train, _ = split(ax, ay, kind)
         t_ids, t_X, t_xy, t_r = ids[train], X[train], xy[train], radius
         h_ids, h_X, h_xy = ids[~train], X[~train], xy[~train]
@@ -78,7 +86,7 @@ def make(kind, src, dst):
         t_r = 2.0 * radius
         h_ids, h_X, h_xy = ids, X, xy
     else:
-        raise InputError(f"unknown protocol {kind!r}; use leave-out or coarsen")
+        raise InputError(f"unknown protocol {kind!r}; use leave-out, sparse-leave-out or coarsen")
     dst.mkdir(parents=True, exist_ok=True)
     if (dst.resolve() == src.resolve()):
         raise InputError(f"{dst}: must differ from the source folder")
@@ -150,8 +158,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make", help="write a protocol folder from a raw-layout folder", formatter_class=HelpFormatter)
-    m.add_argument("protocol", choices=["leave-out", "coarsen"], help="leave-out: hide every other spot (checkerboard); "
-                   "coarsen: sum 2 x 2 blocks of spots")
+    m.add_argument("protocol", choices=["leave-out", "sparse-leave-out", "coarsen"],
+                   help="leave-out: hide every other spot (checkerboard); sparse-leave-out: hide a seeded random 1 in "
+                        f"{SPARSE_HIDDEN} (the run keeps a nearly full lattice); coarsen: sum 2 x 2 blocks of spots")
     m.add_argument("source", type=Path, help="raw-layout folder with section.json (array_x, array_y)")
     m.add_argument("--directory", type=Path, required=True, help="the protocol folder to write")
     s = sub.add_parser("score", help="score runs made on a protocol folder", formatter_class=HelpFormatter)
