@@ -48,3 +48,16 @@ def test_make_and_score(tmp_path):
     proto, res = score([run], n_genes=8)
     assert res["perfect"]["median"] > 0.999
     assert "nearest spot" in res and res["nearest spot"]["median"] < 0.999
+
+
+def test_sparse_leave_out_hides_one_in_five_seeded(tmp_path):
+    ax, ay = np.meshgrid(np.arange(10), np.arange(10))
+    train, _ = split(ax.ravel(), ay.ravel(), "sparse-leave-out")
+    assert (~train).sum() == 20
+    assert np.array_equal(train, split(ax.ravel(), ay.ravel(), "sparse-leave-out")[0])
+    xy = square_lattice(6, 6, 250.0, origin=(300, 300))
+    src = write_raw_dir(tmp_path / "src", xy, pixel_size=0.5, n_genes=8)
+    (src / "section.json").write_text(json.dumps({"array_x": np.tile(np.arange(6), 6).tolist(),
+                                                  "array_y": np.repeat(np.arange(6), 6).tolist()}))
+    assert make("sparse-leave-out", src, tmp_path / "sp") == (28, 8)
+    assert json.loads((tmp_path / "sp" / "protocol.json").read_text())["protocol"] == "sparse-leave-out"
