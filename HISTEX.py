@@ -14,7 +14,8 @@ def build_parser():
         "footprint must match its scaled counts), predict every tissue super-pixel, map the predictions back to "
         "counts and write super-res.h5ad, spot-level predictions, gene maps and, when DIR/truth exists, scores.",
         epilog="Needs stages 1-4. Writes under --out (default DIR/results/<model>): super-res.h5ad, spots-pred.h5ad, "
-               "maps/<gene>.png, loss.png, states/ (trained states; a rerun reuses finished ones), run.json, "
+               "maps/<gene>.png, loss.png, states/ (trained states; a rerun reuses finished ones), genes-accuracy.tsv "
+               "(cross-validated per-gene accuracy), run.json, "
                "metrics.json (with truth).")
     p.add_argument("--model", default=D.model, choices=list(MODELS),
                    help="trihrge: the TriHRGE network; mlp: iStar's per-super-pixel MLP on the same features; "
