@@ -90,17 +90,18 @@ def _read_inputs(directory, config) -> _SpotInputs:
     return _SpotInputs(calib, spots, hr, mask, rows, cols, fp, fp_size, plot_genes)
 
 
-def _interpolate(inp, config, n_fp):
-    """The image-free baseline: Gaussian-kernel interpolation of the spot counts."""
-    sr = config.model_class.predict(superpixel_kernel(inp.rows, inp.cols, inp.xy, inp.sigma_px(config)), inp.counts, n_fp)
-    return sr, {"model": config.model, "sigma_spacings": config.sigma}, [], _reference_oof(inp, config)
+def _interpolate(inp, config, n_fp, kernel):
+    """The image-free baseline: Gaussian-kernel interpolation of the spot counts (its out-of-fold
+    prediction is the reference itself: None here, see _fuse_and_measure)."""
+    sr = config.model_class.predict(kernel(), inp.counts, n_fp)
+    return sr, {"model": config.model, "sigma_spacings": config.sigma}, [], None
 
 
 def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress):
     """Median over the trained states, mapped back to counts per super-pixel, in a scratch memmap;
     and the out-of-fold spot counts of cross-fitting (None without folds)."""
     td = training_data(directory, config, inp.spots, inp.hr, inp.mask.shape)
-    folds = spot_folds(inp.spots.n_obs, config.cv_folds, config.seed) if config.cv_folds else None
+    folds = spot_folds(inp.spots.n_obs, config.cv_folds, config.seed)
     if config.cv_folds and folds is None:
         log.info("too few spots (%d) for %d-fold cross-fitting: no accuracy estimate", inp.spots.n_obs,
                  config.cv_folds)
@@ -127,21 +128,24 @@ def _reference_oof(inp, config):
 
 
 def _fuse_and_measure(inp, config, sr, oof, n_fp, kernel):
-    """With an out-of-fold prediction: the per-gene blend with the interpolation (--fusion blend,
-    applied to sr in place) and the cross-validated accuracy of the maps that are written, logged in
-    one line. Returns (genes-accuracy table, run.json summary, fusion record), Nones without one."""
-    if oof is None:
+    """With an out-of-fold prediction (the interpolation's is its leave-one-out reference): the
+    per-gene blend with the interpolation (--fusion blend, applied to sr in place) and the
+    cross-validated accuracy of the maps that are written, logged in one line. Returns
+    (genes-accuracy table, run.json summary, fusion record), Nones without one."""
+    trainable = config.model_class.trainable
+    if oof is None and trainable:
         return None, None, None
     ref = _reference_oof(inp, config)
-    model_oof, fusion = oof, None
-    if config.fusion == "blend" and config.model_class.trainable:
+    if oof is None:
+        oof = ref
+    model_oof, fusion, a = oof, None, None
+    if config.fusion == "blend" and trainable:
         a, fusion = blend_weights(inp.counts, oof, ref)
         blend_maps(sr, a, kernel(), inp.counts, n_fp)
         oof = blended_oof(a, oof, ref)
         log.info("fusion: per-gene blend with the interpolation, median weight of the model %.2f (pooled %.2f)",
                  fusion["median_weight"], fusion["pooled_weight"])
-    table = gene_accuracy(inp.counts, oof, ref, inp.genes, model=model_oof if fusion else None,
-                          weights=a if fusion else None)
+    table = gene_accuracy(inp.counts, oof, ref, inp.genes, model=model_oof if fusion else None, weights=a)
     cv = cv_summary(table)
     log.info("cross-validated accuracy (out-of-fold, spot level, %d most variable genes, %d spots): median "
              "Pearson r %.3f; interpolation reference %.3f", cv["n_genes"], cv["n_spots"], cv["pearson_median"],
@@ -177,11 +181,12 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         n_fp = float(np.mean(inp.footprint_size))
         log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
                  inp.spots.n_obs, len(inp.genes), len(inp.rows), n_fp, config.run_name, device)
+        # super-pixel x spot kernel weights, built once when needed (interp, blend, local consistency)
+        kernel = functools.cache(lambda: superpixel_kernel(inp.rows, inp.cols, inp.xy, inp.sigma_px(config)))
         if config.model_class.trainable:
             sr, cfg, histories, oof = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress)
         else:
-            sr, cfg, histories, oof = _interpolate(inp, config, n_fp)
-        kernel = functools.cache(lambda: superpixel_kernel(inp.rows, inp.cols, inp.xy, inp.sigma_px(config)))
+            sr, cfg, histories, oof = _interpolate(inp, config, n_fp, kernel)
         accuracy, cv, fusion = _fuse_and_measure(inp, config, sr, oof, n_fp, kernel)
         predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints, kernel)
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,

@@ -51,7 +51,7 @@ class HistexConfig:
     no_gene_tokens: bool = False
     no_linear_head: bool = False
     spot_consistency: str = "auto"
-    fusion: str = "none"   # "blend" measured +-0.003 on her2st leave-out: opt-in (docs/BENCHMARKS.md)
+    fusion: str = "none"   # "blend" moved her2st leave-out r by -0.001 / +0.003: opt-in (docs/BENCHMARKS.md)
     sigma: float = 0.5
     stride: int = 0
     batch_windows: int = 64

@@ -2,15 +2,14 @@
 holds out fold s (its early-stopping set), and its prediction at those spots, with each spot's own
 HR pseudo-spots hidden from the gene tokens and before spot consistency, is an out-of-fold
 prediction (applying the consistency of the other spots to it made the estimate less faithful on
-her2st: docs/BENCHMARKS.md). Every spot gets one at no extra training cost. The interpolation reference is scored
-the same way, leaving each spot out of the kernel. Accuracy is spot-level, not super-pixel-level.
+her2st: docs/BENCHMARKS.md). Every spot gets one at no extra training cost. The interpolation
+reference is scored the same way, leaving each spot out of the kernel. Accuracy is spot-level, not
+super-pixel-level.
 
     folds = spot_folds(n_spots, n_folds, seed)           # list of index arrays, or None
     oof = out_of_fold_scaled(models, folds, data, device)  # (n_spots, G) scaled units
     cv = gene_accuracy(measured, predicted_oof, reference_oof, genes)
 """
-import logging
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -20,17 +19,15 @@ from scipy.spatial import cKDTree
 from ..evaluation.metrics import pearson_per_gene
 from .consistency import kernel_weights
 from .inputs import batch_inputs
-from .train import footprint_mean, footprint_tokens
+from .train import MIN_TRAIN_SPOTS, MIN_VAL_SPOTS, footprint_mean, footprint_tokens
 
-log = logging.getLogger("trihrge")
-MIN_FOLD, MIN_TRAIN = 2, 8   # as split_validation: fewer spots cannot train or validate a state
 N_SUMMARY_GENES = 100        # the summary covers the most variable genes, as the real-data protocols
 
 
 def spot_folds(n_spots: int, n_folds: int, seed: int):
     """A seeded partition of the spots into n_folds folds (sorted index arrays); None when a fold
     would be too small to validate on, or the rest too small to train on."""
-    if n_folds < 2 or n_spots // n_folds < MIN_FOLD or n_spots - -(-n_spots // n_folds) < MIN_TRAIN:
+    if n_folds < 2 or n_spots // n_folds < MIN_VAL_SPOTS or n_spots - -(-n_spots // n_folds) < MIN_TRAIN_SPOTS:
         return None
     perm = np.random.default_rng([seed, n_folds]).permutation(n_spots)
     return [np.sort(perm[f::n_folds]) for f in range(n_folds)]

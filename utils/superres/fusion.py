@@ -1,8 +1,9 @@
 """Late fusion of the image model with the measured neighbours, chosen on the run's own data: per
 gene, the blend weight a_g of map = a_g * model + (1 - a_g) * interpolation that best predicts the
 out-of-fold spot counts (least squares), shrunk towards the weight pooled over all genes by
-empirical Bayes (random-effects pooling), so that a gene with little evidence is not overfitted. A gene where the histology
-carries nothing gets a_g near 0: its map falls back to the smoothing instead of being worse.
+empirical Bayes (random-effects pooling), so that a gene with little evidence is not overfitted. A
+gene where the histology carries nothing gets a_g near 0: its map falls back to the smoothing
+instead of being worse.
 
     a, record = blend_weights(measured, oof_model, oof_reference)   # (G,), plain data for run.json
     blend_maps(sr, a, kernel, counts, mean_footprint)              # sr (n_sp, G) updated in place

@@ -14,6 +14,7 @@ from .inputs import batch_inputs
 
 log = logging.getLogger("trihrge")
 MIN_IMPROVEMENT = 1e-3  # early stopping: a held-out loss must beat the best by 0.1% to count as better
+MIN_VAL_SPOTS, MIN_TRAIN_SPOTS = 2, 8  # fewer spots cannot validate / train a state: no hold-out then
 
 
 def footprint_mean(pred, fp):
@@ -43,7 +44,7 @@ def split_validation(n, fraction, gen):
     overfitting (each state draws its own, so the median of the states still uses every spot).
     Returns (train index, validation index); no validation when too few spots."""
     n_val = int(round(n * fraction))
-    if fraction <= 0 or n_val < 2 or n - n_val < 8:
+    if fraction <= 0 or n_val < MIN_VAL_SPOTS or n - n_val < MIN_TRAIN_SPOTS:
         return np.arange(n), np.arange(0)
     perm = gen.permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
