@@ -5,12 +5,15 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from ..core import geometry as geo
 from ..core.layout import GENE_MAP_INDEX
+from ..scverse.keys import Key
+from ..scverse.spatial import spatial_obsm, spatial_uns
 
 
-def write_h5ad_streamed(path, obs, var, X, uns=None, chunk_rows=65536):
+def write_h5ad_streamed(path, obs, var, X, uns=None, obsm=None, chunk_rows=65536):
     """An .h5ad whose dense float32 X is copied in row chunks from X (array or memmap)."""
-    anndata.AnnData(obs=obs, var=var, uns=uns or {}).write_h5ad(path)
+    anndata.AnnData(obs=obs, var=var, uns=uns or {}, obsm=obsm).write_h5ad(path, compression="gzip")
     n, g = X.shape
     with h5py.File(path, "a") as f:
         if "X" in f:
@@ -30,6 +33,26 @@ def superpixel_obs(rows, cols, scale):
     return pd.DataFrame({"row": rows.astype(np.int32), "col": cols.astype(np.int32),
                          "x": cx / scale, "y": cy / scale},
                         index=pd.Index([f"{r}_{c}" for r, c in zip(rows, cols)], name="superpixel"))
+
+
+def library_id(directory) -> str:
+    """The library id of uns['spatial']: the name of the data directory (the section)."""
+    from pathlib import Path
+    return Path(directory).resolve().name or "section"
+
+
+def superpixel_spatial(directory, calibration: dict, images: dict, obs) -> tuple:
+    """(obsm, uns) of super-res.h5ad in scanpy's Visium layout; the 'spot' is one 8 um super-pixel."""
+    side = geo.SUPER_PIXEL_PX / float(calibration["scale"])        # super-pixel side in he-raw px
+    uns = spatial_uns(library_id(directory), images, side, "TriHRGE super-pixels (8 um squares)")
+    return spatial_obsm(obs), {Key.SPATIAL: uns}
+
+
+def spot_spatial(directory, calibration: dict, images: dict, obs) -> tuple:
+    """(obsm, uns) of spots-pred.h5ad: spot centres (obs x_raw, y_raw) and the spot diameter."""
+    diameter = 2 * float(calibration["radius_raw_px"])
+    uns = spatial_uns(library_id(directory), images, diameter, "measured spots")
+    return spatial_obsm(obs, "x_raw", "y_raw"), {Key.SPATIAL: uns}
 
 
 def write_gene_maps(out_dir, he_small, rows, cols, X, genes, gene_names):

@@ -1,0 +1,63 @@
+"""super-res.h5ad and spots-pred.h5ad in scanpy's Visium layout: obsm/uns 'spatial', plotted by scanpy
+and squidpy with no extra arguments."""
+import anndata
+import matplotlib
+import numpy as np
+import pytest
+from analysis_fixtures import interp_run  # noqa: F401  (fixture)
+
+from utils.core import layout as L
+from utils.scverse.keys import Key
+from utils.scverse.spatial import HIRES_MAX_PX, LOWRES_MAX_PX, library_of
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module", params=[L.SUPER_RES, L.SPOTS_PRED])
+def output(request, interp_run):  # noqa: F811
+    d, run_dir = interp_run
+    return d, anndata.read_h5ad(run_dir / request.param)
+
+
+def test_spatial_layout(output):
+    d, ad = output
+    calib = L.load_calibration(d)
+    xy = ad.obsm[Key.SPATIAL]
+    x, y = ("x", "y") if "row" in ad.obs else ("x_raw", "y_raw")
+    np.testing.assert_allclose(xy, ad.obs[[x, y]].to_numpy())       # he-raw pixels, as obs
+    lib = library_of(ad)
+    assert lib == d.name
+    sp = ad.uns[Key.SPATIAL][lib]
+    hires, lowres = sp[Key.IMAGES][Key.HIRES], sp[Key.IMAGES][Key.LOWRES]
+    assert hires.dtype == np.uint8 and hires.shape[2] == 3 and max(hires.shape[:2]) <= HIRES_MAX_PX
+    assert max(lowres.shape[:2]) <= LOWRES_MAX_PX
+    f = sp[Key.SCALEFACTORS]
+    H, W = calib["raw_shape"][:2]
+    for img, s in ((hires, f[Key.HIRES_SCALEF]), (lowres, f[Key.LOWRES_SCALEF])):
+        # the image covers the raw image at its scale factor (whole-factor block means drop < 1 block)
+        assert abs(img.shape[1] - W * s) <= 1 / (s / calib["scale"]) + 1 and abs(img.shape[0] - H * s) <= 1 / (
+            s / calib["scale"]) + 1
+        # every observation falls on the image
+        assert (xy * s < np.array([img.shape[1], img.shape[0]]) + 1).all()
+    expect = 8 / calib["raw_pixel_size_um"] if "row" in ad.obs else 2 * calib["radius_raw_px"]
+    assert f[Key.SPOT_DIAMETER] == pytest.approx(expect)
+    # the hires image is the H&E: tissue super-pixels are darker than the white background
+    if "row" in ad.obs:
+        s = f[Key.HIRES_SCALEF]
+        ij = np.minimum((xy * s).astype(int), [hires.shape[1] - 1, hires.shape[0] - 1])
+        assert hires[ij[:, 1], ij[:, 0]].mean() < hires.mean(axis=2).max() - 10
+
+
+def test_scanpy_and_squidpy_plot_with_no_extra_arguments(output):
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    import squidpy as sq
+    _, ad = output
+    gene = ad.var_names[0]
+    sc.pl.spatial(ad, color=gene, show=False)
+    ax = plt.gcf().axes[0]
+    assert ax.images, "scanpy drew no H&E"
+    plt.close("all")
+    sq.pl.spatial_scatter(ad, color=gene)
+    assert plt.gcf().axes[0].images, "squidpy drew no H&E"
+    plt.close("all")

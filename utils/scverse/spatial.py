@@ -1,0 +1,60 @@
+"""`obsm['spatial']` and `uns['spatial']` in scanpy's Visium layout.
+
+The images are the calibrated H&E (he.tif, 0.5 um/px) without its padding, downscaled by whole
+factors in row strips (the full image is never read at once): `hires` at most HIRES_MAX_PX on its
+long side, `lowres` at most LOWRES_MAX_PX. Scale factors map he-raw pixels (the frame of
+obsm['spatial'] and obs x/y) to image pixels, as Space Ranger's `scalefactors_json.json` does."""
+import math
+
+import numpy as np
+
+from ..core import layout as L
+from .keys import Key
+
+HIRES_MAX_PX = 2000
+LOWRES_MAX_PX = 600
+_STRIP_ROWS = 512          # output rows per strip of the block mean
+
+
+def _block_mean(img, k: int) -> np.ndarray:
+    """Mean over k x k blocks of an (H, W, 3) uint8 array (memmap), read strip by strip."""
+    H, W = (img.shape[0] // k) * k, (img.shape[1] // k) * k
+    out = np.empty((H // k, W // k, 3), np.uint8)
+    step = _STRIP_ROWS * k
+    for r0 in range(0, H, step):
+        block = np.asarray(img[r0:min(H, r0 + step), :W], dtype=np.float32)
+        h = block.shape[0] // k
+        out[r0 // k:r0 // k + h] = np.rint(block.reshape(h, k, W // k, k, 3).mean(axis=(1, 3)))
+    return out
+
+
+def tissue_images(directory, calibration: dict) -> dict:
+    """{'images': {hires, lowres}, 'scalefactors': {hires/lowres scalef}} from DIR/he.tif."""
+    img = L.open_calibrated_image(directory, calibration)
+    h, w = (int(v) for v in calibration["scaled_shape"][:2])   # he-raw extent; the rest is padding
+    img = img[:h, :w]
+    scale = float(calibration["scale"])                           # he-raw px -> calibrated px
+    images, factors = {}, {}
+    for key, fkey, limit in ((Key.HIRES, Key.HIRES_SCALEF, HIRES_MAX_PX), (Key.LOWRES, Key.LOWRES_SCALEF, LOWRES_MAX_PX)):
+        k = max(1, math.ceil(max(h, w) / limit))
+        images[key] = _block_mean(img, k)
+        factors[fkey] = scale / k
+    return {Key.IMAGES: images, Key.SCALEFACTORS: factors}
+
+
+def spatial_uns(library_id: str, images: dict, spot_diameter_raw: float, source: str) -> dict:
+    """uns['spatial'] for one library: the images, their scale factors, the spot (or super-pixel) size."""
+    factors = {**images[Key.SCALEFACTORS], Key.SPOT_DIAMETER: float(spot_diameter_raw)}
+    return {library_id: {Key.IMAGES: dict(images[Key.IMAGES]), Key.SCALEFACTORS: factors,
+                         Key.METADATA: {"source": source}}}
+
+
+def spatial_obsm(obs, x: str = "x", y: str = "y") -> dict:
+    """obsm['spatial']: (x, y) of each observation in he-raw pixels (float64)."""
+    return {Key.SPATIAL: obs[[x, y]].to_numpy(np.float64)}
+
+
+def library_of(adata) -> str:
+    """The one library id of uns['spatial'] (KeyError-free: None when there is none)."""
+    libs = list(adata.uns.get(Key.SPATIAL, {}) or {})
+    return libs[0] if len(libs) == 1 else None
