@@ -1,0 +1,135 @@
+"""python -m utils.analysis: domains, cell types, gene sets, SpatialData export, and its errors."""
+import os
+import subprocess
+import sys
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+from analysis_fixtures import NOT_PREDICTED, interp_run, marker_tsv  # noqa: F401  (fixture)
+from conftest import REPO, assert_user_error, snapshot
+
+from utils.scverse.keys import File, Key
+
+
+def analyse(*args):
+    e = dict(os.environ, PYTHONHASHSEED="0")
+    return subprocess.run([sys.executable, "-m", "utils.analysis", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env=e, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def analysed(interp_run, tmp_path_factory):  # noqa: F811
+    d, run_dir = interp_run
+    tsv = marker_tsv(d, tmp_path_factory.mktemp("markers") / "markers.tsv")
+    genes = list(anndata.read_h5ad(run_dir / "super-res.h5ad", backed="r").var_names)
+    r = analyse(run_dir, "--markers", tsv, "--n-domains", 4, "--smooth", 1, "--gene-set", f"S1={genes[0]},{genes[1]}",
+                "--export", "spatialdata")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d, run_dir, r, genes
+
+
+def test_outputs(analysed):
+    d, run_dir, r, _ = analysed
+    out = run_dir / File.ANALYSIS_DIR
+    an = anndata.read_h5ad(out / File.ANALYSIS_H5AD)
+    sr = anndata.read_h5ad(run_dir / "super-res.h5ad", backed="r")
+    assert list(an.obs_names) == list(sr.obs_names)
+    assert list(an.obs[Key.DOMAIN].cat.categories) == ["1", "2", "3", "4"]
+    sizes = an.obs[Key.DOMAIN].value_counts().sort_index().to_numpy()
+    assert (np.diff(sizes) <= 0).all()                     # numbered by decreasing size
+    assert set(an.obs[Key.CELL_TYPE].cat.categories) >= {"tumour", "fibroblast", Key.UNASSIGNED}
+    assert {"score_tumour", Key.CELL_TYPE_CONFIDENCE, "gene_set_S1"} <= set(an.obs)
+    # the labels follow the markers: where the tumour score is highest, the label is tumour
+    top = an.obs["score_tumour"] >= an.obs["score_tumour"].quantile(0.99)
+    assert (an.obs.loc[top, Key.CELL_TYPE] == "tumour").mean() > 0.8
+    markers = pd.read_csv(out / File.DOMAIN_MARKERS, sep="\t", dtype={Key.DOMAIN: str})
+    assert set(markers[Key.DOMAIN]) == {"1", "2", "3", "4"} and markers["gene"].isin(sr.var_names).all()
+    # a marker the run does not predict is reported, in the table, analysis.json and the log
+    table = pd.read_csv(out / File.CELL_TYPE_MARKERS, sep="\t")
+    assert not table.loc[table["gene"] == NOT_PREDICTED, "predicted"].item()
+    assert NOT_PREDICTED in (out / File.ANALYSIS_JSON).read_text() and NOT_PREDICTED in r.stderr
+    for name in (File.DOMAIN_MAP, File.CELL_TYPE_MAP, File.GENE_SET_MAP.format("S1")):
+        assert (out / name).stat().st_size > 10_000
+    assert "Analysis of the super-pixels" in (run_dir / File.REPORT).read_text()
+    assert not [p for p in run_dir.rglob(".trihrge-tmp*")]
+
+
+def test_plots_in_scanpy(analysed):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    an = anndata.read_h5ad(analysed[1] / File.ANALYSIS_DIR / File.ANALYSIS_H5AD)
+    sc.pl.spatial(an, color=[Key.DOMAIN, Key.CELL_TYPE], show=False)
+    plt.close("all")
+
+
+def test_spatialdata_export(analysed):
+    sd = pytest.importorskip("spatialdata")
+    run_dir = analysed[1]
+    s = sd.read_zarr(run_dir / File.ANALYSIS_DIR / File.SPATIALDATA)
+    assert list(s.images) == ["he"] and list(s.shapes) == ["superpixels"]
+    shapes, table = s.shapes["superpixels"], s.tables["table"]
+    assert len(shapes) == table.n_obs == anndata.read_h5ad(run_dir / "super-res.h5ad", backed="r").n_obs
+    assert (shapes.geometry.geom_type == "Polygon").all()
+    side = np.sqrt(shapes.geometry.area.to_numpy())
+    assert np.allclose(side, 8 / 0.3, rtol=1e-6)            # 8 um squares at the demo's 0.3 um/px
+    assert Key.DOMAIN in table.obs
+
+
+def test_spots_input(analysed, tmp_path):
+    run_dir = analysed[1]
+    r = analyse(run_dir, "--input", "spots", "--markers", "none", "--n-domains", 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    an = anndata.read_h5ad(run_dir / File.ANALYSIS_SPOTS_DIR / File.ANALYSIS_H5AD)
+    assert an.obs[Key.DOMAIN].nunique() == 3 and Key.CELL_TYPE not in an.obs
+    assert (run_dir / File.ANALYSIS_SPOTS_DIR / File.DOMAIN_MAP).is_file()
+
+
+def test_errors_are_one_line_and_change_nothing(analysed, tmp_path):
+    d, run_dir, _, genes = analysed
+    before = snapshot(d)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("tumour\tA\tB\n")
+    cases = [((tmp_path / "nope",), "not found"),
+             ((tmp_path,), "super-res.h5ad: not found"),
+             ((run_dir, "--gene-set", f"X={genes[0]},NOPE9"), "NOPE9"),
+             ((run_dir, "--gene-set", "X="), "NAME=GENE1"),
+             ((run_dir, "--n-domains", 1), "--n-domains"),
+             ((run_dir, "--markers", bad), "line 1 has 3"),
+             ((run_dir, "--markers", tmp_path / "missing.tsv"), "missing.tsv: not found")]
+    for args, fragment in cases:
+        assert_user_error(analyse(*args), fragment)
+    assert snapshot(d) == before
+
+
+def test_functions_are_seeded_and_find_planted_structure():
+    """Two planted groups of observations on a grid: the domains and the cell types recover them."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from utils.analysis.celltypes import score_cell_types
+    from utils.analysis.domains import cluster, embed, smooth
+    from utils.analysis.preprocess import normalise_log
+    rng = np.random.default_rng(0)
+    n, g = 400, 30
+    rows, cols = np.divmod(np.arange(n), 20)
+    truth = (cols >= 10).astype(int)
+    lam = np.full((n, g), 2.0)
+    lam[truth == 0, :5] = 20.0
+    lam[truth == 1, 5:10] = 20.0
+    ad = anndata.AnnData(X=rng.poisson(lam).astype(np.float32), obs=pd.DataFrame({"row": rows, "col": cols},
+                         index=[f"o{i}" for i in range(n)]), var=pd.DataFrame(index=[f"G{j}" for j in range(g)]))
+    ad.obsm[Key.SPATIAL] = np.c_[cols, rows].astype(float)
+    labels = []
+    for _ in range(2):
+        a = ad.copy()
+        normalise_log(a)
+        embed(a, n_pcs=5, seed=1)
+        cluster(a, n_domains=2, rep=smooth(a, rings=1), seed=1)
+        labels.append(a.obs[Key.DOMAIN].to_numpy())
+        score_cell_types(a, panel={"A": ["G0", "G1", "G2"], "B": ["G5", "G6", "NOPE"]}, seed=1)
+    assert (labels[0] == labels[1]).all()
+    assert adjusted_rand_score(truth, labels[0]) == 1.0
+    assert (a.obs[Key.CELL_TYPE].astype(str).to_numpy() == np.where(truth == 0, "A", "B")).mean() > 0.95

@@ -1,0 +1,4 @@
+from ..core.cli import run
+from .cli import main
+
+run(main)

@@ -1,0 +1,116 @@
+"""Gene sets: `--gene-set NAME=G1,G2,...` or a two-column TSV (set, gene), scored per observation by
+scanpy.tl.score_genes (mean log expression of the set minus that of expression-matched control genes)."""
+import argparse
+import logging
+import re
+
+from ..core.errors import InputError
+from ..core.text_io import read_text
+from ..scverse.keys import Key
+
+log = logging.getLogger("trihrge")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")   # also a file name and an obs column
+_HEADER_FIRST = {"set", "gene_set", "name", "cell_type", "cell type", "celltype", "type"}
+
+
+def _check_name(name: str, where: str) -> str:
+    if not _NAME.match(name):
+        raise InputError(f"{where}: {name!r} is not a usable set name; use letters, digits and _ . + - "
+                         f"(it names an obs column and a file)")
+    return name
+
+
+def parse_gene_set(text: str) -> tuple:
+    """argparse type of --gene-set: 'NAME=G1,G2,...' -> (NAME, [G1, G2, ...])."""
+    name, sep, genes = str(text).partition("=")
+    names = [g.strip() for g in genes.split(",") if g.strip()]
+    if not sep or not name.strip() or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=GENE1,GENE2,... (for example "
+                                         f"TLS=CXCL13,CCL19,CCL21,MS4A1)")
+    try:
+        return _check_name(name.strip(), "--gene-set"), list(dict.fromkeys(names))
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def read_gene_table(path, *, what: str) -> dict:
+    """A two-column table (name, gene), tab-separated, UTF-8 with or without a BOM, any line ends,
+    '#' comments, an optional header line (set/cell_type ..., gene): {name: [genes in file order]}.
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        What the file is, for messages ('marker table', 'gene-set file').
+    """
+    out = {}
+    lines = read_text(path, what).split("\n")
+    for i, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if len(fields) != 2 or not all(fields):
+            raise InputError(f"{path}: line {i} has {len(fields)} tab-separated field(s) {line[:60]!r}; a "
+                             f"{what} holds two columns, name<TAB>gene, one gene per line")
+        if not out and fields[0].lower() in _HEADER_FIRST and fields[1].lower() in ("gene", "genes", "marker"):
+            continue
+        out.setdefault(_check_name(fields[0], f"{path}: line {i}"), [])
+        if fields[1] not in out[fields[0]]:
+            out[fields[0]].append(fields[1])
+    if not out:
+        raise InputError(f"{path}: holds no (name, gene) line; write one name<TAB>gene pair per line")
+    return out
+
+
+def require_genes(sets: dict, genes, *, source: str) -> None:
+    """Refuse a gene set naming a gene that is not predicted (a typo, or a gene not selected by get_HR)."""
+    known = set(genes)
+    for name, members in sets.items():
+        unknown = [g for g in members if g not in known]
+        if unknown:
+            raise InputError(f"{source}: gene set {name}: {', '.join(unknown[:5])} not among the {len(known)} "
+                             f"predicted genes (see the run's super-res.h5ad var_names / DIR/genes.tsv); check "
+                             f"the spelling or drop the gene")
+
+
+def score(adata, *, genes, key: str, seed: int = 0) -> None:
+    """obs[key]: scanpy.tl.score_genes of `genes` on the log-normalised expression.
+
+    Parameters
+    ----------
+    adata
+        Log-normalised expression.
+    genes
+        Genes of the set (all in var_names).
+    key
+        obs column to write.
+    seed
+        Random state of the control-gene draw.
+    """
+    import scanpy as sc
+    # scanpy's 25 expression bins, fewer for small panels so that every bin holds control genes
+    sc.tl.score_genes(adata, list(genes), score_name=key, random_state=seed, ctrl_size=min(50, adata.n_vars),
+                      n_bins=min(25, max(2, adata.n_vars // 10)))
+
+
+def score_gene_sets(adata, *, sets: dict, seed: int = 0) -> list:
+    """obs['gene_set_<NAME>'] for every set; returns the obs keys written.
+
+    Parameters
+    ----------
+    adata
+        Log-normalised expression; every gene of every set in var_names (require_genes).
+    sets
+        {name: [genes]}.
+    seed
+        Random state of the control-gene draws.
+    """
+    keys = []
+    for name, members in sets.items():
+        key = Key.GENE_SET_SCORE.format(name)
+        score(adata, genes=members, key=key, seed=seed)
+        log.info("gene set %s: %d genes, score median %.3f", name, len(members), float(adata.obs[key].median()))
+        keys.append(key)
+    return keys
