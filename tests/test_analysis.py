@@ -99,7 +99,8 @@ def test_errors_are_one_line_and_change_nothing(analysed, tmp_path):
              ((run_dir, "--gene-set", "X="), "NAME=GENE1"),
              ((run_dir, "--n-domains", 1), "--n-domains"),
              ((run_dir, "--markers", bad), "line 1 has 3"),
-             ((run_dir, "--markers", tmp_path / "missing.tsv"), "missing.tsv: not found")]
+             ((run_dir, "--markers", tmp_path / "missing.tsv"), "missing.tsv: not found"),
+             ((run_dir, "--markers", "breat"), "neither a built-in panel")]
     for args, fragment in cases:
         assert_user_error(analyse(*args), fragment)
     assert snapshot(d) == before
@@ -132,4 +133,14 @@ def test_functions_are_seeded_and_find_planted_structure():
         score_cell_types(a, panel={"A": ["G0", "G1", "G2"], "B": ["G5", "G6", "NOPE"]}, seed=1)
     assert (labels[0] == labels[1]).all()
     assert adjusted_rand_score(truth, labels[0]) == 1.0
+    cluster(a, method="leiden", resolution=0.1, rep="X_pca", seed=1)
+    assert adjusted_rand_score(truth, a.obs[Key.DOMAIN]) > 0.9
     assert (a.obs[Key.CELL_TYPE].astype(str).to_numpy() == np.where(truth == 0, "A", "B")).mean() > 0.95
+
+
+def test_missing_spatialdata_is_one_clear_error(monkeypatch):
+    from utils.core.errors import InputError
+    from utils.scverse.spatialdata import require_spatialdata
+    monkeypatch.setitem(sys.modules, "spatialdata", None)      # import fails as if not installed
+    with pytest.raises(InputError, match="spatialdata package is not installed"):
+        require_spatialdata()

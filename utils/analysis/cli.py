@@ -96,6 +96,9 @@ def _panel(option: str, genes):
     if option in PANELS:
         return PANELS[option], f"built-in {option} panel"
     path = Path(option).expanduser()
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1:
+        raise InputError(f"--markers {option}: neither a built-in panel ({', '.join([*PANELS, 'none'])}) nor a file; "
+                         f"give one of those or the path of a cell_type<TAB>gene table")
     panel = read_gene_table(path, what="marker table")
     if not panel_table(panel, genes)["predicted"].any():
         raise InputError(f"{path}: none of its {sum(map(len, panel.values()))} markers is among the "
