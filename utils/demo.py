@@ -11,6 +11,7 @@ from .core.cli import HelpFormatter
 from .core.manifest import SCRIPTS
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO_MARKERS = "demo-markers.tsv"
 
 # stage script, extra arguments the demo passes (kept small so the medium demo runs in minutes on 2 cores)
 DEMO_STAGES = [
@@ -30,6 +31,15 @@ def _simulated_with(directory, size, seed):
     return meta.get("size") == size and meta.get("seed") == seed
 
 
+def write_demo_markers(directory) -> Path:
+    """DIR/demo-markers.tsv: the simulator's marker genes per cell type (truth/simulation.json), for
+    `python -m utils.analysis --markers`; written when the analysis step runs (after the simulation)."""
+    p = Path(directory) / DEMO_MARKERS
+    markers = json.loads((Path(directory) / "truth" / "simulation.json").read_text())["marker_genes"]
+    p.write_text("cell_type\tgene\n" + "".join(f"{t}\t{g}\n" for t, genes in markers.items() for g in genes))
+    return p
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run the whole TriHRGE pipeline on the built-in demo tissue.",
                                 formatter_class=HelpFormatter)
@@ -46,8 +56,13 @@ def main(argv=None):
                        "--seed", str(args.seed)], "simulate demo tissue"))
     for script, extra in DEMO_STAGES:
         steps.append(([sys.executable, str(REPO / script), "--directory", str(d), *extra], script))
+    # after the maps: domains and cell types (the simulator's marker genes) on the TriHRGE run
+    steps.append(([sys.executable, "-m", "utils.analysis", str(d / "results" / "trihrge"), "--markers",
+                   str(d / DEMO_MARKERS), "--smooth", "2", "-q"], "utils.analysis (results/trihrge)"))
     for cmd, name in steps:
         print(f"==> {name}", flush=True)
+        if name.startswith("utils.analysis"):
+            write_demo_markers(d)
         t = time.time()
         rc = subprocess.call(cmd, cwd=REPO)
         print(f"    {name}: {'ok' if rc == 0 else 'FAILED (exit %d)' % rc} in {time.time() - t:.1f} s", flush=True)
@@ -63,6 +78,7 @@ def main(argv=None):
     if scored:
         print("\nscores against the simulated 8 um truth (per gene, then median/mean over genes):")
         print(format_table(scored))
+    print(f"\nreport: {runs[0] / 'report.html'}")
     return 0
 
 
