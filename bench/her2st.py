@@ -8,14 +8,15 @@ with the nearest-training-spot baseline alongside.
 
 Needs ../shared/data/her2st (exits cleanly when absent). Each protocol folder is written once under
 bench/data/her2st/<section>-<protocol>/ with `python -m utils.protocols make`, stages 1-4 run once,
-then one HISTEX.py run per model and seed (two at a time with --jobs 2, one torch thread each).
+then one HISTEX.py run per model and seed, one after the other (a directory takes one HISTEX.py at a
+time: its lock), each on the CPUs available (--threads 0: its states train in parallel).
 Prints a table and writes bench/results/her2st.json."""
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "her2st"
-MODELS = {"trihrge": [], "mlp": ["--model", "mlp"], "interp": ["--model", "interp"]}
+# named configurations: the models, and TriHRGE with one part off (the ablation of issue 13)
+MODELS = {"trihrge": [], "mlp": ["--model", "mlp"], "interp": ["--model", "interp"],
+          "no-gene-tokens": ["--no-gene-tokens"], "no-multiscale": ["--no-multiscale"], "no-macro": ["--no-macro"],
+          "no-linear-head": ["--no-linear-head"], "token-mask-0": ["--token-mask", "0"],
+          "consistency-global": ["--spot-consistency", "global"], "consistency-none": ["--spot-consistency", "none"],
+          "fusion-blend": ["--fusion", "blend"], "no-cross-fit": ["--no-cross-fit"]}
+DEFAULT_MODELS = ["trihrge", "mlp", "interp"]
 from utils.core.manifest import SCRIPTS  # noqa: E402
 
 STAGES = SCRIPTS[:-1]  # stages 1-4 (utils/core/manifest.py: the one stage list)
@@ -46,16 +53,22 @@ def prepare(section, protocol, root):
     return d
 
 
+def _seconds(d, name, tag):
+    """Mean HISTEX.py wall time (run.json) of the runs of one configuration; None for a baseline."""
+    t = [json.loads(r.read_text())["seconds"] for r in sorted((d / "results").glob(f"{name}-{tag}-s*/run.json"))]
+    return round(float(np.mean(t)), 1) if t else None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=["C2", "C3"])
     p.add_argument("--protocols", nargs="+", default=["leave-out", "coarsen"], choices=["leave-out", "coarsen"])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS),
+                   help="named configurations (MODELS): the models and TriHRGE with one part off")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (interp is deterministic: one run)")
     p.add_argument("--train-args", default="--epochs 30 --n-states 2 --lr 1e-3 --val-fraction 0",
                    help="HISTEX.py training options for trihrge and mlp (default: the `make demo` budget)")
     p.add_argument("--tag", default="demo", help="name of this budget in the results")
-    p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--root", type=Path, default=REPO / "bench" / "data" / "her2st")
     a = p.parse_args()
     if not DATA.is_dir():
@@ -72,21 +85,22 @@ def main():
             for m in a.models:
                 for seed in (a.seeds if m != "interp" else a.seeds[:1]):
                     run = d / "results" / f"{m}-{a.tag}-s{seed}"
-                    extra = a.train_args.split() if m != "interp" else []
-                    jobs.append((run, [sys.executable, "HISTEX.py", "--directory", d, "--out", run, "--seed", seed,
-                                       "--threads", "1", "-q", *MODELS[m], *extra]))
-            with ThreadPoolExecutor(a.jobs) as ex:
-                list(ex.map(lambda j: sh(j[1]), jobs))
-            proto, res = score([j[0] for j in jobs])
+                    extra = shlex.split(a.train_args) if m != "interp" else []
+                    if not (run / "run.json").is_file():  # a finished run is kept (rerun: delete it)
+                        sh([sys.executable, "HISTEX.py", "--directory", d, "--out", run, "--seed", seed, "-q",
+                            *MODELS[m], *extra])
+                    jobs.append(run)
+            proto, res = score(jobs)
             per_model = {}
             for name, v in res.items():
                 key = name.split(f"-{a.tag}-")[0] if name != "nearest spot" else name
                 per_model.setdefault(key, []).append(v["median"])
             summary = {k: {"median_r_mean": float(np.mean(v)), "median_r_sd": float(np.std(v)), "runs": len(v),
-                           "per_seed": v} for k, v in per_model.items()}
-            allres.setdefault(a.tag, {})[f"{section} {protocol}"] = {
-                "train_spots": proto["train_spots"], "heldout_spots": proto["heldout_spots"],
-                "train_args": a.train_args, "seconds": round(time.time() - t0), "models": summary}
+                           "per_seed": v, "histex_seconds": _seconds(d, k, a.tag)} for k, v in per_model.items()}
+            entry = allres.setdefault(a.tag, {}).setdefault(f"{section} {protocol}", {"models": {}})
+            entry.update({"train_spots": proto["train_spots"], "heldout_spots": proto["heldout_spots"],
+                          "train_args": a.train_args})
+            entry["models"].update(summary)  # a later call with other --models adds to the same table
             out_p.parent.mkdir(exist_ok=True)
             out_p.write_text(json.dumps(allres, indent=1))
             print(f"{section} {protocol} ({proto['train_spots']} training, {proto['heldout_spots']} scored spots, "

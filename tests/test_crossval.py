@@ -94,6 +94,8 @@ def test_histex_measures_itself(demo):
     table = pd.read_csv(out / "genes-accuracy.tsv", sep="\t")
     assert len(table) == spots.n_vars and table["cv_pearson"].is_monotonic_decreasing
     assert run["fusion"] is None and "blend_weight" not in table.columns  # fusion is opt-in
+    kernel = run["consistency_kernel"]  # the local consistency's width, chosen by the out-of-fold spots
+    assert kernel["chosen_by"].startswith("out-of-fold") and str(kernel["sigma_spacings"]) in kernel["median_pearson_by_sigma"]
     var = anndata.read_h5ad(out / "super-res.h5ad", backed="r").var
     np.testing.assert_allclose(var.loc[table["gene"], "cv_pearson"], table["cv_pearson"], atol=1e-4)
     # the two states held out the two folds: together every spot once
@@ -139,3 +141,18 @@ def test_blend_weights_follow_the_evidence_and_shrink():
     kernel = np.full((4, 2), 0.5)
     blend_maps(sr, a, kernel, np.array([[4.0, 4.0, 4.0], [8.0, 8.0, 8.0]]), 2.0)
     np.testing.assert_allclose(sr, np.tile(a * 1 + (1 - a) * 3.0, (4, 1)), rtol=1e-6)
+
+
+def test_consistency_width_is_chosen_by_the_out_of_fold_spots():
+    from utils.superres.fusion import choose_consistency_sigma
+    xy = hex_lattice(14, 12, 100.0)
+    rng = np.random.default_rng(3)
+    measured = rng.poisson(rng.uniform(5, 60, (len(xy), 8))).astype(float)
+    bias = np.exp(np.sin(xy[:, :1] / 400.0))                      # a smooth error of the model
+    oof = measured * bias * rng.lognormal(0, 0.05, measured.shape)
+    predicted = measured * bias * rng.lognormal(0, 0.6, measured.shape)  # noisy in-sample ratios
+    s, record = choose_consistency_sigma(measured, oof, predicted, xy, 100.0, default=0.5)
+    assert s > 0.5 and record["median_pearson_by_sigma"][s] > record["median_pearson_by_sigma"][0.5]
+    # nothing to correct: every width scores the same and the default stays
+    s, _ = choose_consistency_sigma(measured, measured, measured, xy, 100.0, default=0.5)
+    assert s == 0.5

@@ -20,8 +20,16 @@ from ..core import layout as L
 from ..core.device import available_cpus, resolve_device
 from ..core.errors import InputError
 from ..core.stage import Stage
+from ..report import write_report
+from ..scverse.spatial import tissue_images
 from ..superres.config import HistexConfig
-from ..superres.consistency import apply_spot_consistency, superpixel_kernel, tissue_footprints, tissue_index
+from ..superres.consistency import (
+    apply_spot_consistency,
+    spot_sums,
+    superpixel_kernel,
+    tissue_footprints,
+    tissue_index,
+)
 from ..superres.crossval import (
     gene_accuracy,
     leave_one_out_interpolation,
@@ -29,9 +37,16 @@ from ..superres.crossval import (
     spot_folds,
 )
 from ..superres.crossval import summary as cv_summary
-from ..superres.fusion import blend_maps, blend_weights, blended_oof
+from ..superres.fusion import blend_maps, blend_weights, blended_oof, choose_consistency_sigma
 from ..superres.inputs import spot_arrays, training_data
-from ..superres.outputs import superpixel_obs, write_gene_maps, write_h5ad_streamed, write_loss_plot
+from ..superres.outputs import (
+    spot_spatial,
+    superpixel_obs,
+    superpixel_spatial,
+    write_gene_maps,
+    write_h5ad_streamed,
+    write_loss_plot,
+)
 from ..superres.predict import predict_tissue
 from ..superres.states import trained_states
 
@@ -52,8 +67,9 @@ class _SpotInputs:
     footprint_size: np.ndarray
     plot_genes: list
 
-    @property
+    @functools.cached_property
     def counts(self):
+        """(spots, genes) float32 measured counts, converted once."""
         return np.asarray(self.spots.X, dtype=np.float32)
 
     @property
@@ -64,9 +80,13 @@ class _SpotInputs:
     def genes(self):
         return list(self.spots.var_names)
 
+    @property
+    def spacing_px(self) -> float:
+        return float(self.spots.uns["lattice"]["spacing_px"])
+
     def sigma_px(self, config) -> float:
-        """The Gaussian kernel width (interpolation, local consistency) in pixels: --sigma spacings."""
-        return config.sigma * self.spots.uns["lattice"]["spacing_px"]
+        """The Gaussian kernel width of the interpolation (and its reference) in pixels: --sigma spacings."""
+        return config.sigma * self.spacing_px
 
 
 def _read_inputs(directory, config) -> _SpotInputs:
@@ -131,10 +151,11 @@ def _fuse_and_measure(inp, config, sr, oof, n_fp, kernel):
     """With an out-of-fold prediction (the interpolation's is its leave-one-out reference): the
     per-gene blend with the interpolation (--fusion blend, applied to sr in place) and the
     cross-validated accuracy of the maps that are written, logged in one line. Returns
-    (genes-accuracy table, run.json summary, fusion record), Nones without one."""
+    (genes-accuracy table, run.json summary, fusion record, the maps' out-of-fold spot counts),
+    Nones without one."""
     trainable = config.model_class.trainable
     if oof is None and trainable:
-        return None, None, None
+        return None, None, None, None
     ref = _reference_oof(inp, config)
     if oof is None:
         oof = ref
@@ -150,7 +171,22 @@ def _fuse_and_measure(inp, config, sr, oof, n_fp, kernel):
     log.info("cross-validated accuracy (out-of-fold, spot level, %d most variable genes, %d spots): median "
              "Pearson r %.3f; interpolation reference %.3f", cv["n_genes"], cv["n_spots"], cv["pearson_median"],
              cv["reference_pearson_median"])
-    return table, cv, fusion
+    return table, cv, fusion, oof
+
+
+def _consistency_sigma(inp, config, sr, oof):
+    """(kernel width of the local consistency in lattice spacings, run.json record): --consistency-sigma,
+    or chosen by the out-of-fold spots (fusion.choose_consistency_sigma), or --sigma without them."""
+    if config.consistency != "local":
+        return config.sigma, None
+    if config.consistency_sigma > 0 or oof is None:
+        s = config.consistency_sigma or config.sigma
+        return s, {"sigma_spacings": s, "chosen_by": "--consistency-sigma" if config.consistency_sigma else "--sigma"}
+    s, record = choose_consistency_sigma(inp.counts, oof, spot_sums(sr, inp.footprints), inp.xy,
+                                        inp.spacing_px, config.sigma)
+    log.info("local consistency: kernel width %.2f spacings, chosen by the out-of-fold spots (median r %s)", s,
+             ", ".join(f"{k:g}: {v:.3f}" for k, v in record["median_pearson_by_sigma"].items()))
+    return s, record
 
 
 def _scratch_memmap(path, shape):
@@ -181,19 +217,24 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         n_fp = float(np.mean(inp.footprint_size))
         log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
                  inp.spots.n_obs, len(inp.genes), len(inp.rows), n_fp, config.run_name, device)
-        # super-pixel x spot kernel weights, built once when needed (interp, blend, local consistency)
-        kernel = functools.cache(lambda: superpixel_kernel(inp.rows, inp.cols, inp.xy, inp.sigma_px(config)))
+        # super-pixel x spot kernel weights per width, built once when needed (interp, blend, local consistency)
+        kernel_at = functools.cache(lambda s: superpixel_kernel(inp.rows, inp.cols, inp.xy, s * inp.spacing_px))
+
+        def kernel():
+            return kernel_at(config.sigma)
         if config.model_class.trainable:
             sr, cfg, histories, oof = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress)
         else:
             sr, cfg, histories, oof = _interpolate(inp, config, n_fp, kernel)
-        accuracy, cv, fusion = _fuse_and_measure(inp, config, sr, oof, n_fp, kernel)
-        predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints, kernel)
+        accuracy, cv, fusion, oof = _fuse_and_measure(inp, config, sr, oof, n_fp, kernel)
+        sigma_c, sigma_record = _consistency_sigma(inp, config, sr, oof)
+        predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints,
+                                           lambda: kernel_at(sigma_c))
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,
                  predicted.sum() / max(1.0, inp.counts.sum()))
         run = {"model": config.run_name, "config": cfg, "args": {k: str(v) for k, v in config.as_parameters().items()},
                "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows)),
-               "cross_validation": cv, "fusion": fusion}
+               "cross_validation": cv, "fusion": fusion, "consistency_kernel": sigma_record}
         metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy)
     log.info("wrote %s (%d super-pixels x %d genes) in %.0f s", out_dir / L.SUPER_RES, len(inp.rows), len(inp.genes),
              time.time() - t_start)
@@ -204,17 +245,20 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
     return out_dir, metrics
 
 
-def _spots_pred(inp, predicted, name):
-    """spots-pred.h5ad: the predicted spot sums, the measured counts in layers['measured']."""
+def _spots_pred(inp, predicted, name, directory, images):
+    """spots-pred.h5ad: the predicted spot sums, the measured counts in layers['measured'];
+    obsm/uns 'spatial' in scanpy's Visium layout."""
     obs = inp.spots.obs[["x", "y", "x_raw", "y_raw"]].copy()
     obs["footprint_superpixels"] = inp.footprint_size
-    return anndata.AnnData(X=predicted.astype(np.float32), obs=obs, var=inp.spots.var[[]].copy(),
-                           layers={"measured": inp.counts}, uns={"model": name})
+    obsm, spatial = spot_spatial(directory, inp.calib, images, obs)
+    return anndata.AnnData(X=predicted.astype(np.float32), obs=obs, var=inp.spots.var[[]].copy(), obsm=obsm,
+                           layers={"measured": inp.counts}, uns={"model": name, **spatial})
 
 
 def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy=None):
     """super-res.h5ad, spots-pred.h5ad, maps/, loss.png, genes-accuracy.tsv (with cross-fitting),
-    metrics.json (with truth) and run.json, staged in `out`; returns the metrics (None without truth)."""
+    metrics.json (with truth), run.json and report.html, staged in `out`; returns the metrics (None
+    without truth). Both h5ad files carry obsm/uns 'spatial' (scanpy's Visium layout)."""
     uns = {"model": run["model"], "config": json.dumps(run["config"], sort_keys=True),
            "spot_consistency": run["spot_consistency"], "pixel_size_um": inp.calib["pixel_size_um"],
            "raw_pixel_size_um": inp.calib["raw_pixel_size_um"], "superpixel_um": geo.SUPER_PIXEL_UM,
@@ -224,9 +268,11 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
         by_gene = accuracy.set_index("gene")
         var[["cv_pearson", "cv_pearson_reference"]] = by_gene.loc[var.index, ["cv_pearson", "cv_pearson_reference"]]
         accuracy.to_csv(out.path(out_dir / L.GENES_ACCURACY), sep="\t", index=False, float_format="%.4f")
-    write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), superpixel_obs(inp.rows, inp.cols, inp.calib["scale"]),
-                        var, sr, uns)
-    _spots_pred(inp, predicted, run["model"]).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
+    images = tissue_images(directory, inp.calib)     # uns['spatial'] of both h5ad files
+    obs = superpixel_obs(inp.rows, inp.cols, inp.calib["scale"])
+    obsm, spatial = superpixel_spatial(directory, inp.calib, images, obs)
+    write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), obs, var, sr, {**uns, **spatial}, obsm=obsm)
+    _spots_pred(inp, predicted, run["model"], directory, images).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
     write_gene_maps(out.path(out_dir / L.GENE_MAPS), L.read_preview(directory, inp.calib), inp.rows, inp.cols, sr,
                     inp.plot_genes, inp.genes)
     if histories:
@@ -238,5 +284,6 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
         metrics["model"] = run["model"]
         out.write_json(out_dir / L.METRICS, metrics)
     out.write_json(out_dir / L.RUN_JSON, {**run, "seconds": time.time() - t_start})
+    write_report(out, out_dir, directory=directory)
     return metrics
 

@@ -15,7 +15,7 @@ VALIDATORS = {
     "epochs": POSITIVE_INT, "n_states": POSITIVE_INT, "val_fraction": VAL_FRACTION, "patience": COUNT,
     "seed": SEED, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "batch_size": COUNT, "k_tokens": POSITIVE_INT,
     "token_mask": PROBABILITY, "d_model": POSITIVE_INT, "heads": POSITIVE_INT, "depth": POSITIVE_INT,
-    "dropout": DROPOUT, "head_hidden": POSITIVE_INT, "sigma": POSITIVE, "stride": COUNT,
+    "dropout": DROPOUT, "head_hidden": POSITIVE_INT, "sigma": POSITIVE, "consistency_sigma": NON_NEGATIVE, "stride": COUNT,
     "batch_windows": POSITIVE_INT, "threads": COUNT,
 }
 CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "global", "none"),
@@ -53,6 +53,7 @@ class HistexConfig:
     spot_consistency: str = "auto"
     fusion: str = "none"   # "blend" moved her2st leave-out r by -0.001 / +0.003: opt-in (docs/BENCHMARKS.md)
     sigma: float = 0.5
+    consistency_sigma: float = 0.0   # 0: chosen by the out-of-fold spots (utils/superres/fusion.py)
     stride: int = 0
     batch_windows: int = 64
     plot_genes: list = None

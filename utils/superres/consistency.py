@@ -65,7 +65,8 @@ def superpixel_kernel(rows, cols, xy, sigma_px):
 
 def apply_spot_consistency(sr, mode, counts, footprints, kernel):
     """Rescale sr (n_superpixels, G) in place: 'global' one factor per gene (iStar), 'local' the
-    kernel-smoothed ratio per super-pixel (kernel(): the weights, built only when needed), 'none'.
+    kernel-smoothed ratio per super-pixel (kernel(): the weights, built only when needed), then one
+    factor per gene for the totals, 'none'.
     footprints: the footprint matrix. Returns the predicted spot sums afterwards."""
     predicted = spot_sums(sr, footprints)
     if mode == "global":
@@ -74,4 +75,7 @@ def apply_spot_consistency(sr, mode, counts, footprints, kernel):
         W = kernel()
         for s0 in range(0, len(sr), 16384):  # chunks bound the dense (chunk x genes) factors
             sr[s0:s0 + 16384] *= local_rescale_factors(counts, predicted, W[s0:s0 + 16384])
+        # a wide kernel averages log ratios (a geometric mean), which biases totals low: one factor
+        # per gene restores them (it changes no gene's pattern, so no Pearson r)
+        sr *= global_rescale_factors(counts, spot_sums(sr, footprints))
     return spot_sums(sr, footprints)

@@ -48,7 +48,7 @@ def out_of_fold_scaled(models, folds, data, device, batch=64):
     return out
 
 
-def _leave_one_out_kernel(xy, sigma_px):
+def leave_one_out_kernel(xy, sigma_px):
     """Row-normalised Gaussian weights from each spot to the other spots (its own weight removed);
     and the spots with no other spot within the kernel's reach."""
     W = kernel_weights(xy, xy, sigma_px, k=33).tolil()
@@ -62,7 +62,7 @@ def _leave_one_out_kernel(xy, sigma_px):
 def leave_one_out_interpolation(counts, xy, sigma_px):
     """(n_spots, G): each spot's counts from the Gaussian kernel over the other spots (the
     interpolation baseline with the spot itself left out), at the spot centre."""
-    W, lone = _leave_one_out_kernel(xy, sigma_px)
+    W, lone = leave_one_out_kernel(xy, sigma_px)
     pred = np.asarray(W @ counts, dtype=np.float32)
     if lone.any():  # no other spot within the kernel's reach: the nearest other spot
         _, nn = cKDTree(xy).query(xy[lone], k=2)
@@ -87,6 +87,14 @@ def gene_accuracy(measured, predicted, reference, genes, model=None, weights=Non
                           "mean_count": np.asarray(measured, np.float64).mean(0), "log1p_variance": m.var(0)})
     table.attrs["n_spots"] = int(ok.sum())
     return table.sort_values("cv_pearson", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def median_pearson(measured, predicted, n_genes: int = N_SUMMARY_GENES) -> float:
+    """Median Pearson r of log1p counts over the n_genes most variable genes (summary's figure)."""
+    m = np.log1p(np.asarray(measured, np.float64))
+    top = np.argsort(-m.var(0), kind="stable")[:n_genes]
+    return float(np.median(pearson_per_gene(np.log1p(np.clip(np.asarray(predicted, np.float64)[:, top], 0, None)),
+                                            m[:, top])))
 
 
 def summary(table: pd.DataFrame, n_genes: int = N_SUMMARY_GENES) -> dict:
