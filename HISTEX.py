@@ -65,8 +65,10 @@ def build_parser():
                         "held-out r by -0.001/+0.003) = the model's map alone")
     o.add_argument("--sigma", type=V["sigma"], default=D.sigma, help="Gaussian kernel width in lattice spacings (interp, local consistency)")
     o.add_argument("--consistency-sigma", type=V["consistency_sigma"], default=D.consistency_sigma,
-                   help="kernel width in lattice spacings of the local spot consistency; 0 = auto: chosen per run "
-                        "among 0.35-2.8 by the out-of-fold spots (cross-fitting; --sigma without it)")
+                   help="kernel width in lattice spacings of the local spot consistency (0: --sigma)")
+    o.add_argument("--choose-consistency-sigma", action="store_true",
+                   help="choose that width per run among 0.35-2.8 spacings by the out-of-fold spots (cross-fitting); "
+                        "opt-in: it helped one her2st section and hurt the other (docs/BENCHMARKS.md)")
     o.add_argument("--stride", type=V["stride"], default=D.stride, help="inference: spacing in super-pixels of the overlapping windows; each super-pixel is the "
                         "centre-weighted mean of the windows that cover it (smaller = smoother, slower); "
                         "0 = auto: max(3, window half-width) for trihrge (3 for Visium), no overlap for mlp (its predictions do not depend on the window)")

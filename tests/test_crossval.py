@@ -94,8 +94,7 @@ def test_histex_measures_itself(demo):
     table = pd.read_csv(out / "genes-accuracy.tsv", sep="\t")
     assert len(table) == spots.n_vars and table["cv_pearson"].is_monotonic_decreasing
     assert run["fusion"] is None and "blend_weight" not in table.columns  # fusion is opt-in
-    kernel = run["consistency_kernel"]  # the local consistency's width, chosen by the out-of-fold spots
-    assert kernel["chosen_by"].startswith("out-of-fold") and str(kernel["sigma_spacings"]) in kernel["median_pearson_by_sigma"]
+    assert run["consistency_kernel"] == {"sigma_spacings": 0.5, "chosen_by": "--sigma"}  # the choice is opt-in
     var = anndata.read_h5ad(out / "super-res.h5ad", backed="r").var
     np.testing.assert_allclose(var.loc[table["gene"], "cv_pearson"], table["cv_pearson"], atol=1e-4)
     # the two states held out the two folds: together every spot once
@@ -104,13 +103,15 @@ def test_histex_measures_itself(demo):
 
 
 def test_fusion_blend(demo, tmp_path):
-    r = run_script("HISTEX.py", demo, *FAST, "--fusion", "blend", "--out", tmp_path / "f")
+    r = run_script("HISTEX.py", demo, *FAST, "--fusion", "blend", "--choose-consistency-sigma", "--out", tmp_path / "f")
     assert r.returncode == 0, r.stderr[-2000:]
     run = json.loads((tmp_path / "f" / "run.json").read_text())
     table = pd.read_csv(tmp_path / "f" / "genes-accuracy.tsv", sep="\t")
     assert {"cv_pearson_model", "blend_weight"} <= set(table.columns) and table["blend_weight"].between(0, 1).all()
     assert run["fusion"]["n_spots"] == anndata.read_h5ad(demo / "spots.h5ad").n_obs
     assert 0 <= run["fusion"]["pooled_weight"] <= 1
+    kernel = run["consistency_kernel"]  # the local consistency's width, chosen by the out-of-fold spots
+    assert kernel["chosen_by"].startswith("out-of-fold") and str(kernel["sigma_spacings"]) in kernel["median_pearson_by_sigma"]
 
 
 def test_no_cross_fit_and_the_interpolation(demo, tmp_path):

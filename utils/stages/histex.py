@@ -175,15 +175,16 @@ def _fuse_and_measure(inp, config, sr, oof, n_fp, kernel):
 
 
 def _consistency_sigma(inp, config, sr, oof):
-    """(kernel width of the local consistency in lattice spacings, run.json record): --consistency-sigma,
-    or chosen by the out-of-fold spots (fusion.choose_consistency_sigma), or --sigma without them."""
+    """(kernel width of the local consistency in lattice spacings, run.json record): --consistency-sigma
+    (0: --sigma), or with --choose-consistency-sigma chosen by the out-of-fold spots
+    (fusion.choose_consistency_sigma; the fixed width without them)."""
     if config.consistency != "local":
         return config.sigma, None
-    if config.consistency_sigma > 0 or oof is None:
-        s = config.consistency_sigma or config.sigma
-        return s, {"sigma_spacings": s, "chosen_by": "--consistency-sigma" if config.consistency_sigma else "--sigma"}
+    fixed = config.consistency_sigma or config.sigma
+    if not config.choose_consistency_sigma or oof is None:
+        return fixed, {"sigma_spacings": fixed, "chosen_by": "--consistency-sigma" if config.consistency_sigma else "--sigma"}
     s, record = choose_consistency_sigma(inp.counts, oof, spot_sums(sr, inp.footprints), inp.xy,
-                                        inp.spacing_px, config.sigma)
+                                        inp.spacing_px, fixed)
     log.info("local consistency: kernel width %.2f spacings, chosen by the out-of-fold spots (median r %s)", s,
              ", ".join(f"{k:g}: {v:.3f}" for k, v in record["median_pearson_by_sigma"].items()))
     return s, record

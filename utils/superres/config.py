@@ -53,7 +53,9 @@ class HistexConfig:
     spot_consistency: str = "auto"
     fusion: str = "none"   # "blend" moved her2st leave-out r by -0.001 / +0.003: opt-in (docs/BENCHMARKS.md)
     sigma: float = 0.5
-    consistency_sigma: float = 0.0   # 0: chosen by the out-of-fold spots (utils/superres/fusion.py)
+    consistency_sigma: float = 0.0   # 0: --sigma
+    # opt-in: her2st leave-out r +0.039 on C2 but -0.039 on C3 (docs/BENCHMARKS.md)
+    choose_consistency_sigma: bool = False
     stride: int = 0
     batch_windows: int = 64
     plot_genes: list = None
