@@ -79,7 +79,7 @@ def gene_accuracy(measured, predicted, reference, genes, model=None, weights=Non
     m = np.log1p(np.asarray(measured, np.float64)[ok])
 
     def r(pred):
-        return pearson_per_gene(np.log1p(np.clip(np.asarray(pred, np.float64)[ok], 0, None)), m)
+        return _log1p_pearson(m, np.asarray(pred)[ok])
 
     table = pd.DataFrame({"gene": list(genes), "cv_pearson": r(predicted), "cv_pearson_reference": r(reference),
                           **({"cv_pearson_model": r(model)} if model is not None else {}),
@@ -89,12 +89,16 @@ def gene_accuracy(measured, predicted, reference, genes, model=None, weights=Non
     return table.sort_values("cv_pearson", ascending=False, kind="stable").reset_index(drop=True)
 
 
+def _log1p_pearson(log_measured, predicted):
+    """Per gene Pearson r of log1p(predicted counts, negatives clipped) with log1p measured counts."""
+    return pearson_per_gene(np.log1p(np.clip(np.asarray(predicted, np.float64), 0, None)), log_measured)
+
+
 def median_pearson(measured, predicted, n_genes: int = N_SUMMARY_GENES) -> float:
     """Median Pearson r of log1p counts over the n_genes most variable genes (summary's figure)."""
     m = np.log1p(np.asarray(measured, np.float64))
     top = np.argsort(-m.var(0), kind="stable")[:n_genes]
-    return float(np.median(pearson_per_gene(np.log1p(np.clip(np.asarray(predicted, np.float64)[:, top], 0, None)),
-                                            m[:, top])))
+    return float(np.median(_log1p_pearson(m[:, top], np.asarray(predicted)[:, top])))
 
 
 def summary(table: pd.DataFrame, n_genes: int = N_SUMMARY_GENES) -> dict:
