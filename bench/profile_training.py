@@ -25,34 +25,47 @@ from utils.superres.inputs import training_data  # noqa: E402
 from utils.superres.train import train_state  # noqa: E402
 
 
+def load_training(directory: Path, histex_args) -> tuple:
+    """(HistexConfig, TrainingData, tissue mask) of DIR (stages 1-4 done), built from HISTEX.py
+    options exactly as HISTEX.py builds them; nothing is written."""
+    from utils.core.layout import load_mask
+    options = vars(HISTEX.build_parser().parse_args(["--directory", str(directory), *histex_args]))
+    config = HistexConfig.from_options(options)
+    spots = anndata.read_h5ad(directory / "spots.h5ad")
+    hr = anndata.read_h5ad(directory / "hr-spots.h5ad")
+    mask = load_mask(directory)
+    return config, training_data(directory, config, spots, hr, mask.shape), mask
+
+
+def time_training(cfg: dict, data: dict, device) -> tuple:
+    """One warm-up epoch, then one state trained as cfg says: (train_state's info plus seconds and
+    spot_epochs_per_second, the trained state dict)."""
+    train_state({**cfg, "epochs": 1}, data, 0, device, progress=False)
+    t0 = time.time()
+    state, info = train_state(cfg, data, 0, device, progress=False)  # .item() per batch: synchronous
+    dt = time.time() - t0
+    # held-out spots (--val-fraction) are only evaluated, so they do not count as trained
+    return {**info, "seconds": dt, "spot_epochs_per_second": info["train_spots"] * info["epochs_run"] / dt}, state
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--directory", type=Path, required=True)
     p.add_argument("--profile", action="store_true", help="also run torch.profiler over one epoch")
     p.add_argument("--name", default=None, help="result name (default: the model name)")
     own, rest = p.parse_known_args()
-    a = vars(HISTEX.build_parser().parse_args(["--directory", str(own.directory)] + rest))
-    if a["threads"]:
-        torch.set_num_threads(a["threads"])
-    d = own.directory
-    spots = anndata.read_h5ad(d / "spots.h5ad")
-    hr = anndata.read_h5ad(d / "hr-spots.h5ad")
-    from utils.core.layout import load_mask
-    mask = load_mask(d)
     t0 = time.time()
-    config = HistexConfig.from_options(a)
-    td = training_data(d, config, spots, hr, mask.shape)
+    config, td, _ = load_training(own.directory, rest)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     cfg, data = td.cfg, td.data
     t_prep = time.time() - t0
-    device = resolve_device(a["device"])
+    device = resolve_device(config.device)
     T = (2 * cfg["half"] + 1) ** 2
-    train_state({**cfg, "epochs": 1}, data, 0, device, progress=False)  # warm-up
-    t0 = time.time()
-    _, info = train_state(cfg, data, 0, device, progress=False)
-    dt = time.time() - t0
-    rate = info["train_spots"] * info["epochs_run"] / dt  # held-out spots (--val-fraction) are only evaluated
-    res = {"directory": str(d), "model": config.run_name, "spots": int(spots.n_obs), "genes": cfg["n_genes"],
-           "window_tokens": T, "footprint_tokens_mean": float(data["fp"].sum(1).mean()),
+    info, _ = time_training(cfg, data, device)
+    dt, rate = info["seconds"], info["spot_epochs_per_second"]
+    res = {"directory": str(own.directory), "model": config.run_name, "spots": int(len(data["target"])),
+           "genes": cfg["n_genes"], "window_tokens": T, "footprint_tokens_mean": float(data["fp"].sum(1).mean()),
            "epochs": info["epochs_run"], "train_spots": info["train_spots"], "seconds": dt, "spot_epochs_per_second": rate,
            "prepare_seconds": t_prep, "threads": torch.get_num_threads(), "device": str(device),
            "minutes_per_100_epochs_5_states": info["train_spots"] * 100 * 5 / rate / 60}

@@ -201,3 +201,17 @@ def changed_since_last_run(directory, stage: str, inputs, parameters: dict) -> l
         if k in m["parameters"] and m["parameters"][k] != v:
             reasons.append(f"--{k.replace('_', '-')} {m['parameters'][k]} -> {v}")
     return reasons
+
+
+def out_of_date(directory, stage: str) -> list:
+    """Why the artifacts `stage` wrote in DIR are not current, [] when they are: it never ran, its
+    manifest is damaged, an output is missing or was changed, or an input it read changed since.
+    What rerunning the stage would fix, so a cohort run skips a stage only when this is empty."""
+    directory = Path(directory)
+    try:
+        m = read_manifest(directory, stage)
+    except InputError as e:
+        return [str(e).split(";")[0]]
+    if m is None:
+        return [f"{script_of(stage)} has not run on {directory}"]
+    return _stale(directory, m, script_of(stage))

@@ -1,0 +1,67 @@
+"""available_cpus(): affinity, cgroup CPU quota (v1 and v2, own cgroup and ancestors) and
+OMP_NUM_THREADS, read from fake /proc and /sys trees under tmp_path."""
+import pytest
+
+from utils.core import device
+
+
+def fake_root(tmp_path, cgroup: str, files: dict):
+    """A root with proc/self/cgroup = `cgroup` and each sys/fs/cgroup/<rel> file of `files`."""
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/cgroup").write_text(cgroup)
+    for rel, text in files.items():
+        p = tmp_path / "sys/fs/cgroup" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return tmp_path
+
+
+@pytest.fixture
+def eight_cpus(monkeypatch):
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(8)))
+
+
+@pytest.mark.parametrize("cpu_max, expected", [("150000 100000\n", 2), ("50000 100000", 1),
+                                               ("400000 100000", 4), ("max 100000", 8),
+                                               ("2000000 100000", 8), ("garbage", 8)])
+def test_cgroup_v2_quota_rounds_up_and_never_exceeds_affinity(tmp_path, eight_cpus, cpu_max, expected):
+    root = fake_root(tmp_path, "0::/\n", {"cpu.max": cpu_max})
+    assert device.available_cpus(root=root, environ={}) == expected
+
+
+def test_cgroup_v2_tightest_of_own_cgroup_and_ancestors(tmp_path, eight_cpus):
+    root = fake_root(tmp_path, "0::/batch.slice/job-7.scope\n",
+                     {"batch.slice/cpu.max": "300000 100000", "batch.slice/job-7.scope/cpu.max": "max 100000"})
+    assert device.cgroup_cpu_quota(root=root) == pytest.approx(3.0)
+    assert device.available_cpus(root=root, environ={}) == 3
+
+
+def test_cgroup_v1_quota(tmp_path, eight_cpus):
+    cgroup = "4:memory:/x\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+    root = fake_root(tmp_path, cgroup, {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "250000\n",
+                                        "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
+    assert device.available_cpus(root=root, environ={}) == 3
+
+
+def test_cgroup_v1_no_quota_and_no_cgroup_files(tmp_path, eight_cpus):
+    root = fake_root(tmp_path, "1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
+    assert device.cgroup_cpu_quota(root=root) is None
+    assert device.available_cpus(root=root, environ={}) == 8
+    assert device.available_cpus(root=tmp_path / "nothing-here", environ={}) == 8
+
+
+def test_affinity_smaller_than_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1})
+    root = fake_root(tmp_path, "0::/\n", {"cpu.max": "600000 100000"})
+    assert device.available_cpus(root=root, environ={}) == 2
+
+
+@pytest.mark.parametrize("omp, expected", [("3", 3), ("16", 16), (" 4 ", 4), ("4,2", 4),
+                                           ("0", 2), ("-2", 2), ("four", 2), ("", 2), ("2.5", 2)])
+def test_omp_num_threads_wins_when_a_positive_integer(tmp_path, eight_cpus, omp, expected):
+    root = fake_root(tmp_path, "0::/\n", {"cpu.max": "200000 100000"})
+    assert device.available_cpus(root=root, environ={"OMP_NUM_THREADS": omp}) == expected
+
+
+def test_this_machine_gives_at_least_one():
+    assert device.available_cpus() >= 1

@@ -1,0 +1,217 @@
+"""Running the pipeline stages over the sections of a cohort.
+
+Each stage runs as its own process, exactly as a user runs it (`python SCRIPT --directory DIR
+[options]`), with its output in DIR/logs/cohort-<stage>.log. A stage is skipped when its manifest
+shows its artifacts current (utils.core.manifest.out_of_date) and the options asked for it are the
+ones it last ran with; a section stops at its first failing stage and the other sections go on."""
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from ..core import manifest as mf
+from ..core.atomic import StagedOutputs
+from ..core.device import available_cpus
+
+log = logging.getLogger("trihrge")
+
+REPO = Path(__file__).resolve().parents[2]
+LOG_DIR = "logs"
+OPTIONS_RECORD = "cohort-options.json"   # in DIR/logs: the options each stage last ran with here
+# set by torchrun for the cohort's own processes; a stage that inherited them would take itself for
+# a rank of the cohort's process group
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                      "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage to run on every section: its key in utils.core.manifest.STAGES and the extra
+    command-line options it gets."""
+    stage: str
+    args: tuple[str, ...] = ()
+
+    @property
+    def script(self) -> str:
+        return mf.script_of(self.stage)
+
+
+@dataclass
+class SectionResult:
+    """What happened to one section: status ok (stages ran), skipped (all current) or failed."""
+    section: str
+    status: str
+    stages_run: list = field(default_factory=list)
+    seconds: float = 0.0
+    failed_stage: str | None = None
+    exit_code: int | None = None
+    error: str = ""
+
+
+def stage_command(plan: StagePlan, directory: Path) -> list[str]:
+    """The command a user would type for this stage on this section."""
+    return [sys.executable, str(REPO / plan.script), "--directory", str(directory), *plan.args]
+
+
+def stage_log(directory: Path, plan: StagePlan) -> Path:
+    return Path(directory) / LOG_DIR / f"cohort-{Path(plan.script).stem}.log"
+
+
+def stage_environment(*, jobs: int = 1, environ: Mapping = os.environ) -> dict:
+    """The environment of every stage process: the cohort's own, without torchrun's variables; with
+    --jobs N the CPUs shared out (OMP_NUM_THREADS, unless set); under torchrun with LOCAL_RANK the
+    rank's own GPU (the LOCAL_RANK-th of CUDA_VISIBLE_DEVICES, or of all GPUs)."""
+    env = {k: v for k, v in environ.items() if k not in LAUNCHER_VARIABLES}
+    if jobs > 1 and not environ.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(max(1, available_cpus() // jobs))
+    local, local_world = environ.get("LOCAL_RANK", "").strip(), environ.get("LOCAL_WORLD_SIZE", "").strip()
+    if local.isdigit() and local_world.isdigit() and int(local_world) > 1:
+        visible = [g for g in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[int(local) % len(visible)] if visible else local
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# which stages are current
+
+def _options_record_path(directory: Path) -> Path:
+    return Path(directory) / LOG_DIR / OPTIONS_RECORD
+
+
+def read_options_record(directory: Path) -> dict:
+    """{stage: {"args": [...], "manifest": fingerprint}}; a missing or damaged record is empty (it only
+    saves work, so the worst case is a stage run once more)."""
+    try:
+        rec = json.loads(_options_record_path(directory).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def remember_options(directory: Path, plan: StagePlan) -> None:
+    """Record the options this stage just ran with, tied to the manifest it wrote."""
+    rec = read_options_record(directory)
+    rec[plan.stage] = {"args": list(plan.args), "manifest": mf.fingerprint(mf.manifest_path(directory, plan.stage))}
+    with StagedOutputs() as out:
+        out.write_json(_options_record_path(directory), rec)
+
+
+def is_current(directory: Path, plan: StagePlan) -> bool:
+    """True when rerunning the stage would not change anything: its manifest shows its outputs and
+    inputs unchanged, and it ran with these options. Options are known for runs made by this tool
+    (its record names the manifest they produced); a stage run some other way counts as current
+    only when no options are asked for it."""
+    if mf.out_of_date(directory, plan.stage):
+        return False
+    last = read_options_record(directory).get(plan.stage)
+    if isinstance(last, dict) and mf.same_fingerprint(last.get("manifest"), mf.manifest_path(directory, plan.stage)):
+        return last.get("args") == list(plan.args)
+    return not plan.args
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+def error_line(log_text: str) -> str:
+    """The line that says why a stage failed: its last `error:` line (the project's one-line user
+    errors), else the last non-empty line (a traceback's exception)."""
+    lines = [line.strip() for line in log_text.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def run_stage(directory: Path, plan: StagePlan, *, command: Callable = stage_command, env: Mapping | None = None):
+    """Run one stage on one section, its output in its log file; (exit code, error line or "")."""
+    path = stage_log(directory, plan)
+    cmd = command(plan, directory)
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        # in the cohort's own working directory, so relative paths in --stage-args mean what they say
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return rc, (error_line(path.read_text(encoding="utf-8", errors="replace")) if rc else "")
+
+
+def run_section(directory: Path, plans: Sequence[StagePlan], *, rerun: bool = False,
+                command: Callable = stage_command, env: Mapping | None = None) -> SectionResult:
+    """Run the stages of `plans` in order on one section, skipping current ones (unless `rerun`),
+    stopping at the first that fails. Each stage is checked just before its turn, so a stage after
+    one that ran is rerun exactly when its inputs changed."""
+    t0 = time.monotonic()
+    result = SectionResult(str(directory), "skipped")
+    for plan in plans:
+        if not rerun and is_current(directory, plan):
+            log.info("%s: %s is current, skipped", directory, plan.script)
+            continue
+        log.info("%s: running %s", directory, plan.script)
+        try:
+            rc, error = run_stage(directory, plan, command=command, env=env)
+            if rc == 0:
+                remember_options(directory, plan)
+        except OSError as e:  # the log or the record cannot be written (a read-only or full DIR)
+            rc, error = -1, f"error: {e.filename or directory}: {e.strerror or e}"
+        if rc:
+            log.warning("%s: %s failed (exit %d): %s (log: %s)", directory, plan.script, rc, error,
+                        stage_log(directory, plan))
+            result.status, result.failed_stage, result.exit_code, result.error = "failed", plan.stage, rc, error
+            break
+        result.stages_run.append(plan.stage)
+        result.status = "ok"
+    result.seconds = round(time.monotonic() - t0, 1)
+    return result
+
+
+def run_cohort(sections: Sequence[Path], plans: Sequence[StagePlan], *, jobs: int = 1, rerun: bool = False,
+               command: Callable = stage_command, env: Mapping | None = None) -> list[SectionResult]:
+    """Every section through the stages, `jobs` sections at a time; results in the order given."""
+    def one(directory):
+        return run_section(directory, plans, rerun=rerun, command=command, env=env)
+    if jobs <= 1:
+        return [one(d) for d in sections]
+    pool = ThreadPoolExecutor(jobs)  # the stages are processes: threads only wait on them
+    try:
+        return list(pool.map(one, sections))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after Ctrl-C, start no further section
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+def summary_path(path: Path, *, rank: int, world: int) -> Path:
+    """Where this process writes its summary: PATH itself, or PATH's stem + .rank<r> under torchrun."""
+    path = Path(path)
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def summary_dict(results: Sequence[SectionResult], plans: Sequence[StagePlan], *, rank: int, world: int,
+                 seconds: float) -> dict:
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    return {"rank": rank, "world_size": world, "seconds": round(seconds, 1), "counts": counts,
+            "stages": [{"stage": p.stage, "args": list(p.args)} for p in plans],
+            "sections": [asdict(r) for r in results]}
+
+
+def write_summary(path: Path, summary: dict) -> Path:
+    with StagedOutputs() as out:  # a complete file or the previous one, never half of one
+        out.write_json(path, summary)
+    return path
+
+
+def format_table(results: Sequence[SectionResult]) -> str:
+    """The summary as a plain-text table: section, status, stages run, seconds, error."""
+    rows = [("section", "status", "stages run", "seconds", "error")]
+    rows += [(r.section, r.status, ",".join(r.stages_run) or "-", f"{r.seconds:.1f}",
+              f"{r.failed_stage} (exit {r.exit_code}): {r.error}" if r.status == "failed" else "")
+             for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows)

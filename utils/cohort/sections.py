@@ -1,0 +1,80 @@
+"""Which section directories a cohort run works on: paths and glob patterns from the command line
+or a list file, expanded and checked before any stage runs, and this process's share of them when
+several processes (torchrun ranks) split the cohort."""
+import glob
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..core.errors import InputError
+from ..core.text_io import read_text
+
+GLOB_CHARS = set("*?[")
+
+
+def expand_one(text: str, *, base: Path = Path(".")) -> list[Path]:
+    """The directories named by one path or glob pattern (relative ones under `base`), as absolute
+    paths (the stages may run elsewhere; symbolic links are kept as given).
+
+    A pattern is expanded here (so it may be quoted against the shell) and keeps the directories
+    it matches, sorted; a pattern that matches no directory, or a path that is not a directory, is
+    an InputError."""
+    path = (base / Path(text).expanduser()).absolute()
+    if GLOB_CHARS & set(text):
+        found = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_dir())
+        if not found:
+            raise InputError(f"{text}: the pattern matches no directory; check the pattern (quote it so that the "
+                             f"shell leaves it to this command) or the current directory")
+        return found
+    if not path.is_dir():
+        what = "is a file, not a directory" if path.exists() else "not found"
+        raise InputError(f"{path}: {what}; give the section directories (each in the raw layout)")
+    return [path]
+
+
+def read_list_file(path: Path) -> list[Path]:
+    """The directories listed in a text file, one path or glob pattern a line; blank lines and lines
+    starting with # are skipped, and relative paths are taken from the file's own folder (so the
+    list works from anywhere)."""
+    lines = [line.strip() for line in read_text(path, "list of section directories").splitlines()]
+    out = []
+    for line in lines:
+        if line and not line.startswith("#"):
+            out += expand_one(line, base=Path(path).parent)
+    return out
+
+
+def collect_sections(patterns: Sequence[str], *, from_file: Path | None = None) -> list[Path]:
+    """Every section directory of the command line and the list file, in the order given, each
+    once (the same folder reached twice, e.g. by a path and a pattern, is kept the first time)."""
+    found = [p for text in patterns for p in expand_one(text)]
+    if from_file is not None:
+        found += read_list_file(from_file)
+    if not found:
+        raise InputError("no section directories given; pass them as arguments (paths or quoted glob patterns) "
+                         "or with --from-file FILE")
+    unique = {}
+    for p in found:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
+
+
+def rank_share(sections: Sequence[Path], *, environ: Mapping = os.environ) -> tuple[list[Path], int, int]:
+    """(this process's sections, rank, world size). Under torchrun (RANK and WORLD_SIZE set) rank r
+    takes sections r, r + N, r + 2N, ... of the N ranks; otherwise all of them (rank 0 of 1)."""
+    world = _env_int(environ, "WORLD_SIZE", 1)
+    rank = _env_int(environ, "RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"RANK={rank}, WORLD_SIZE={world}: the rank must be from 0 to WORLD_SIZE - 1 (torchrun "
+                         f"sets both); unset them to run every section in this process")
+    return list(sections[rank::world]), rank, world
+
+
+def _env_int(environ: Mapping, name: str, default: int) -> int:
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{name}={text!r}: not a whole number (torchrun sets it); unset it or fix it") from None
