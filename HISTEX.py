@@ -1,5 +1,7 @@
 #!/usr/bin/env python
 """Stage 5: train the TriHRGE network (or a baseline) and write the super-resolution maps."""
+import argparse
+
 from models import MODELS
 from utils.core.cli import add_device, add_seed, check_directory, make_parser, output_directory, run, setup_logging
 from utils.superres.config import CHOICES, VALIDATORS, HistexConfig
@@ -40,29 +42,38 @@ def build_parser():
     p.add_argument("--loss", default=D.loss, choices=CHOICES["loss"],
                    help="footprint loss on min-max scaled counts: squared error or Poisson deviance")
     g = p.add_argument_group("TriHRGE network")
-    g.add_argument("--k-tokens", type=V["k_tokens"], default=D.k_tokens, help="gene tokens: the k nearest HR pseudo-spots")
+    g.add_argument("--k-tokens", type=V["k_tokens"], default=D.k_tokens, help="with --gene-tokens: the k nearest HR pseudo-spots")
     g.add_argument("--token-mask", type=V["token_mask"], default=D.token_mask,
-                   help="training only: probability that the HR spots made from the training spot itself are hidden "
+                   help="with --gene-tokens, training only: probability that the HR spots made from the training spot itself are hidden "
                         "from its gene tokens, so the network must use histology instead of copying its target")
     g.add_argument("--d-model", type=V["d_model"], default=D.d_model, help="token width")
     g.add_argument("--heads", type=V["heads"], default=D.heads, help="attention heads")
-    g.add_argument("--depth", type=V["depth"], default=D.depth, help="cross-attention blocks")
+    g.add_argument("--depth", type=V["depth"], default=D.depth, help="attention blocks (cross-attention with --gene-tokens, self-attention with --window-attention)")
     g.add_argument("--dropout", type=V["dropout"], default=D.dropout, help="dropout in the fusion")
     g.add_argument("--head-hidden", type=V["head_hidden"], default=D.head_hidden, help="width of the linear feature-extraction head")
     g.add_argument("--no-macro", action="store_true", help="ablation: drop the macro (448 um) context scale")
     g.add_argument("--no-multiscale", action="store_true", help="ablation: micro features only (no meso/macro)")
-    g.add_argument("--no-gene-tokens", action="store_true", help="ablation: no gene tokens / cross-attention")
+    g.add_argument("--gene-tokens", action=argparse.BooleanOptionalAction, default=D.gene_tokens,
+                   help="opt-in: the k nearest HR pseudo-spots' expression as gene tokens, fused with the histology by "
+                        "three cross-attentions (HISTEX's design; on her2st it cost accuracy next to the local spot "
+                        "consistency, docs/BENCHMARKS.md); the run is named <model>-tokens")
     g.add_argument("--no-linear-head", action="store_true", help="ablation: one linear layer on fused tokens instead of the linear feature-extraction head")
+    g.add_argument("--window-attention", action=argparse.BooleanOptionalAction, default=D.window_attention,
+                   help="opt-in, without gene tokens: the super-pixels of a window exchange context by --depth "
+                        "self-attention blocks (by default each is predicted from its own multi-scale features, "
+                        "which measured as well on her2st, and inference windows need no overlap); the run is "
+                        "named <model>-attn")
     o = p.add_argument_group("inference and output")
     o.add_argument("--spot-consistency", default=D.spot_consistency, choices=CHOICES["spot_consistency"],
                    help="mapping predictions back to counts: local = smooth per-gene correction so each spot's "
                         "super-pixels sum to about its count; global = one factor per gene (iStar); "
                         "auto = local for trihrge, global for mlp, none for interp")
     o.add_argument("--fusion", default=D.fusion, choices=CHOICES["fusion"],
-                   help="blend = per gene, mix the model's map with the interpolation by the weight that best predicts "
-                        "the held-out spots (cross-fitting; shrunk towards one weight for all genes), so a gene the "
-                        "histology does not inform falls back to smoothing; none (default: blend changed her2st "
-                        "held-out r by -0.001/+0.003) = the model's map alone")
+                   help="blend (default) = per gene, mix the model's map (after spot consistency) with the "
+                        "interpolation by the weight that best predicts the held-out spots (cross-fitting; shrunk "
+                        "towards one weight for all genes), so a gene the histology does not inform falls back to "
+                        "smoothing; needs cross-fitting (not with --no-cross-fit or --val-fraction 0); "
+                        "none = the model's map alone")
     o.add_argument("--sigma", type=V["sigma"], default=D.sigma, help="Gaussian kernel width in lattice spacings (interp, local consistency)")
     o.add_argument("--consistency-sigma", type=V["consistency_sigma"], default=D.consistency_sigma,
                    help="kernel width in lattice spacings of the local spot consistency (0: --sigma)")
@@ -71,7 +82,8 @@ def build_parser():
                         "opt-in: it helped one her2st section and hurt the other (docs/BENCHMARKS.md)")
     o.add_argument("--stride", type=V["stride"], default=D.stride, help="inference: spacing in super-pixels of the overlapping windows; each super-pixel is the "
                         "centre-weighted mean of the windows that cover it (smaller = smoother, slower); "
-                        "0 = auto: max(3, window half-width) for trihrge (3 for Visium), no overlap for mlp (its predictions do not depend on the window)")
+                        "0 = auto: no overlap where a super-pixel's prediction does not depend on its window (trihrge, mlp), "
+                        "max(3, window half-width) with --gene-tokens or --window-attention (3 for Visium)")
     o.add_argument("--batch-windows", type=V["batch_windows"], default=D.batch_windows, help="inference windows per batch (bounds memory)")
     o.add_argument("--plot-genes", nargs="*", default=None, help="genes to draw as maps (default: the 4 most variable)")
     o.add_argument("--out", type=output_directory, default=None, help="output directory (default DIR/results/<model>)")

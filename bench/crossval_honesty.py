@@ -29,9 +29,9 @@ from her2st import DATA, prepare, sh  # noqa: E402
 from utils.evaluation.protocols import heldout_pearson  # noqa: E402
 
 
-def check(d, model, train_args, out_name):
+def check(d, model, train_args, out_name, states_from=None):
     out = d / "results" / out_name
-    trained = d / "results" / f"{model}-cv" / "states"
+    trained = d / "results" / (states_from or f"{model}-cv") / "states"
     if not (out / "states").exists() and trained.is_dir():  # a cache keyed by fingerprint: reuse what matches
         shutil.copytree(trained, out / "states")
     if not (out / "super-res.h5ad").is_file():
@@ -65,6 +65,9 @@ def main():
                         "nearly full lattice, as a user's run")
     p.add_argument("--train-args", default="", help="extra HISTEX.py options (default: full defaults); states "
                    "trained with the defaults are reused where the options leave them unchanged (e.g. --fusion)")
+    p.add_argument("--states-from", default=None, metavar="RUN",
+                   help="start from the trained states of DIR/results/RUN (e.g. trihrge-full-s0 of bench/her2st.py; "
+                        "the states cache retrains what does not match)")
     p.add_argument("--root", type=Path, default=REPO / "bench" / "data" / "her2st")
     a = p.parse_args()
     if not (DATA / a.sections[0] / "he-raw.jpg").is_file():
@@ -75,7 +78,7 @@ def main():
         d = prepare(section, a.protocol, a.root)
         for model in a.models:
             tag = f"{model}-cv" + ("-" + "".join(ch for ch in a.train_args if ch.isalnum())[:20] if a.train_args else "")
-            rows.append(check(d, model, shlex.split(a.train_args), tag))
+            rows.append(check(d, model, shlex.split(a.train_args), tag, a.states_from))
             r = rows[-1]
             print(f"{section} {a.protocol} {model}: estimate median {r['estimate_median']:.3f}, true held-out median "
                   f"{r['true_median_log1p']:.3f} (raw counts {r['true_median_raw']:.3f}), gap {r['median_gap']:+.3f}, "

@@ -14,6 +14,7 @@ Prints a table and writes bench/results/her2st.json."""
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -24,12 +25,28 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "her2st"
-# named configurations: the models, and TriHRGE with one part off (the ablation of issue 13)
-MODELS = {"trihrge": [], "mlp": ["--model", "mlp"], "interp": ["--model", "interp"],
-          "no-gene-tokens": ["--no-gene-tokens"], "no-multiscale": ["--no-multiscale"], "no-macro": ["--no-macro"],
-          "no-linear-head": ["--no-linear-head"], "token-mask-0": ["--token-mask", "0"],
+# named configurations: the models, and TriHRGE with one part off (the ablation of issue 13); each
+# names the parts it compares explicitly, so a table keeps its meaning when a default changes
+# ("no-gene-tokens" has window attention, the network without tokens before it became opt-in; in tables
+# "full" and "full-s1" made before this session, "trihrge" had gene tokens on and no fusion, the defaults then)
+NONE = ["--fusion", "none"]
+MODELS = {"trihrge": [], "mlp": ["--model", "mlp", *NONE], "interp": ["--model", "interp"],
+          "gene-tokens": ["--gene-tokens", *NONE], "no-gene-tokens": ["--no-gene-tokens", "--window-attention", *NONE],
+          "mlp-local": ["--model", "mlp", "--spot-consistency", "local", *NONE],
+          "no-multiscale": ["--no-multiscale"], "no-macro": ["--no-macro"],
+          "no-linear-head": ["--no-linear-head"], "token-mask-0": ["--gene-tokens", "--token-mask", "0", *NONE],
           "consistency-global": ["--spot-consistency", "global"], "consistency-none": ["--spot-consistency", "none"],
-          "fusion-blend": ["--fusion", "blend"], "no-cross-fit": ["--no-cross-fit"]}
+          "fusion-blend": ["--fusion", "blend"], "no-fusion": NONE, "no-cross-fit": ["--no-cross-fit"],
+          "no-gene-tokens-blend": ["--no-gene-tokens", "--window-attention", "--fusion", "blend"],
+          "gene-tokens-blend": ["--gene-tokens", "--fusion", "blend"],
+          "mlp-local-blend": ["--model", "mlp", "--spot-consistency", "local", "--fusion", "blend"],
+          "no-window-attention": ["--no-gene-tokens", "--no-window-attention", *NONE],
+          "no-window-attention-blend": ["--no-gene-tokens", "--no-window-attention", "--fusion", "blend"]}
+# configurations that change only what happens after training: they start from the trained states of
+# the configuration named here (same tag and seed; the states cache retrains what does not match)
+SAME_STATES = {"fusion-blend": "trihrge", "consistency-global": "trihrge", "consistency-none": "trihrge",
+               "no-fusion": "trihrge", "no-gene-tokens-blend": "no-gene-tokens", "gene-tokens-blend": "gene-tokens",
+               "mlp-local": "mlp", "mlp-local-blend": "mlp-local", "no-window-attention": "no-window-attention-blend"}
 DEFAULT_MODELS = ["trihrge", "mlp", "interp"]
 from utils.core.manifest import SCRIPTS  # noqa: E402
 
@@ -59,6 +76,22 @@ def _seconds(d, name, tag):
     return round(float(np.mean(t)), 1) if t else None
 
 
+def report(allres, tags, models):
+    """Markdown table: per configuration and section/protocol, mean +- sd of the median per-gene r
+    over the runs recorded under `tags` (one seed each, e.g. full full-s1 full-s2), and their count."""
+    rows = sorted({r for t in tags for r in allres.get(t, {})})
+    models = models or sorted({m for t in tags for r in allres.get(t, {}).values() for m in r["models"]})
+    print("| configuration | " + " | ".join(rows) + " |")
+    print("|---" * (len(rows) + 1) + "|")
+    for m in models:
+        cells = []
+        for r in rows:
+            v = [x for t in tags if m in allres.get(t, {}).get(r, {}).get("models", {})
+                 for x in allres[t][r]["models"][m]["per_seed"]]
+            cells.append(f"{np.mean(v):.3f} +- {np.std(v):.3f} ({len(v)})" if v else "")
+        print(f"| {m} | " + " | ".join(cells) + " |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=["C2", "C3"])
@@ -70,7 +103,15 @@ def main():
                    help="HISTEX.py training options for trihrge and mlp (default: the `make demo` budget)")
     p.add_argument("--tag", default="demo", help="name of this budget in the results")
     p.add_argument("--root", type=Path, default=REPO / "bench" / "data" / "her2st")
+    p.add_argument("--report", nargs="+", metavar="TAG", default=None,
+                   help="run nothing: print mean +- sd over the results recorded under these tags (e.g. full "
+                        "full-s1 full-s2, one seed each) for --models (default: every configuration found)")
     a = p.parse_args()
+    if a.report:
+        out_p = REPO / "bench" / "results" / "her2st.json"
+        report(json.loads(out_p.read_text()) if out_p.is_file() else {}, a.report,
+               a.models if a.models != DEFAULT_MODELS else None)
+        return 0
     if not DATA.is_dir():
         print(f"{DATA} is absent: nothing to benchmark")
         return 0
@@ -86,6 +127,9 @@ def main():
                 for seed in (a.seeds if m != "interp" else a.seeds[:1]):
                     run = d / "results" / f"{m}-{a.tag}-s{seed}"
                     extra = shlex.split(a.train_args) if m != "interp" else []
+                    source = d / "results" / f"{SAME_STATES.get(m)}-{a.tag}-s{seed}" / "states"
+                    if m in SAME_STATES and source.is_dir() and not (run / "states").exists():
+                        shutil.copytree(source, run / "states")
                     if not (run / "run.json").is_file():  # a finished run is kept (rerun: delete it)
                         sh([sys.executable, "HISTEX.py", "--directory", d, "--out", run, "--seed", seed, "-q",
                             *MODELS[m], *extra])

@@ -17,7 +17,7 @@ class KernelInterpolation:
         return {}
 
     @staticmethod
-    def inference_stride(half: int) -> int:
+    def inference_stride(half: int, opts: dict) -> int:
         return 1
 
     @staticmethod

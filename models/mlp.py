@@ -20,7 +20,7 @@ class SuperPixelMLP(nn.Module):
         return {}
 
     @staticmethod
-    def inference_stride(half: int) -> int:
+    def inference_stride(half: int, opts: dict) -> int:
         """One super-pixel at a time: windows need not overlap (same values, ~5x less work)."""
         return 2 * half + 1
 

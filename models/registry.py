@@ -5,7 +5,8 @@ A registered class declares:
   trainable                  False for a baseline without weights (kernel interpolation)
   default_spot_consistency   'local' | 'global' | 'none': how HISTEX maps its predictions to counts
   options(config)            its constructor keywords from a HistexConfig (what run.json records)
-  inference_stride(half)     spacing of the inference windows for a (2 half + 1)^2 window
+  inference_stride(half, opts)  spacing of the inference windows for a (2 half + 1)^2 window
+                             (opts: its options(config))
 and an instance attribute `use_gene_tokens` (whether forward() reads the gene tokens)."""
 MODELS = {}
 

@@ -1,6 +1,10 @@
-"""The TriHRGE network: multi-scale histology tokens fused with HR pseudo-spot gene tokens by three
-cross-attentions, then a head of bias-free linear layers on the fused tokens concatenated with the
-histology features, and a positive output per gene (ELU(alpha=0.01) + 0.01, as iStar/HISTEX).
+"""The TriHRGE network: multi-scale histology tokens (the super-pixel, its 112 um tile, its 448 um
+context) fused per token by a learned softmax gate, then a head of bias-free linear layers on the
+fused tokens concatenated with the histology features, and a positive output per gene
+(ELU(alpha=0.01) + 0.01, as iStar/HISTEX). The measured expression enters after the network (spot
+consistency and the fusion of utils/superres/fusion.py). Opt-in, measured not to pay on her2st by
+default (docs/BENCHMARKS.md): use_gene_tokens, HR pseudo-spot gene tokens fused by three
+cross-attentions (HISTEX's design); use_window_attention, self-attention among a window's tokens.
 
 Inputs of forward():
   hist   dict scale -> (B, T, C_scale) features of the T = w*w super-pixels of a window
@@ -63,27 +67,37 @@ class TriHRGE(nn.Module):
     @staticmethod
     def options(config) -> dict:
         return {"d": config.d_model, "heads": config.heads, "depth": config.depth, "dropout": config.dropout,
-                "head_hidden": config.head_hidden, "use_gene_tokens": not config.no_gene_tokens,
-                "use_linear_head": not config.no_linear_head}
+                "head_hidden": config.head_hidden, "use_gene_tokens": config.gene_tokens,
+                "use_linear_head": not config.no_linear_head,
+                # only when it changes the network, so states trained before the option existed still match
+                **({} if config.gene_tokens or config.window_attention else {"use_window_attention": False})}
 
     @staticmethod
-    def inference_stride(half: int) -> int:
-        """Overlapping windows (tent-blended) hide window borders and the switch of gene tokens."""
+    def inference_stride(half: int, opts: dict) -> int:
+        """Overlapping windows (tent-blended) hide window borders and the switch of gene tokens; a
+        network whose tokens do not see each other needs no overlap (same values, fewer windows)."""
+        if not opts.get("use_gene_tokens", True) and not opts.get("use_window_attention", True):
+            return 2 * half + 1
         return max(3, half)
 
     def __init__(self, dims, n_genes, window, d=64, heads=4, depth=2, head_hidden=128,
-                 use_gene_tokens=True, use_linear_head=True, dropout=0.1):
+                 use_gene_tokens=True, use_linear_head=True, dropout=0.1, use_window_attention=True):
         super().__init__()
         self.use_gene_tokens = use_gene_tokens
         self.use_linear_head = use_linear_head
         self.fusion = MultiScaleFusion(dims, d)
-        self.pos = nn.Parameter(torch.zeros(1, window * window, d))
-        nn.init.normal_(self.pos, std=0.02)
+        # without any attention a token's position in its window must not matter: no position code
+        self.mixes = use_gene_tokens or use_window_attention
+        self.pos = nn.Parameter(torch.zeros(1, window * window, d)) if self.mixes else None
+        if self.mixes:
+            nn.init.normal_(self.pos, std=0.02)
         self.drop = nn.Dropout(dropout)
         if use_gene_tokens:
             self.gene_in = nn.Sequential(nn.Linear(n_genes, d), nn.LayerNorm(d))
             self.gene_pos = nn.Sequential(nn.Linear(2, d), nn.GELU(), nn.Linear(d, d))
             self.blocks = nn.ModuleList(TriCrossBlock(d, heads, dropout) for _ in range(depth))
+        elif not use_window_attention:
+            self.blocks = None
         else:
             # without gene tokens the histology tokens still exchange context within the window
             layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout, batch_first=True, norm_first=False)
@@ -98,7 +112,7 @@ class TriHRGE(nn.Module):
             self.head = nn.Linear(d, n_genes)
 
     def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
-        h = self.drop(self.fusion(hist) + self.pos)
+        h = self.drop(self.fusion(hist) + self.pos if self.mixes else self.fusion(hist))
         if self.use_gene_tokens:
             g = self.gene_in(genes) + self.gene_pos(offs)
             # a window whose gene tokens are all hidden would make attention undefined: keep one
@@ -108,7 +122,8 @@ class TriHRGE(nn.Module):
             for i, blk in enumerate(self.blocks):
                 h, g = blk(h, g, gmask, keep if i == len(self.blocks) - 1 else None)
         else:
-            h = self.blocks(h)
+            if self.blocks is not None:
+                h = self.blocks(h)
             if keep is not None:
                 h = take_tokens(h, keep)
         if self.use_linear_head:

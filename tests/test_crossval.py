@@ -93,7 +93,9 @@ def test_histex_measures_itself(demo):
     assert -1 <= cv["pearson_median"] <= 1 and -1 <= cv["reference_pearson_median"] <= 1
     table = pd.read_csv(out / "genes-accuracy.tsv", sep="\t")
     assert len(table) == spots.n_vars and table["cv_pearson"].is_monotonic_decreasing
-    assert run["fusion"] is None and "blend_weight" not in table.columns  # fusion is opt-in
+    # the default fusion: a per-gene blend with the interpolation, weights in [0, 1] per gene
+    assert 0 <= run["fusion"]["pooled_weight"] <= 1 and table["blend_weight"].between(0, 1).all()
+    assert "cv_pearson_model" in table.columns and run["fusion"]["n_spots"] == spots.n_obs
     assert run["consistency_kernel"] == {"sigma_spacings": 0.5, "chosen_by": "--sigma"}  # the choice is opt-in
     var = anndata.read_h5ad(out / "super-res.h5ad", backed="r").var
     np.testing.assert_allclose(var.loc[table["gene"], "cv_pearson"], table["cv_pearson"], atol=1e-4)
@@ -102,14 +104,12 @@ def test_histex_measures_itself(demo):
     assert sum(held) == spots.n_obs
 
 
-def test_fusion_blend(demo, tmp_path):
-    r = run_script("HISTEX.py", demo, *FAST, "--fusion", "blend", "--choose-consistency-sigma", "--out", tmp_path / "f")
+def test_no_fusion_and_the_chosen_consistency_width(demo, tmp_path):
+    r = run_script("HISTEX.py", demo, *FAST, "--fusion", "none", "--choose-consistency-sigma", "--out", tmp_path / "f")
     assert r.returncode == 0, r.stderr[-2000:]
     run = json.loads((tmp_path / "f" / "run.json").read_text())
     table = pd.read_csv(tmp_path / "f" / "genes-accuracy.tsv", sep="\t")
-    assert {"cv_pearson_model", "blend_weight"} <= set(table.columns) and table["blend_weight"].between(0, 1).all()
-    assert run["fusion"]["n_spots"] == anndata.read_h5ad(demo / "spots.h5ad").n_obs
-    assert 0 <= run["fusion"]["pooled_weight"] <= 1
+    assert run["fusion"] is None and "blend_weight" not in table.columns
     kernel = run["consistency_kernel"]  # the local consistency's width, chosen by the out-of-fold spots
     assert kernel["chosen_by"].startswith("out-of-fold") and str(kernel["sigma_spacings"]) in kernel["median_pearson_by_sigma"]
 
@@ -157,3 +157,21 @@ def test_consistency_width_is_chosen_by_the_out_of_fold_spots():
     # nothing to correct: every width scores the same and the default stays
     s, _ = choose_consistency_sigma(measured, measured, measured, xy, 100.0, default=0.5)
     assert s == 0.5
+
+
+def test_out_of_fold_spots_get_the_consistency_of_the_other_spots():
+    from utils.superres.fusion import consistent_oof, leave_one_out_factors
+    xy = hex_lattice(8, 7, 100.0)
+    rng = np.random.default_rng(5)
+    measured = rng.poisson(rng.uniform(5, 60, (len(xy), 4))).astype(float)
+    oof = measured * rng.lognormal(0, 0.3, measured.shape)
+    predicted = measured * rng.lognormal(0, 0.3, measured.shape)
+    spiked = measured.copy()
+    spiked[7] *= 50  # a spot's own count must not reach its own correction
+    f, g = leave_one_out_factors(measured, predicted, xy, 120.0), leave_one_out_factors(spiked, predicted, xy, 120.0)
+    np.testing.assert_allclose(f[7], g[7], rtol=1e-6)
+    assert not np.allclose(f[np.arange(len(xy)) != 7], g[np.arange(len(xy)) != 7])
+    np.testing.assert_array_equal(consistent_oof(oof, measured, predicted, xy, 120.0, "none"), oof)
+    for mode in ("local", "global"):  # the maps' totals are restored per gene, and so are these
+        out = consistent_oof(oof, measured, predicted, xy, 120.0, mode)
+        np.testing.assert_allclose(out.sum(0), measured.sum(0), rtol=1e-5)

@@ -14,7 +14,8 @@ from utils.superres.train import footprint_loss, footprint_tokens
 DIMS = {"micro": 6, "meso": 5, "macro": 4, "extra": 5}
 
 
-@pytest.mark.parametrize("opts", [{}, {"use_gene_tokens": False}, {"use_linear_head": False}])
+@pytest.mark.parametrize("opts", [{}, {"use_gene_tokens": False}, {"use_linear_head": False},
+                                  {"use_gene_tokens": False, "use_window_attention": False}])
 def test_trihrge_shapes_and_positive_output(opts):
     torch.manual_seed(0)
     m = build_model("trihrge", DIMS, 11, 7, d=16, heads=2, depth=1, **opts)
@@ -26,15 +27,23 @@ def test_trihrge_shapes_and_positive_output(opts):
     assert y.shape == (B, 49, 11) and torch.isfinite(y).all() and (y > 0).all()
 
 
-def test_mlp_is_per_superpixel():
-    m = build_model("mlp", DIMS, 4, 7)
+@pytest.mark.parametrize("name,opts", [("mlp", {}), ("trihrge", {"use_gene_tokens": False, "use_window_attention": False})])
+def test_per_superpixel_networks_need_no_overlapping_windows(name, opts):
+    """A super-pixel's prediction depends on its own features only (not on its window or neighbours),
+    so inference windows need not overlap."""
+    from models import model_class
+    torch.manual_seed(0)
+    m = build_model(name, DIMS, 4, 7, **opts).eval()
     hist = {k: torch.randn(2, 49, c) for k, c in DIMS.items()}
     y = m(hist)
     hist2 = {k: v.clone() for k, v in hist.items()}
     hist2["micro"][:, 5] += 1.0
     y2 = m(hist2)
     changed = (y - y2).abs().sum(-1) > 0
-    assert changed[:, 5].all() and not changed[:, :5].any()
+    assert changed[:, 5].all() and not changed[:, :5].any() and not changed[:, 6:].any()
+    perm = torch.randperm(49)  # nor on where it sits in the window
+    assert torch.allclose(m({k: v[:, perm] for k, v in hist.items()}), y[:, perm], atol=1e-6)
+    assert model_class(name).inference_stride(3, opts) == 7
 
 
 def test_positive_output_is_elu_plus_offset_with_its_gradient():
@@ -51,7 +60,8 @@ def test_positive_output_is_elu_plus_offset_with_its_gradient():
 
 
 @pytest.mark.parametrize("name,opts", [("trihrge", {}), ("trihrge", {"use_gene_tokens": False}),
-                                       ("trihrge", {"depth": 2}), ("mlp", {})])
+                                       ("trihrge", {"depth": 2}), ("mlp", {}),
+                                       ("trihrge", {"use_gene_tokens": False, "use_window_attention": False})])
 def test_keep_predicts_exactly_the_chosen_tokens(name, opts):
     """Training predicts only footprint tokens (keep); they must equal the full window's values."""
     torch.manual_seed(1)
@@ -192,3 +202,15 @@ def test_early_stopping_keeps_the_best_held_out_epoch():
     assert got == pytest.approx(best, rel=1e-5)
     state2, info2 = train_state(cfg, data, 0, torch.device("cpu"), progress=False)  # seeded: same run
     assert info2 == info and all(torch.equal(state[k], state2[k]) for k in state)
+
+
+def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
+    from utils.superres.config import HistexConfig
+    assert HistexConfig().run_name == "trihrge" and HistexConfig().fusion == "blend"
+    assert HistexConfig(gene_tokens=True).run_name == "trihrge-tokens"
+    assert HistexConfig(window_attention=True, no_macro=True).run_name == "trihrge-nomacro-attn"
+    default = HistexConfig().model_config({"micro": 3}, 5, 3)
+    assert default["model_opts"]["use_window_attention"] is False and default["stride"] == 7
+    # with attention the options are those of states trained before the option existed (same fingerprint)
+    attn = HistexConfig(window_attention=True).model_config({"micro": 3}, 5, 3)
+    assert "use_window_attention" not in attn["model_opts"] and attn["stride"] == 3

@@ -37,7 +37,7 @@ from ..superres.crossval import (
     spot_folds,
 )
 from ..superres.crossval import summary as cv_summary
-from ..superres.fusion import blend_maps, blend_weights, blended_oof, choose_consistency_sigma
+from ..superres.fusion import blend_maps, blend_weights, blended_oof, choose_consistency_sigma, consistent_oof
 from ..superres.inputs import spot_arrays, training_data
 from ..superres.outputs import (
     spot_spatial,
@@ -147,19 +147,24 @@ def _reference_oof(inp, config):
     return leave_one_out_interpolation(inp.counts, inp.xy, inp.sigma_px(config))
 
 
-def _fuse_and_measure(inp, config, sr, oof, n_fp, kernel):
+def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel):
     """With an out-of-fold prediction (the interpolation's is its leave-one-out reference): the
-    per-gene blend with the interpolation (--fusion blend, applied to sr in place) and the
-    cross-validated accuracy of the maps that are written, logged in one line. Returns
-    (genes-accuracy table, run.json summary, fusion record, the maps' out-of-fold spot counts),
-    Nones without one."""
+    per-gene blend of the consistent map with the interpolation (--fusion blend, applied to sr in
+    place; fusion.py) and the cross-validated accuracy of the maps that are written, logged in one
+    line. before: the maps' spot sums before consistency; sigma_c: the local consistency's width.
+    Returns (genes-accuracy table, run.json summary, fusion record), Nones without one."""
     trainable = config.model_class.trainable
     if oof is None and trainable:
-        return None, None, None, None
+        if config.fusion == "blend":
+            log.info("fusion: none (the blend is chosen on the out-of-fold predictions of cross-fitting, which "
+                     "this run has not: --no-cross-fit, --val-fraction 0, one state or too few spots)")
+        return None, None, None
     ref = _reference_oof(inp, config)
     if oof is None:
         oof = ref
     model_oof, fusion, a = oof, None, None
+    if trainable:  # measure the maps that are written: through the consistency, from the other spots
+        oof = consistent_oof(oof, inp.counts, before, inp.xy, sigma_c * inp.spacing_px, config.consistency)
     if config.fusion == "blend" and trainable:
         a, fusion = blend_weights(inp.counts, oof, ref)
         blend_maps(sr, a, kernel(), inp.counts, n_fp)
@@ -171,20 +176,19 @@ def _fuse_and_measure(inp, config, sr, oof, n_fp, kernel):
     log.info("cross-validated accuracy (out-of-fold, spot level, %d most variable genes, %d spots): median "
              "Pearson r %.3f; interpolation reference %.3f", cv["n_genes"], cv["n_spots"], cv["pearson_median"],
              cv["reference_pearson_median"])
-    return table, cv, fusion, oof
+    return table, cv, fusion
 
 
-def _consistency_sigma(inp, config, sr, oof):
+def _consistency_sigma(inp, config, oof, before):
     """(kernel width of the local consistency in lattice spacings, run.json record): --consistency-sigma
     (0: --sigma), or with --choose-consistency-sigma chosen by the out-of-fold spots
-    (fusion.choose_consistency_sigma; the fixed width without them)."""
+    (fusion.choose_consistency_sigma; the fixed width without them). before: the maps' spot sums."""
     if config.consistency != "local":
         return config.sigma, None
     fixed = config.consistency_sigma or config.sigma
     if not config.choose_consistency_sigma or oof is None:
         return fixed, {"sigma_spacings": fixed, "chosen_by": "--consistency-sigma" if config.consistency_sigma else "--sigma"}
-    s, record = choose_consistency_sigma(inp.counts, oof, spot_sums(sr, inp.footprints), inp.xy,
-                                        inp.spacing_px, fixed)
+    s, record = choose_consistency_sigma(inp.counts, oof, before, inp.xy, inp.spacing_px, fixed)
     log.info("local consistency: kernel width %.2f spacings, chosen by the out-of-fold spots (median r %s)", s,
              ", ".join(f"{k:g}: {v:.3f}" for k, v in record["median_pearson_by_sigma"].items()))
     return s, record
@@ -227,10 +231,13 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
             sr, cfg, histories, oof = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress)
         else:
             sr, cfg, histories, oof = _interpolate(inp, config, n_fp, kernel)
-        accuracy, cv, fusion, oof = _fuse_and_measure(inp, config, sr, oof, n_fp, kernel)
-        sigma_c, sigma_record = _consistency_sigma(inp, config, sr, oof)
+        before = spot_sums(sr, inp.footprints)  # the maps' spot sums before consistency
+        sigma_c, sigma_record = _consistency_sigma(inp, config, oof, before)
         predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints,
-                                           lambda: kernel_at(sigma_c))
+                                           lambda: kernel_at(sigma_c), predicted=before)
+        accuracy, cv, fusion = _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel)
+        if fusion:
+            predicted = spot_sums(sr, inp.footprints)
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,
                  predicted.sum() / max(1.0, inp.counts.sum()))
         run = {"model": config.run_name, "config": cfg, "args": {k: str(v) for k, v in config.as_parameters().items()},

@@ -20,8 +20,9 @@ VALIDATORS = {
 }
 CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "global", "none"),
            "fusion": ("blend", "none"), "device": ("auto", "cpu", "cuda")}
-ABLATIONS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("no_gene_tokens", "notokens"),
-             ("no_linear_head", "nohead"))
+# settings that name the run (results/<model>-<tag>...) when on: the ablations and opt-in parts
+RUN_NAME_TAGS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("gene_tokens", "tokens"),
+                 ("no_linear_head", "nohead"), ("window_attention", "attn"))
 
 
 @dataclass
@@ -48,10 +49,17 @@ class HistexConfig:
     head_hidden: int = 128
     no_macro: bool = False
     no_multiscale: bool = False
-    no_gene_tokens: bool = False
+    # opt-in: on her2st leave-out (3 seeds, full defaults) the gene-token cross-attention cost
+    # accuracy next to the local spot consistency (docs/BENCHMARKS.md, "Components that pay")
+    gene_tokens: bool = False
     no_linear_head: bool = False
+    # opt-in: the super-pixels of a window exchange context by self-attention (no gene tokens);
+    # it did not beat each super-pixel on its own multi-scale features on her2st (docs/BENCHMARKS.md)
+    window_attention: bool = False
     spot_consistency: str = "auto"
-    fusion: str = "none"   # "blend" moved her2st leave-out r by -0.001 / +0.003: opt-in (docs/BENCHMARKS.md)
+    # per-gene blend with the interpolation after the spot consistency: her2st held-out r up, no gene
+    # far below smoothing (docs/BENCHMARKS.md, "Components that pay")
+    fusion: str = "blend"
     sigma: float = 0.5
     consistency_sigma: float = 0.0   # 0: --sigma
     # opt-in: her2st leave-out r +0.039 on C2 but -0.039 on C3 (docs/BENCHMARKS.md)
@@ -89,8 +97,8 @@ class HistexConfig:
 
     @property
     def run_name(self) -> str:
-        """results/<run_name>: the model and its ablations, e.g. trihrge-nomacro."""
-        return self.model + "".join(f"-{tag}" for flag, tag in ABLATIONS if getattr(self, flag))
+        """results/<run_name>: the model, its ablations and opt-in parts, e.g. trihrge-nomacro."""
+        return self.model + "".join(f"-{tag}" for flag, tag in RUN_NAME_TAGS if getattr(self, flag))
 
     @property
     def scales(self) -> list:
@@ -115,7 +123,7 @@ class HistexConfig:
         hashed into the state fingerprint, so its keys and values must stay as they are."""
         cls = self.model_class
         return {"model": self.model, "dims": dims, "n_genes": n_genes, "half": half,
-                "stride": self.stride or cls.inference_stride(half), "model_opts": cls.options(self),
+                "stride": self.stride or cls.inference_stride(half, cls.options(self)), "model_opts": cls.options(self),
                 "lr": self.lr, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
                 "epochs": self.epochs, "val_fraction": self.val_fraction, "patience": self.patience,
                 "loss": self.loss, "token_mask": self.token_mask, "k_tokens": self.k_tokens,

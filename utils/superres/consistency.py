@@ -63,12 +63,14 @@ def superpixel_kernel(rows, cols, xy, sigma_px):
     return kernel_weights(np.stack(geo.superpixel_centres(rows, cols), 1), xy, sigma_px)
 
 
-def apply_spot_consistency(sr, mode, counts, footprints, kernel):
+def apply_spot_consistency(sr, mode, counts, footprints, kernel, predicted=None):
     """Rescale sr (n_superpixels, G) in place: 'global' one factor per gene (iStar), 'local' the
     kernel-smoothed ratio per super-pixel (kernel(): the weights, built only when needed), then one
     factor per gene for the totals, 'none'.
-    footprints: the footprint matrix. Returns the predicted spot sums afterwards."""
-    predicted = spot_sums(sr, footprints)
+    footprints: the footprint matrix; predicted: sr's spot sums (computed when None). Returns the
+    predicted spot sums afterwards."""
+    if predicted is None:
+        predicted = spot_sums(sr, footprints)
     if mode == "global":
         sr *= global_rescale_factors(counts, predicted)
     elif mode == "local":

@@ -1,10 +1,10 @@
 """Every run measures itself by cross-fitting: the states partition the spots into folds, state s
-holds out fold s (its early-stopping set), and its prediction at those spots, with each spot's own
-HR pseudo-spots hidden from the gene tokens and before spot consistency, is an out-of-fold
-prediction (applying the consistency of the other spots to it made the estimate less faithful on
-her2st: docs/BENCHMARKS.md). Every spot gets one at no extra training cost. The interpolation
-reference is scored the same way, leaving each spot out of the kernel. Accuracy is spot-level, not
-super-pixel-level.
+holds out fold s (its early-stopping set), and its prediction at those spots (with --gene-tokens,
+each spot's own HR pseudo-spots hidden) is an out-of-fold prediction. Every spot gets one at no
+extra training cost. HISTEX then passes it through the spot consistency and the fusion the maps get,
+computed from the other spots only (fusion.consistent_oof), so the estimate is of the maps that are
+written. The interpolation reference is scored the same way, leaving each spot out of the kernel.
+Accuracy is spot-level, not super-pixel-level.
 
     folds = spot_folds(n_spots, n_folds, seed)           # list of index arrays, or None
     oof = out_of_fold_scaled(models, folds, data, device)  # (n_spots, G) scaled units

@@ -3,10 +3,14 @@ gene, the blend weight a_g of map = a_g * model + (1 - a_g) * interpolation that
 out-of-fold spot counts (least squares), shrunk towards the weight pooled over all genes by
 empirical Bayes (random-effects pooling), so that a gene with little evidence is not overfitted. A
 gene where the histology carries nothing gets a_g near 0: its map falls back to the smoothing
-instead of being worse.
+instead of being worse. The blend is applied to the model's map AFTER its spot consistency (a blend
+before it was undone by the consistency: her2st held-out r moved by -0.001 / +0.003), and the model's
+out-of-fold prediction is corrected by the other spots' consistency in the same way
+(consistent_oof), so the weights are fitted to the maps they mix.
 
-    a, record = blend_weights(measured, oof_model, oof_reference)   # (G,), plain data for run.json
-    blend_maps(sr, a, kernel, counts, mean_footprint)              # sr (n_sp, G) updated in place
+    fitted = consistent_oof(oof, measured, predicted, xy, sigma_px, "local")
+    a, record = blend_weights(measured, fitted, oof_reference)        # (G,), plain data for run.json
+    blend_maps(sr, a, kernel, counts, mean_footprint)                 # sr (n_sp, G) updated in place
 
 The local spot consistency's kernel width is chosen the same way (choose_consistency_sigma): the
 width whose correction, computed from the other spots only, best predicts each spot's counts from
@@ -14,7 +18,7 @@ its out-of-fold prediction.
 """
 import numpy as np
 
-from .consistency import local_rescale_factors
+from .consistency import global_rescale_factors, local_rescale_factors
 from .crossval import leave_one_out_kernel, median_pearson
 
 SIGMA_CHOICES = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8)   # lattice spacings tried by choose_consistency_sigma
@@ -63,6 +67,26 @@ def blend_maps(sr, a, kernel, counts, mean_footprint, chunk=16384):
     return sr
 
 
+def leave_one_out_factors(measured, predicted, xy, sigma_px):
+    """(n_spots, G) local consistency factors at each spot from the other spots only: the
+    kernel-smoothed log ratio of measured to predicted counts, the spot's own weight removed."""
+    W, _ = leave_one_out_kernel(xy, sigma_px)
+    return local_rescale_factors(measured, predicted, W)
+
+
+def consistent_oof(oof, measured, predicted, xy, sigma_px, mode):
+    """The out-of-fold spot counts (n_spots, G) after the spot consistency the maps get, computed
+    without each spot's own measurement: 'local' multiplies by the kernel-smoothed ratio of the
+    OTHER spots (leave-one-out kernel of width sigma_px), then one factor per gene restores the
+    measured totals, as apply_spot_consistency does; 'global' the one factor per gene; 'none' as is.
+    predicted: the maps' spot sums before consistency."""
+    if mode == "local":
+        oof = oof * leave_one_out_factors(measured, predicted, xy, sigma_px)
+    if mode in ("local", "global"):
+        oof = oof * global_rescale_factors(measured, oof)
+    return oof
+
+
 def choose_consistency_sigma(measured, oof, predicted, xy, spacing_px, default, choices=SIGMA_CHOICES,
                              margin=0.005):
     """(sigma in lattice spacings, record): the local consistency's Gaussian width whose
@@ -72,8 +96,7 @@ def choose_consistency_sigma(measured, oof, predicted, xy, spacing_px, default, 
     than margin (differences below it are noise). measured, oof, predicted: (n_spots, G) counts."""
     scores = {}
     for s in sorted({*choices, default}):
-        W, _ = leave_one_out_kernel(xy, s * spacing_px)
-        scores[float(s)] = median_pearson(measured, oof * local_rescale_factors(measured, predicted, W))
+        scores[float(s)] = median_pearson(measured, consistent_oof(oof, measured, predicted, xy, s * spacing_px, "local"))
     best = max(scores, key=scores.get)
     best = best if scores[best] > scores[float(default)] + margin else float(default)
     return best, {"sigma_spacings": best, "chosen_by": "out-of-fold spots, leave-one-out correction",
