@@ -70,7 +70,8 @@ def build_parser():
                         "auto = local for trihrge, global for mlp, none for interp")
     o.add_argument("--fusion", default=D.fusion, choices=CHOICES["fusion"],
                    help="blend (default) = per gene, mix the model's map (after spot consistency) with the "
-                        "interpolation by the weight that best predicts the held-out spots (cross-fitting; shrunk "
+                        "interpolation (carrying the map's within-spot detail; blend-linear: the plain interpolation) "
+                        "by the weight that best predicts the held-out spots (cross-fitting; shrunk "
                         "towards one weight for all genes), so a gene the histology does not inform falls back to "
                         "smoothing; needs cross-fitting (not with --no-cross-fit or --val-fraction 0); "
                         "none = the model's map alone")

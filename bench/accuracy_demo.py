@@ -2,10 +2,11 @@
 """Accuracy on the demo tissue: TriHRGE, the two baselines and the ablations on the same features
 and spots, scored against the simulated 8 um truth (median/mean per-gene Pearson r, SSIM, RMSE).
 
-    python bench/accuracy_demo.py --size medium --seeds 0 1 2 --jobs 2
+    python bench/accuracy_demo.py --size medium --seeds 0 1 2
 
 Runs stages 1-4 once (skipped when already done), then one HISTEX.py run per configuration and
-seed (two at a time with --jobs 2, one torch thread each), prints one table and writes
+seed, one after the other (a directory takes one HISTEX.py at a time: its lock; each run trains its
+states in parallel on the CPUs available), prints one table and writes
 bench/results/accuracy_demo-<size>[-<tag>].json. The full defaults (5 cross-fitted states, early
 stopping): --epochs 500 --n-states 5 --val-fraction 0.1 --tag full."""
 import argparse
@@ -13,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ CONFIGS = {  # baselines name their fusion, so the table keeps its meaning when 
     "trihrge --gene-tokens": ["--gene-tokens"],
     "trihrge --no-linear-head": ["--no-linear-head"],
     "trihrge --fusion none": NONE,
+    "trihrge --fusion blend-linear": ["--fusion", "blend-linear"],
     "trihrge --window-attention": ["--window-attention"],
     "trihrge --gene-tokens --token-mask 0": ["--gene-tokens", "--token-mask", "0"],
     "trihrge --spot-consistency global": ["--spot-consistency", "global"],
@@ -56,7 +57,6 @@ def main():
     p.add_argument("--n-states", default="2")
     p.add_argument("--lr", default="1e-3")
     p.add_argument("--val-fraction", default="0", help="held-out spots per state (0: the demo budget trains every spot)")
-    p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="configuration names to run (default all)")
     p.add_argument("--tag", default="", help="name of this budget: results go to accuracy_demo-<size>[-<tag>].json "
                                               "and the runs to results/bench-<tag>-...")
@@ -69,7 +69,7 @@ def main():
             sh([sys.executable, s, "--directory", str(d), "-q"])
     configs = {k: v for k, v in CONFIGS.items() if a.only is None or k in a.only}
     common = ["--epochs", a.epochs, "--n-states", a.n_states, "--lr", a.lr, "--val-fraction", a.val_fraction,
-              "--threads", "1", "-q"]
+              "-q"]
     jobs = [(name, seed) for name in configs for seed in a.seeds]
 
     def one(job):
@@ -80,8 +80,7 @@ def main():
         m = json.loads((out / "metrics.json").read_text())
         return name, seed, m["summary"], time.time() - t
 
-    with ThreadPoolExecutor(a.jobs) as ex:
-        results = list(ex.map(one, jobs))
+    results = [one(job) for job in jobs]
     table = {}
     for name, seed, summ, secs in results:
         table.setdefault(name, []).append({"seed": seed, "summary": summ, "seconds": secs})
@@ -97,8 +96,10 @@ def main():
         print(f"{name:36s} {rm:8.4f}±{rs:.3f} {stat('pearson', 'mean')[0]:8.4f} {sm:8.4f}±{ss:.3f} "
               f"{stat('ssim', 'mean')[0]:9.4f} {stat('rmse', 'median')[0]:11.4f} {np.mean([r['seconds'] for r in runs]):6.0f}")
     out = REPO / "bench" / "results" / f"accuracy_demo-{a.size}{'-' + a.tag if a.tag else ''}.json"
+    earlier = json.loads(out.read_text()).get("results", {}) if out.is_file() else {}
+    # a later call with other --only configurations adds to the same table
     out.write_text(json.dumps({"size": a.size, "seeds": a.seeds, "epochs": a.epochs, "n_states": a.n_states,
-                               "lr": a.lr, "val_fraction": a.val_fraction, "results": table}, indent=2))
+                               "lr": a.lr, "val_fraction": a.val_fraction, "results": {**earlier, **table}}, indent=2))
     print(f"\nwritten {out}")
 
 

@@ -36,16 +36,18 @@ MODELS = {"trihrge": [], "mlp": ["--model", "mlp", *NONE], "interp": ["--model",
           "no-multiscale": ["--no-multiscale"], "no-macro": ["--no-macro"],
           "no-linear-head": ["--no-linear-head"], "token-mask-0": ["--gene-tokens", "--token-mask", "0", *NONE],
           "consistency-global": ["--spot-consistency", "global"], "consistency-none": ["--spot-consistency", "none"],
-          "fusion-blend": ["--fusion", "blend"], "no-fusion": NONE, "no-cross-fit": ["--no-cross-fit"],
+          "fusion-blend": ["--fusion", "blend"], "no-fusion": NONE, "blend-linear": ["--fusion", "blend-linear"], "no-cross-fit": ["--no-cross-fit"],
           "no-gene-tokens-blend": ["--no-gene-tokens", "--window-attention", "--fusion", "blend"],
           "gene-tokens-blend": ["--gene-tokens", "--fusion", "blend"],
+          "no-gene-tokens-blend-linear": ["--no-gene-tokens", "--window-attention", "--fusion", "blend-linear"],
           "mlp-local-blend": ["--model", "mlp", "--spot-consistency", "local", "--fusion", "blend"],
           "no-window-attention": ["--no-gene-tokens", "--no-window-attention", *NONE],
           "no-window-attention-blend": ["--no-gene-tokens", "--no-window-attention", "--fusion", "blend"]}
 # configurations that change only what happens after training: they start from the trained states of
 # the configuration named here (same tag and seed; the states cache retrains what does not match)
 SAME_STATES = {"fusion-blend": "trihrge", "consistency-global": "trihrge", "consistency-none": "trihrge",
-               "no-fusion": "trihrge", "no-gene-tokens-blend": "no-gene-tokens", "gene-tokens-blend": "gene-tokens",
+               "no-fusion": "trihrge", "blend-linear": "trihrge", "trihrge": "blend-linear", "no-gene-tokens-blend": "no-gene-tokens", "gene-tokens-blend": "gene-tokens",
+               "no-gene-tokens-blend-linear": "no-gene-tokens",
                "mlp-local": "mlp", "mlp-local-blend": "mlp-local", "no-window-attention": "no-window-attention-blend"}
 DEFAULT_MODELS = ["trihrge", "mlp", "interp"]
 from utils.core.manifest import SCRIPTS  # noqa: E402
@@ -80,7 +82,8 @@ def report(allres, tags, models):
     """Markdown table: per configuration and section/protocol, mean +- sd of the median per-gene r
     over the runs recorded under `tags` (one seed each, e.g. full full-s1 full-s2), and their count."""
     rows = sorted({r for t in tags for r in allres.get(t, {})})
-    models = models or sorted({m for t in tags for r in allres.get(t, {}).values() for m in r["models"]})
+    models = [*models, "nearest spot"] if models else \
+        sorted({m for t in tags for r in allres.get(t, {}).values() for m in r["models"]})
     print("| configuration | " + " | ".join(rows) + " |")
     print("|---" * (len(rows) + 1) + "|")
     for m in models:

@@ -175,3 +175,21 @@ def test_out_of_fold_spots_get_the_consistency_of_the_other_spots():
     for mode in ("local", "global"):  # the maps' totals are restored per gene, and so are these
         out = consistent_oof(oof, measured, predicted, xy, 120.0, mode)
         np.testing.assert_allclose(out.sum(0), measured.sum(0), rtol=1e-5)
+
+
+def test_the_blend_keeps_the_within_spot_detail():
+    import scipy.sparse as sp
+
+    from utils.superres.fusion import Detail, blend_maps
+    rows, cols = np.nonzero(np.ones((24, 24), bool))
+    checker = np.where((rows + cols) % 2 == 0, 1.5, 0.5)           # super-pixel detail, mean 1
+    level = 10.0 + 0.2 * rows                                        # a smooth spot-level trend
+    sr = np.stack([level * checker, level], 1).astype(np.float32)   # gene 0 with detail, gene 1 without
+    kernel = sp.csr_matrix(np.ones((len(rows), 1)))                  # the interpolation: one spot, everywhere
+    counts, a = np.array([[40.0, 40.0]]), np.zeros(2, np.float32)    # all weight on the interpolation
+    out = blend_maps(sr.copy(), a, kernel, counts, 2.0, detail=Detail(rows, cols, (24, 24), 1.5))
+    inner = (rows > 4) & (rows < 19) & (cols > 4) & (cols < 19)
+    np.testing.assert_allclose(out[inner, 0] / 20.0, checker[inner], rtol=0.05)  # the checker survives
+    np.testing.assert_allclose(out[inner, 1], 20.0, rtol=0.02)                    # a flat map stays flat
+    linear = blend_maps(sr.copy(), a, kernel, counts, 2.0)
+    np.testing.assert_allclose(linear[:, 0], 20.0, rtol=1e-6)                     # the plain blend loses it

@@ -37,7 +37,14 @@ from ..superres.crossval import (
     spot_folds,
 )
 from ..superres.crossval import summary as cv_summary
-from ..superres.fusion import blend_maps, blend_weights, blended_oof, choose_consistency_sigma, consistent_oof
+from ..superres.fusion import (
+    Detail,
+    blend_maps,
+    blend_weights,
+    blended_oof,
+    choose_consistency_sigma,
+    consistent_oof,
+)
 from ..superres.inputs import spot_arrays, training_data
 from ..superres.outputs import (
     spot_spatial,
@@ -165,9 +172,12 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel):
     model_oof, fusion, a = oof, None, None
     if trainable:  # measure the maps that are written: through the consistency, from the other spots
         oof = consistent_oof(oof, inp.counts, before, inp.xy, sigma_c * inp.spacing_px, config.consistency)
-    if config.fusion == "blend" and trainable:
+    if config.fusion in ("blend", "blend-linear") and trainable:
         a, fusion = blend_weights(inp.counts, oof, ref)
-        blend_maps(sr, a, kernel(), inp.counts, n_fp)
+        # the within-spot detail kept: a Gaussian of half the spot radius separates it from the level
+        detail = Detail(inp.rows, inp.cols, inp.mask.shape, float(inp.spots.uns["radius_px"]) / geo.SUPER_PIXEL_PX / 2) \
+            if config.fusion == "blend" else None
+        blend_maps(sr, a, kernel(), inp.counts, n_fp, detail=detail)
         oof = blended_oof(a, oof, ref)
         log.info("fusion: per-gene blend with the interpolation, median weight of the model %.2f (pooled %.2f)",
                  fusion["median_weight"], fusion["pooled_weight"])

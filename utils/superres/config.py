@@ -19,7 +19,7 @@ VALIDATORS = {
     "batch_windows": POSITIVE_INT, "threads": COUNT,
 }
 CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "global", "none"),
-           "fusion": ("blend", "none"), "device": ("auto", "cpu", "cuda")}
+           "fusion": ("blend", "blend-linear", "none"), "device": ("auto", "cpu", "cuda")}
 # settings that name the run (results/<model>-<tag>...) when on: the ablations and opt-in parts
 RUN_NAME_TAGS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("gene_tokens", "tokens"),
                  ("no_linear_head", "nohead"), ("window_attention", "attn"))

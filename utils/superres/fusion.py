@@ -57,14 +57,50 @@ def blended_oof(a, model, reference):
     return a * model + (1.0 - a) * reference
 
 
-def blend_maps(sr, a, kernel, counts, mean_footprint, chunk=16384):
+def blend_maps(sr, a, kernel, counts, mean_footprint, detail=None, chunk=16384):
     """sr (n_sp, G) counts per super-pixel <- a * sr + (1 - a) * the interpolation map (kernel:
-    row-normalised super-pixel x spot weights), in chunks so the interpolation is never whole."""
+    row-normalised super-pixel x spot weights), in chunks so the interpolation is never whole.
+    detail: a Detail of sr's grid; then the interpolation carries the model's within-spot detail
+    (interp * sr / sr smoothed over about a footprint), so the blend moves the spot-level values
+    without washing out the super-pixel pattern."""
     per_sp = np.asarray(counts, np.float32) / np.float32(mean_footprint)
+    if detail is not None:
+        return detail.blend(sr, a, kernel, per_sp)
     for s0 in range(0, len(sr), chunk):
         interp = np.asarray(kernel[s0:s0 + chunk] @ per_sp, dtype=np.float32)
         sr[s0:s0 + chunk] = a * sr[s0:s0 + chunk] + (1.0 - a) * interp
     return sr
+
+
+class Detail:
+    """The super-pixel grid of a map (tissue rows, cols; grid shape) and the Gaussian width (in
+    super-pixels) that separates within-spot detail from the spot-level level."""
+    MAX_RATIO = 20.0   # a super-pixel at most 20 x its neighbourhood: bounds a near-empty neighbourhood
+
+    def __init__(self, rows, cols, shape, sigma_sp, genes_per_pass=64):
+        from scipy.ndimage import gaussian_filter
+        self.rows, self.cols, self.shape, self.sigma = rows, cols, tuple(shape), float(sigma_sp)
+        self.step = genes_per_pass
+        mask = np.zeros(self.shape, np.float32)
+        mask[rows, cols] = 1.0
+        self._weight = gaussian_filter(mask, self.sigma, mode="constant")[rows, cols]  # tissue share
+
+    def smoothed(self, values):
+        """(n_sp, g) values smoothed over the tissue only (normalised convolution)."""
+        from scipy.ndimage import gaussian_filter
+        grid = np.zeros(self.shape + (values.shape[1],), np.float32)
+        grid[self.rows, self.cols] = values
+        out = gaussian_filter(grid, (self.sigma, self.sigma, 0), mode="constant")[self.rows, self.cols]
+        return out / self._weight[:, None]
+
+    def blend(self, sr, a, kernel, per_sp):
+        for g0 in range(0, sr.shape[1], self.step):
+            g = slice(g0, g0 + self.step)
+            m = np.asarray(sr[:, g], np.float32)
+            ratio = np.clip(m / np.maximum(self.smoothed(m), 1e-12), 0.0, self.MAX_RATIO)
+            interp = np.asarray(kernel @ per_sp[:, g], dtype=np.float32)
+            sr[:, g] = a[g] * m + (1.0 - a[g]) * interp * ratio
+        return sr
 
 
 def leave_one_out_factors(measured, predicted, xy, sigma_px):
