@@ -74,10 +74,11 @@ def blend_maps(sr, a, kernel, counts, mean_footprint, detail=None, chunk=16384):
 
 class Detail:
     """The super-pixel grid of a map (tissue rows, cols; grid shape) and the Gaussian width (in
-    super-pixels) that separates within-spot detail from the spot-level level."""
+    super-pixels) that separates within-spot detail from the spot-level level. Genes go through in
+    passes of genes_per_pass: a 1,260 x 1,260 grid (a 20,000 px slide) takes ~0.4 GB per pass."""
     MAX_RATIO = 20.0   # a super-pixel at most 20 x its neighbourhood: bounds a near-empty neighbourhood
 
-    def __init__(self, rows, cols, shape, sigma_sp, genes_per_pass=64):
+    def __init__(self, rows, cols, shape, sigma_sp, genes_per_pass=32):
         from scipy.ndimage import gaussian_filter
         self.rows, self.cols, self.shape, self.sigma = rows, cols, tuple(shape), float(sigma_sp)
         self.step = genes_per_pass
