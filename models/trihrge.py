@@ -87,9 +87,9 @@ class TriHRGE(nn.Module):
         self.use_linear_head = use_linear_head
         self.fusion = MultiScaleFusion(dims, d)
         # without any attention a token's position in its window must not matter: no position code
-        self.mixes = use_gene_tokens or use_window_attention
-        self.pos = nn.Parameter(torch.zeros(1, window * window, d)) if self.mixes else None
-        if self.mixes:
+        self.pos = None
+        if use_gene_tokens or use_window_attention:
+            self.pos = nn.Parameter(torch.zeros(1, window * window, d))
             nn.init.normal_(self.pos, std=0.02)
         self.drop = nn.Dropout(dropout)
         if use_gene_tokens:
@@ -112,7 +112,8 @@ class TriHRGE(nn.Module):
             self.head = nn.Linear(d, n_genes)
 
     def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
-        h = self.drop(self.fusion(hist) + self.pos if self.mixes else self.fusion(hist))
+        h = self.fusion(hist)
+        h = self.drop(h if self.pos is None else h + self.pos)
         if self.use_gene_tokens:
             g = self.gene_in(genes) + self.gene_pos(offs)
             # a window whose gene tokens are all hidden would make attention undefined: keep one

@@ -122,8 +122,9 @@ class HistexConfig:
         """What a trained state depends on (plus the inference stride): stored in run.json and
         hashed into the state fingerprint, so its keys and values must stay as they are."""
         cls = self.model_class
+        opts = cls.options(self)
         return {"model": self.model, "dims": dims, "n_genes": n_genes, "half": half,
-                "stride": self.stride or cls.inference_stride(half, cls.options(self)), "model_opts": cls.options(self),
+                "stride": self.stride or cls.inference_stride(half, opts), "model_opts": opts,
                 "lr": self.lr, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
                 "epochs": self.epochs, "val_fraction": self.val_fraction, "patience": self.patience,
                 "loss": self.loss, "token_mask": self.token_mask, "k_tokens": self.k_tokens,

@@ -71,13 +71,15 @@ def apply_spot_consistency(sr, mode, counts, footprints, kernel, predicted=None)
     predicted spot sums afterwards."""
     if predicted is None:
         predicted = spot_sums(sr, footprints)
-    if mode == "global":
-        sr *= global_rescale_factors(counts, predicted)
-    elif mode == "local":
+    if mode == "local":
         W = kernel()
         for s0 in range(0, len(sr), 16384):  # chunks bound the dense (chunk x genes) factors
             sr[s0:s0 + 16384] *= local_rescale_factors(counts, predicted, W[s0:s0 + 16384])
         # a wide kernel averages log ratios (a geometric mean), which biases totals low: one factor
         # per gene restores them (it changes no gene's pattern, so no Pearson r)
-        sr *= global_rescale_factors(counts, spot_sums(sr, footprints))
-    return spot_sums(sr, footprints)
+        predicted = spot_sums(sr, footprints)
+    if mode in ("local", "global"):
+        g = global_rescale_factors(counts, predicted)
+        sr *= g
+        predicted = predicted * g  # spot sums are linear: no second pass over the maps
+    return predicted

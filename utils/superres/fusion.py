@@ -10,7 +10,8 @@ out-of-fold prediction is corrected by the other spots' consistency in the same 
 
     fitted = consistent_oof(oof, measured, predicted, xy, sigma_px, "local")
     a, record = blend_weights(measured, fitted, oof_reference)        # (G,), plain data for run.json
-    blend_maps(sr, a, kernel, counts, mean_footprint)                 # sr (n_sp, G) updated in place
+    blend_maps(sr, a, kernel, counts, mean_footprint, detail=Detail(rows, cols, grid_shape, sigma_sp))
+                                                                      # sr (n_sp, G) updated in place
 
 The local spot consistency's kernel width is chosen the same way (choose_consistency_sigma): the
 width whose correction, computed from the other spots only, best predicts each spot's counts from
