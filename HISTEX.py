@@ -63,6 +63,10 @@ def build_parser():
                         "self-attention blocks (by default each is predicted from its own multi-scale features, "
                         "which measured as well on her2st, and inference windows need no overlap); the run is "
                         "named <model>-attn")
+    g.add_argument("--residual", action=argparse.BooleanOptionalAction, default=D.residual,
+                   help="opt-in: the network predicts a signed correction to the Gaussian interpolation of the "
+                        "spots (trained against each spot's leave-one-out interpolation, added to the interpolated "
+                        "map at inference); the run is named <model>-resid")
     o = p.add_argument_group("inference and output")
     o.add_argument("--spot-consistency", default=D.spot_consistency, choices=CHOICES["spot_consistency"],
                    help="mapping predictions back to counts: local = smooth per-gene correction so each spot's "

@@ -25,6 +25,17 @@ def positive_output(x):
     return _PositiveOutput.apply(x)
 
 
+def output_options(config) -> dict:
+    """The output keyword of a network: signed when it predicts a correction (--residual); only
+    recorded when on, so states trained before the option existed keep their fingerprints."""
+    return {"signed_output": True} if getattr(config, "residual", False) else {}
+
+
+def output_layer(signed_output: bool):
+    """The last function of a network: identity for a signed correction, else positive_output."""
+    return (lambda x: x) if signed_output else positive_output
+
+
 def take_tokens(x, keep):
     """x (B, T, C) -> (B, M, C) at the token indices keep (B, M)."""
     return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -2,14 +2,14 @@
 import torch
 from torch import nn
 
-from .layers import positive_output, take_tokens
+from .layers import output_layer, output_options, take_tokens
 from .registry import register_model
 
 
 @register_model("mlp")
 class SuperPixelMLP(nn.Module):
     """Input: hist dict scale -> (B, T, C_scale) (gene tokens ignored); output (B, T, G), or (B, M, G)
-    at the token indices keep (B, M)."""
+    at the token indices keep (B, M): positive, or signed with signed_output (--residual)."""
 
     trainable = True
     default_spot_consistency = "global"
@@ -17,15 +17,16 @@ class SuperPixelMLP(nn.Module):
 
     @staticmethod
     def options(config) -> dict:
-        return {}
+        return output_options(config)
 
     @staticmethod
     def inference_stride(half: int, opts: dict) -> int:
         """One super-pixel at a time: windows need not overlap (same values, ~5x less work)."""
         return 2 * half + 1
 
-    def __init__(self, dims, n_genes, window=None, hidden=256, depth=4):
+    def __init__(self, dims, n_genes, window=None, hidden=256, depth=4, signed_output=False):
         super().__init__()
+        self.output = output_layer(signed_output)
         self.names = list(dims)
         layers, c = [], sum(dims.values())
         for _ in range(depth - 1):
@@ -36,4 +37,4 @@ class SuperPixelMLP(nn.Module):
 
     def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
         x = torch.cat([hist[k] for k in self.names], dim=-1)
-        return positive_output(self.net(x if keep is None else take_tokens(x, keep)))
+        return self.output(self.net(x if keep is None else take_tokens(x, keep)))

@@ -13,11 +13,13 @@ Inputs of forward():
   gmask  (B, K) bool, True where a gene token is hidden (padding or masked in training)
   keep   optional (B, M) token indices: only those tokens are predicted (training needs just the
          spot footprint; the tokens outside it still inform the gene tokens)
-Output: (B, T, G) predictions in the scaled target units, or (B, M, G) with keep."""
+Output: (B, T, G) predictions in the scaled target units, or (B, M, G) with keep; with
+signed_output (--residual) a signed correction to the interpolated expression instead of a positive
+prediction."""
 import torch
 from torch import nn
 
-from .layers import positive_output, take_tokens
+from .layers import output_layer, output_options, take_tokens
 from .registry import register_model
 
 
@@ -70,7 +72,8 @@ class TriHRGE(nn.Module):
                 "head_hidden": config.head_hidden, "use_gene_tokens": config.gene_tokens,
                 "use_linear_head": not config.no_linear_head,
                 # only when it changes the network, so states trained before the option existed still match
-                **({} if config.gene_tokens or config.window_attention else {"use_window_attention": False})}
+                **({} if config.gene_tokens or config.window_attention else {"use_window_attention": False}),
+                **output_options(config)}
 
     @staticmethod
     def inference_stride(half: int, opts: dict) -> int:
@@ -81,8 +84,10 @@ class TriHRGE(nn.Module):
         return max(3, half)
 
     def __init__(self, dims, n_genes, window, d=64, heads=4, depth=2, head_hidden=128,
-                 use_gene_tokens=True, use_linear_head=True, dropout=0.1, use_window_attention=True):
+                 use_gene_tokens=True, use_linear_head=True, dropout=0.1, use_window_attention=True,
+                 signed_output=False):
         super().__init__()
+        self.output = output_layer(signed_output)
         self.use_gene_tokens = use_gene_tokens
         self.use_linear_head = use_linear_head
         self.fusion = MultiScaleFusion(dims, d)
@@ -130,4 +135,4 @@ class TriHRGE(nn.Module):
         if self.use_linear_head:
             raw = torch.cat([hist[k] for k in self.fusion.names], dim=-1)
             h = torch.cat([h, raw if keep is None else take_tokens(raw, keep)], dim=-1)
-        return positive_output(self.head(h))
+        return self.output(self.head(h))

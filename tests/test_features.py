@@ -118,6 +118,39 @@ def test_stain_artifacts_layout_deterministic_and_band_independent(tmp_path):
         assert np.array_equal(first[s], again[s]), s
 
 
+def test_stain_nuclei_channels_band_independent(tmp_path):
+    d = _calibrated(tmp_path / "n", _tissue())
+    meta = extract_features(d, backbone="stain-nuclei", band_rows=4, quiet=True)
+    arrays, _ = load_features(d)
+    ch = meta["channels"]["micro"]
+    assert ch[-7:] == ["nucseg_count", "nucseg_area_um2", "nucseg_eccentricity", "nucseg_extent", "nucseg_h_mean",
+                       "nucseg_h_sd", "nucseg_clump_frac"]
+    assert meta["dims"]["micro"] == len(ch) and meta["dims"]["meso"] == len(meta["channels"]["meso"])
+    micro = np.asarray(arrays["micro"], np.float32)
+    assert micro[..., ch.index("nucseg_count")].sum() > 10
+    first = {s: np.array(arrays[s]) for s in ("micro", "meso", "macro")}
+    del arrays
+    extract_features(d, backbone="stain-nuclei", band_rows=64, quiet=True)
+    again, _ = load_features(d)
+    for s in first:
+        assert np.array_equal(first[s], again[s]), s
+
+
+def test_nucleus_morphology_of_drawn_nuclei():
+    from utils.histology.nuclei_morphology import CHANNELS, morphology_band
+    from utils.histology.stain_features import _blur
+    H = np.zeros((8 * 7, 8 * 6), np.float32)   # 1 super-pixel row of core, 3 of halo either side, 6 columns
+    cv2.circle(H, (4, 28), 3, 1.0, -1)          # a round nucleus in the core's first super-pixel
+    cv2.ellipse(H, (20, 27), (6, 2), 0, 0, 360, 1.0, -1)   # an elongated one in the third
+    cv2.rectangle(H, (33, 20), (47, 40), 1.0, -1)          # a clump (21 px tall) over the last two
+    out = morphology_band(H, 0.5, spd=8, halo_sp=3, n_rows=1, blur=_blur)
+    f = {c: out[0, :, k] for k, c in enumerate(CHANNELS)}
+    assert f["nucseg_count"].tolist() == [1, 0, 1, 0, 0, 0]
+    assert 20 < f["nucseg_area_um2"][0] < 40 and f["nucseg_eccentricity"][0] < 0.4
+    assert f["nucseg_eccentricity"][2] > 0.8 and 0.5 < f["nucseg_extent"][2] < 0.9
+    assert f["nucseg_h_mean"][0] > 0.5 and f["nucseg_clump_frac"][5] > 0.8 and f["nucseg_clump_frac"][:4].max() == 0
+
+
 def test_stain_square_lights_exactly_its_superpixels(tmp_path):
     d = _calibrated(tmp_path / "sq", _square())
     meta = extract_features(d, backbone="stain", quiet=True)

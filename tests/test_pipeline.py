@@ -51,6 +51,24 @@ def test_baselines_run_through_the_same_outputs(demo, model):
     assert (out / "metrics.json").is_file()
 
 
+def test_residual_network_corrects_the_interpolation(demo, tmp_path):
+    """--residual: signed network, trained on the spots minus their leave-one-out interpolation;
+    maps non-negative, named <model>-resid, and without training epochs the correction is small."""
+    r = run_script("HISTEX.py", demo, "--residual", "--model", "mlp", "--fusion", "none", "--spot-consistency", "none",
+                   *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = demo / "results" / "mlp-resid"
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["model_opts"] == {"signed_output": True}
+    sr = anndata.read_h5ad(out / "super-res.h5ad").X
+    interp = run_script("HISTEX.py", demo, "--model", "interp", "--out", tmp_path / "i", "-q")
+    assert interp.returncode == 0, interp.stderr[-3000:]
+    ref = anndata.read_h5ad(tmp_path / "i" / "super-res.h5ad").X
+    assert np.isfinite(sr).all() and (sr >= 0).all() and not np.allclose(sr, ref)
+    # the correction moves the map less than the map's own spread around the interpolation's level
+    assert np.median(np.abs(sr - ref)) < np.median(ref) + 1e-6
+
+
 def test_deterministic_across_thread_counts_and_resumable(demo, tmp_path):
     """One thread (states one after another) and two (states in two worker processes, inference on
     two threads) train bit-identical states; the maps agree to float32 rounding (README)."""

@@ -114,39 +114,55 @@ def make(kind, src, dst):
     return len(t_ids), len(h_ids)
 
 
+class HeldOut:
+    """The held-out spots of a protocol folder: their counts, raw positions and footprints, and the
+    training spots (for the nearest-spot baseline). The genes scored are the n_genes most variable
+    held-out genes that a run predicts (chosen at the first run read)."""
+
+    def __init__(self, directory, n_genes=100):
+        d = Path(directory)
+        self.protocol = json.loads((d / "protocol.json").read_text())
+        self.calib = json.loads((d / "calibration.json").read_text())
+        self.counts = pd.read_csv(d / "heldout" / "cnts.tsv.gz", sep="\t", index_col=0)
+        self.locs = pd.read_csv(d / "heldout" / "locs-raw.tsv", sep="\t", index_col=0)
+        self.train_counts = pd.read_csv(d / "cnts.tsv.gz", sep="\t", index_col=0)
+        self.train_locs = pd.read_csv(d / "locs-raw.tsv", sep="\t", index_col=0)
+        self.n_genes, self.genes = n_genes, None
+
+    def predicted(self, run_dir):
+        """(held-out spots, genes) float64: a run's super-pixel counts summed over each held-out footprint."""
+        import anndata
+        sr = anndata.read_h5ad(Path(run_dir) / "super-res.h5ad")
+        if self.genes is None:
+            common = [g for g in sr.var_names if g in self.counts.columns]
+            self.genes = list(self.counts[common].var().sort_values(ascending=False).index[:self.n_genes])
+        gi = [list(sr.var_names).index(g) for g in self.genes]
+        lookup = np.full(tuple(self.calib["superpixel_grid"]), -1)
+        lookup[sr.obs["row"].to_numpy(), sr.obs["col"].to_numpy()] = np.arange(sr.n_obs)
+        scale = self.calib["scale"]
+        M = geo.footprint_matrix(self.locs[["x", "y"]].to_numpy() * scale, self.protocol["radius_raw_px"] * scale,
+                                 lookup, sr.n_obs, dtype=np.float64)
+        return np.asarray(M @ np.asarray(sr.X, dtype=np.float64)[:, gi])
+
+    def measured(self):
+        """(held-out spots, genes) float64 measured counts of the scored genes."""
+        return self.counts[self.genes].to_numpy(float)
+
+    def nearest_spot(self):
+        """(held-out spots, genes): the counts of the nearest training spot (the copy baseline)."""
+        _, nn = cKDTree(self.train_locs[["x", "y"]].to_numpy()).query(self.locs[["x", "y"]].to_numpy())
+        return self.train_counts[self.genes].to_numpy(float)[nn]
+
+
 def heldout_pearson(run_dirs, n_genes=100, log1p=False):
     """(protocol record, genes, {run name or "nearest spot": per-gene Pearson r at the held-out
     spots}) over the n_genes most variable held-out genes; log1p: of log1p counts."""
-    import anndata
     run_dirs = [Path(r) for r in run_dirs]
-    d = run_dirs[0].parent.parent
-    proto = json.loads((d / "protocol.json").read_text())
-    calib = json.loads((d / "calibration.json").read_text())
-    h = pd.read_csv(d / "heldout" / "cnts.tsv.gz", sep="\t", index_col=0)
-    hl = pd.read_csv(d / "heldout" / "locs-raw.tsv", sep="\t", index_col=0)
-    t = pd.read_csv(d / "cnts.tsv.gz", sep="\t", index_col=0)
-    tl = pd.read_csv(d / "locs-raw.tsv", sep="\t", index_col=0)
-    scale = calib["scale"]
-    hxy = hl[["x", "y"]].to_numpy() * scale
-    radius = proto["radius_raw_px"] * scale
+    held = HeldOut(run_dirs[0].parent.parent, n_genes)
     f = np.log1p if log1p else (lambda v: v)
-    results = {}
-    genes = None
-    for r in run_dirs:
-        sr = anndata.read_h5ad(r / "super-res.h5ad")
-        if genes is None:
-            common = [g for g in sr.var_names if g in h.columns]
-            genes = list(h[common].var().sort_values(ascending=False).index[:n_genes])
-        gi = [list(sr.var_names).index(g) for g in genes]
-        lookup = np.full(tuple(calib["superpixel_grid"]), -1)
-        lookup[sr.obs["row"].to_numpy(), sr.obs["col"].to_numpy()] = np.arange(sr.n_obs)
-        M = geo.footprint_matrix(hxy, radius, lookup, sr.n_obs, dtype=np.float64)
-        pred = np.asarray(M @ np.asarray(sr.X, dtype=np.float64)[:, gi])
-        results[r.name] = pearson_per_gene(f(pred), f(h[genes].to_numpy(float)))
-    # baseline: the nearest training spot's counts
-    _, nn = cKDTree(tl[["x", "y"]].to_numpy()).query(hl[["x", "y"]].to_numpy())
-    results["nearest spot"] = pearson_per_gene(f(t[genes].to_numpy(float)[nn]), f(h[genes].to_numpy(float)))
-    return proto, genes, results
+    results = {r.name: pearson_per_gene(f(held.predicted(r)), f(held.measured())) for r in run_dirs}
+    results["nearest spot"] = pearson_per_gene(f(held.nearest_spot()), f(held.measured()))
+    return held.protocol, held.genes, results
 
 
 def score(run_dirs, n_genes=100):

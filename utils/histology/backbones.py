@@ -4,7 +4,8 @@ Backbone names:
   uni          UNI, ViT-L/16, 1024-d (MahmoodLab/UNI)
   uni2-h       UNI2-h, ViT-H/14 with 8 register tokens, 1536-d (MahmoodLab/UNI2-h)
   timm:NAME    any timm ViT or CNN, weights from --weights
-  stain        weights-free stain/texture features (utils/features_stain.py; no network)
+  stain        weights-free stain/texture features (histology/stain_features.py; no network)
+  stain-nuclei the same plus nuclear morphology from a hematoxylin segmentation (nuclei_morphology.py)
 
 Weights come from a local file (--weights: pytorch_model.bin / *.pth read with
 torch.load(weights_only=True), or *.safetensors), from the Hugging Face hub when a token is given
@@ -35,7 +36,8 @@ HUB_MODELS = {
     "uni": ("MahmoodLab/UNI", "pytorch_model.bin", "vit_large_patch16_224"),
     "uni2-h": ("MahmoodLab/UNI2-h", "pytorch_model.bin", "vit_huge_patch14_224"),
 }
-BACKBONES = ("stain", "uni", "uni2-h", "timm:NAME")
+STAIN_BACKBONES = ("stain", "stain-nuclei")
+BACKBONES = (*STAIN_BACKBONES, "uni", "uni2-h", "timm:NAME")
 
 
 def timm_kwargs_for(backbone):
@@ -58,9 +60,9 @@ def access_help(backbone):
 
 
 def parse_backbone(name):
-    """'stain' | 'uni' | 'uni2-h' | 'timm:NAME' -> (kind, timm architecture or None)."""
+    """'stain' | 'stain-nuclei' | 'uni' | 'uni2-h' | 'timm:NAME' -> (kind, timm architecture or None)."""
     name = (name or "").strip()
-    if name in ("stain",):
+    if name in STAIN_BACKBONES:
         return "stain", None
     if name in HUB_MODELS:
         return name, HUB_MODELS[name][2]

@@ -47,12 +47,13 @@ class StainEncoder:
     kind = "stain"
     device, precision, shifts = "cpu", "fp32", 1
 
-    def __init__(self, *, band_rows: int = 32):
+    def __init__(self, *, band_rows: int = 32, nuclei: bool = False):
         from . import stain_features as fs
         self.fs = fs
         self.band_rows = band_rows
-        context = len(fs.context_channels())
-        self.dims = {"micro": len(fs.MICRO_CHANNELS), "meso": context, "macro": context}
+        self.nuclei = nuclei
+        context = len(fs.context_channels(nuclei))
+        self.dims = {"micro": len(fs.micro_channels(nuclei)), "meso": context, "macro": context}
         self.stains = self.thresholds = self.extractor = None
 
     def prepare(self, img, small) -> None:
@@ -65,7 +66,7 @@ class StainEncoder:
             log.info("stain vectors estimated from the slide (Macenko), H %s, E %s",
                      np.round(self.stains["h"], 3).tolist(), np.round(self.stains["e"], 3).tolist())
         self.thresholds = fs.choose_thresholds(px, self.stains)
-        self.extractor = fs.StainExtractor(self.stains, self.thresholds)
+        self.extractor = fs.StainExtractor(self.stains, self.thresholds, nuclei=self.nuclei)
         self.dims["micro"] = self.extractor.dim
 
     def extract(self, img, arrays, *, progress) -> float:
@@ -98,14 +99,15 @@ class StainEncoder:
         fs, stains = self.fs, self.stains
         macenko = ", concentrations scaled to Macenko's reference maxima" if stains["method"] == "macenko" else ""
         return {
-            "architecture": f"stain v{fs.VERSION} (weights-free colour deconvolution + texture statistics)",
+            "architecture": f"stain v{fs.VERSION} (weights-free colour deconvolution + texture statistics"
+                            + (" + nuclear morphology)" if self.nuclei else ")"),
             "weights": "none",
             "tile_px": geo.TILE_PX, "input_px": None, "superpixels_per_tile": SUPERPIXELS_PER_TILE,
             "normalisation": (f"optical density -ln(I/255) split into hematoxylin/eosin by colour deconvolution "
                               f"({stains['method']} stain vectors{macenko}); analysis at 1 um/px; no learned model"),
             "stain_vectors": stains, "thresholds": self.thresholds,
-            "channels": {"micro": list(fs.MICRO_CHANNELS), "meso": fs.context_channels(),
-                         "macro": fs.context_channels()},
+            "channels": {"micro": fs.micro_channels(self.nuclei), "meso": fs.context_channels(self.nuclei),
+                         "macro": fs.context_channels(self.nuclei)},
             "context_sigma_superpixels": dict(fs.CONTEXT_SIGMA_SP),
             "band_rows": self.band_rows,
             "shifts": {"passes": 1, "offsets_px": [[0, 0]],
@@ -177,7 +179,7 @@ class TileEncoder:
 def build_encoder(backbone: str, *, weights_source=None, device: str = "auto", precision: str = "auto",
                   shifts: int = None, batch_size: int = None, band_rows: int = 32, timm_kwargs: dict = None,
                   seed: int = 0):
-    """The encoder for `backbone` ('stain', 'uni', 'uni2-h', 'timm:NAME'); weights_source from
+    """The encoder for `backbone` ('stain', 'stain-nuclei', 'uni', 'uni2-h', 'timm:NAME'); weights_source from
     backbones.resolve_weights (None for stain)."""
     from .backbones import parse_backbone
     kind, _ = parse_backbone(backbone)
@@ -187,7 +189,7 @@ def build_encoder(backbone: str, *, weights_source=None, device: str = "auto", p
                      "nothing to shift", shifts)
         if device not in ("auto", "cpu"):
             log.warning("--device %s: the stain backbone runs on the CPU (NumPy/OpenCV filters); using cpu", device)
-        return StainEncoder(band_rows=band_rows)
+        return StainEncoder(band_rows=band_rows, nuclei=backbone.strip() == "stain-nuclei")
     if weights_source is None:
         raise InputError(f"--backbone {backbone}: needs weights (--weights PATH or --login TOKEN)")
     return TileEncoder(backbone, weights_source, device=device, precision=precision, shifts=shifts,

@@ -50,8 +50,14 @@ SPREAD_CHANNELS = ["h_mean", "e_mean", "od_mean", "nuclei_count", "empty_frac"]
 CONTEXT_SIGMA_SP = {"meso": 3.5, "macro": 14.0}
 
 
-def context_channels():
-    return MICRO_CHANNELS + [f"{c}_spread" for c in SPREAD_CHANNELS]
+def micro_channels(nuclei: bool = False):
+    """The micro channel names; with `nuclei`, the segmentation's morphology (nuclei_morphology.py) after them."""
+    from .nuclei_morphology import CHANNELS
+    return MICRO_CHANNELS + (CHANNELS if nuclei else [])
+
+
+def context_channels(nuclei: bool = False):
+    return micro_channels(nuclei) + [f"{c}_spread" for c in SPREAD_CHANNELS]
 
 
 # Ruifrok & Johnston (2001) optical density vectors (R, G, B) for hematoxylin and eosin
@@ -225,15 +231,16 @@ MAX_FILTER_RADIUS = 16             # px at 1 um/px; must stay within HALO_SP * S
 class StainExtractor:
     """Computes micro features for bands of super-pixel rows of a calibrated image (memmap)."""
 
-    def __init__(self, stains, thresholds):
+    def __init__(self, stains, thresholds, *, nuclei: bool = False):
         self.stains = stains
+        self.nuclei = nuclei
         self.thresholds = thresholds
         M = stain_matrix(stains["h"], stains["e"])
         inv = np.linalg.inv(M)                       # od_row @ inv -> concentrations
         scale = np.array([stains["scale"][0], stains["scale"][1], 1.0])
         # cv2.transform computes m @ pixel, so give it the transposed, scaled inverse
         self._m = (inv * scale[None, :]).T.astype(np.float32)
-        self.channels = list(MICRO_CHANNELS)
+        self.channels = micro_channels(nuclei)
         assert HALO_SP * SPD >= MAX_FILTER_RADIUS
 
     @property
@@ -256,7 +263,7 @@ class StainExtractor:
         return band
 
     def micro_band(self, img, r0, r1):
-        """(r1 - r0, grid_cols, 24) float32 micro features of super-pixel rows [r0, r1)."""
+        """(r1 - r0, grid_cols, self.dim) float32 micro features of super-pixel rows [r0, r1)."""
         import cv2
         full = self.read_band(img, r0, r1)
         h_sp = full.shape[0] // SP
@@ -334,8 +341,12 @@ class StainExtractor:
         # bright round structures (lumens, vacuoles, fat) of ~6 um radius: blobs of (-OD)
         f["lumen_4um"] = _block_mean(np.maximum(_neg_log(-odm, 4.0), 0))
 
-        out = np.stack([f[c] for c in self.channels], axis=2)
-        return out[HALO_SP:HALO_SP + (r1 - r0)]
+        out = np.stack([f[c] for c in MICRO_CHANNELS], axis=2)[HALO_SP:HALO_SP + (r1 - r0)]
+        if self.nuclei:
+            from .nuclei_morphology import morphology_band
+            nuc = morphology_band(H, th, spd=SPD, halo_sp=HALO_SP, n_rows=r1 - r0, blur=_blur)
+            out = np.concatenate([out, nuc], axis=2)
+        return out
 
 
 def context_band(micro, r0, r1, sigma_sp):

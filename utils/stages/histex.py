@@ -22,6 +22,7 @@ from ..core.errors import InputError
 from ..core.stage import Stage
 from ..report import write_report
 from ..scverse.spatial import tissue_images
+from ..spots.genes import scale_counts
 from ..superres.config import HistexConfig
 from ..superres.consistency import (
     apply_spot_consistency,
@@ -124,10 +125,15 @@ def _interpolate(inp, config, n_fp, kernel):
     return sr, {"model": config.model, "sigma_spacings": config.sigma}, [], None
 
 
-def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress):
+def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress, kernel):
     """Median over the trained states, mapped back to counts per super-pixel, in a scratch memmap;
-    and the out-of-fold spot counts of cross-fitting (None without folds)."""
-    td = training_data(directory, config, inp.spots, inp.hr, inp.mask.shape)
+    and the out-of-fold spot counts of cross-fitting (None without folds). With --residual the
+    states predict a correction to the interpolation: trained against each spot's leave-one-out
+    interpolation, added to the interpolated map (kernel()) and clipped at 0."""
+    _, _, lo, hi, _ = spot_arrays(inp.spots)
+    loo = _reference_oof(inp, config) if config.residual else None
+    td = training_data(directory, config, inp.spots, inp.hr, inp.mask.shape,
+                       base=None if loo is None else scale_counts(loo, lo, hi))
     folds = spot_folds(inp.spots.n_obs, config.cv_folds, config.seed)
     if config.cv_folds and folds is None:
         log.info("too few spots (%d) for %d-fold cross-fitting: no accuracy estimate", inp.spots.n_obs,
@@ -135,8 +141,7 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
     models, histories = trained_states(td.cfg, td, out_dir=out_dir, n_states=config.n_states, seed=config.seed,
                                        retrain=config.retrain, device=device, progress=progress, folds=folds,
                                        workers=config.threads or available_cpus())
-    _, _, lo, hi, _ = spot_arrays(inp.spots)
-    oof = None if folds is None else lo + out_of_fold_scaled(models, folds, td.data, device) * (hi - lo)
+    oof = None if folds is None else (lo if loo is None else loo) + out_of_fold_scaled(models, folds, td.data, device) * (hi - lo)
     t_pred = time.time()
     shape = (len(inp.rows), len(inp.genes))
     st.require_space(3 * shape[0] * shape[1] * 4, "the super-resolution maps", where=out_dir)
@@ -147,7 +152,19 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
     # counts per super-pixel: a spot's footprint mean maps to its count / footprint size (iStar)
     for s0 in range(0, len(sr), 65536):
         sr[s0:s0 + 65536] = (lo + sr[s0:s0 + 65536] * (hi - lo)) / n_fp
+    if loo is not None:
+        _add_interpolation(sr, kernel(), inp.counts, lo, n_fp)
+        oof = np.maximum(oof, 0) if oof is not None else None
     return sr, td.cfg, histories, oof
+
+
+def _add_interpolation(sr, kernel, counts, lo, n_fp, chunk=65536):
+    """--residual: sr (super-pixels, G) counts of the correction (with its lo / n_fp offset) plus the
+    interpolated counts, clipped at 0; in place, by row chunks."""
+    per_sp = counts / n_fp
+    for s0 in range(0, len(sr), chunk):
+        s1 = min(len(sr), s0 + chunk)
+        sr[s0:s1] = np.maximum(sr[s0:s1] + kernel[s0:s1] @ per_sp - lo / n_fp, 0)
 
 
 def _reference_oof(inp, config):
@@ -238,7 +255,8 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         def kernel():
             return kernel_at(config.sigma)
         if config.model_class.trainable:
-            sr, cfg, histories, oof = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress)
+            sr, cfg, histories, oof = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress,
+                                                       kernel)
         else:
             sr, cfg, histories, oof = _interpolate(inp, config, n_fp, kernel)
         before = spot_sums(sr, inp.footprints)  # the maps' spot sums before consistency

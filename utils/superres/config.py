@@ -22,7 +22,7 @@ CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "gl
            "fusion": ("blend", "blend-linear", "none"), "device": ("auto", "cpu", "cuda")}
 # settings that name the run (results/<model>-<tag>...) when on: the ablations and opt-in parts
 RUN_NAME_TAGS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("gene_tokens", "tokens"),
-                 ("no_linear_head", "nohead"), ("window_attention", "attn"))
+                 ("no_linear_head", "nohead"), ("window_attention", "attn"), ("residual", "resid"))
 
 
 @dataclass
@@ -56,6 +56,8 @@ class HistexConfig:
     # opt-in: the super-pixels of a window exchange context by self-attention (no gene tokens);
     # it did not beat each super-pixel on its own multi-scale features on her2st (docs/BENCHMARKS.md)
     window_attention: bool = False
+    # opt-in: the network predicts a signed correction to the leave-one-out interpolation of the spots
+    residual: bool = False
     spot_consistency: str = "auto"
     # per-gene blend with the interpolation after the spot consistency: her2st held-out r up, no gene
     # far below smoothing (docs/BENCHMARKS.md, "Components that pay")

@@ -138,10 +138,13 @@ class TrainingData:
     fingerprint: dict
 
 
-def training_data(directory, config, spots, hr, grid_shape) -> TrainingData:
+def training_data(directory, config, spots, hr, grid_shape, *, base=None) -> TrainingData:
     """The feature windows around each spot, its footprint in the window, its scaled target and its
-    gene tokens (with and without its own HR spots)."""
+    gene tokens (with and without its own HR spots). base: optional (spots, G) scaled prediction the
+    network corrects (--residual: the leave-one-out interpolation); the target is then target - base."""
     _, xy, lo, hi, target = spot_arrays(spots)
+    if base is not None:
+        target = (target - base).astype(np.float32)
     radius, lattice = float(spots.uns["radius_px"]), spots.uns["lattice"]
     scales = config.scales + ["extra"]
     maps = load_feature_maps(directory, scales)
