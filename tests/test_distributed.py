@@ -44,16 +44,26 @@ def tiny(tmp_path_factory):
     return d
 
 
-def test_features_under_torchrun_equal_one_process(tiny, tmp_path):
-    d = copy_demo(tiny, tmp_path / "d")
-    # bands of 8 rows: 11 bands over the 84 rows of this section, dealt out to both ranks in turn
-    r = run_torchrun("Histology_Extractor.py", d, "--band-rows", 8, "-q")
+TINY_VIT = ["--backbone", "timm:vit_tiny_patch16_224", "--random-init", "--timm-kwargs", '{"init_values": 1e-5}',
+            "--shifts", "1", "--batch-size", "8", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("backbone", [["--band-rows", "8"], TINY_VIT], ids=["stain", "tile"])
+def test_features_under_torchrun_equal_one_process(tiny, tmp_path, backbone):
+    """stain: bands of 8 rows (11 over the 84 rows), dealt out to both ranks in turn; a tiny random
+    ViT: 6 tile rows, 3 per rank (each rank also computes the tile rows around its block)."""
+    one, two = copy_demo(tiny, tmp_path / "one"), copy_demo(tiny, tmp_path / "two")
+    r = run_script("Histology_Extractor.py", one, *backbone, "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_torchrun("Histology_Extractor.py", two, *backbone, "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     for s in SCALES:
-        a, b = np.load(tiny / "features" / f"{s}.npy"), np.load(d / "features" / f"{s}.npy")
-        assert a.shape[0] > 16 and np.array_equal(a, b), s
-    assert json.loads((d / "manifests" / "Histology_Extractor.json").read_text())
-    assert not list(d.glob(".trihrge*")), list(d.iterdir())
+        a, b = np.load(one / "features" / f"{s}.npy"), np.load(two / "features" / f"{s}.npy")
+        assert a.shape[0] > 28 and np.array_equal(a, b), s
+    meta = [json.loads((d / "features" / "features.json").read_text()) for d in (one, two)]
+    assert meta[0]["dims"] == meta[1]["dims"] and meta[0]["backbone"] == meta[1]["backbone"]
+    assert json.loads((two / "manifests" / "Histology_Extractor.json").read_text())
+    assert not list(two.glob(".trihrge*")), list(two.iterdir())
 
 
 def test_histex_under_torchrun_equals_one_process(tiny, tmp_path):
