@@ -70,4 +70,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, distributed=True)  # torchrun: the ranks share the work (README, "Many GPUs and clusters")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..core.distributed import world_from_env
 from ..core.errors import InputError
 from ..core.text_io import read_text
 
@@ -61,20 +62,8 @@ def collect_sections(patterns: Sequence[str], *, from_file: Path | None = None) 
 
 def rank_share(sections: Sequence[Path], *, environ: Mapping = os.environ) -> tuple[list[Path], int, int]:
     """(this process's sections, rank, world size). Under torchrun (RANK and WORLD_SIZE set) rank r
-    takes sections r, r + N, r + 2N, ... of the N ranks; otherwise all of them (rank 0 of 1)."""
-    world = _env_int(environ, "WORLD_SIZE", 1)
-    rank = _env_int(environ, "RANK", 0)
-    if world < 1 or not 0 <= rank < world:
-        raise InputError(f"RANK={rank}, WORLD_SIZE={world}: the rank must be from 0 to WORLD_SIZE - 1 (torchrun "
-                         f"sets both); unset them to run every section in this process")
-    return list(sections[rank::world]), rank, world
-
-
-def _env_int(environ: Mapping, name: str, default: int) -> int:
-    text = environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise InputError(f"{name}={text!r}: not a whole number (torchrun sets it); unset it or fix it") from None
+    takes sections r, r + N, r + 2N, ... of the N ranks; otherwise all of them (rank 0 of 1). The
+    ranks run independently: no process group (utils.core.distributed.world_from_env only reads
+    the variables)."""
+    world = world_from_env(environ)
+    return world.strided(sections), world.rank, world.size

@@ -6,9 +6,10 @@ import logging
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, Stopped
 
 log = logging.getLogger("trihrge")
 
@@ -138,14 +139,60 @@ def check_directory(directory) -> Path:
     return d
 
 
-def run(main, argv=None):
-    """Run a command's main(argv); InputError -> one line on stderr and exit code 2."""
+def run(main, argv=None, *, distributed: bool = False):
+    """Run a command's main(argv); InputError -> one line on stderr and exit code 2.
+
+    distributed: the command may run under torchrun (utils.core.distributed): its ranks join one
+    process group first, and every rank's success or failure is exchanged when main ends or fails,
+    so a failure on any rank stops them all with one `error:` line (from rank 0) and its exit code;
+    after a failure the ranks leave together, so torchrun stops none of them before rank 0 has
+    cleaned up and printed the line."""
+    world, code = None, 1
     try:
-        rc = main(argv)
+        world = _launch() if distributed else None
+        code = _main(main, argv, world) or 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except Stopped as e:
+        if e.message:
+            print(f"error: {e.message}", file=sys.stderr)
+        code = e.exit_code
     except KeyboardInterrupt:
         print("interrupted: the previous artifacts are intact; rerun the same command to finish", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(rc or 0)
+        code = 130
+    except Exception:
+        if world is None or world.size == 1:
+            raise
+        traceback.print_exc()  # now: torchrun may stop this rank as soon as the others have left
+        code = 1
+    finally:
+        if world is not None:
+            world.leave(failed=code != 0)
+    if code and world is not None and world.size > 1:
+        # every rank has cleaned up and reported: exit at once, all together, before torchrun stops
+        # the slower ones (SIGTERM) while the interpreter tears down torch (which can abort)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _main(main, argv, world):
+    """main(argv), with its success or failure agreed among the ranks of a distributed run."""
+    if world is None:
+        return main(argv)
+    try:
+        rc = main(argv)
+    except Stopped:
+        raise
+    except BaseException as e:
+        world.agree(e)
+        raise
+    world.sync()
+    return rc
+
+
+def _launch():
+    from .distributed import launch
+    return launch()

@@ -11,6 +11,7 @@
 In this order on entry: an exclusive lock on DIR (a second run on the same DIR is refused with the
 holder's stage and pid; the lock of a process that died is taken over, with a log line), the sweep
 of this project's temporaries left by killed runs, and the check of the upstream artifacts."""
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from .atomic import StagedOutputs, is_disk_full, remove, remove_stale_temporaries, tmp_path_for
+from .distributed import current
 from .errors import InputError
 
 log = logging.getLogger("trihrge")
@@ -183,6 +185,13 @@ class Stage:
             m = mf.build_manifest(self.directory, self.stage, self.parameters, self.inputs, staged)
             self.out.write_json(mf.manifest_path(self.directory, self.stage), m)
         self.out.commit()  # the manifest is the last rename: it never describes outputs not in place
+
+
+def rank_stage(stage: str, directory: Path, **options):
+    """Stage(stage, directory, **options) in one process and on rank 0 under torchrun; on the other
+    ranks a context that gives None: they neither lock DIR nor commit anything (their only writes
+    are their trained states and their rows of rank 0's staged arrays)."""
+    return Stage(stage, directory, **options) if current().leader else contextlib.nullcontext()
 
 
 def _size(n: float) -> str:

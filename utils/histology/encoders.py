@@ -4,6 +4,7 @@
     enc.prepare(img, small)           # per-slide set-up (the stain encoder estimates its stain vectors)
     enc.dims                          # {"micro": C, "meso": C, "macro": C}
     n_tiles = enc.extract(img, arrays, progress=bar)   # fills arrays[scale] (R, C, dims[scale]) float16
+                                      # (world=: under torchrun only this rank's rows; returns its tiles)
     enc.describe()                    # what goes into features.json (never the token)
 
 The stage code never asks which backbone it has; backbones.py builds the networks and finds weights."""
@@ -13,6 +14,7 @@ import numpy as np
 
 from ..core import geometry as geo
 from ..core.device import resolve_device
+from ..core.distributed import World
 from ..core.errors import InputError
 
 log = logging.getLogger("trihrge")
@@ -69,25 +71,30 @@ class StainEncoder:
         self.extractor = fs.StainExtractor(self.stains, self.thresholds, nuclei=self.nuclei)
         self.dims["micro"] = self.extractor.dim
 
-    def extract(self, img, arrays, *, progress) -> float:
-        """micro in bands with a halo, then meso/macro as Gaussian context of micro; tile equivalents."""
+    def extract(self, img, arrays, *, progress, world: World = World()) -> float:
+        """micro in bands with a halo, then meso/macro as Gaussian context of micro; tile equivalents.
+        Under torchrun the bands are dealt out to the ranks in turn, in both passes; the context pass
+        reads micro rows of other ranks, so it starts after a barrier."""
         fs, R = self.fs, arrays["micro"].shape[0]
-        for r0 in range(0, R, self.band_rows):
+        done = 0
+        for r0 in world.strided(range(0, R, self.band_rows)):
             r1 = min(R, r0 + self.band_rows)
             arrays["micro"][r0:r1] = np.clip(self.extractor.micro_band(img, r0, r1), -65504, 65504).astype(DTYPE)
             release_rows(img, 0, max(0, r1 - fs.HALO_SP) * geo.SUPER_PIXEL_PX)
             release_rows(arrays["micro"], 0, r1)
             progress.update(r1 - r0)
+            done += r1 - r0
         arrays["micro"].flush()
+        world.sync()
         rows = max(self.band_rows, 64)
-        for r0 in range(0, R, rows):
+        for r0 in world.strided(range(0, R, rows)):
             r1 = min(R, r0 + rows)
             for s in ("meso", "macro"):
                 arrays[s][r0:r1] = fs.context_band(arrays["micro"], r0, r1, fs.CONTEXT_SIGMA_SP[s]).astype(DTYPE)
                 release_rows(arrays[s], 0, r1)
             release_rows(arrays["micro"], 0, r1)
             progress.update(r1 - r0)
-        return arrays["micro"].shape[0] * arrays["micro"].shape[1] / SUPERPIXELS_PER_TILE ** 2
+        return done * arrays["micro"].shape[1] / SUPERPIXELS_PER_TILE ** 2
 
     def progress_total(self, grid) -> int:
         return 2 * grid[0]
@@ -143,12 +150,14 @@ class TileEncoder:
     def progress_total(self, grid):
         return None
 
-    def extract(self, img, arrays, *, progress) -> float:
+    def extract(self, img, arrays, *, progress, world: World = World()) -> float:
+        """Tile rows streamed over the slide; under torchrun each rank takes a contiguous block of them
+        (a block needs the tile rows around it, so dealing them out in turn would compute most twice)."""
         from .tile_features import extract_tiles
         grid = arrays["micro"].shape[:2]
         self.stats = extract_tiles(img, grid, self.tm, arrays["micro"], arrays["meso"], arrays["macro"],
                                    shifts=self.shifts, batch_size=self.batch_size, progress=progress,
-                                   release=release_rows)
+                                   release=release_rows, share=world.block)
         return self.stats["n_tiles"]
 
     def context_px(self) -> dict:

@@ -187,8 +187,11 @@ def _prefetch(items, load, depth=2):
                 t.join(0.05)
 
 
-def extract_tiles(img, grid_shape, tm, out_micro, out_meso, out_macro, shifts=1, batch_size=16, progress=None, release=None):
-    """Fill the three (R, C, D) float16 outputs from tile model tm; returns run statistics."""
+def extract_tiles(img, grid_shape, tm, out_micro, out_meso, out_macro, shifts=1, batch_size=16, progress=None,
+                  release=None, share=range):
+    """Fill the three (R, C, D) float16 outputs from tile model tm; returns run statistics.
+    share(n): the bands of tile rows (of n) this process fills, e.g. a torchrun rank's block; a
+    band's values do not depend on which process computes it (the same tiles in the same batches)."""
     R, C = grid_shape
     g = tm.grid
     offsets = shift_offsets(shifts, g)
@@ -196,6 +199,7 @@ def extract_tiles(img, grid_shape, tm, out_micro, out_meso, out_macro, shifts=1,
     macro = Lattice("macro", (0, 0), g, grid_shape, tm.tile_px, tm.input_px, MACRO_FACTOR)
     lattices = passes + [macro]
     bands = [(r0, min(R, r0 + g)) for r0 in range(0, R, g)]
+    bands = [bands[i] for i in share(len(bands))]
     # the order in which tile rows are first needed, and after which band each can go
     schedule, nxt = [], {id(L): 0 for L in lattices}
     for r0, r1 in bands:

@@ -4,7 +4,11 @@ map predictions back to counts, write the outputs and, when truth exists, the sc
     run_histex(directory, HistexConfig(...))   # -> (output directory, metrics or None)
 
 Steps, each a function below: read and check the inputs (_SpotInputs), super-resolve (a trained
-model's median over states, or the image-free interpolation), spot consistency, write the outputs."""
+model's median over states, or the image-free interpolation), spot consistency, write the outputs.
+
+Under torchrun (utils.core.distributed) every rank reads the inputs, trains its share of the states
+and predicts its share of the inference windows; rank 0 holds the DIR lock and does everything
+after (out-of-fold accuracy, consistency, fusion, writing). The maps equal a one-process run's."""
 import functools
 import json
 import logging
@@ -18,8 +22,9 @@ import numpy as np
 from ..core import geometry as geo
 from ..core import layout as L
 from ..core.device import available_cpus, resolve_device
+from ..core.distributed import current
 from ..core.errors import InputError
-from ..core.stage import Stage
+from ..core.stage import rank_stage
 from ..report import write_report
 from ..scverse.spatial import tissue_images
 from ..spots.genes import scale_counts
@@ -125,11 +130,18 @@ def _interpolate(inp, config, n_fp, kernel):
     return sr, {"model": config.model, "sigma_spacings": config.sigma}, [], None
 
 
+def _cpus(config) -> int:
+    """--threads, else this process's share of the CPUs (the ranks of a node under torchrun split them)."""
+    return config.threads or current().cpus(available_cpus())
+
+
 def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress, kernel):
     """Median over the trained states, mapped back to counts per super-pixel, in a scratch memmap;
-    and the out-of-fold spot counts of cross-fitting (None without folds). With --residual the
+    and the out-of-fold spot counts of cross-fitting (None without folds). Under torchrun rank 0
+    gets them, the other ranks (which train and predict their shares) None. With --residual the
     states predict a correction to the interpolation: trained against each spot's leave-one-out
     interpolation, added to the interpolated map (kernel()) and clipped at 0."""
+    world = current()
     _, _, lo, hi, _ = spot_arrays(inp.spots)
     loo = _reference_oof(inp, config) if config.residual else None
     td = training_data(directory, config, inp.spots, inp.hr, inp.mask.shape,
@@ -140,14 +152,19 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
                  config.cv_folds)
     models, histories = trained_states(td.cfg, td, out_dir=out_dir, n_states=config.n_states, seed=config.seed,
                                        retrain=config.retrain, device=device, progress=progress, folds=folds,
-                                       workers=config.threads or available_cpus())
-    oof = None if folds is None else (lo if loo is None else loo) + out_of_fold_scaled(models, folds, td.data, device) * (hi - lo)
+                                       workers=_cpus(config), world=world)
+    oof = None if folds is None or not world.leader else \
+        (lo if loo is None else loo) + out_of_fold_scaled(models, folds, td.data, device) * (hi - lo)
     t_pred = time.time()
     shape = (len(inp.rows), len(inp.genes))
-    st.require_space(3 * shape[0] * shape[1] * 4, "the super-resolution maps", where=out_dir)
-    sr = _scratch_memmap(st.scratch(out_dir / "pred-scaled.npy"), shape)
+    sr = None
+    if world.leader:
+        st.require_space(3 * shape[0] * shape[1] * 4, "the super-resolution maps", where=out_dir)
+        sr = _scratch_memmap(st.scratch(out_dir / "pred-scaled.npy"), shape)
     predict_tissue(models, td.cfg, td.maps, td.tokens, inp.rows, inp.cols, device, batch=config.batch_windows,
-                   progress=progress, out=sr)
+                   progress=progress, out=sr, world=world)
+    if not world.leader:
+        return None
     log.info("predicted %d super-pixels with %d state(s) in %.0f s", shape[0], len(models), time.time() - t_pred)
     # counts per super-pixel: a spot's footprint mean maps to its count / footprint size (iStar)
     for s0 in range(0, len(sr), 65536):
@@ -232,20 +249,26 @@ def _scratch_memmap(path, shape):
 
 
 def run_histex(directory, config: HistexConfig, *, force: bool = False, progress: bool = True):
-    """Run stage 5 on DIR; returns (output directory, metrics dict or None)."""
+    """Run stage 5 on DIR; returns (output directory, metrics dict or None). Under torchrun the
+    ranks other than 0 return (output directory, None) once their share is done."""
     directory = Path(directory)
     config = config.validated()
     t_start = time.time()
     out_dir = Path(config.out) if config.out else directory / L.RESULTS_DIR / config.run_name
-    with Stage(STAGE, directory, force=force, sweep=(out_dir,)) as st:
+    leader = current().leader
+    progress = progress and leader
+    with rank_stage(STAGE, directory, force=force, sweep=(out_dir,)) as st:
         inp = _read_inputs(directory, config)
         inputs = [a.path(directory) for a in (L.SPOTS, L.HR_SPOTS, L.MASK, L.CALIBRATION)]
         if config.model_class.trainable:
             inputs += [L.FEATURE_MAPS[s].path(directory) for s in config.scales + ["extra"]]
-        st.record(inputs=inputs, parameters=config.as_parameters())
+        if leader:
+            st.record(inputs=inputs, parameters=config.as_parameters())
+        elif not config.model_class.trainable:
+            return out_dir, None  # nothing to share out: rank 0 interpolates alone
         device = resolve_device(config.device)
         import torch
-        torch.set_num_threads(config.threads or available_cpus())  # inference; training: one per state
+        torch.set_num_threads(_cpus(config))  # inference; training: one per state
         n_fp = float(np.mean(inp.footprint_size))
         log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
                  inp.spots.n_obs, len(inp.genes), len(inp.rows), n_fp, config.run_name, device)
@@ -255,8 +278,10 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         def kernel():
             return kernel_at(config.sigma)
         if config.model_class.trainable:
-            sr, cfg, histories, oof = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress,
-                                                       kernel)
+            trained = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress, kernel)
+            if trained is None:  # a rank > 0 under torchrun: its share is done
+                return out_dir, None
+            sr, cfg, histories, oof = trained
         else:
             sr, cfg, histories, oof = _interpolate(inp, config, n_fp, kernel)
         before = spot_sums(sr, inp.footprints)  # the maps' spot sums before consistency

@@ -8,6 +8,11 @@ Artifacts in DIR/features/ (the same layout whatever the backbone; the model rea
   features.json  backbone, weights (never a token), dims, scales, tile size, normalisation, shifts,
                  grid shape, dtype, channel names (stain), wall time, tiles and super-pixels per second
 The .npy files are plain NumPy arrays: np.load(path, mmap_mode="r") memory-maps them (load_features).
+
+Under torchrun (utils.core.distributed) rank 0 holds the DIR lock, creates the staged arrays and
+shares their paths; every rank fills its share of the rows (stain: bands of super-pixel rows dealt
+out in turn; tile backbones: a contiguous block of tile rows each) in the same files, and rank 0
+commits them with the manifest. The arrays equal a one-process run's, byte for byte.
 """
 import logging
 import time
@@ -17,8 +22,9 @@ import numpy as np
 
 from ..core import geometry as geo
 from ..core import layout as L
+from ..core.distributed import current
 from ..core.errors import InputError
-from ..core.stage import Stage
+from ..core.stage import rank_stage
 from ..histology.encoders import DTYPE, build_encoder
 
 log = logging.getLogger("trihrge")
@@ -71,7 +77,8 @@ def extract_features(directory, *, backbone=None, weights=None, token=None, shif
         if v is not None:
             POSITIVE_INT.check(option, v)
     wsrc = _resolve_weights(backbone, weights, token, random_init)
-    with Stage(STAGE, d, force=force) as st:
+    leader = current().leader
+    with rank_stage(STAGE, d, force=force) as st:
         cal = L.load_calibration(d)
         img = L.open_calibrated_image(d, cal)
         small = L.read_preview(d, cal)
@@ -80,10 +87,14 @@ def extract_features(directory, *, backbone=None, weights=None, token=None, shif
         inputs = [L.CALIBRATED_IMAGE.path(d), L.PREVIEW.path(d), L.CALIBRATION.path(d)]
         if wsrc is not None and wsrc.path is not None and wsrc.kind == "file":
             inputs.append(wsrc.path)
-        st.record(inputs=inputs, parameters={
-            "backbone": backbone, "weights": wsrc.description if wsrc else "none", "token_given": _yes(token),
-            "shifts": enc.shifts, "device": enc.device, "precision": enc.precision, "timm_kwargs": timm_kwargs or {}})
-        meta = _extract(st, d, enc, img, small, L.grid_of(cal), backbone, quiet)
+        if leader:
+            st.record(inputs=inputs, parameters={
+                "backbone": backbone, "weights": wsrc.description if wsrc else "none", "token_given": _yes(token),
+                "shifts": enc.shifts, "device": enc.device, "precision": enc.precision,
+                "timm_kwargs": timm_kwargs or {}})
+        meta = _extract(st, d, enc, img, small, L.grid_of(cal), backbone, quiet or not leader)
+        if not leader:  # a rank > 0 under torchrun: its rows are written
+            return meta
         meta["token_given"] = _yes(token)
         meta["wall_time_s"] = round(time.perf_counter() - t_start, 3)
         st.out.write_json(L.FEATURES_META.path(d), meta)
@@ -99,24 +110,41 @@ def _yes(token):
 
 
 def _extract(st, d, enc, img, small, grid, backbone, quiet):
-    """Fill the staged feature memmaps with the encoder; the features.json dict (without the stage's
-    wall time)."""
+    """Fill the staged feature memmaps with the encoder (under torchrun: this rank's rows); the
+    features.json dict (without the stage's wall time; its tile count is every rank's)."""
+    world = current()
     enc.prepare(img, small)
     dims = {**enc.dims, "extra": len(EXTRA_CHANNELS)}
-    st.require_space(grid[0] * grid[1] * sum(dims.values()) * np.dtype(DTYPE).itemsize, "the feature maps")
     t_loop = time.perf_counter()
-    arrays = {s: st.out.memmap(L.FEATURE_MAPS[s].path(d), DTYPE, (*grid, dims[s])) for s in dims}
-    arrays["extra"][:] = extra_features(small)
+    arrays = _feature_arrays(st, d, dims, grid, small)
     bar = _progress(enc.progress_total(grid), "row" if enc.kind == "stain" else "tile", quiet)
     try:
-        tiles = enc.extract(img, arrays, progress=bar)
+        tiles = enc.extract(img, arrays, progress=bar, world=world)
     finally:
         bar.close()
     for a in arrays.values():
         a.flush()
     del arrays
+    tiles = sum(world.gather(tiles))  # also: every rank's rows are in the files
     loop = time.perf_counter() - t_loop
     return _meta(backbone, enc, dims, grid, tiles, loop)
+
+
+def _feature_arrays(st, d, dims, grid, small):
+    """{scale: writable (R, C, D) memmap} of the staged feature files: rank 0 (the only one with a
+    Stage) creates them and writes extra.npy; under torchrun the other ranks open the same files."""
+    world = current()
+    paths = None
+    if world.leader:
+        st.require_space(grid[0] * grid[1] * sum(dims.values()) * np.dtype(DTYPE).itemsize, "the feature maps")
+        arrays = {s: st.out.memmap(L.FEATURE_MAPS[s].path(d), DTYPE, (*grid, dims[s])) for s in dims}
+        arrays["extra"][:] = extra_features(small)
+        arrays["extra"].flush()
+        paths = {s: a.filename for s, a in arrays.items()}
+    paths = world.share(paths)
+    if world.leader:
+        return arrays
+    return {s: np.load(p, mmap_mode="r+") for s, p in paths.items()}
 
 
 def _meta(backbone, enc, dims, grid, tiles, loop):

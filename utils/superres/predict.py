@@ -1,13 +1,22 @@
 """Inference over every tissue super-pixel in overlapping windows: windows sit on a lattice with
 stride s, each predicts its whole (2h+1)^2 window, and every super-pixel is the tent-weighted mean
 of the windows that cover it (more weight near a window's centre), so window borders and the
-switch of gene tokens between windows leave no seams. Memory is bounded by the window batch."""
+switch of gene tokens between windows leave no seams. Memory is bounded by the window batch.
+
+Under torchrun the batches of windows are dealt out to the ranks (batch b to rank b mod N), each
+rank sums its windows' weighted predictions for the super-pixels they cover, and rank 0 adds up
+the ranks' sums (utils.core.distributed). The batches are the same as in one process, so every
+window's prediction is bit-identical; with the default non-overlapping windows each super-pixel
+has one window and the maps are bit-identical too. With overlapping windows (--stride below the
+window width: gene tokens, window attention) a super-pixel that windows of two ranks cover sums
+them in rank order instead of window order, which can differ by float32 rounding."""
 import numpy as np
 import scipy.sparse as sparse
 import torch
 from tqdm.auto import tqdm
 
 from ..core import geometry as geo
+from ..core.distributed import World
 from .inputs import batch_inputs, gather_windows
 
 
@@ -58,20 +67,29 @@ def median_of_states(preds):
 
 
 @torch.no_grad()
-def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, progress=True, out=None):
+def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, progress=True, out=None,
+                   world: World = World()):
     """Median over model states of the scaled predictions for the super-pixels (rows, cols),
-    blended over overlapping windows. Returns (or fills `out`, e.g. a memmap) an (n, G) array."""
+    blended over overlapping windows. Returns (or fills `out`, e.g. a memmap) an (n, G) array; under
+    torchrun every rank predicts its share of the window batches and only rank 0 returns the array
+    (the others None; `out` is rank 0's)."""
     half, stride = cfg["half"], cfg["stride"]
     centre_r, centre_c, pix, window, token, weight = window_cover(rows, cols, half, stride)
     order = np.argsort(window, kind="stable")
     starts = np.searchsorted(window[order], np.arange(len(centre_r) + 1))
-    if out is None:
+    if world.leader and out is None:
         out = np.empty((len(rows), cfg["n_genes"]), dtype=np.float32)
-    out[:] = 0.0
-    wsum = np.zeros(len(rows), dtype=np.float64)
+    mine = world.strided(range(0, len(centre_r), batch))
+    if world.size == 1:  # one process: every super-pixel, summed in place
+        pixels, acc = None, out
+    else:
+        pixels = np.unique(np.concatenate([pix[order[starts[b0]:starts[min(len(centre_r), b0 + batch)]]]
+                                           for b0 in mine] or [np.zeros(0, np.int64)]))
+        acc = np.empty((len(pixels), cfg["n_genes"]), dtype=np.float32)
+    acc[:] = 0.0
+    wsum = np.zeros(len(acc), dtype=np.float64)
     use_tokens = models[0].use_gene_tokens
-    for b0 in tqdm(range(0, len(centre_r), batch), desc="predict", unit="window", unit_scale=batch,
-                   disable=not progress, leave=False):
+    for b0 in tqdm(mine, desc="predict", unit="window", unit_scale=batch, disable=not progress, leave=False):
         b1 = min(len(centre_r), b0 + batch)
         hist, _ = gather_windows(maps, centre_r[b0:b1], centre_c[b0:b1], half)
         data = {"hist": hist}
@@ -88,8 +106,24 @@ def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, prog
         # sum the weighted predictions of the super-pixels that several windows of this batch cover
         uniq, inv = np.unique(p, return_inverse=True)
         S = sparse.csr_matrix((w, (inv, np.arange(len(p)))), shape=(len(uniq), len(p)))
-        out[uniq] += S @ med[window[members] - b0, token[members]]
-        wsum[uniq] += np.asarray(S.sum(1)).ravel()
+        at = uniq if pixels is None else np.searchsorted(pixels, uniq)
+        acc[at] += S @ med[window[members] - b0, token[members]]
+        wsum[at] += np.asarray(S.sum(1)).ravel()
+    if pixels is not None:
+        wsum = _sum_at_leader(world, pixels, acc, wsum, out)
+        if not world.leader:
+            return None
     for s in range(0, len(rows), 65536):
         out[s:s + 65536] /= wsum[s:s + 65536, None].astype(np.float32)
     return out
+
+
+def _sum_at_leader(world, pixels, acc, wsum, out):
+    """Rank 0's `out` becomes the sum of every rank's window sums `acc` over its `pixels`; returns
+    the summed window weights (rank 0; None elsewhere)."""
+    total = np.zeros(len(out), dtype=np.float64) if world.leader else None
+    if world.leader:
+        out[:] = 0.0
+    world.add_rows_at_leader(pixels, acc, out)
+    world.add_rows_at_leader(pixels, wsum, total)
+    return total

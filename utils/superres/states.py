@@ -7,7 +7,10 @@ A state that cannot be read (truncated, damaged, another format) is trained agai
 
 Bit-identical states for any thread count: on the CPU every state trains with one torch thread (a
 multi-threaded weight gradient sums in a thread-dependent order: --threads 1 vs 2 moved counts by
-0.3 on her2st C2); states train side by side in worker processes instead, one per CPU."""
+0.3 on her2st C2); states train side by side in worker processes instead, one per CPU.
+
+Under torchrun rank r trains states r, r + N, ... (each bit-identical to the same state trained in
+one process), and after a barrier every rank loads them all from their files."""
 import contextlib
 import hashlib
 import json
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 from models import build_model
 
 from ..core.atomic import StagedOutputs
+from ..core.distributed import World
 from ..core.errors import InputError
 from ..core.layout import STATES_DIR
 from .train import train_state
@@ -133,9 +137,10 @@ def _train_many(jobs, cfg, data, device, workers, progress):
 
 
 def trained_states(cfg: dict, training, *, out_dir: Path, n_states: int, seed: int, retrain: bool, device,
-                   folds=None, workers: int = 1, progress: bool = True):
+                   folds=None, workers: int = 1, progress: bool = True, world: World = World()):
     """n_states independently seeded models (state s uses seed * 1000 + s and holds out folds[s]
     when folds are given), reusing finished ones; on the CPU up to `workers` states train at once.
+    Under torchrun each rank trains its share (state s on rank s mod N) and loads the others'.
     Returns (models, loss histories [(train, held-out), ...])."""
     fp_id = fingerprint(cfg, training.fingerprint)
     found, jobs = {}, []
@@ -147,8 +152,22 @@ def trained_states(cfg: dict, training, *, out_dir: Path, n_states: int, seed: i
             log.info("%s: already trained with these inputs and settings, reusing it", desc)
         else:
             jobs.append((s, fp_id, seed * 1000 + s, None if folds is None else folds[s], pt, meta_p, desc))
-    for s, meta in _train_many(jobs, cfg, training.data, device, workers, progress).items():
-        found[s] = load_state(cfg, _paths(out_dir, s)[0], device), meta
+    world.sync()  # every rank has looked for finished states before any rank writes new ones
+    mine = [job for job in jobs if job[0] % world.size == world.rank]
+    done = _train_many(mine, cfg, training.data, device, workers, progress)
+    world.sync()  # every state is on disk
+    for s, fp, *_ in jobs:
+        found[s] = (load_state(cfg, _paths(out_dir, s)[0], device), done[s]) if s in done else \
+            _trained_by_another_rank(cfg, fp, s, out_dir, device)
     models = [found[s][0] for s in range(n_states)]
     histories = [(found[s][1]["loss_history"], found[s][1].get("val_history", [])) for s in range(n_states)]
     return models, histories
+
+
+def _trained_by_another_rank(cfg, fp_id, s, out_dir, device):
+    """(model, record) of state s, which another rank has just trained and written."""
+    state = _reusable(cfg, fp_id, *_paths(out_dir, s), device)
+    if state is None:
+        raise InputError(f"{_paths(out_dir, s)[0]}: state {s + 1} was not found after another rank trained it; "
+                         f"the output folder must be on a file system every rank sees (a shared one across nodes)")
+    return state
