@@ -123,7 +123,7 @@ def test_stain_nuclei_channels_band_independent(tmp_path):
     meta = extract_features(d, backbone="stain-nuclei", band_rows=4, quiet=True)
     arrays, _ = load_features(d)
     ch = meta["channels"]["micro"]
-    assert ch[-7:] == ["nucseg_count", "nucseg_area_um2", "nucseg_eccentricity", "nucseg_extent", "nucseg_h_mean",
+    assert ch[-7:] == ["nucseg_count", "nucseg_area_100um2", "nucseg_eccentricity", "nucseg_extent", "nucseg_h_mean",
                        "nucseg_h_sd", "nucseg_clump_frac"]
     assert meta["dims"]["micro"] == len(ch) and meta["dims"]["meso"] == len(meta["channels"]["meso"])
     micro = np.asarray(arrays["micro"], np.float32)
@@ -146,7 +146,7 @@ def test_nucleus_morphology_of_drawn_nuclei():
     out = morphology_band(H, 0.5, spd=8, halo_sp=3, n_rows=1, blur=_blur)
     f = {c: out[0, :, k] for k, c in enumerate(CHANNELS)}
     assert f["nucseg_count"].tolist() == [1, 0, 1, 0, 0, 0]
-    assert 20 < f["nucseg_area_um2"][0] < 40 and f["nucseg_eccentricity"][0] < 0.4
+    assert 0.2 < f["nucseg_area_100um2"][0] < 0.4 and f["nucseg_eccentricity"][0] < 0.4
     assert f["nucseg_eccentricity"][2] > 0.8 and 0.5 < f["nucseg_extent"][2] < 0.9
     assert f["nucseg_h_mean"][0] > 0.5 and f["nucseg_clump_frac"][5] > 0.8 and f["nucseg_clump_frac"][:4].max() == 0
 

@@ -6,7 +6,7 @@ slide's nuclear threshold (after a 3 x 3 opening that removes specks). A compone
 nucleus when its bounding box is at most MAX_NUCLEUS_PX (16 um) on each side and its area at least
 MIN_NUCLEUS_PX; larger ones are clumps (touching nuclei, dense tumour): their share of the
 super-pixel's pixels is a channel of its own. Each nucleus belongs to the super-pixel of its
-centroid, which gets the count and the means over its nuclei of area, eccentricity (of the second
+centroid, which gets the count and the means over its nuclei of area (in 100 um^2), eccentricity (of the second
 moments), extent (area / bounding box) and the hematoxylin mean and spread inside the nucleus
 (chromatin density and texture); 0 where a super-pixel holds no nucleus.
 
@@ -16,11 +16,13 @@ smoothing sees the band's cut; a component that leaves that zone is taller than 
 or not, so it is a clump either way. The channels therefore do not depend on the band split."""
 import numpy as np
 
-CHANNELS = ["nucseg_count", "nucseg_area_um2", "nucseg_eccentricity", "nucseg_extent", "nucseg_h_mean",
+CHANNELS = ["nucseg_count", "nucseg_area_100um2", "nucseg_eccentricity", "nucseg_extent", "nucseg_h_mean",
             "nucseg_h_sd", "nucseg_clump_frac"]
 MAX_NUCLEUS_PX = 16          # at 1 um/px: the largest single nucleus (16 um across)
 MIN_NUCLEUS_PX = 8           # smaller components are noise (8 um^2: radius 1.6 um)
 SMOOTH_SIGMA_PX = 1.0
+AREA_UNIT_PX = 100.0         # areas in 100 um^2 (px^2 at 1 um/px): the networks see no feature scaling, so
+                             # every channel is kept near 0..1 like the stain channels
 
 
 def _components(H, threshold, blur):
@@ -74,7 +76,7 @@ def morphology_band(H, threshold, *, spd: int, halo_sp: int, n_rows: int, blur):
     ecc, h_mean, h_sd = _shape_and_stain(H, labels, area, cx, cy)
     cell = r[keep] * grid_w + col[keep]
     count = np.bincount(cell, minlength=n_rows * grid_w)
-    per_nucleus = (area, ecc, area / (height * width), h_mean, h_sd)
+    per_nucleus = (area / AREA_UNIT_PX, ecc, area / (height * width), h_mean, h_sd)
     for k, v in enumerate(per_nucleus, start=1):
         total = np.bincount(cell, weights=v[keep], minlength=n_rows * grid_w)
         out[..., k] = (total / np.maximum(count, 1)).reshape(n_rows, grid_w)
