@@ -17,7 +17,7 @@ Output: (B, T, G) predictions in the scaled target units, or (B, M, G) with keep
 import torch
 from torch import nn
 
-from .layers import positive_output, take_tokens
+from .layers import PositiveHead, output_parts, take_tokens
 from .registry import register_model
 
 
@@ -60,7 +60,7 @@ class TriCrossBlock(nn.Module):
 
 
 @register_model("trihrge")
-class TriHRGE(nn.Module):
+class TriHRGE(PositiveHead, nn.Module):
     trainable = True
     default_spot_consistency = "local"
 
@@ -111,7 +111,20 @@ class TriHRGE(nn.Module):
         else:
             self.head = nn.Linear(d, n_genes)
 
-    def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
+    @property
+    def output_layer(self):
+        return output_parts(self.head)[1]
+
+    @property
+    def independent_tokens(self) -> bool:
+        """No attention: a token's prediction depends on its own features only."""
+        return self.blocks is None
+
+    def hidden(self, hist, genes=None, offs=None, gmask=None, keep=None):
+        """(B, T, H) input of the output layer, or (B, M, H) at the token indices keep (B, M)."""
+        if keep is not None and self.blocks is None:
+            # tokens see no other token: select the kept ones first (fusion on M instead of T tokens)
+            hist, keep = {k: take_tokens(v, keep) for k, v in hist.items()}, None
         h = self.fusion(hist)
         h = self.drop(h if self.pos is None else h + self.pos)
         if self.use_gene_tokens:
@@ -130,4 +143,4 @@ class TriHRGE(nn.Module):
         if self.use_linear_head:
             raw = torch.cat([hist[k] for k in self.fusion.names], dim=-1)
             h = torch.cat([h, raw if keep is None else take_tokens(raw, keep)], dim=-1)
-        return positive_output(self.head(h))
+        return output_parts(self.head)[0](h)
