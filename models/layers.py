@@ -31,6 +31,16 @@ def take_tokens(x, keep):
     return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def window_dropout(h, keep, n_tokens, p, training):
+    """Dropout of h (B, M, C), the tokens keep (B, M) of windows of n_tokens, with the mask drawn
+    for the whole (B, n_tokens, C) window: the same random numbers, so the same values, as dropout
+    of the window followed by take_tokens."""
+    if not training or p == 0:
+        return h
+    noise = h.new_empty(h.shape[0], n_tokens, h.shape[-1]).bernoulli_(1.0 - p).div_(1.0 - p)
+    return h * take_tokens(noise, keep)
+
+
 class _FootprintMean(torch.autograd.Function):
     """weights-averaged positive_output(h W^T + b) over tokens, without the (B, M, G) predictions
     ever being an autograd graph: on her2st (1000 genes) the head's element-wise work on them was

@@ -17,7 +17,7 @@ Output: (B, T, G) predictions in the scaled target units, or (B, M, G) with keep
 import torch
 from torch import nn
 
-from .layers import PositiveHead, output_parts, take_tokens
+from .layers import PositiveHead, output_parts, take_tokens, window_dropout
 from .registry import register_model
 
 
@@ -123,8 +123,20 @@ class TriHRGE(PositiveHead, nn.Module):
     def hidden(self, hist, genes=None, offs=None, gmask=None, keep=None):
         """(B, T, H) input of the output layer, or (B, M, H) at the token indices keep (B, M)."""
         if keep is not None and self.blocks is None:
-            # tokens see no other token: select the kept ones first (fusion on M instead of T tokens)
-            hist, keep = {k: take_tokens(v, keep) for k, v in hist.items()}, None
+            # tokens see no other token: fuse only the kept ones (M of T); the dropout mask is still
+            # drawn for the whole window, so a seed trains the state it trained before
+            n_tokens = next(iter(hist.values())).shape[1]
+            hist = {k: take_tokens(v, keep) for k, v in hist.items()}
+            h, keep = window_dropout(self.fusion(hist), keep, n_tokens, self.drop.p, self.training), None
+        else:
+            h = self._mixed(hist, genes, offs, gmask, keep)
+        if self.use_linear_head:
+            raw = torch.cat([hist[k] for k in self.fusion.names], dim=-1)
+            h = torch.cat([h, raw if keep is None else take_tokens(raw, keep)], dim=-1)
+        return output_parts(self.head)[0](h)
+
+    def _mixed(self, hist, genes, offs, gmask, keep):
+        """(B, T or M, d) fused tokens after the attention blocks (gene tokens or window attention)."""
         h = self.fusion(hist)
         h = self.drop(h if self.pos is None else h + self.pos)
         if self.use_gene_tokens:
@@ -140,7 +152,4 @@ class TriHRGE(PositiveHead, nn.Module):
                 h = self.blocks(h)
             if keep is not None:
                 h = take_tokens(h, keep)
-        if self.use_linear_head:
-            raw = torch.cat([hist[k] for k in self.fusion.names], dim=-1)
-            h = torch.cat([h, raw if keep is None else take_tokens(raw, keep)], dim=-1)
-        return output_parts(self.head)[0](h)
+        return h

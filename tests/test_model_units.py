@@ -256,3 +256,20 @@ def test_independent_tokens_are_predicted_per_superpixel_as_by_windows():
     direct = predict_tissue(models, cfg, maps, None, rows, cols, "cpu", batch=2, progress=False)
     windows = _predict_windows(models, cfg, maps, None, rows, cols, "cpu", 2, False, np.empty_like(direct))
     np.testing.assert_allclose(direct, windows, rtol=1e-6)
+
+
+def test_footprint_tokens_first_draws_the_dropout_of_the_whole_window():
+    """Without attention the kept tokens are fused alone (training); with the same seed the values
+    are those of the whole window's fusion, dropout and token selection."""
+    from models.layers import take_tokens
+    m = build_model("trihrge", DIMS, 5, 7, d=16, use_gene_tokens=False, use_window_attention=False).train()
+    hist = {k: torch.randn(3, 49, c) for k, c in DIMS.items()}
+    keep, _ = footprint_tokens(np.random.default_rng(1).random((3, 49)) < 0.5)
+    keep = torch.from_numpy(keep)
+    torch.manual_seed(4)
+    got = m.hidden(hist, keep=keep)
+    torch.manual_seed(4)
+    window = m.drop(m.fusion(hist))
+    raw = torch.cat([hist[k] for k in m.fusion.names], dim=-1)
+    want = m.head[:-1](torch.cat([take_tokens(window, keep), take_tokens(raw, keep)], dim=-1))
+    assert torch.allclose(got, want, atol=1e-5)
