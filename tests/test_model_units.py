@@ -273,3 +273,11 @@ def test_footprint_tokens_first_draws_the_dropout_of_the_whole_window():
     raw = torch.cat([hist[k] for k in m.fusion.names], dim=-1)
     want = m.head[:-1](torch.cat([take_tokens(window, keep), take_tokens(raw, keep)], dim=-1))
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_spot_sums_read_only_the_footprint_superpixels():
+    import scipy.sparse as sp
+    rng = np.random.default_rng(5)
+    fp = sp.random(6, 50, density=0.1, random_state=5, format="csr", dtype=np.float64)
+    values = rng.random((50, 4), dtype=np.float32)
+    np.testing.assert_array_equal(spot_sums(values, fp), fp @ values.astype(np.float64))
