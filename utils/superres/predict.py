@@ -64,14 +64,10 @@ def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, prog
     if out is None:
         out = np.empty((len(rows), cfg["n_genes"]), dtype=np.float32)
     if all(getattr(m, "independent_tokens", False) for m in models):
-        return _predict_superpixels(models, maps, rows, cols, device, SUPERPIXEL_BATCH, progress, out)
+        # as many super-pixels per batch as `batch` windows hold: smaller batches (1024) were faster on
+        # an idle machine but 3 x slower beside other jobs (each op's threads wait for a busy core)
+        return _predict_superpixels(models, maps, rows, cols, device, batch * (2 * cfg["half"] + 1) ** 2, progress, out)
     return _predict_windows(models, cfg, maps, tokens, rows, cols, device, batch, progress, out)
-
-
-# super-pixels per batch of the per-super-pixel path: her2st C2 (5 states x 1000 genes) predicted in
-# 11-12 s in batches of 1024 against 17-18 s in batches of 10,816 (64 windows' worth), same run:
-# the states' (batch, G) outputs and the median's passes over them stay nearer the cache
-SUPERPIXEL_BATCH = 1024
 
 
 @torch.no_grad()
