@@ -8,7 +8,7 @@ timestamps, 1 s resolution), peak memory (RSS of the process tree) and, on a pro
 
 DIR: stages 1-4 done; runs go to DIR/results/cpu-<before|after>-s<seed> (--retrain: nothing reused).
 The earlier commit is exported with `git archive` into a temporary folder (no worktree is made).
-Prints one table and writes bench/results/cpu_path.json."""
+Prints one table and writes bench/results/cpu_path.json (runs of other seeds on the same data kept)."""
 import argparse
 import json
 import re
@@ -109,8 +109,11 @@ def main():
               + ", ".join(f"{n} {b['phases'].get(n, 0)} -> {a['phases'].get(n, 0)}" for n in a["phases"]))
     print(table(runs))
     res = REPO / "bench" / "results" / "cpu_path.json"
+    earlier = json.loads(res.read_text()) if res.is_file() else {}
+    if earlier.get("directory") != str(own.directory) or earlier.get("before") != own.before:
+        earlier = {}                          # the runs of other seeds are kept, of other data not
     res.write_text(json.dumps({"directory": str(own.directory), "before": own.before, "histex_args": extra,
-                               "runs": runs}, indent=1))
+                               "runs": {**earlier.get("runs", {}), **runs}}, indent=1))
 
 
 if __name__ == "__main__":
