@@ -3,6 +3,10 @@
 done) and prints torch.profiler's top operators and the spot-epochs per second.
 
     python bench/profile_training.py --directory bench/data/medium --epochs 3 [HISTEX options...]
+    python bench/profile_training.py --directory DIR --epochs 8 --threads 1 --unfused   # before/after
+
+--unfused also times the unfused output layer (the (B, M, G) predictions, then their footprint
+mean: the path before models/layers.footprint_output), in the same process, and prints the ratio.
 
 Any HISTEX.py option (--model, --d-model, --no-gene-tokens, ...) can follow; the run writes nothing
 into the directory. Results go to bench/results/profile_training-<name>.json."""
@@ -20,6 +24,7 @@ import torch  # noqa: E402
 
 import HISTEX  # noqa: E402
 from utils.core.device import resolve_device  # noqa: E402
+from utils.superres import train  # noqa: E402
 from utils.superres.config import HistexConfig  # noqa: E402
 from utils.superres.inputs import training_data  # noqa: E402
 from utils.superres.train import train_state  # noqa: E402
@@ -53,6 +58,7 @@ def main():
     p.add_argument("--directory", type=Path, required=True)
     p.add_argument("--profile", action="store_true", help="also run torch.profiler over one epoch")
     p.add_argument("--name", default=None, help="result name (default: the model name)")
+    p.add_argument("--unfused", action="store_true", help="also time the unfused output layer (before/after)")
     own, rest = p.parse_known_args()
     t0 = time.time()
     config, td, _ = load_training(own.directory, rest)
@@ -62,6 +68,11 @@ def main():
     t_prep = time.time() - t0
     device = resolve_device(config.device)
     T = (2 * cfg["half"] + 1) ** 2
+    if own.unfused:
+        fused = train.spot_means
+        train.spot_means = train.predicted_means
+        before, _ = time_training(cfg, data, device)
+        train.spot_means = fused
     info, _ = time_training(cfg, data, device)
     dt, rate = info["seconds"], info["spot_epochs_per_second"]
     res = {"directory": str(own.directory), "model": config.run_name, "spots": int(len(data["target"])),
@@ -72,6 +83,10 @@ def main():
     print(f"{res['model']}: {info['train_spots']} training spots x {T} window tokens ({res['footprint_tokens_mean']:.1f} in footprint), "
           f"{cfg['n_genes']} genes: {rate:.0f} spot-epochs/s on {torch.get_num_threads()} thread(s); "
           f"5 states x 100 epochs take {res['minutes_per_100_epochs_5_states']:.1f} min")
+    if own.unfused:
+        res["unfused_spot_epochs_per_second"] = before["spot_epochs_per_second"]
+        print(f"unfused output layer: {before['spot_epochs_per_second']:.0f} spot-epochs/s; fused "
+              f"{rate / before['spot_epochs_per_second']:.2f} x as fast")
     if own.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:

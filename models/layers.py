@@ -1,4 +1,5 @@
-"""Small pieces shared by the networks: the positive output and token selection."""
+"""Small pieces shared by the networks: the positive output, token selection, and the fused
+footprint mean of the output layer (training's hot spot)."""
 import torch
 
 
@@ -31,11 +32,93 @@ def output_options(config) -> dict:
     return {"signed_output": True} if getattr(config, "residual", False) else {}
 
 
-def output_layer(signed_output: bool):
-    """The last function of a network: identity for a signed correction, else positive_output."""
-    return (lambda x: x) if signed_output else positive_output
-
-
 def take_tokens(x, keep):
     """x (B, T, C) -> (B, M, C) at the token indices keep (B, M)."""
     return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def window_dropout(h, keep, n_tokens, p, training):
+    """Dropout of h (B, M, C), the tokens keep (B, M) of windows of n_tokens, with the mask drawn
+    for the whole (B, n_tokens, C) window: the same random numbers, so the same values, as dropout
+    of the window followed by take_tokens."""
+    if not training or p == 0:
+        return h
+    noise = h.new_empty(h.shape[0], n_tokens, h.shape[-1]).bernoulli_(1.0 - p).div_(1.0 - p)
+    return h * take_tokens(noise, keep)
+
+
+class _FootprintMean(torch.autograd.Function):
+    """weights-averaged positive_output(h W^T + b) over tokens, without the (B, M, G) predictions
+    ever being an autograd graph: on her2st C2 (1000 genes) training steps ran 1.1-1.4 x as fast
+    (bench/profile_training.py --unfused); genes in chunks keep the element-wise work in cache, and
+    f' is stored in forward, not recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, w, chunk):
+        out = h.new_empty(h.shape[0], weight.shape[0])
+        slope = h.new_empty(h.shape[:-1] + (weight.shape[0],))          # f'(x), (B, M, G)
+        for g0 in range(0, weight.shape[0], chunk):
+            g = slice(g0, g0 + chunk)
+            x = h @ weight[g].t() if bias is None else torch.addmm(bias[g], h.flatten(0, 1), weight[g].t()).view(
+                h.shape[0], h.shape[1], -1)
+            e = torch.exp(x.clamp(max=0)).mul_(0.01)
+            slope[..., g] = torch.where(x > 0, 1.0, e)
+            out[:, g] = torch.bmm(w.unsqueeze(1), x.clamp_(min=0).add_(e)).squeeze(1)
+        ctx.save_for_backward(h, weight, w, slope)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, w, slope = ctx.saved_tensors
+        gx = slope.mul_(w.unsqueeze(-1)).mul_(grad.unsqueeze(1))       # (B, M, G), in place of f'
+        g2 = gx.flatten(0, 1)
+        grad_w = g2.t() @ h.flatten(0, 1)
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        return gx @ weight, grad_w, grad_b, None, None
+
+
+def footprint_output(h, linear, weights, chunk=256):
+    """sum over tokens of weights * positive_output(linear(h)): a spot's footprint mean.
+
+    Parameters
+    ----------
+    h : (B, M, H) tensor, the last hidden layer at the M tokens of each window
+    linear : nn.Linear(H, G), the output layer (with or without bias)
+    weights : (B, M) tensor, each token's share of its spot's mean (1 / footprint size, 0 on padding)
+    chunk : genes computed at once (about 0.5 MB per chunk for a batch of 4 spots)
+
+    Returns
+    -------
+    (B, G) tensor, equal to (weights[..., None] * positive_output(linear(h))).sum(1)
+    """
+    return _FootprintMean.apply(h.contiguous(), linear.weight, linear.bias, weights.contiguous(), chunk)
+
+
+def output_parts(head):
+    """(the layers before the output layer, the output nn.Linear) of a head: a Sequential ending in
+    a Linear, or a Linear alone (then the first part is the identity)."""
+    if isinstance(head, torch.nn.Sequential):
+        return head[:-1], head[-1]
+    return (lambda x: x), head
+
+
+class PositiveHead:
+    """Mixin of the networks whose output is positive_output(output_layer(hidden(...))) (or, with
+    signed_output, output_layer(hidden(...)) itself): forward() predicts every token,
+    footprint_mean() a spot's footprint mean (training, out-of-fold). A network defines
+    hidden(hist, genes, offs, gmask, keep) -> (B, T or M, H), output_layer and signed_output."""
+
+    signed_output = False
+
+    def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
+        """(B, T, G) predictions, or (B, M, G) at the token indices keep (B, M)."""
+        y = self.output_layer(self.hidden(hist, genes, offs, gmask, keep))
+        return y if self.signed_output else positive_output(y)
+
+    def footprint_mean(self, hist, genes=None, offs=None, gmask=None, keep=None, weights=None):
+        """(B, G): sum over the tokens keep (B, M) of weights (B, M) x the prediction."""
+        h = self.hidden(hist, genes, offs, gmask, keep)
+        if self.signed_output:
+            return (self.output_layer(h) * weights.unsqueeze(-1)).sum(1)
+        return footprint_output(h, self.output_layer, weights)

@@ -2,18 +2,19 @@
 import torch
 from torch import nn
 
-from .layers import output_layer, output_options, take_tokens
+from .layers import PositiveHead, output_options, output_parts, take_tokens
 from .registry import register_model
 
 
 @register_model("mlp")
-class SuperPixelMLP(nn.Module):
+class SuperPixelMLP(PositiveHead, nn.Module):
     """Input: hist dict scale -> (B, T, C_scale) (gene tokens ignored); output (B, T, G), or (B, M, G)
     at the token indices keep (B, M): positive, or signed with signed_output (--residual)."""
 
     trainable = True
     default_spot_consistency = "global"
     use_gene_tokens = False
+    independent_tokens = True
 
     @staticmethod
     def options(config) -> dict:
@@ -26,7 +27,7 @@ class SuperPixelMLP(nn.Module):
 
     def __init__(self, dims, n_genes, window=None, hidden=256, depth=4, signed_output=False):
         super().__init__()
-        self.output = output_layer(signed_output)
+        self.signed_output = signed_output
         self.names = list(dims)
         layers, c = [], sum(dims.values())
         for _ in range(depth - 1):
@@ -35,6 +36,11 @@ class SuperPixelMLP(nn.Module):
         layers.append(nn.Linear(c, n_genes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
+    @property
+    def output_layer(self):
+        return self.net[-1]
+
+    def hidden(self, hist, genes=None, offs=None, gmask=None, keep=None):
+        """(B, T, hidden) input of the output layer, or (B, M, hidden) at the token indices keep (B, M)."""
         x = torch.cat([hist[k] for k in self.names], dim=-1)
-        return self.output(self.net(x if keep is None else take_tokens(x, keep)))
+        return output_parts(self.net)[0](x if keep is None else take_tokens(x, keep))

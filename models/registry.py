@@ -7,7 +7,10 @@ A registered class declares:
   options(config)            its constructor keywords from a HistexConfig (what run.json records)
   inference_stride(half, opts)  spacing of the inference windows for a (2 half + 1)^2 window
                              (opts: its options(config))
-and an instance attribute `use_gene_tokens` (whether forward() reads the gene tokens)."""
+and instance attributes `use_gene_tokens` (whether forward() reads the gene tokens) and
+`independent_tokens` (whether a token's prediction depends on its own features only: then inference
+predicts the tissue super-pixels directly, without windows). A network with a positive output
+layer gets forward() and the fused footprint_mean() of training from layers.PositiveHead."""
 MODELS = {}
 
 

@@ -19,7 +19,7 @@ prediction."""
 import torch
 from torch import nn
 
-from .layers import output_layer, output_options, take_tokens
+from .layers import PositiveHead, output_options, output_parts, take_tokens, window_dropout
 from .registry import register_model
 
 
@@ -62,7 +62,7 @@ class TriCrossBlock(nn.Module):
 
 
 @register_model("trihrge")
-class TriHRGE(nn.Module):
+class TriHRGE(PositiveHead, nn.Module):
     trainable = True
     default_spot_consistency = "local"
 
@@ -87,7 +87,7 @@ class TriHRGE(nn.Module):
                  use_gene_tokens=True, use_linear_head=True, dropout=0.1, use_window_attention=True,
                  signed_output=False):
         super().__init__()
-        self.output = output_layer(signed_output)
+        self.signed_output = signed_output
         self.use_gene_tokens = use_gene_tokens
         self.use_linear_head = use_linear_head
         self.fusion = MultiScaleFusion(dims, d)
@@ -116,7 +116,32 @@ class TriHRGE(nn.Module):
         else:
             self.head = nn.Linear(d, n_genes)
 
-    def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
+    @property
+    def output_layer(self):
+        return output_parts(self.head)[1]
+
+    @property
+    def independent_tokens(self) -> bool:
+        """No attention: a token's prediction depends on its own features only."""
+        return self.blocks is None
+
+    def hidden(self, hist, genes=None, offs=None, gmask=None, keep=None):
+        """(B, T, H) input of the output layer, or (B, M, H) at the token indices keep (B, M)."""
+        if keep is not None and self.blocks is None:
+            # tokens see no other token: fuse only the kept ones (M of T); the dropout mask is still
+            # drawn for the whole window, so a seed trains the state it trained before
+            n_tokens = next(iter(hist.values())).shape[1]
+            hist = {k: take_tokens(v, keep) for k, v in hist.items()}
+            h, keep = window_dropout(self.fusion(hist), keep, n_tokens, self.drop.p, self.training), None
+        else:
+            h = self._mixed(hist, genes, offs, gmask, keep)
+        if self.use_linear_head:
+            raw = torch.cat([hist[k] for k in self.fusion.names], dim=-1)
+            h = torch.cat([h, raw if keep is None else take_tokens(raw, keep)], dim=-1)
+        return output_parts(self.head)[0](h)
+
+    def _mixed(self, hist, genes, offs, gmask, keep):
+        """(B, T or M, d) fused tokens after the attention blocks (gene tokens or window attention)."""
         h = self.fusion(hist)
         h = self.drop(h if self.pos is None else h + self.pos)
         if self.use_gene_tokens:
@@ -132,7 +157,4 @@ class TriHRGE(nn.Module):
                 h = self.blocks(h)
             if keep is not None:
                 h = take_tokens(h, keep)
-        if self.use_linear_head:
-            raw = torch.cat([hist[k] for k in self.fusion.names], dim=-1)
-            h = torch.cat([h, raw if keep is None else take_tokens(raw, keep)], dim=-1)
-        return self.output(self.head(h))
+        return h

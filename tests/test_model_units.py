@@ -193,12 +193,12 @@ def test_early_stopping_keeps_the_best_held_out_epoch():
     v = info["val_history"]
     best = v[info["best_epoch"] - 1]
     assert best <= min(v) / (1 - 1e-3)  # later epochs improved by less than 0.1% at most
-    from utils.superres.train import footprint_tokens, split_validation
+    from utils.superres.train import footprint_shares, split_validation
     _, val_idx = split_validation(n, 0.2, np.random.default_rng(0))
     model = build_model("mlp", DIMS, G, 3)
     model.load_state_dict(state)
-    keep, w = (torch.from_numpy(x) for x in footprint_tokens(data["fp"]))
-    got = validation_loss(model, data, val_idx, keep, w, torch.from_numpy(data["target"]), cfg, False, "cpu", 8)
+    keep, share = footprint_shares(data["fp"], "cpu")
+    got = validation_loss(model, data, val_idx, keep, share, torch.from_numpy(data["target"]), cfg, False, "cpu", 8)
     assert got == pytest.approx(best, rel=1e-5)
     state2, info2 = train_state(cfg, data, 0, torch.device("cpu"), progress=False)  # seeded: same run
     assert info2 == info and all(torch.equal(state[k], state2[k]) for k in state)
@@ -214,3 +214,70 @@ def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     # with attention the options are those of states trained before the option existed (same fingerprint)
     attn = HistexConfig(window_attention=True).model_config({"micro": 3}, 5, 3)
     assert "use_window_attention" not in attn["model_opts"] and attn["stride"] == 3
+
+
+@pytest.mark.parametrize("name,opts", [("trihrge", {"use_gene_tokens": False, "use_window_attention": False}),
+                                       ("trihrge", {"use_linear_head": False}), ("mlp", {})])
+def test_fused_footprint_mean_equals_the_mean_of_the_predictions(name, opts):
+    """model.footprint_mean (the fused output layer of training) gives the footprint mean of
+    forward()'s predictions and the same gradients, with and without an output bias."""
+    from utils.superres.train import footprint_shares, predicted_means
+    torch.manual_seed(2)
+    kw = {"d": 16, "heads": 2, "depth": 1, "dropout": 0.0, **opts} if name == "trihrge" else {}
+    m = build_model(name, DIMS, 300, 7, **kw)
+    B = 3
+    hist = {k: torch.randn(B, 49, c) for k, c in DIMS.items()}
+    inputs = (hist, torch.rand(B, 5, 300), torch.randn(B, 5, 2), torch.zeros(B, 5, dtype=torch.bool))
+    keep, share = footprint_shares(np.random.default_rng(0).random((B, 49)) < 0.6, "cpu")
+    target = torch.rand(B, 300)
+    grads = []
+    for f in (lambda: m.footprint_mean(*inputs, keep=keep, weights=share), lambda: predicted_means(m, inputs, keep, share)):
+        m.zero_grad()
+        mean = f()
+        ((mean - target) ** 2).mean().backward()
+        grads.append((mean.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (a, ga), (b, gb) = grads
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) and len(ga) == len(gb)
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-8) for x, y in zip(ga, gb))
+
+
+def test_independent_tokens_are_predicted_per_superpixel_as_by_windows():
+    """Networks whose tokens do not see each other are predicted at the tissue super-pixels
+    directly; the values are those of the window path (up to w v / w rounding)."""
+    from utils.superres.predict import _predict_windows, predict_tissue
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    maps = {k: rng.normal(size=(12, 10, c)).astype(np.float16) for k, c in DIMS.items()}
+    rows, cols = np.nonzero(rng.random((12, 10)) < 0.5)
+    models = [build_model("trihrge", DIMS, 6, 3, d=16, use_gene_tokens=False, use_window_attention=False).eval()
+              for _ in range(3)]
+    assert all(m.independent_tokens for m in models)
+    cfg = {"half": 1, "stride": 3, "n_genes": 6}
+    direct = predict_tissue(models, cfg, maps, None, rows, cols, "cpu", batch=2, progress=False)
+    windows = _predict_windows(models, cfg, maps, None, rows, cols, "cpu", 2, False, np.empty_like(direct))
+    np.testing.assert_allclose(direct, windows, rtol=1e-6)
+
+
+def test_footprint_tokens_first_draws_the_dropout_of_the_whole_window():
+    """Without attention the kept tokens are fused alone (training); with the same seed the values
+    are those of the whole window's fusion, dropout and token selection."""
+    from models.layers import take_tokens
+    m = build_model("trihrge", DIMS, 5, 7, d=16, use_gene_tokens=False, use_window_attention=False).train()
+    hist = {k: torch.randn(3, 49, c) for k, c in DIMS.items()}
+    keep, _ = footprint_tokens(np.random.default_rng(1).random((3, 49)) < 0.5)
+    keep = torch.from_numpy(keep)
+    torch.manual_seed(4)
+    got = m.hidden(hist, keep=keep)
+    torch.manual_seed(4)
+    window = m.drop(m.fusion(hist))
+    raw = torch.cat([hist[k] for k in m.fusion.names], dim=-1)
+    want = m.head[:-1](torch.cat([take_tokens(window, keep), take_tokens(raw, keep)], dim=-1))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_spot_sums_read_only_the_footprint_superpixels():
+    import scipy.sparse as sp
+    rng = np.random.default_rng(5)
+    fp = sp.random(6, 50, density=0.1, random_state=5, format="csr", dtype=np.float64)
+    values = rng.random((50, 4), dtype=np.float32)
+    np.testing.assert_array_equal(spot_sums(values, fp), fp @ values.astype(np.float64))

@@ -61,3 +61,13 @@ def test_scanpy_and_squidpy_plot_with_no_extra_arguments(output):
     sq.pl.spatial_scatter(ad, color=gene)
     assert plt.gcf().axes[0].images, "squidpy drew no H&E"
     plt.close("all")
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 23])
+def test_block_mean_is_the_rounded_mean_of_each_block(k):
+    """The integer block sums give the rounded float mean of every whole k x k block."""
+    from utils.scverse.spatial import _block_mean
+    img = np.random.default_rng(k).integers(0, 256, (5 * k + 3, 4 * k + 1, 3), dtype=np.uint8)
+    r, c = img.shape[0] // k, img.shape[1] // k
+    want = np.rint(img[:r * k, :c * k].astype(np.float64).reshape(r, k, c, k, 3).mean(axis=(1, 3)))
+    np.testing.assert_array_equal(_block_mean(img, k), want.astype(np.uint8))

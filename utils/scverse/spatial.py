@@ -13,18 +13,23 @@ from .keys import Key
 
 HIRES_MAX_PX = 2000
 LOWRES_MAX_PX = 600
-_STRIP_ROWS = 512          # output rows per strip of the block mean
+_STRIP_ROWS = 64           # output rows per strip of the block mean
 
 
 def _block_mean(img, k: int) -> np.ndarray:
     """Mean over k x k blocks of an (H, W, 3) uint8 array (memmap), read strip by strip."""
+    # integer sums (uint16 over the k rows of a block, then uint32) instead of a float32 copy of each
+    # strip: the same image (exact sums, one rounding) 10-30 x faster on her2st C2 (17 s -> 1 s for
+    # both images); strips of 64 block rows stay in cache
     H, W = (img.shape[0] // k) * k, (img.shape[1] // k) * k
     out = np.empty((H // k, W // k, 3), np.uint8)
     step = _STRIP_ROWS * k
+    rows_dtype = np.uint16 if k <= 257 else np.uint32          # 255 k fits in 16 bits up to k = 257
     for r0 in range(0, H, step):
-        block = np.asarray(img[r0:min(H, r0 + step), :W], dtype=np.float32)
+        block = np.asarray(img[r0:min(H, r0 + step), :W])
         h = block.shape[0] // k
-        out[r0 // k:r0 // k + h] = np.rint(block.reshape(h, k, W // k, k, 3).mean(axis=(1, 3)))
+        sums = block.reshape(h, k, W // k, k, 3).sum(axis=1, dtype=rows_dtype).sum(axis=2, dtype=np.uint32)
+        out[r0 // k:r0 // k + h] = np.rint(sums / np.float32(k * k))
     return out
 
 

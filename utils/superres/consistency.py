@@ -26,7 +26,10 @@ def kernel_weights(points_xy, spots_xy, sigma_px, cutoff=3.0, k=32):
 
 def spot_sums(values, footprints):
     """Sum of per-super-pixel values (n_sp x G) over each spot's footprint (geometry.footprint_matrix)."""
-    return np.asarray(footprints @ values, dtype=np.float64)
+    # only the super-pixels under a footprint: `footprints @ values` made a float64 copy of all of
+    # values (117k x 1000 on her2st C2, 1.5 s per call); the same sums in the same order
+    used = np.unique(footprints.indices)
+    return np.asarray(footprints[:, used] @ np.asarray(values[used], dtype=np.float64))
 
 
 def local_rescale_factors(measured, predicted, W, eps=1.0, clip=(0.1, 10.0)):

@@ -19,7 +19,7 @@ from scipy.spatial import cKDTree
 from ..evaluation.metrics import pearson_per_gene
 from .consistency import kernel_weights
 from .inputs import batch_inputs
-from .train import MIN_TRAIN_SPOTS, MIN_VAL_SPOTS, footprint_mean, footprint_tokens
+from .train import MIN_TRAIN_SPOTS, MIN_VAL_SPOTS, footprint_shares, spot_means
 
 N_SUMMARY_GENES = 100        # the summary covers the most variable genes, as the real-data protocols
 
@@ -37,14 +37,14 @@ def spot_folds(n_spots: int, n_folds: int, seed: int):
 def out_of_fold_scaled(models, folds, data, device, batch=64):
     """(n_spots, G) float32: each spot's footprint mean predicted by the state that held it out
     (scaled units, as the training target); NaN for spots in no fold."""
-    keep, fp_w = (torch.from_numpy(v).to(device) for v in footprint_tokens(data["fp"]))
+    keep, share = footprint_shares(data["fp"], device)
     out = np.full(data["target"].shape, np.nan, dtype=np.float32)
     for model, idx in zip(models, folds):
         model.eval()
         for s in range(0, len(idx), batch):
             b = idx[s:s + batch]
             inputs = batch_inputs(data, b, model.use_gene_tokens, np.ones(len(b), bool), device)
-            out[b] = footprint_mean(model(*inputs, keep=keep[b]), fp_w[b]).float().cpu().numpy()
+            out[b] = spot_means(model, inputs, keep[b], share[b]).float().cpu().numpy()
     return out
 
 

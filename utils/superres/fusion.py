@@ -81,18 +81,23 @@ class Detail:
 
     def __init__(self, rows, cols, shape, sigma_sp, genes_per_pass=32):
         from scipy.ndimage import gaussian_filter
-        self.rows, self.cols, self.shape, self.sigma = rows, cols, tuple(shape), float(sigma_sp)
-        self.step = genes_per_pass
+        self.sigma, self.step = float(sigma_sp), genes_per_pass
+        # the tissue's bounding box plus the filter's reach (scipy: int(4 sigma + 0.5)), genes first:
+        # the same values (zeros outside either way) 3-4 x faster than the whole grid, genes last
+        reach = int(4.0 * self.sigma + 0.5)
+        lo = np.maximum([rows.min(initial=0) - reach, cols.min(initial=0) - reach], 0)
+        hi = np.minimum([rows.max(initial=0) + reach + 1, cols.max(initial=0) + reach + 1], shape)
+        self.rows, self.cols, self.shape = rows - lo[0], cols - lo[1], tuple(int(v) for v in hi - lo)
         mask = np.zeros(self.shape, np.float32)
-        mask[rows, cols] = 1.0
-        self._weight = gaussian_filter(mask, self.sigma, mode="constant")[rows, cols]  # tissue share
+        mask[self.rows, self.cols] = 1.0
+        self._weight = gaussian_filter(mask, self.sigma, mode="constant")[self.rows, self.cols]  # tissue share
 
     def smoothed(self, values):
         """(n_sp, g) values smoothed over the tissue only (normalised convolution)."""
         from scipy.ndimage import gaussian_filter
-        grid = np.zeros(self.shape + (values.shape[1],), np.float32)
-        grid[self.rows, self.cols] = values
-        out = gaussian_filter(grid, (self.sigma, self.sigma, 0), mode="constant")[self.rows, self.cols]
+        grid = np.zeros((values.shape[1],) + self.shape, np.float32)
+        grid[:, self.rows, self.cols] = values.T
+        out = gaussian_filter(grid, (0, self.sigma, self.sigma), mode="constant")[:, self.rows, self.cols].T
         return out / self._weight[:, None]
 
     def blend(self, sr, a, kernel, per_sp):

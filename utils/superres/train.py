@@ -24,7 +24,11 @@ def footprint_mean(pred, fp):
 
 def footprint_loss(pred, fp, target, kind="mse"):
     """pred (B, T, G); fp (B, T) footprint weights (0/1); target (B, G)."""
-    mean = footprint_mean(pred, fp)
+    return spot_loss(footprint_mean(pred, fp), target, kind)
+
+
+def spot_loss(mean, target, kind="mse"):
+    """mean (B, G) footprint means of the predictions; target (B, G) scaled counts."""
     if kind == "poisson":
         return (mean - target * torch.log(mean)).mean()
     return ((mean - target) ** 2).mean()
@@ -39,6 +43,27 @@ def footprint_tokens(fp):
     return idx.astype(np.int64), np.take_along_axis(fp, idx, 1).astype(np.float32)
 
 
+def footprint_shares(fp, device):
+    """(keep (n, M) token indices, share (n, M): 1 / footprint size, 0 on padding) as tensors."""
+    keep, w = footprint_tokens(fp)
+    share = w / np.maximum(w.sum(1, keepdims=True), 1.0)
+    return torch.from_numpy(keep).to(device), torch.from_numpy(share).to(device)
+
+
+def spot_means(model, inputs, keep, share):
+    """(B, G) footprint means of a model's predictions for the windows of `inputs` (batch_inputs):
+    the fused model.footprint_mean when it has one (models/layers.py), else from its predictions."""
+    if hasattr(model, "footprint_mean"):
+        return model.footprint_mean(*inputs, keep=keep, weights=share)
+    return predicted_means(model, inputs, keep, share)
+
+
+def predicted_means(model, inputs, keep, share):
+    """spot_means from the model's (B, M, G) predictions (the unfused path; bench/profile_training.py
+    --unfused times it)."""
+    return (model(*inputs, keep=keep) * share.unsqueeze(-1)).sum(1)
+
+
 def split_validation(n, fraction, gen):
     """A seeded random `fraction` of the spots held out from one state's training to detect
     overfitting (each state draws its own, so the median of the states still uses every spot).
@@ -51,14 +76,15 @@ def split_validation(n, fraction, gen):
 
 
 @torch.no_grad()
-def validation_loss(model, data, idx, keep, fp_w, target, cfg, use_tokens, device, bs):
-    """Footprint loss of held-out spots; their own HR pseudo-spots are hidden, as in training."""
+def validation_loss(model, data, idx, keep, share, target, cfg, use_tokens, device, bs):
+    """Footprint loss of held-out spots; their own HR pseudo-spots are hidden, as in training.
+    keep, share: footprint_shares of all spots."""
     model.eval()
     total = 0.0
     for s in range(0, len(idx), bs):
         b = idx[s:s + bs]
-        pred = model(*batch_inputs(data, b, use_tokens, np.ones(len(b), bool), device), keep=keep[b])
-        total += footprint_loss(pred, fp_w[b], target[b], cfg["loss"]).item() * len(b)
+        mean = spot_means(model, batch_inputs(data, b, use_tokens, np.ones(len(b), bool), device), keep[b], share[b])
+        total += spot_loss(mean, target[b], cfg["loss"]).item() * len(b)
     model.train()
     return total / max(1, len(idx))
 
@@ -71,7 +97,8 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
     model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1, **cfg["model_opts"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    # foreach: one multi-tensor update for all parameters, the same values as the per-parameter loop
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], foreach=True)
     if val_idx is None:
         train_idx, val_idx = split_validation(len(data["target"]), cfg.get("val_fraction", 0.0), gen)
     else:
@@ -79,7 +106,7 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
     n = len(train_idx)
     bs = cfg["batch_size"] or max(1, min(128, n // 16))
     use_tokens = model.use_gene_tokens
-    keep, fp_w = (torch.from_numpy(v).to(device) for v in footprint_tokens(data["fp"]))
+    keep, share = footprint_shares(data["fp"], device)
     target = torch.from_numpy(data["target"]).to(device)
     history, val_history = [], []
     best, best_epoch, best_state = math.inf, -1, None
@@ -92,9 +119,8 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
         for s in range(0, n, bs):
             idx = np.sort(perm[s:s + bs])
             masked = gen.random(len(idx)) < cfg["token_mask"]
-            hist, genes, offs, hidden = batch_inputs(data, idx, use_tokens, masked, device)
-            pred = model(hist, genes, offs, hidden, keep=keep[idx])
-            loss = footprint_loss(pred, fp_w[idx], target[idx], cfg["loss"])
+            inputs = batch_inputs(data, idx, use_tokens, masked, device)
+            loss = spot_loss(spot_means(model, inputs, keep[idx], share[idx]), target[idx], cfg["loss"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -104,7 +130,7 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
             raise InputError(f"training diverged at epoch {epoch + 1} (loss {history[-1]}); rerun with a lower "
                              f"--lr (now {cfg['lr']:g})")
         if len(val_idx):
-            val_history.append(validation_loss(model, data, val_idx, keep, fp_w, target, cfg, use_tokens, device, bs))
+            val_history.append(validation_loss(model, data, val_idx, keep, share, target, cfg, use_tokens, device, bs))
             if val_history[-1] < best * (1.0 - MIN_IMPROVEMENT):
                 best, best_epoch = val_history[-1], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
