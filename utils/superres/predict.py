@@ -110,7 +110,7 @@ def _predict_superpixels(models, maps, rows, cols, device, batch, progress, out,
 
 
 @torch.no_grad()
-def _predict_windows(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world):
+def _predict_windows(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world=World()):
     """predict_tissue over windows on the stride lattice, tent-blended where they overlap."""
     half, stride = cfg["half"], cfg["stride"]
     centre_r, centre_c, pix, window, token, weight = window_cover(rows, cols, half, stride)
