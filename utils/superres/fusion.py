@@ -85,7 +85,8 @@ class Detail:
         # the tissue's bounding box plus the filter's reach (scipy: int(4 sigma + 0.5)), genes first:
         # the same values (zeros outside either way) 3-4 x faster than the whole grid, genes last
         reach = int(4.0 * self.sigma + 0.5)
-        lo = np.maximum([rows.min(initial=0) - reach, cols.min(initial=0) - reach], 0)
+        first = (rows.min(), cols.min()) if len(rows) else (0, 0)    # (min(initial=0) would always be 0)
+        lo = np.maximum([first[0] - reach, first[1] - reach], 0)
         hi = np.minimum([rows.max(initial=0) + reach + 1, cols.max(initial=0) + reach + 1], shape)
         self.rows, self.cols, self.shape = rows - lo[0], cols - lo[1], tuple(int(v) for v in hi - lo)
         mask = np.zeros(self.shape, np.float32)
