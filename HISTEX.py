@@ -66,7 +66,8 @@ def build_parser():
     g.add_argument("--residual", action=argparse.BooleanOptionalAction, default=D.residual,
                    help="opt-in: the network predicts a signed correction to the Gaussian interpolation of the "
                         "spots (trained against each spot's leave-one-out interpolation, added to the interpolated "
-                        "map at inference); the run is named <model>-resid")
+                        "map at inference; it scored below the default late fusion on her2st, docs/BENCHMARKS.md); "
+                        "the run is named <model>-resid")
     o = p.add_argument_group("inference and output")
     o.add_argument("--spot-consistency", default=D.spot_consistency, choices=CHOICES["spot_consistency"],
                    help="mapping predictions back to counts: local = smooth per-gene correction so each spot's "

@@ -12,7 +12,8 @@ backbones:
                gradients, structure tensor and ridges at 1 um/px, pooled over 112 um and 448 um;
                24/29/29 channels; a 6.5 x 6.5 mm slide takes 15-30 s on 2 CPU cores
   stain-nuclei stain plus nuclear morphology of a hematoxylin segmentation (count, area, eccentricity,
-               extent, chromatin mean / spread, clumped fraction per super-pixel); 31/36/36 channels
+               extent, chromatin mean / spread, clumped fraction per super-pixel); 31/36/36 channels;
+               level with stain on her2st (docs/BENCHMARKS.md), so not the default
   uni          UNI ViT-L/16 (1024-d), gated: request access at https://huggingface.co/MahmoodLab/UNI, then
                --login TOKEN (or HF_TOKEN) to download, or --weights /path/to/pytorch_model.bin
   uni2-h       UNI2-h ViT-H/14 + 8 register tokens (1536-d); 256 px tiles resized to 224
