@@ -7,7 +7,7 @@ Steps, each a function below: read and check the inputs (_SpotInputs), super-res
 model's median over states, or the image-free interpolation), spot consistency, write the outputs.
 
 Under torchrun (utils.core.distributed) every rank reads the inputs, trains its share of the states
-and predicts its share of the inference windows; rank 0 holds the DIR lock and does everything
+and predicts its share of the super-pixels (superres/predict.py); rank 0 holds the DIR lock and does everything
 after (out-of-fold accuracy, consistency, fusion, writing). The maps equal a one-process run's."""
 import functools
 import json

@@ -17,16 +17,6 @@ MIN_IMPROVEMENT = 1e-3  # early stopping: a held-out loss must beat the best by 
 MIN_VAL_SPOTS, MIN_TRAIN_SPOTS = 2, 8  # fewer spots cannot validate / train a state: no hold-out then
 
 
-def footprint_mean(pred, fp):
-    """pred (B, T, G); fp (B, T) footprint weights (0/1) -> (B, G) mean over each footprint."""
-    return (pred * fp.unsqueeze(-1)).sum(1) / fp.sum(1, keepdim=True).clamp_min(1.0)
-
-
-def footprint_loss(pred, fp, target, kind="mse"):
-    """pred (B, T, G); fp (B, T) footprint weights (0/1); target (B, G)."""
-    return spot_loss(footprint_mean(pred, fp), target, kind)
-
-
 def spot_loss(mean, target, kind="mse"):
     """mean (B, G) footprint means of the predictions; target (B, G) scaled counts."""
     if kind == "poisson":
