@@ -36,6 +36,10 @@ def build_parser():
                    help="early stopping: epochs without a better (by 0.1%%) held-out loss before a state stops (0 = never stop early)")
     add_seed(p)
     add_device(p)
+    p.add_argument("--precision", default=D.precision, choices=CHOICES["precision"],
+                   help="arithmetic of the networks' matrix products: bf16 (bfloat16 under torch.autocast; weights, "
+                        "losses and outputs stay float32) or fp32. auto: bf16 on CPUs with AMX units and on GPUs "
+                        "that support it, else fp32 (run.json's config records the choice)")
     p.add_argument("--lr", type=V["lr"], default=D.lr, help="Adam learning rate (HISTEX/iStar used 1e-4: with early stopping, 1e-3 reaches a lower held-out loss in ~3 x fewer epochs)")
     p.add_argument("--weight-decay", type=V["weight_decay"], default=D.weight_decay, help="Adam weight decay")
     p.add_argument("--batch-size", type=V["batch_size"], default=D.batch_size, help="spots per batch; 0 = iStar's min(128, n_spots // 16)")

@@ -47,7 +47,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="tiles per forward pass (default 64 on GPU, 16 on CPU)")
     add_device(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="GPU autocast precision (auto: bf16 where supported, else fp16); the CPU always uses fp32")
+                   help="tile network autocast precision. GPU auto: bf16 where supported, else fp16; CPU auto: bf16 on CPUs with "
+                        "AMX units (about 3 x faster than fp32 for a ViT-L), else fp32; fp16 is GPU only")
     p.add_argument("--band-rows", type=POSITIVE_INT, default=32,
                    help="stain backbone: super-pixel rows per band (memory vs. speed; the result does not depend on it)")
     p.add_argument("--timm-kwargs", default=None, metavar="JSON",

@@ -16,7 +16,16 @@ class _PositiveOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, y = ctx.saved_tensors
-        return grad * torch.where(x > 0, 1.0, y)  # d/dx: 1 above 0, 0.01 exp(x) = y below
+        return grad * positive_slope(x, y.clamp(max=0.01))   # below 0, y = 0.01 exp(x) <= 0.01
+
+
+def positive_slope(x, e):
+    """The derivative of positive_output at x: 1 above 0, e = 0.01 exp(min(x, 0)) (<= 0.01) at or
+    below. Written as
+    max(e, step(x)) with step(x) = clamp(1e30 x, 0, 1) (exact but for 0 < x < 1e-30): torch's CPU
+    kernels of bool masks (where, masked_fill, >) ran 4-30 x slower than this arithmetic and were
+    a third of a training step."""
+    return torch.maximum(e, x.mul(1e30).clamp_(0, 1))
 
 
 def positive_output(x):
@@ -51,31 +60,37 @@ class _FootprintMean(torch.autograd.Function):
     """weights-averaged positive_output(h W^T + b) over tokens, without the (B, M, G) predictions
     ever being an autograd graph: on her2st C2 (1000 genes) training steps ran 1.1-1.4 x as fast
     (bench/profile_training.py --unfused); genes in chunks keep the element-wise work in cache, and
-    f' is stored in forward, not recomputed in backward."""
+    f' is stored in forward, not recomputed in backward. Under a bfloat16 autocast (--precision
+    bf16) only the three matrix products are bfloat16; f, f' and the means stay float32."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, w, chunk):
-        out = h.new_empty(h.shape[0], weight.shape[0])
-        slope = h.new_empty(h.shape[:-1] + (weight.shape[0],))          # f'(x), (B, M, G)
-        for g0 in range(0, weight.shape[0], chunk):
-            g = slice(g0, g0 + chunk)
-            x = h @ weight[g].t() if bias is None else torch.addmm(bias[g], h.flatten(0, 1), weight[g].t()).view(
-                h.shape[0], h.shape[1], -1)
-            e = torch.exp(x.clamp(max=0)).mul_(0.01)
-            slope[..., g] = torch.where(x > 0, 1.0, e)
-            out[:, g] = torch.bmm(w.unsqueeze(1), x.clamp_(min=0).add_(e)).squeeze(1)
-        ctx.save_for_backward(h, weight, w, slope)
-        ctx.has_bias = bias is not None
+        dev = h.device.type
+        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        with torch.autocast(dev, enabled=False):
+            hm, wm = (h.float(), weight) if low is None else (h.to(low), weight.to(low))
+            out = hm.new_empty(h.shape[0], weight.shape[0], dtype=torch.float32)
+            slope = out.new_empty(h.shape[:-1] + (weight.shape[0],))          # f'(x), (B, M, G)
+            for g0 in range(0, weight.shape[0], chunk):
+                g = slice(g0, g0 + chunk)
+                x = (hm @ wm[g].t() if bias is None else torch.addmm(
+                    bias[g].to(hm.dtype), hm.flatten(0, 1), wm[g].t()).view(h.shape[0], h.shape[1], -1)).float()
+                e = torch.exp(x.clamp(max=0)).mul_(0.01)
+                slope[..., g] = positive_slope(x, e)
+                out[:, g] = torch.bmm(w.unsqueeze(1), x.clamp_(min=0).add_(e)).squeeze(1)
+        ctx.save_for_backward(hm, wm, w, slope)
+        ctx.has_bias, ctx.h_dtype, ctx.w_dtype = bias is not None, h.dtype, weight.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, w, slope = ctx.saved_tensors
-        gx = slope.mul_(w.unsqueeze(-1)).mul_(grad.unsqueeze(1))       # (B, M, G), in place of f'
-        g2 = gx.flatten(0, 1)
-        grad_w = g2.t() @ h.flatten(0, 1)
-        grad_b = g2.sum(0) if ctx.has_bias else None
-        return gx @ weight, grad_w, grad_b, None, None
+        hm, wm, w, slope = ctx.saved_tensors
+        with torch.autocast(hm.device.type, enabled=False):
+            gx = slope.mul_(w.unsqueeze(-1)).mul_(grad.unsqueeze(1))       # (B, M, G), in place of f'
+            grad_b = gx.flatten(0, 1).sum(0) if ctx.has_bias else None
+            gx = gx.to(hm.dtype)
+            grad_w = (gx.flatten(0, 1).t() @ hm.flatten(0, 1)).to(ctx.w_dtype)
+            return (gx @ wm).to(ctx.h_dtype), grad_w, grad_b, None, None
 
 
 def footprint_output(h, linear, weights, chunk=256):

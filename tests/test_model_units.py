@@ -282,3 +282,30 @@ def test_spot_sums_read_only_the_footprint_superpixels():
     fp = sp.random(6, 50, density=0.1, random_state=5, format="csr", dtype=np.float64)
     values = rng.random((50, 4), dtype=np.float32)
     np.testing.assert_array_equal(spot_sums(values, fp), fp @ values.astype(np.float64))
+
+
+def test_bf16_footprint_mean_is_float32_and_close_to_fp32():
+    """Under --precision bf16 only the matrix products are bfloat16: the fused footprint mean and
+    every gradient come back in float32, within bfloat16 rounding of the fp32 ones."""
+    from utils.core.device import autocast
+    from utils.superres.train import footprint_shares, spot_means
+    torch.manual_seed(4)
+    m = build_model("trihrge", DIMS, 300, 7, d=16, dropout=0.0, use_gene_tokens=False, use_window_attention=False)
+    B = 4
+    hist = {k: torch.randn(B, 49, c) for k, c in DIMS.items()}
+    keep, share = footprint_shares(np.random.default_rng(1).random((B, 49)) < 0.6, "cpu")
+    target = torch.rand(B, 300)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        m.zero_grad()
+        mean = spot_means(m, (hist, None, None, None), keep, share, precision)
+        ((mean - target) ** 2).mean().backward()
+        runs[precision] = (mean.detach(), [p.grad.clone() for p in m.parameters()])
+    (a, ga), (b, gb) = runs["fp32"], runs["bf16"]
+    assert b.dtype == torch.float32 and all(g.dtype == torch.float32 for g in gb)
+    assert not torch.equal(a, b)  # the products really ran in bfloat16
+    assert torch.allclose(a, b, rtol=0.02, atol=1e-3)
+    for x, y in zip(ga, gb):
+        assert (x - y).norm() <= 0.05 * x.norm() + 1e-6
+    with autocast("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")

@@ -21,6 +21,28 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """The arithmetic of the networks on `device`: 'fp32', or 'bf16' (bfloat16 matrix products under
+    torch.autocast, float32 weights, losses and element-wise outputs). 'auto' takes bf16 where the
+    hardware has bf16 matrix units: a CUDA GPU that supports it, or a CPU with AMX tiles (Xeon 4th
+    generation on), where a 128 x 1000 output layer ran 6-12 x its float32 speed; else fp32."""
+    import torch
+    if precision not in ("auto", "fp32", "bf16"):
+        raise InputError(f"--precision {precision}: choose auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    if str(device).startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bf16" if amx() else "fp32"
+
+
+def autocast(device: str, precision: str):
+    """torch.autocast to bfloat16 on `device` when precision is 'bf16'; a no-op context otherwise."""
+    import torch
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def available_cpus(*, root: Path = Path("/"), environ: Mapping = os.environ) -> int:
     """How many CPUs this process should compute on: OMP_NUM_THREADS when it is a positive integer
     (the user's explicit choice), else the fewer of the CPUs in its affinity mask (taskset, SLURM's

@@ -285,8 +285,8 @@ class TileModel:
         x = (x - self._mean_t) / self._std_t
         dt = self.autocast_dtype
         with torch.inference_mode():
-            if dt is not None and self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=dt):
+            if dt is not None:
+                with torch.autocast(self.device.type, dtype=dt):
                     feats = self.model.forward_features(x)
                     summ = self.model.forward_head(feats, pre_logits=True)
             else:
@@ -325,10 +325,15 @@ class TileModel:
 
 
 def pick_precision(precision, device):
+    """The autocast precision of the tile network: on the GPU 'auto' is bf16 where supported, else
+    fp16; on the CPU bf16 (under an AMX unit, where a ViT-L ran 3 x its fp32 speed with token cosine
+    similarity >= 0.9999 to fp32, docs/BENCHMARKS.md) or fp32 (core.device.resolve_precision)."""
     if device != "cuda":
-        if precision in ("bf16", "fp16"):
-            log.warning("--precision %s applies on the GPU only; computing in fp32 on the CPU", precision)
-        return "fp32"
+        if precision == "fp16":
+            log.warning("--precision fp16 applies on the GPU only; computing in fp32 on the CPU")
+            return "fp32"
+        from ..core.device import resolve_precision
+        return resolve_precision(precision, "cpu")
     if precision == "auto":
         import torch
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -154,7 +154,8 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
                                        retrain=config.retrain, device=device, progress=progress, folds=folds,
                                        workers=_cpus(config), world=world)
     oof = None if folds is None or not world.leader else \
-        (lo if loo is None else loo) + out_of_fold_scaled(models, folds, td.data, device) * (hi - lo)
+        (lo if loo is None else loo) + out_of_fold_scaled(models, folds, td.data, device,
+                                                             precision=td.cfg.get("precision", "fp32")) * (hi - lo)
     t_pred = time.time()
     shape = (len(inp.rows), len(inp.genes))
     sr = None

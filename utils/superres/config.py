@@ -19,7 +19,8 @@ VALIDATORS = {
     "batch_windows": POSITIVE_INT, "threads": COUNT,
 }
 CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "global", "none"),
-           "fusion": ("blend", "blend-linear", "none"), "device": ("auto", "cpu", "cuda")}
+           "fusion": ("blend", "blend-linear", "none"), "device": ("auto", "cpu", "cuda"),
+           "precision": ("auto", "fp32", "bf16")}
 # settings that name the run (results/<model>-<tag>...) when on: the ablations and opt-in parts
 RUN_NAME_TAGS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("gene_tokens", "tokens"),
                  ("no_linear_head", "nohead"), ("window_attention", "attn"), ("residual", "resid"))
@@ -36,6 +37,9 @@ class HistexConfig:
     patience: int = 20
     seed: int = 0
     device: str = "auto"
+    # auto: bf16 matrix products where the hardware has bf16 units (AMX CPUs, GPUs); measured in
+    # docs/BENCHMARKS.md ("The CPU path") to train ~x faster with the same held-out scores
+    precision: str = "auto"
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 0
@@ -120,6 +124,12 @@ class HistexConfig:
     def consistency(self) -> str:
         return self.model_class.default_spot_consistency if self.spot_consistency == "auto" else self.spot_consistency
 
+    @property
+    def resolved_precision(self) -> str:
+        """'fp32' or 'bf16': --precision on the device this run computes on (core.device)."""
+        from ..core.device import resolve_device, resolve_precision
+        return resolve_precision(self.precision, resolve_device(self.device))
+
     def model_config(self, dims: dict, n_genes: int, half: int) -> dict:
         """What a trained state depends on (plus the inference stride): stored in run.json and
         hashed into the state fingerprint, so its keys and values must stay as they are."""
@@ -130,7 +140,9 @@ class HistexConfig:
                 "lr": self.lr, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
                 "epochs": self.epochs, "val_fraction": self.val_fraction, "patience": self.patience,
                 "loss": self.loss, "token_mask": self.token_mask, "k_tokens": self.k_tokens,
-                **({"cv_folds": self.cv_folds, "cv_seed": self.seed} if self.cv_folds else {})}
+                **({"cv_folds": self.cv_folds, "cv_seed": self.seed} if self.cv_folds else {}),
+                # only when not fp32, so states trained before the option existed still match
+                **({"precision": p} if (p := self.resolved_precision) != "fp32" else {})}
 
     def as_parameters(self) -> dict:
         """Plain data for the manifest and run.json."""

@@ -34,9 +34,9 @@ def spot_folds(n_spots: int, n_folds: int, seed: int):
 
 
 @torch.no_grad()
-def out_of_fold_scaled(models, folds, data, device, batch=64):
+def out_of_fold_scaled(models, folds, data, device, batch=64, precision="fp32"):
     """(n_spots, G) float32: each spot's footprint mean predicted by the state that held it out
-    (scaled units, as the training target); NaN for spots in no fold."""
+    (scaled units, as the training target); NaN for spots in no fold. precision: as training's."""
     keep, share = footprint_shares(data["fp"], device)
     out = np.full(data["target"].shape, np.nan, dtype=np.float32)
     for model, idx in zip(models, folds):
@@ -44,7 +44,7 @@ def out_of_fold_scaled(models, folds, data, device, batch=64):
         for s in range(0, len(idx), batch):
             b = idx[s:s + batch]
             inputs = batch_inputs(data, b, model.use_gene_tokens, np.ones(len(b), bool), device)
-            out[b] = spot_means(model, inputs, keep[b], share[b]).float().cpu().numpy()
+            out[b] = spot_means(model, inputs, keep[b], share[b], precision).cpu().numpy()
     return out
 
 

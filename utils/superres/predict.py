@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import geometry as geo
+from ..core.device import autocast
 from ..core.distributed import World
 from .inputs import batch_inputs, gather_windows
 
@@ -74,6 +75,11 @@ def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, prog
     share of the batches and only rank 0 returns the array (the others None; `out` is rank 0's)."""
     if world.leader and out is None:
         out = np.empty((len(rows), cfg["n_genes"]), dtype=np.float32)
+    with autocast(device, cfg.get("precision", "fp32")):
+        return _predict(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world)
+
+
+def _predict(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world):
     if all(getattr(m, "independent_tokens", False) for m in models):
         # as many super-pixels per batch as `batch` windows hold: smaller batches (1024) were faster on
         # an idle machine but 3 x slower beside other jobs (each op's threads wait for a busy core)

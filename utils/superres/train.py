@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from models import build_model
 
+from ..core.device import autocast
 from ..core.errors import InputError
 from .inputs import batch_inputs
 
@@ -40,12 +41,14 @@ def footprint_shares(fp, device):
     return torch.from_numpy(keep).to(device), torch.from_numpy(share).to(device)
 
 
-def spot_means(model, inputs, keep, share):
-    """(B, G) footprint means of a model's predictions for the windows of `inputs` (batch_inputs):
-    the fused model.footprint_mean when it has one (models/layers.py), else from its predictions."""
-    if hasattr(model, "footprint_mean"):
-        return model.footprint_mean(*inputs, keep=keep, weights=share)
-    return predicted_means(model, inputs, keep, share)
+def spot_means(model, inputs, keep, share, precision="fp32"):
+    """(B, G) float32 footprint means of a model's predictions for the windows of `inputs`
+    (batch_inputs): the fused model.footprint_mean when it has one (models/layers.py), else from its
+    predictions; precision 'bf16': under a bfloat16 autocast (core.device.resolve_precision)."""
+    with autocast(share.device, precision):
+        if hasattr(model, "footprint_mean"):
+            return model.footprint_mean(*inputs, keep=keep, weights=share).float()
+        return predicted_means(model, inputs, keep, share).float()
 
 
 def predicted_means(model, inputs, keep, share):
@@ -73,7 +76,8 @@ def validation_loss(model, data, idx, keep, share, target, cfg, use_tokens, devi
     total = 0.0
     for s in range(0, len(idx), bs):
         b = idx[s:s + bs]
-        mean = spot_means(model, batch_inputs(data, b, use_tokens, np.ones(len(b), bool), device), keep[b], share[b])
+        mean = spot_means(model, batch_inputs(data, b, use_tokens, np.ones(len(b), bool), device), keep[b], share[b],
+                          cfg.get("precision", "fp32"))
         total += spot_loss(mean, target[b], cfg["loss"]).item() * len(b)
     model.train()
     return total / max(1, len(idx))
@@ -95,7 +99,7 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
         train_idx = np.setdiff1d(np.arange(len(data["target"])), val_idx)
     n = len(train_idx)
     bs = cfg["batch_size"] or max(1, min(128, n // 16))
-    use_tokens = model.use_gene_tokens
+    use_tokens, precision = model.use_gene_tokens, cfg.get("precision", "fp32")
     keep, share = footprint_shares(data["fp"], device)
     target = torch.from_numpy(data["target"]).to(device)
     history, val_history = [], []
@@ -110,7 +114,7 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
             idx = np.sort(perm[s:s + bs])
             masked = gen.random(len(idx)) < cfg["token_mask"]
             inputs = batch_inputs(data, idx, use_tokens, masked, device)
-            loss = spot_loss(spot_means(model, inputs, keep[idx], share[idx]), target[idx], cfg["loss"])
+            loss = spot_loss(spot_means(model, inputs, keep[idx], share[idx], precision), target[idx], cfg["loss"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
