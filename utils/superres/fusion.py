@@ -80,26 +80,29 @@ class Detail:
     MAX_RATIO = 20.0   # a super-pixel at most 20 x its neighbourhood: bounds a near-empty neighbourhood
 
     def __init__(self, rows, cols, shape, sigma_sp, genes_per_pass=32):
-        from scipy.ndimage import gaussian_filter
+        if not 1 <= genes_per_pass <= 512:
+            raise ValueError("genes_per_pass: OpenCV filters at most 512 channels")
         self.sigma, self.step = float(sigma_sp), genes_per_pass
-        # the tissue's bounding box plus the filter's reach (scipy: int(4 sigma + 0.5)), genes first:
-        # the same values (zeros outside either way) 3-4 x faster than the whole grid, genes last
-        reach = int(4.0 * self.sigma + 0.5)
+        # the tissue's bounding box plus the filter's reach (scipy's truncation: int(4 sigma + 0.5)):
+        # the same values (zeros outside either way) 3-4 x faster than the whole grid
+        self.reach = int(4.0 * self.sigma + 0.5)
         first = (rows.min(), cols.min()) if len(rows) else (0, 0)    # (min(initial=0) would always be 0)
-        lo = np.maximum([first[0] - reach, first[1] - reach], 0)
-        hi = np.minimum([rows.max(initial=0) + reach + 1, cols.max(initial=0) + reach + 1], shape)
+        lo = np.maximum([first[0] - self.reach, first[1] - self.reach], 0)
+        hi = np.minimum([rows.max(initial=0) + self.reach + 1, cols.max(initial=0) + self.reach + 1], shape)
         self.rows, self.cols, self.shape = rows - lo[0], cols - lo[1], tuple(int(v) for v in hi - lo)
-        mask = np.zeros(self.shape, np.float32)
-        mask[self.rows, self.cols] = 1.0
-        self._weight = gaussian_filter(mask, self.sigma, mode="constant")[self.rows, self.cols]  # tissue share
+        self._weight = self.smoothed(np.ones((len(rows), 1), np.float32), normalise=False)[:, 0]  # tissue share
 
-    def smoothed(self, values):
-        """(n_sp, g) values smoothed over the tissue only (normalised convolution)."""
-        from scipy.ndimage import gaussian_filter
-        grid = np.zeros((values.shape[1],) + self.shape, np.float32)
-        grid[:, self.rows, self.cols] = values.T
-        out = gaussian_filter(grid, (0, self.sigma, self.sigma), mode="constant")[:, self.rows, self.cols].T
-        return out / self._weight[:, None]
+    def smoothed(self, values, normalise=True):
+        """(n_sp, g) values smoothed over the tissue only (normalised convolution). Genes are the
+        channels of one OpenCV separable filter (zero outside the grid, scipy's gaussian_filter
+        to 2e-7 and 5-9 x faster: it was half of the blend)."""
+        import cv2
+        grid = np.zeros(self.shape + (values.shape[1],), np.float32)
+        grid[self.rows, self.cols] = values
+        k = cv2.getGaussianKernel(2 * self.reach + 1, self.sigma, cv2.CV_32F)
+        out = cv2.sepFilter2D(grid, -1, k, k, borderType=cv2.BORDER_CONSTANT)
+        out = out.reshape(self.shape + (values.shape[1],))[self.rows, self.cols]   # one gene: cv2 drops the axis
+        return out / self._weight[:, None] if normalise else out
 
     def blend(self, sr, a, kernel, per_sp):
         for g0 in range(0, sr.shape[1], self.step):
@@ -109,7 +112,6 @@ class Detail:
             interp = np.asarray(kernel @ per_sp[:, g], dtype=np.float32)
             sr[:, g] = a[g] * m + (1.0 - a[g]) * interp * ratio
         return sr
-
 
 def leave_one_out_factors(measured, predicted, xy, sigma_px):
     """(n_spots, G) local consistency factors at each spot from the other spots only: the
