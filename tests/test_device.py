@@ -65,3 +65,19 @@ def test_omp_num_threads_wins_when_a_positive_integer(tmp_path, eight_cpus, omp,
 
 def test_this_machine_gives_at_least_one():
     assert device.available_cpus() >= 1
+
+
+def test_precision_auto_follows_the_cpus_bf16_units(monkeypatch):
+    """--precision auto is bf16 exactly where the CPU has AMX tiles; explicit choices are kept and
+    anything else is one user error."""
+    import torch
+
+    from utils.core.errors import InputError
+    for amx, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        assert device.resolve_precision("auto", "cpu") == want
+    assert device.resolve_precision("fp32", "cpu") == "fp32" and device.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(InputError, match="--precision fp16"):
+        device.resolve_precision("fp16", "cpu")
+    with device.autocast("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

@@ -187,6 +187,7 @@ BAD_OPTIONS = [
     ("HISTEX.py", ["--sigma", "-1"]), ("HISTEX.py", ["--epochs", "inf"]), ("HISTEX.py", ["--seed", "-1"]),
     ("HISTEX.py", ["--d-model", "30", "--heads", "4"]), ("HISTEX.py", ["--token-mask", "2"]),
     ("HISTEX.py", ["--val-fraction", "0.5"]), ("HISTEX.py", ["--stride", "-1"]), ("HISTEX.py", ["--fusion", "mix"]),
+    ("HISTEX.py", ["--precision", "fp16"]), ("Histology_Extractor.py", ["--precision", "half"]),
     ("Histology_Extractor.py", ["--shifts", "0"]), ("Histology_Extractor.py", ["--batch-size", "0"]),
     ("Histology_Extractor.py", ["--band-rows", "-3"]), ("Histology_Extractor.py", ["--timm-kwargs", "[1]"]),
     ("masking_non_tissue.py", ["--threshold", "5"]), ("masking_non_tissue.py", ["--min-region-um2", "nan"]),
