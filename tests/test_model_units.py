@@ -309,3 +309,25 @@ def test_bf16_footprint_mean_is_float32_and_close_to_fp32():
         assert (x - y).norm() <= 0.05 * x.norm() + 1e-6
     with autocast("cpu", "fp32"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_footprint_mean_does_not_depend_on_the_gene_chunk(precision):
+    """The gene chunk is a speed setting only: the chunks gene_chunk picks (64, 128, 256) give the
+    same bits, forward and backward (a chunk of 100 genes does not: other kernels)."""
+    from models.layers import footprint_output, gene_chunk
+    from utils.core.device import autocast
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(16, 300, bias=False)
+    h = torch.randn(6, 11, 16, requires_grad=True)
+    w = torch.rand(6, 11)
+    runs = []
+    for chunk in (64, 128, 256, None):
+        lin.zero_grad()
+        h.grad = None
+        with autocast("cpu", precision):
+            out = footprint_output(h, lin, w, chunk)
+        (out * torch.arange(300)).sum().backward()
+        runs.append((out.detach(), lin.weight.grad.clone(), h.grad.clone()))
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+    assert gene_chunk(615) == 256 and gene_chunk(5120) == 128 and gene_chunk(100_000) == 64
