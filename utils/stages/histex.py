@@ -28,7 +28,7 @@ from ..core.stage import rank_stage
 from ..report import write_report
 from ..scverse.spatial import tissue_images
 from ..spots.genes import scale_counts
-from ..superres.config import HistexConfig
+from ..superres.config import HistexConfig, precision_of
 from ..superres.consistency import (
     apply_spot_consistency,
     spot_sums,
@@ -155,7 +155,7 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
                                        workers=_cpus(config), world=world)
     oof = None if folds is None or not world.leader else \
         (lo if loo is None else loo) + out_of_fold_scaled(models, folds, td.data, device,
-                                                             precision=td.cfg.get("precision", "fp32")) * (hi - lo)
+                                                             precision=precision_of(td.cfg)) * (hi - lo)
     t_pred = time.time()
     shape = (len(inp.rows), len(inp.genes))
     sr = None

@@ -90,6 +90,8 @@ class Detail:
         lo = np.maximum([first[0] - self.reach, first[1] - self.reach], 0)
         hi = np.minimum([rows.max(initial=0) + self.reach + 1, cols.max(initial=0) + self.reach + 1], shape)
         self.rows, self.cols, self.shape = rows - lo[0], cols - lo[1], tuple(int(v) for v in hi - lo)
+        import cv2
+        self._kernel = cv2.getGaussianKernel(2 * self.reach + 1, self.sigma, cv2.CV_32F)
         self._weight = self.smoothed(np.ones((len(rows), 1), np.float32), normalise=False)[:, 0]  # tissue share
 
     def smoothed(self, values, normalise=True):
@@ -99,8 +101,7 @@ class Detail:
         import cv2
         grid = np.zeros(self.shape + (values.shape[1],), np.float32)
         grid[self.rows, self.cols] = values
-        k = cv2.getGaussianKernel(2 * self.reach + 1, self.sigma, cv2.CV_32F)
-        out = cv2.sepFilter2D(grid, -1, k, k, borderType=cv2.BORDER_CONSTANT)
+        out = cv2.sepFilter2D(grid, -1, self._kernel, self._kernel, borderType=cv2.BORDER_CONSTANT)
         out = out.reshape(self.shape + (values.shape[1],))[self.rows, self.cols]   # one gene: cv2 drops the axis
         return out / self._weight[:, None] if normalise else out
 
@@ -112,6 +113,7 @@ class Detail:
             interp = np.asarray(kernel @ per_sp[:, g], dtype=np.float32)
             sr[:, g] = a[g] * m + (1.0 - a[g]) * interp * ratio
         return sr
+
 
 def leave_one_out_factors(measured, predicted, xy, sigma_px):
     """(n_spots, G) local consistency factors at each spot from the other spots only: the

@@ -47,9 +47,9 @@ def write_h5ad_streamed(path, obs, var, X, uns=None, obsm=None, chunk_rows=4096,
 def _deflated_chunk(X, start, rows):
     """Rows start.. of X as one stored HDF5 chunk: zero-padded to `rows`, HDF5's byte shuffle (the
     i-th bytes of all values together), then zlib level 1 (HDF5's deflate filter)."""
-    block = np.zeros((rows, X.shape[1]), np.float32)
-    part = np.asarray(X[start:start + rows], dtype=np.float32)
-    block[:len(part)] = part
+    block = np.ascontiguousarray(X[start:start + rows], dtype=np.float32)
+    if len(block) < rows:                                 # the last chunk
+        block = np.concatenate([block, np.zeros((rows - len(block), block.shape[1]), np.float32)])
     return zlib.compress(np.ascontiguousarray(block.view(np.uint8).reshape(-1, 4).T), 1)
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..core import geometry as geo
 from ..core.device import autocast
 from ..core.distributed import World
+from .config import precision_of
 from .inputs import batch_inputs, gather_windows
 
 
@@ -75,7 +76,7 @@ def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, prog
     share of the batches and only rank 0 returns the array (the others None; `out` is rank 0's)."""
     if world.leader and out is None:
         out = np.empty((len(rows), cfg["n_genes"]), dtype=np.float32)
-    with autocast(device, cfg.get("precision", "fp32")):
+    with autocast(device, precision_of(cfg)):
         return _predict(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world)
 
 

@@ -11,6 +11,7 @@ from models import build_model
 
 from ..core.device import autocast
 from ..core.errors import InputError
+from .config import precision_of
 from .inputs import batch_inputs
 
 log = logging.getLogger("trihrge")
@@ -77,7 +78,7 @@ def validation_loss(model, data, idx, keep, share, target, cfg, use_tokens, devi
     for s in range(0, len(idx), bs):
         b = idx[s:s + bs]
         mean = spot_means(model, batch_inputs(data, b, use_tokens, np.ones(len(b), bool), device), keep[b], share[b],
-                          cfg.get("precision", "fp32"))
+                          precision_of(cfg))
         total += spot_loss(mean, target[b], cfg["loss"]).item() * len(b)
     model.train()
     return total / max(1, len(idx))
@@ -99,7 +100,7 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
         train_idx = np.setdiff1d(np.arange(len(data["target"])), val_idx)
     n = len(train_idx)
     bs = cfg["batch_size"] or max(1, min(128, n // 16))
-    use_tokens, precision = model.use_gene_tokens, cfg.get("precision", "fp32")
+    use_tokens, precision = model.use_gene_tokens, precision_of(cfg)
     keep, share = footprint_shares(data["fp"], device)
     target = torch.from_numpy(data["target"]).to(device)
     history, val_history = [], []
