@@ -83,6 +83,8 @@ def build_parser():
                         "by the weight that best predicts the held-out spots (cross-fitting; shrunk "
                         "towards one weight for all genes), so a gene the histology does not inform falls back to "
                         "smoothing; needs cross-fitting (not with --no-cross-fit or --val-fraction 0); "
+                        "stack = near the spots as blend, between them a per-gene stacking of the image model, the "
+                        "consistent map and the interpolation fitted on the held-out spots (utils/superres/stacking.py); "
                         "none = the model's map alone")
     o.add_argument("--sigma", type=V["sigma"], default=D.sigma, help="Gaussian kernel width in lattice spacings (interp, local consistency)")
     o.add_argument("--consistency-sigma", type=V["consistency_sigma"], default=D.consistency_sigma,

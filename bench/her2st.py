@@ -36,7 +36,7 @@ MODELS = {"trihrge": [], "mlp": ["--model", "mlp", *NONE], "interp": ["--model",
           "no-multiscale": ["--no-multiscale"], "no-macro": ["--no-macro"],
           "no-linear-head": ["--no-linear-head"], "token-mask-0": ["--gene-tokens", "--token-mask", "0", *NONE],
           "consistency-global": ["--spot-consistency", "global"], "consistency-none": ["--spot-consistency", "none"],
-          "fusion-blend": ["--fusion", "blend"], "no-fusion": NONE, "blend-linear": ["--fusion", "blend-linear"], "no-cross-fit": ["--no-cross-fit"],
+          "fusion-blend": ["--fusion", "blend"], "no-fusion": NONE, "blend-linear": ["--fusion", "blend-linear"], "stack": ["--fusion", "stack"], "no-cross-fit": ["--no-cross-fit"],
           "no-gene-tokens-blend": ["--no-gene-tokens", "--window-attention", "--fusion", "blend"],
           "gene-tokens-blend": ["--gene-tokens", "--fusion", "blend"],
           "no-gene-tokens-blend-linear": ["--no-gene-tokens", "--window-attention", "--fusion", "blend-linear"],
@@ -47,7 +47,7 @@ MODELS = {"trihrge": [], "mlp": ["--model", "mlp", *NONE], "interp": ["--model",
           "mlp-residual": ["--model", "mlp", "--residual", "--spot-consistency", "local", "--fusion", "blend"]}
 # configurations that change only what happens after training: they start from the trained states of
 # the configuration named here (same tag and seed; the states cache retrains what does not match)
-SAME_STATES = {"fusion-blend": "trihrge", "consistency-global": "trihrge", "consistency-none": "trihrge",
+SAME_STATES = {"fusion-blend": "trihrge", "stack": "trihrge", "consistency-global": "trihrge", "consistency-none": "trihrge",
                "no-fusion": "trihrge", "blend-linear": "trihrge", "trihrge": "blend-linear", "no-gene-tokens-blend": "no-gene-tokens", "gene-tokens-blend": "gene-tokens",
                "no-gene-tokens-blend-linear": "no-gene-tokens",
                "mlp-local": "mlp", "mlp-local-blend": "mlp-local", "no-window-attention": "no-window-attention-blend",

@@ -31,6 +31,7 @@ from ..spots.genes import scale_counts
 from ..superres.config import HistexConfig, precision_of
 from ..superres.consistency import (
     apply_spot_consistency,
+    global_rescale_factors,
     spot_sums,
     superpixel_kernel,
     tissue_footprints,
@@ -60,6 +61,7 @@ from ..superres.outputs import (
     write_h5ad_streamed,
     write_loss_plot,
 )
+from ..superres.stacking import between_maps, mix_by_proximity, proximity, stack_weights, stacked_oof
 from ..superres.predict import predict_tissue
 from ..superres.states import trained_states
 
@@ -160,7 +162,8 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
     shape = (len(inp.rows), len(inp.genes))
     sr = None
     if world.leader:
-        st.require_space(3 * shape[0] * shape[1] * 4, "the super-resolution maps", where=out_dir)
+        maps = 4 if config.fusion == "stack" else 3   # stack: the image model's own map as well
+        st.require_space(maps * shape[0] * shape[1] * 4, "the super-resolution maps", where=out_dir)
         sr = _scratch_memmap(st.scratch(out_dir / "pred-scaled.npy"), shape)
     predict_tissue(models, td.cfg, td.maps, td.tokens, inp.rows, inp.cols, device, batch=config.batch_windows,
                    progress=progress, out=sr, world=world)
@@ -189,7 +192,19 @@ def _reference_oof(inp, config):
     return leave_one_out_interpolation(inp.counts, inp.xy, inp.sigma_px(config))
 
 
-def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel):
+def _image_map(st, out_dir, inp, config, sr, oof, before):
+    """--fusion stack: a scratch copy of the model's map with one scale per gene (the global
+    consistency), taken before the local consistency changes sr; None otherwise."""
+    if config.fusion != "stack" or oof is None or not config.model_class.trainable:
+        return None
+    image = _scratch_memmap(st.scratch(out_dir / "image-map.npy"), sr.shape)
+    scale = global_rescale_factors(inp.counts, before)
+    for s0 in range(0, len(sr), 65536):
+        image[s0:s0 + 65536] = sr[s0:s0 + 65536] * scale
+    return image
+
+
+def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image=None):
     """With an out-of-fold prediction (the interpolation's is its leave-one-out reference): the
     per-gene blend of the consistent map with the interpolation (--fusion blend, applied to sr in
     place; fusion.py) and the cross-validated accuracy of the maps that are written, logged in one
@@ -197,7 +212,7 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel):
     Returns (genes-accuracy table, run.json summary, fusion record), Nones without one."""
     trainable = config.model_class.trainable
     if oof is None and trainable:
-        if config.fusion == "blend":
+        if config.fusion != "none":
             log.info("fusion: none (the blend is chosen on the out-of-fold predictions of cross-fitting, which "
                      "this run has not: --no-cross-fit, --val-fraction 0, one state or too few spots)")
         return None, None, None
@@ -207,15 +222,26 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel):
     model_oof, fusion, a = oof, None, None
     if trainable:  # measure the maps that are written: through the consistency, from the other spots
         oof = consistent_oof(oof, inp.counts, before, inp.xy, sigma_c * inp.spacing_px, config.consistency)
-    if config.fusion in ("blend", "blend-linear") and trainable:
+    stacked = None
+    if image is not None:  # --fusion stack: the between-spot map first, while sr is the consistent map
+        image_oof = consistent_oof(model_oof, inp.counts, before, inp.xy, 0.0, "global")
+        c, stacking = stack_weights(inp.counts, [image_oof, oof], ref)
+        between_maps(image, c, sr, kernel(), inp.counts / np.float32(n_fp))
+        stacked = stacked_oof(c, [image_oof, oof], ref)
+    if config.fusion in ("blend", "blend-linear", "stack") and trainable:
         a, fusion = blend_weights(inp.counts, oof, ref)
         # the within-spot detail kept: a Gaussian of half the spot radius separates it from the level
         detail = Detail(inp.rows, inp.cols, inp.mask.shape, float(inp.spots.uns["radius_px"]) / geo.SUPER_PIXEL_PX / 2) \
-            if config.fusion == "blend" else None
+            if config.fusion != "blend-linear" else None
         blend_maps(sr, a, kernel(), inp.counts, n_fp, detail=detail)
         oof = blended_oof(a, oof, ref)
         log.info("fusion: per-gene blend with the interpolation, median weight of the model %.2f (pooled %.2f)",
                  fusion["median_weight"], fusion["pooled_weight"])
+    if stacked is not None:  # the out-of-fold spots stand where no spot is measured: the stacked map's estimate
+        mix_by_proximity(sr, image, proximity(inp.rows, inp.cols, inp.xy, float(inp.spots.uns["radius_px"])))
+        fusion, oof = {"blend": fusion, "stack": stacking}, stacked
+        log.info("fusion: between spots, image model %.2f, consistent map %.2f, interpolation %.2f (median weights)",
+                 *stacking["median_weights"].values())
     table = gene_accuracy(inp.counts, oof, ref, inp.genes, model=model_oof if fusion else None, weights=a)
     cv = cv_summary(table)
     log.info("cross-validated accuracy (out-of-fold, spot level, %d most variable genes, %d spots): median "
@@ -287,9 +313,10 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
             sr, cfg, histories, oof = _interpolate(inp, config, n_fp, kernel)
         before = spot_sums(sr, inp.footprints)  # the maps' spot sums before consistency
         sigma_c, sigma_record = _consistency_sigma(inp, config, oof, before)
+        image = _image_map(st, out_dir, inp, config, sr, oof, before)
         predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints,
                                            lambda: kernel_at(sigma_c), predicted=before)
-        accuracy, cv, fusion = _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel)
+        accuracy, cv, fusion = _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image)
         if fusion:
             predicted = spot_sums(sr, inp.footprints)
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,

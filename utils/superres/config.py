@@ -19,7 +19,7 @@ VALIDATORS = {
     "batch_windows": POSITIVE_INT, "threads": COUNT,
 }
 CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "global", "none"),
-           "fusion": ("blend", "blend-linear", "none"), "device": ("auto", "cpu", "cuda"),
+           "fusion": ("blend", "blend-linear", "stack", "none"), "device": ("auto", "cpu", "cuda"),
            "precision": ("auto", "fp32", "bf16")}
 # settings that name the run (results/<model>-<tag>...) when on: the ablations and opt-in parts
 RUN_NAME_TAGS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("gene_tokens", "tokens"),
