@@ -78,12 +78,12 @@ def build_parser():
                         "super-pixels sum to about its count; global = one factor per gene (iStar); "
                         "auto = local for trihrge, global for mlp, none for interp")
     o.add_argument("--fusion", default=D.fusion, choices=CHOICES["fusion"],
-                   help="blend (default) = per gene, mix the model's map (after spot consistency) with the "
+                   help="blend = per gene, mix the model's map (after spot consistency) with the "
                         "interpolation (carrying the map's within-spot detail; blend-linear: the plain interpolation) "
                         "by the weight that best predicts the held-out spots (cross-fitting; shrunk "
                         "towards one weight for all genes), so a gene the histology does not inform falls back to "
                         "smoothing; needs cross-fitting (not with --no-cross-fit or --val-fraction 0); "
-                        "stack = near the spots as blend, between them a per-gene stacking of the image model, the "
+                        "stack (default) = near the spots as blend, between them a per-gene stacking of the image model, the "
                         "consistent map and the interpolation fitted on the held-out spots (utils/superres/stacking.py); "
                         "none = the model's map alone")
     o.add_argument("--sigma", type=V["sigma"], default=D.sigma, help="Gaussian kernel width in lattice spacings (interp, local consistency)")

@@ -93,9 +93,11 @@ def test_histex_measures_itself(demo):
     assert -1 <= cv["pearson_median"] <= 1 and -1 <= cv["reference_pearson_median"] <= 1
     table = pd.read_csv(out / "genes-accuracy.tsv", sep="\t")
     assert len(table) == spots.n_vars and table["cv_pearson"].is_monotonic_decreasing
-    # the default fusion: a per-gene blend with the interpolation, weights in [0, 1] per gene
-    assert 0 <= run["fusion"]["pooled_weight"] <= 1 and table["blend_weight"].between(0, 1).all()
-    assert "cv_pearson_model" in table.columns and run["fusion"]["n_spots"] == spots.n_obs
+    # the default fusion: near spots a per-gene blend with the interpolation (weights in [0, 1] per
+    # gene), between them the stacking of the image model, the consistent map and the interpolation
+    blend, stack = run["fusion"]["blend"], run["fusion"]["stack"]
+    assert 0 <= blend["pooled_weight"] <= 1 and table["blend_weight"].between(0, 1).all()
+    assert "cv_pearson_model" in table.columns and blend["n_spots"] == stack["n_spots"] == spots.n_obs
     assert run["consistency_kernel"] == {"sigma_spacings": 0.5, "chosen_by": "--sigma"}  # the choice is opt-in
     var = anndata.read_h5ad(out / "super-res.h5ad", backed="r").var
     np.testing.assert_allclose(var.loc[table["gene"], "cv_pearson"], table["cv_pearson"], atol=1e-4)

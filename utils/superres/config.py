@@ -64,9 +64,10 @@ class HistexConfig:
     # opt-in: the network predicts a signed correction to the leave-one-out interpolation of the spots
     residual: bool = False
     spot_consistency: str = "auto"
-    # per-gene blend with the interpolation after the spot consistency: her2st held-out r up, no gene
-    # far below smoothing (docs/BENCHMARKS.md, "Components that pay")
-    fusion: str = "blend"
+    # near spots the per-gene blend with the interpolation after the spot consistency, between them the
+    # stacking of utils/superres/stacking.py: her2st leave-out +0.023 / +0.012 over the blend alone
+    # (2 seeds), coarsening +0.000 / -0.004 (docs/BENCHMARKS.md, "Components that pay")
+    fusion: str = "stack"
     sigma: float = 0.5
     consistency_sigma: float = 0.0   # 0: --sigma
     # opt-in: her2st leave-out r +0.039 on C2 but -0.039 on C3 (docs/BENCHMARKS.md)
