@@ -207,7 +207,7 @@ def test_early_stopping_keeps_the_best_held_out_epoch():
 
 def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     from utils.superres.config import HistexConfig
-    assert HistexConfig().run_name == "trihrge" and HistexConfig().fusion == "blend"
+    assert HistexConfig().run_name == "trihrge" and HistexConfig().fusion == "stack"
     assert HistexConfig(gene_tokens=True).run_name == "trihrge-tokens"
     assert HistexConfig(window_attention=True, no_macro=True).run_name == "trihrge-nomacro-attn"
     default = HistexConfig().model_config({"micro": 3}, 5, 3)

@@ -4,6 +4,7 @@ import json
 
 import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from conftest import copy_demo, hex_lattice, run_script
@@ -66,6 +67,9 @@ def test_histex_fusion_stack_end_to_end(demo, tmp_path):
     run = json.loads((tmp_path / "s" / "run.json").read_text())
     stack = run["fusion"]["stack"]
     assert abs(sum(stack["median_weights"].values()) - 1) < 0.5 and 0 <= run["fusion"]["blend"]["pooled_weight"] <= 1
+    table = pd.read_csv(tmp_path / "s" / "genes-accuracy.tsv", sep="\t")
+    weights = table[["stack_image", "stack_consistent", "stack_interpolation"]]
+    assert np.allclose(weights.sum(1), 1.0, atol=1e-3) and (weights >= 0).all().all()
     sr = anndata.read_h5ad(tmp_path / "s" / "super-res.h5ad")
     assert np.isfinite(sr.X).all() and (sr.X >= 0).all()
     assert not list((tmp_path / "s").rglob("image-map.npy"))   # the scratch map is not left behind

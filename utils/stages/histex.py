@@ -32,6 +32,7 @@ from ..superres.config import HistexConfig, precision_of
 from ..superres.consistency import (
     apply_spot_consistency,
     global_rescale_factors,
+    interpolation_chunks,
     spot_sums,
     superpixel_kernel,
     tissue_footprints,
@@ -61,8 +62,8 @@ from ..superres.outputs import (
     write_h5ad_streamed,
     write_loss_plot,
 )
-from ..superres.stacking import between_maps, mix_by_proximity, proximity, stack_weights, stacked_oof
 from ..superres.predict import predict_tissue
+from ..superres.stacking import between_maps, mix_by_proximity, proximity, stack_weights, stacked_oof
 from ..superres.states import trained_states
 
 log = logging.getLogger("trihrge")
@@ -179,13 +180,11 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
     return sr, td.cfg, histories, oof
 
 
-def _add_interpolation(sr, kernel, counts, lo, n_fp, chunk=65536):
+def _add_interpolation(sr, kernel, counts, lo, n_fp):
     """--residual: sr (super-pixels, G) counts of the correction (with its lo / n_fp offset) plus the
     interpolated counts, clipped at 0; in place, by row chunks."""
-    per_sp = counts / n_fp
-    for s0 in range(0, len(sr), chunk):
-        s1 = min(len(sr), s0 + chunk)
-        sr[s0:s1] = np.maximum(sr[s0:s1] + kernel[s0:s1] @ per_sp - lo / n_fp, 0)
+    for s, interp in interpolation_chunks(kernel, counts / n_fp):
+        sr[s] = np.maximum(sr[s] + interp - lo / n_fp, 0)
 
 
 def _reference_oof(inp, config):
@@ -222,7 +221,7 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image
     model_oof, fusion, a = oof, None, None
     if trainable:  # measure the maps that are written: through the consistency, from the other spots
         oof = consistent_oof(oof, inp.counts, before, inp.xy, sigma_c * inp.spacing_px, config.consistency)
-    stacked = None
+    stacked, c = None, None
     if image is not None:  # --fusion stack: the between-spot map first, while sr is the consistent map
         image_oof = consistent_oof(model_oof, inp.counts, before, inp.xy, 0.0, "global")
         c, stacking = stack_weights(inp.counts, [image_oof, oof], ref)
@@ -242,7 +241,7 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image
         fusion, oof = {"blend": fusion, "stack": stacking}, stacked
         log.info("fusion: between spots, image model %.2f, consistent map %.2f, interpolation %.2f (median weights)",
                  *stacking["median_weights"].values())
-    table = gene_accuracy(inp.counts, oof, ref, inp.genes, model=model_oof if fusion else None, weights=a)
+    table = gene_accuracy(inp.counts, oof, ref, inp.genes, model=model_oof if fusion else None, weights=a, stack=c)
     cv = cv_summary(table)
     log.info("cross-validated accuracy (out-of-fold, spot level, %d most variable genes, %d spots): median "
              "Pearson r %.3f; interpolation reference %.3f", cv["n_genes"], cv["n_spots"], cv["pearson_median"],

@@ -86,3 +86,11 @@ def apply_spot_consistency(sr, mode, counts, footprints, kernel, predicted=None)
         sr *= g
         predicted = predicted * g  # spot sums are linear: no second pass over the maps
     return predicted
+
+
+def interpolation_chunks(kernel, per_sp, chunk=16384):
+    """(rows slice, float32 interpolated values) by row chunks of the super-pixel x spot kernel
+    (row-normalised weights) times per_sp (n_spots, G), so the interpolated map is never whole."""
+    for s0 in range(0, kernel.shape[0], chunk):
+        s = slice(s0, min(kernel.shape[0], s0 + chunk))
+        yield s, np.asarray(kernel[s] @ per_sp, dtype=np.float32)

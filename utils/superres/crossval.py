@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 from ..evaluation.metrics import pearson_per_gene
 from .consistency import kernel_weights
 from .inputs import batch_inputs
+from .stacking import STACK_PARTS
 from .train import MIN_TRAIN_SPOTS, MIN_VAL_SPOTS, footprint_shares, spot_means
 
 N_SUMMARY_GENES = 100        # the summary covers the most variable genes, as the real-data protocols
@@ -70,11 +71,12 @@ def leave_one_out_interpolation(counts, xy, sigma_px):
     return pred
 
 
-def gene_accuracy(measured, predicted, reference, genes, model=None, weights=None) -> pd.DataFrame:
+def gene_accuracy(measured, predicted, reference, genes, model=None, weights=None, stack=None) -> pd.DataFrame:
     """Per gene: Pearson r of log1p counts across the spots with an out-of-fold prediction, for the
     maps written (cv_pearson), the interpolation reference (cv_pearson_reference) and, with a fusion,
-    the image model alone (cv_pearson_model) and its blend weight; the gene's mean count. Sorted by
-    cv_pearson, best first."""
+    the image model alone (cv_pearson_model) and its blend weight; with --fusion stack the three
+    between-spot weights (stack (G, 3): image model, consistent map, interpolation); the gene's mean
+    count. Sorted by cv_pearson, best first."""
     ok = np.isfinite(predicted).all(1) & np.isfinite(reference).all(1)
     m = np.log1p(np.asarray(measured, np.float64)[ok])
 
@@ -84,6 +86,7 @@ def gene_accuracy(measured, predicted, reference, genes, model=None, weights=Non
     table = pd.DataFrame({"gene": list(genes), "cv_pearson": r(predicted), "cv_pearson_reference": r(reference),
                           **({"cv_pearson_model": r(model)} if model is not None else {}),
                           **({"blend_weight": weights} if weights is not None else {}),
+                          **({f"stack_{k}": stack[:, i] for i, k in enumerate(STACK_PARTS)} if stack is not None else {}),
                           "mean_count": np.asarray(measured, np.float64).mean(0), "log1p_variance": m.var(0)})
     table.attrs["n_spots"] = int(ok.sum())
     return table.sort_values("cv_pearson", ascending=False, kind="stable").reset_index(drop=True)

@@ -19,7 +19,7 @@ its out-of-fold prediction.
 """
 import numpy as np
 
-from .consistency import global_rescale_factors, local_rescale_factors
+from .consistency import global_rescale_factors, interpolation_chunks, local_rescale_factors
 from .crossval import leave_one_out_kernel, median_pearson
 
 SIGMA_CHOICES = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8)   # lattice spacings tried by choose_consistency_sigma
@@ -67,9 +67,8 @@ def blend_maps(sr, a, kernel, counts, mean_footprint, detail=None, chunk=16384):
     per_sp = np.asarray(counts, np.float32) / np.float32(mean_footprint)
     if detail is not None:
         return detail.blend(sr, a, kernel, per_sp)
-    for s0 in range(0, len(sr), chunk):
-        interp = np.asarray(kernel[s0:s0 + chunk] @ per_sp, dtype=np.float32)
-        sr[s0:s0 + chunk] = a * sr[s0:s0 + chunk] + (1.0 - a) * interp
+    for s, interp in interpolation_chunks(kernel, per_sp, chunk):
+        sr[s] = a * sr[s] + (1.0 - a) * interp
     return sr
 
 

@@ -17,11 +17,13 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..core import geometry as geo
+from .consistency import interpolation_chunks
 
 # width of the near-spot zone in spot radii: her2st seed 0, linear maps, 1.5 / 2.0 / 2.5 / 3.0 radii:
 # leave-out C2 0.787 / 0.786 / 0.786 / 0.782, C3 0.717 / 0.720 / 0.721 / 0.719; coarsening C2
 # 0.802 / 0.803 / 0.803 / 0.804, C3 0.772 / 0.777 / 0.779 / 0.781 (the blend alone: 0.764, 0.709, 0.804, 0.784)
 PROXIMITY_RADII = 2.5
+STACK_PARTS = ("image", "consistent", "interpolation")   # the predictors, in the weights' order
 RIDGE = 1.0   # each gene's weights shrunk towards the weights pooled over genes, in units of its own evidence
 
 
@@ -46,8 +48,7 @@ def stack_weights(measured, predictors, reference, ridge=RIDGE):
     record = {"kind": "between spots: per-gene stacking of the image model (one scale per gene), the consistent "
                       "map and the interpolation (out-of-fold least squares, ridge to the pooled weights); near "
                       "spots: the blend", "proximity_radii": PROXIMITY_RADII,
-              "median_weights": {"image": float(np.median(c[:, 0])), "consistent": float(np.median(c[:, 1])),
-                                 "interpolation": float(np.median(c[:, 2]))},
+              "median_weights": {k: float(np.median(c[:, i])) for i, k in enumerate(STACK_PARTS)},
               "pooled_weights": [float(v) for v in pooled], "n_spots": int(ok.sum())}
     return c, record
 
@@ -60,9 +61,7 @@ def stacked_oof(c, predictors, reference):
 def between_maps(image, c, consistent, kernel, per_sp, chunk=16384):
     """image (n_sp, G) <- c_image * image + c_consistent * consistent + c_interp * interpolation, in place
     by row chunks (kernel: row-normalised super-pixel x spot weights; per_sp: spot counts / footprint)."""
-    for s0 in range(0, len(image), chunk):
-        s = slice(s0, s0 + chunk)
-        interp = np.asarray(kernel[s] @ per_sp, dtype=np.float32)
+    for s, interp in interpolation_chunks(kernel, per_sp, chunk):
         image[s] = c[:, 0] * image[s] + c[:, 1] * consistent[s] + c[:, 2] * interp
     return image
 
