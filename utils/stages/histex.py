@@ -204,11 +204,24 @@ def _image_map(st, out_dir, inp, config, sr, oof, before):
     return image
 
 
+def _stack_between(inp, image, sr, model_oof, oof, before, ref, kernel, n_fp):
+    """(weights (G, 3), run.json record, stacked out-of-fold counts), Nones without an image map:
+    the stacking of stacking.py fitted on the out-of-fold spots (the image model scaled as its map,
+    the consistent prediction oof, the reference ref), its map written into image."""
+    if image is None:
+        return None, None, None
+    image_oof = consistent_oof(model_oof, inp.counts, before, inp.xy, 0.0, "global")
+    c, record = stack_weights(inp.counts, [image_oof, oof], ref)
+    between_maps(image, c, sr, kernel(), inp.counts / np.float32(n_fp))
+    return c, record, stacked_oof(c, [image_oof, oof], ref)
+
+
 def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image=None):
     """With an out-of-fold prediction (the interpolation's is its leave-one-out reference): the
     per-gene blend of the consistent map with the interpolation (--fusion blend, applied to sr in
-    place; fusion.py) and the cross-validated accuracy of the maps that are written, logged in one
-    line. before: the maps' spot sums before consistency; sigma_c: the local consistency's width.
+    place; fusion.py), with --fusion stack mixed by proximity with the stacking between spots
+    (stacking.py; image: the image model's scratch map), and the cross-validated accuracy of the
+    maps that are written, logged in one line. before: the maps' spot sums before consistency; sigma_c: the local consistency's width.
     Returns (genes-accuracy table, run.json summary, fusion record), Nones without one."""
     trainable = config.model_class.trainable
     if oof is None and trainable:
@@ -222,12 +235,8 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image
     model_oof, fusion, a = oof, None, None
     if trainable:  # measure the maps that are written: through the consistency, from the other spots
         oof = consistent_oof(oof, inp.counts, before, inp.xy, sigma_c * inp.spacing_px, config.consistency)
-    stacked, c = None, None
-    if image is not None:  # --fusion stack: the between-spot map first, while sr is the consistent map
-        image_oof = consistent_oof(model_oof, inp.counts, before, inp.xy, 0.0, "global")
-        c, stacking = stack_weights(inp.counts, [image_oof, oof], ref)
-        between_maps(image, c, sr, kernel(), inp.counts / np.float32(n_fp))
-        stacked = stacked_oof(c, [image_oof, oof], ref)
+    # --fusion stack: the between-spot map first, while sr is the consistent map
+    c, stacking, stacked = _stack_between(inp, image, sr, model_oof, oof, before, ref, kernel, n_fp)
     if config.fusion in ("blend", "blend-linear", "stack") and trainable:
         a, fusion = blend_weights(inp.counts, oof, ref)
         # the within-spot detail kept: a Gaussian of half the spot radius separates it from the level
