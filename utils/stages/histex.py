@@ -221,7 +221,8 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image
     per-gene blend of the consistent map with the interpolation (--fusion blend, applied to sr in
     place; fusion.py), with --fusion stack mixed by proximity with the stacking between spots
     (stacking.py; image: the image model's scratch map), and the cross-validated accuracy of the
-    maps that are written, logged in one line. before: the maps' spot sums before consistency; sigma_c: the local consistency's width.
+    maps that are written, logged in one line. before: the maps' spot sums before consistency;
+    sigma_c: the local consistency's width.
     Returns (genes-accuracy table, run.json summary, fusion record), Nones without one."""
     trainable = config.model_class.trainable
     if oof is None and trainable:
@@ -237,7 +238,7 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image
         oof = consistent_oof(oof, inp.counts, before, inp.xy, sigma_c * inp.spacing_px, config.consistency)
     # --fusion stack: the between-spot map first, while sr is the consistent map
     c, stacking, stacked = _stack_between(inp, image, sr, model_oof, oof, before, ref, kernel, n_fp)
-    if config.fusion in ("blend", "blend-linear", "stack") and trainable:
+    if config.fusion != "none" and trainable:  # blend, blend-linear, and stack near the spots
         a, fusion = blend_weights(inp.counts, oof, ref)
         # the within-spot detail kept: a Gaussian of half the spot radius separates it from the level
         detail = Detail(inp.rows, inp.cols, inp.mask.shape, float(inp.spots.uns["radius_px"]) / geo.SUPER_PIXEL_PX / 2) \
