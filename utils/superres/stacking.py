@@ -61,8 +61,11 @@ def stacked_oof(c, predictors, reference):
 def between_maps(image, c, consistent, kernel, per_sp, chunk=16384):
     """image (n_sp, G) <- c_image * image + c_consistent * consistent + c_interp * interpolation, in place
     by row chunks (kernel: row-normalised super-pixel x spot weights; per_sp: spot counts / footprint)."""
-    for s, interp in interpolation_chunks(kernel, per_sp, chunk):
-        image[s] = c[:, 0] * image[s] + c[:, 1] * consistent[s] + c[:, 2] * interp
+    for s, acc in interpolation_chunks(kernel, per_sp, chunk):
+        acc *= c[:, 2]                       # in place on the float32 interpolation: no temporaries
+        acc += c[:, 0] * np.asarray(image[s], np.float32)
+        acc += c[:, 1] * consistent[s]
+        image[s] = acc
     return image
 
 
@@ -74,9 +77,13 @@ def proximity(rows, cols, xy, radius_px, radii=PROXIMITY_RADII):
 
 
 def mix_by_proximity(sr, between, w, chunk=65536):
-    """sr (n_sp, G) <- w * sr + (1 - w) * between, in place by row chunks."""
+    """sr (n_sp, G) <- w * sr + (1 - w) * between, in place by row chunks, as between + w (sr - between):
+    three in-place passes instead of four temporaries (2.0 -> 0.x s on her2st C2's 117k x 1,000)."""
     for s0 in range(0, len(sr), chunk):
         s = slice(s0, s0 + chunk)
-        ws = w[s, None]
-        sr[s] = ws * sr[s] + (1.0 - ws) * between[s]
+        b = np.asarray(between[s], np.float32)
+        x = np.asarray(sr[s])            # a view of sr's rows (an ndarray or a memmap)
+        x -= b
+        x *= w[s, None]
+        x += b
     return sr
