@@ -1,12 +1,13 @@
 """The image-free baseline: spot counts spread to super-pixels with a Gaussian kernel (no network)."""
-import numpy as np
-
 from .registry import register_model
 
 
 @register_model("interp")
 class KernelInterpolation:
-    """Counts per super-pixel = kernel-weighted mean of the spot counts / mean footprint size."""
+    """Counts per super-pixel = kernel-weighted mean of the spot counts / mean footprint size.
+
+    No network: HISTEX's stage fills the map by row chunks of the super-pixel x spot kernel
+    (utils.superres.consistency.interpolation_chunks, shared with the fusion and --residual)."""
 
     trainable = False
     default_spot_consistency = "none"
@@ -19,8 +20,3 @@ class KernelInterpolation:
     @staticmethod
     def inference_stride(half: int, opts: dict) -> int:
         return 1
-
-    @staticmethod
-    def predict(weights, counts, mean_footprint):
-        """weights (n_superpixels, n_spots) row-normalised; counts (n_spots, G) -> (n_superpixels, G)."""
-        return np.asarray(weights @ (counts / mean_footprint), dtype=np.float32)

@@ -29,6 +29,8 @@ def test_stack_weights_find_the_informative_predictor_per_gene():
     np.testing.assert_allclose(stacked_oof(c, [image, consistent], reference),
                                c[:, 0] * image + c[:, 1] * consistent + c[:, 2] * reference, rtol=1e-6)
     assert record["n_spots"] == n and set(record["median_weights"]) == {"image", "consistent", "interpolation"}
+    assert set(record["pooled_weights"]) == set(record["median_weights"])   # all three parts, summing to 1
+    assert sum(record["pooled_weights"].values()) == pytest.approx(1.0)
 
 
 def test_between_map_and_proximity_mix():

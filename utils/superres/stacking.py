@@ -49,7 +49,8 @@ def stack_weights(measured, predictors, reference, ridge=RIDGE):
                       "map and the interpolation (out-of-fold least squares, ridge to the pooled weights); near "
                       "spots: the blend", "proximity_radii": PROXIMITY_RADII,
               "median_weights": {k: float(np.median(c[:, i])) for i, k in enumerate(STACK_PARTS)},
-              "pooled_weights": {k: float(v) for k, v in zip(STACK_PARTS, pooled)}, "n_spots": int(ok.sum())}
+              "pooled_weights": {k: float(v) for k, v in zip(STACK_PARTS, [*pooled, 1.0 - pooled.sum()])},
+              "n_spots": int(ok.sum())}
     return c, record
 
 
