@@ -44,7 +44,8 @@ MODELS = {"trihrge": [], "mlp": ["--model", "mlp", *NONE], "interp": ["--model",
           "no-window-attention": ["--no-gene-tokens", "--no-window-attention", *NONE],
           "no-window-attention-blend": ["--no-gene-tokens", "--no-window-attention", "--fusion", "blend"],
           "residual": ["--residual", "--fusion", "blend"], "residual-no-fusion": ["--residual", *NONE],
-          "mlp-residual": ["--model", "mlp", "--residual", "--spot-consistency", "local", "--fusion", "blend"]}
+          "mlp-residual": ["--model", "mlp", "--residual", "--spot-consistency", "local", "--fusion", "blend"],
+          "poisson": ["--loss", "poisson"]}
 # configurations that change only what happens after training: they start from the trained states of
 # the configuration named here (same tag and seed; the states cache retrains what does not match)
 SAME_STATES = {"fusion-blend": "trihrge", "stack": "trihrge", "consistency-global": "trihrge", "consistency-none": "trihrge",
