@@ -178,6 +178,22 @@ def test_enospc_while_writing_is_one_error_and_leaves_nothing(demo_upstream, tmp
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+def test_interp_refuses_a_disk_too_small_for_its_map(demo_upstream, tmp_path, monkeypatch):
+    """--model interp fills a scratch memmap: it asks for the space first, and a disk that cannot
+    hold the map is one InputError that leaves DIR as it was."""
+    import shutil
+
+    from utils.stages.histex import run_histex
+    from utils.superres.config import HistexConfig
+    d = copy_demo(demo_upstream, tmp_path / "d")
+    before = snapshot(d)
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(p)._replace(free=4096))
+    with pytest.raises(InputError, match="the interpolated map needs about"):
+        run_histex(d, HistexConfig.from_options({"model": "interp"}), progress=False)
+    assert snapshot(d) == before and not _temporaries(d)
+
+
 # ---------------------------------------------------------------------------------------------
 # every option value is checked where it is parsed
 
