@@ -8,7 +8,7 @@ timestamps, 1 s resolution), peak memory (RSS of the process tree) and, on a pro
 
 DIR: stages 1-4 done; runs go to DIR/results/cpu-<before|after>-s<seed> (--retrain: nothing reused).
 The earlier commit is exported with `git archive` into a temporary folder (no worktree is made).
-Prints one table and writes bench/results/cpu_path.json (runs of other seeds on the same data kept)."""
+Prints one table and writes bench/results/cpu_path.json or --out (runs of other seeds on the same data kept)."""
 import argparse
 import json
 import re
@@ -95,6 +95,8 @@ def main():
     p.add_argument("--directory", type=Path, required=True)
     p.add_argument("--before", default="HEAD", help="the earlier commit (default HEAD: uncommitted changes vs HEAD)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "cpu_path.json",
+                   help="the JSON result (the large demo's: bench/results/cpu_path-large.json)")
     own, extra = p.parse_known_args()
     runs = {}
     with tempfile.TemporaryDirectory(prefix="cpu-path-") as tmp:
@@ -108,7 +110,7 @@ def main():
               f"{b['cpu_seconds']} -> {a['cpu_seconds']} s ({b['cpu_seconds'] / a['cpu_seconds']:.2f} x); "
               + ", ".join(f"{n} {b['phases'].get(n, 0)} -> {a['phases'].get(n, 0)}" for n in a["phases"]))
     print(table(runs))
-    res = REPO / "bench" / "results" / "cpu_path.json"
+    res = own.out
     earlier = json.loads(res.read_text()) if res.is_file() else {}
     if earlier.get("directory") != str(own.directory) or earlier.get("before") != own.before:
         earlier = {}                          # the runs of other seeds are kept, of other data not
