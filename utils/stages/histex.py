@@ -131,9 +131,7 @@ def _interpolate(st, out_dir, inp, config, n_fp, kernel):
     a scratch memmap as the trained maps (one product of the whole kernel made a float64 map of all
     super-pixels: her2st C2 14.0 -> 11.5 s, peak 2.20 -> 1.84 GB). Its out-of-fold prediction is the
     reference itself: None here, see _fuse_and_measure."""
-    shape = (len(inp.rows), len(inp.genes))
-    st.require_space(shape[0] * shape[1] * 4, "the interpolated map", where=out_dir)
-    sr = _scratch_memmap(st.scratch(out_dir / "pred-scaled.npy"), shape)
+    sr = _prediction_map(st, out_dir, (len(inp.rows), len(inp.genes)), maps=1, what="the interpolated map")
     for s, interp in interpolation_chunks(kernel(), inp.counts / n_fp):
         sr[s] = interp
     return sr, {"model": config.model, "sigma_spacings": config.sigma}, [], None
@@ -170,8 +168,7 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
     sr = None
     if world.leader:
         maps = 4 if config.fusion == "stack" else 3   # stack: the image model's own map as well
-        st.require_space(maps * shape[0] * shape[1] * 4, "the super-resolution maps", where=out_dir)
-        sr = _scratch_memmap(st.scratch(out_dir / "pred-scaled.npy"), shape)
+        sr = _prediction_map(st, out_dir, shape, maps=maps, what="the super-resolution maps")
     predict_tissue(models, td.cfg, td.maps, td.tokens, inp.rows, inp.cols, device, batch=config.batch_windows,
                    progress=progress, out=sr, world=world)
     if not world.leader:
@@ -279,6 +276,13 @@ def _consistency_sigma(inp, config, oof, before):
     log.info("local consistency: kernel width %.2f spacings, chosen by the out-of-fold spots (median r %s)", s,
              ", ".join(f"{k:g}: {v:.3f}" for k, v in record["median_pearson_by_sigma"].items()))
     return s, record
+
+
+def _prediction_map(st, out_dir, shape, *, maps: int, what: str):
+    """The scratch float32 (super-pixels, genes) memmap a run's map is written into, once the disk is
+    known to hold `maps` maps of that size (the map and the copies the steps after it make)."""
+    st.require_space(maps * shape[0] * shape[1] * 4, what, where=out_dir)
+    return _scratch_memmap(st.scratch(out_dir / "pred-scaled.npy"), shape)
 
 
 def _scratch_memmap(path, shape, dtype=np.float32):
