@@ -45,6 +45,10 @@ def build_parser():
     p.add_argument("--batch-size", type=V["batch_size"], default=D.batch_size, help="spots per batch; 0 = iStar's min(128, n_spots // 16)")
     p.add_argument("--loss", default=D.loss, choices=CHOICES["loss"],
                    help="footprint loss on min-max scaled counts: squared error or Poisson deviance")
+    p.add_argument("--standardize-features", action=argparse.BooleanOptionalAction, default=D.standardize_features,
+                   help="opt-in: each feature channel minus its mean, over its standard deviation (both over the "
+                        "spots' footprints) before the network; it raised the iStar MLP's held-out r on her2st and "
+                        "the demo but not TriHRGE's (docs/BENCHMARKS.md); the run is named <model>-std")
     g = p.add_argument_group("TriHRGE network")
     g.add_argument("--k-tokens", type=V["k_tokens"], default=D.k_tokens, help="with --gene-tokens: the k nearest HR pseudo-spots")
     g.add_argument("--token-mask", type=V["token_mask"], default=D.token_mask,

@@ -39,6 +39,11 @@ CONFIGS = {  # baselines name their fusion, so the table keeps its meaning when 
     "trihrge --loss poisson": ["--loss", "poisson"],
     "mlp --spot-consistency local": ["--model", "mlp", "--spot-consistency", "local", *NONE],
     "mlp --spot-consistency local --fusion blend": ["--model", "mlp", "--spot-consistency", "local", "--fusion", "blend"],
+    "mlp --spot-consistency local --fusion stack": ["--model", "mlp", "--spot-consistency", "local", "--fusion", "stack"],
+    "mlp --standardize-features": ["--model", "mlp", "--standardize-features", *NONE],
+    "mlp --standardize-features --spot-consistency local --fusion stack":
+        ["--model", "mlp", "--standardize-features", "--spot-consistency", "local", "--fusion", "stack"],
+    "trihrge --standardize-features": ["--standardize-features"],
 }
 
 

@@ -45,14 +45,17 @@ MODELS = {"trihrge": [], "mlp": ["--model", "mlp", *NONE], "interp": ["--model",
           "no-window-attention-blend": ["--no-gene-tokens", "--no-window-attention", "--fusion", "blend"],
           "residual": ["--residual", "--fusion", "blend"], "residual-no-fusion": ["--residual", *NONE],
           "mlp-residual": ["--model", "mlp", "--residual", "--spot-consistency", "local", "--fusion", "blend"],
-          "poisson": ["--loss", "poisson"]}
+          "poisson": ["--loss", "poisson"], "std": ["--standardize-features"],
+          "mlp-stack": ["--model", "mlp", "--spot-consistency", "local", "--fusion", "stack"],
+          "mlp-std": ["--model", "mlp", "--standardize-features", *NONE],
+          "mlp-std-stack": ["--model", "mlp", "--standardize-features", "--spot-consistency", "local", "--fusion", "stack"]}
 # configurations that change only what happens after training: they start from the trained states of
 # the configuration named here (same tag and seed; the states cache retrains what does not match)
 SAME_STATES = {"fusion-blend": "trihrge", "stack": "trihrge", "consistency-global": "trihrge", "consistency-none": "trihrge",
                "no-fusion": "trihrge", "blend-linear": "trihrge", "trihrge": "blend-linear", "no-gene-tokens-blend": "no-gene-tokens", "gene-tokens-blend": "gene-tokens",
                "no-gene-tokens-blend-linear": "no-gene-tokens",
                "mlp-local": "mlp", "mlp-local-blend": "mlp-local", "no-window-attention": "no-window-attention-blend",
-               "residual-no-fusion": "residual"}
+               "residual-no-fusion": "residual", "mlp-stack": "mlp", "mlp-std-stack": "mlp-std"}
 DEFAULT_MODELS = ["trihrge", "mlp", "interp"]
 from utils.core.manifest import SCRIPTS  # noqa: E402
 

@@ -7,7 +7,7 @@ from conftest import hex_lattice
 from models import build_model
 from utils.core import geometry as geo
 from utils.superres.consistency import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
-from utils.superres.inputs import GeneTokens, gather_windows, spot_windows, window_half
+from utils.superres.inputs import GeneTokens, feature_scaling, gather_windows, spot_windows, window_half
 from utils.superres.predict import median_of_states, window_cover
 from utils.superres.train import footprint_shares, footprint_tokens, spot_loss
 
@@ -115,6 +115,45 @@ def test_gather_windows_matches_direct_indexing_and_pads():
     np.testing.assert_array_equal(x[1, 4], maps["micro"][5, 6].astype(np.float32))
     np.testing.assert_array_equal(x[1, 0], maps["micro"][4, 5].astype(np.float32))
     assert not valid[0, 0] and (x[0, 0] == 0).all()
+
+
+def test_feature_scaling_standardises_the_footprints_and_leaves_padding_at_zero():
+    rng = np.random.default_rng(5)
+    maps = {"micro": (rng.normal(size=(10, 12, 3)) * [0.01, 1.0, 3.0] + [0.2, -1.0, 5.0]).astype(np.float32)}
+    maps["micro"][..., 2] = 7.0                                  # a constant channel
+    rows, cols = np.array([0, 4, 6]), np.array([0, 5, 8])
+    hist, valid = gather_windows(maps, rows, cols, 1)
+    fp = valid & (rng.random(valid.shape) < 0.7)
+    scaling = feature_scaling(hist, fp)
+    scaled, _ = gather_windows(maps, rows, cols, 1, scaling=scaling)
+    inside = scaled["micro"][fp]
+    np.testing.assert_allclose(inside[:, :2].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(inside[:, :2].std(0), 1, rtol=1e-4)
+    assert scaling["micro"][1][2] == 1 and (inside[:, 2] == 0).all()
+    assert (scaled["micro"][~valid] == 0).all()
+
+
+def test_standardised_predictions_do_not_depend_on_each_channels_units():
+    """With --standardize-features a channel's offset and scale (its units) do not change what the
+    network sees, in training windows or at inference (predict_tissue applies the same scaling)."""
+    from utils.superres.predict import predict_tissue
+    rng = np.random.default_rng(6)
+    maps = {k: rng.normal(size=(12, 10, c)).astype(np.float32) for k, c in DIMS.items()}
+    units = {k: (rng.uniform(0.01, 100, c).astype(np.float32), rng.normal(size=c).astype(np.float32))
+             for k, c in DIMS.items()}
+    other = {k: m * units[k][0] + units[k][1] for k, m in maps.items()}
+    rows, cols = np.nonzero(rng.random((12, 10)) < 0.5)
+    win, valid = gather_windows(maps, rows, cols, 1)
+    torch.manual_seed(6)
+    models = [build_model("mlp", DIMS, 6, 3).eval()]
+    cfg = {"half": 1, "stride": 3, "n_genes": 6}
+    preds = []
+    for m in (maps, other):
+        scaling = feature_scaling(gather_windows(m, rows, cols, 1)[0], valid)
+        preds.append(predict_tissue(models, cfg, m, None, rows, cols, "cpu", batch=4, progress=False, scaling=scaling))
+    np.testing.assert_allclose(preds[0], preds[1], rtol=1e-3, atol=1e-5)
+    raw = predict_tissue(models, cfg, other, None, rows, cols, "cpu", batch=4, progress=False)
+    assert not np.allclose(raw, preds[1], rtol=1e-2)
 
 
 def test_gene_tokens_leave_self_out():

@@ -69,6 +69,20 @@ def test_residual_network_corrects_the_interpolation(demo, tmp_path):
     assert np.median(np.abs(sr - ref)) < np.median(ref) + 1e-6
 
 
+def test_standardized_features_are_recorded_and_name_the_run(demo):
+    """--standardize-features: the states train on standardised windows (run <model>-std, recorded in
+    run.json's config, so the states are not those of the plain run) and the map is a valid one."""
+    r = run_script("HISTEX.py", demo, "--model", "mlp", "--standardize-features", "--fusion", "none", *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = demo / "results" / "mlp-std"
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["standardize_features"] is True
+    sr = anndata.read_h5ad(out / "super-res.h5ad").X
+    assert np.isfinite(sr).all() and (sr >= 0).all() and sr.std(0).min() > 0
+    hist = [json.loads((out / "states" / f"state-0{i}.json").read_text())["loss_history"] for i in range(2)]
+    assert all(h[-1] < h[0] for h in hist)
+
+
 def test_deterministic_across_thread_counts_and_resumable(demo, tmp_path):
     """One thread (states one after another) and two (states in two worker processes, inference on
     two threads) train bit-identical states; the maps agree to float32 rounding (README)."""

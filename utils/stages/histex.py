@@ -170,7 +170,7 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
         maps = 4 if config.fusion == "stack" else 3   # stack: the image model's own map as well
         sr = _prediction_map(st, out_dir, shape, maps=maps, what="the super-resolution maps")
     predict_tissue(models, td.cfg, td.maps, td.tokens, inp.rows, inp.cols, device, batch=config.batch_windows,
-                   progress=progress, out=sr, world=world)
+                   progress=progress, out=sr, world=world, scaling=td.scaling)
     if not world.leader:
         return None
     log.info("predicted %d super-pixels with %d state(s) in %.0f s", shape[0], len(models), time.time() - t_pred)

@@ -23,7 +23,8 @@ CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "gl
            "precision": ("auto", "fp32", "bf16")}
 # settings that name the run (results/<model>-<tag>...) when on: the ablations and opt-in parts
 RUN_NAME_TAGS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("gene_tokens", "tokens"),
-                 ("no_linear_head", "nohead"), ("window_attention", "attn"), ("residual", "resid"))
+                 ("no_linear_head", "nohead"), ("window_attention", "attn"), ("residual", "resid"),
+                 ("standardize_features", "std"))
 
 
 @dataclass
@@ -63,6 +64,9 @@ class HistexConfig:
     window_attention: bool = False
     # opt-in: the network predicts a signed correction to the leave-one-out interpolation of the spots
     residual: bool = False
+    # opt-in: each feature channel standardised over the spots' footprints. The iStar MLP gains from it
+    # on her2st leave-out and the demo; TriHRGE (a LayerNorm per scale) does not (docs/BENCHMARKS.md)
+    standardize_features: bool = False
     spot_consistency: str = "auto"
     # near spots the per-gene blend with the interpolation after the spot consistency, between them the
     # stacking of utils/superres/stacking.py: her2st leave-out +0.023 / +0.012 over the blend alone
@@ -143,6 +147,7 @@ class HistexConfig:
                 "epochs": self.epochs, "val_fraction": self.val_fraction, "patience": self.patience,
                 "loss": self.loss, "token_mask": self.token_mask, "k_tokens": self.k_tokens,
                 **({"cv_folds": self.cv_folds, "cv_seed": self.seed} if self.cv_folds else {}),
+                **({"standardize_features": True} if self.standardize_features else {}),
                 # only when not fp32, so states trained before the option existed still match
                 **({"precision": p} if (p := self.resolved_precision) != "fp32" else {})}
 

@@ -31,9 +31,10 @@ def window_grid(half):
     return dr.ravel(), dc.ravel()
 
 
-def gather_windows(maps, rows, cols, half, dtype=np.float32):
+def gather_windows(maps, rows, cols, half, dtype=np.float32, scaling=None):
     """Features of the (2 half + 1)^2 window around each (row, col): dict scale -> (n, T, C),
-    plus a (n, T) bool array of tokens inside the grid (outside ones are zero)."""
+    plus a (n, T) bool array of tokens inside the grid (outside ones are zero). scaling: optional
+    feature_scaling() statistics, applied to the tokens inside the grid."""
     dr, dc = window_grid(half)
     R, C = next(iter(maps.values())).shape[:2]
     rr = np.asarray(rows)[:, None] + dr[None]
@@ -46,10 +47,26 @@ def gather_windows(maps, rows, cols, half, dtype=np.float32):
     out = {}
     for k, m in maps.items():
         vals = np.asarray(m.reshape(R * C, -1)[uniq], dtype=dtype)
+        if scaling is not None:
+            mean, std = scaling[k]
+            vals = (vals - mean) / std
         x = vals[inv].reshape(flat.shape + (m.shape[-1],))
         x[~valid] = 0
         out[k] = x
     return out, valid
+
+
+def feature_scaling(hist, fp):
+    """Per scale, each channel's (mean, standard deviation) over the spots' footprint super-pixels
+    (hist: gather_windows of the spot windows; fp (n, T) bool), float32 (C,) arrays; a constant
+    channel keeps std 1. (x - mean) / std puts channels of very different spread (the stain
+    features' sd ranges 0.01-1) on one scale (--standardize-features)."""
+    out = {}
+    for k, x in hist.items():
+        inside = np.asarray(x, np.float64)[np.asarray(fp, bool)]
+        std = inside.std(0)
+        out[k] = (inside.mean(0).astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32))
+    return out
 
 
 def spot_windows(xy, radius_px, grid_shape):
@@ -130,12 +147,15 @@ class TrainingData:
 
     cfg: the model configuration (HistexConfig.model_config); data: arrays per spot (hist scale ->
     (n, T, C), fp (n, T), target (n, G), gene tokens with and without the spot's own HR spots);
-    maps: the feature maps; tokens: GeneTokens; fingerprint: hashes of the target and features."""
+    maps: the feature maps; tokens: GeneTokens; fingerprint: hashes of the target and features;
+    scaling: feature_scaling() statistics applied to every window (hist here, and inference's
+    gather_windows), None unless --standardize-features."""
     cfg: dict
     data: dict
     maps: dict
     tokens: "GeneTokens"
     fingerprint: dict
+    scaling: dict = None
 
 
 def training_data(directory, config, spots, hr, grid_shape, *, base=None) -> TrainingData:
@@ -151,6 +171,9 @@ def training_data(directory, config, spots, hr, grid_shape, *, base=None) -> Tra
     wr, wc, half, fp = spot_windows(xy, radius, grid_shape)
     cfg = config.model_config({k: int(m.shape[-1]) for k, m in maps.items()}, target.shape[1], half)
     hist, _ = gather_windows(maps, wr, wc, half)
+    scaling = feature_scaling(hist, fp) if cfg.get("standardize_features") else None
+    if scaling is not None:
+        hist, _ = gather_windows(maps, wr, wc, half, scaling=scaling)
     hr_scaled = np.clip(scale_counts(np.asarray(hr.X, dtype=np.float32), lo, hi), 0, None)
     tokens = GeneTokens(hr.obs[["x", "y"]].to_numpy(), hr_scaled, hr.obsm["sources"], lattice["spacing_px"],
                         config.k_tokens)
@@ -162,4 +185,4 @@ def training_data(directory, config, spots, hr, grid_shape, *, base=None) -> Tra
     fingerprint = {"spots": hashlib.sha256(target.tobytes()).hexdigest()[:16],
                    "features": hashlib.sha256(b"".join(np.ascontiguousarray(v[:64]).tobytes()
                                                        for v in hist.values())).hexdigest()[:16]}
-    return TrainingData(cfg, data, maps, tokens, fingerprint)
+    return TrainingData(cfg, data, maps, tokens, fingerprint, scaling)

@@ -69,28 +69,29 @@ def median_of_states(preds):
 
 
 def predict_tissue(models, cfg, maps, tokens, rows, cols, device, batch=64, progress=True, out=None,
-                   world: World = World()):
+                   world: World = World(), scaling=None):
     """Median over model states of the scaled predictions for the super-pixels (rows, cols),
     blended over overlapping windows (per super-pixel when the models' tokens are independent).
     Returns (or fills `out`, e.g. a memmap) an (n, G) array; under torchrun every rank predicts its
-    share of the batches and only rank 0 returns the array (the others None; `out` is rank 0's)."""
+    share of the batches and only rank 0 returns the array (the others None; `out` is rank 0's).
+    scaling: the TrainingData's feature scaling (--standardize-features), None otherwise."""
     if world.leader and out is None:
         out = np.empty((len(rows), cfg["n_genes"]), dtype=np.float32)
     with autocast(device, precision_of(cfg)):
-        return _predict(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world)
+        return _predict(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world, scaling)
 
 
-def _predict(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world):
+def _predict(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world, scaling):
     if all(getattr(m, "independent_tokens", False) for m in models):
         # as many super-pixels per batch as `batch` windows hold: smaller batches (1024) were faster on
         # an idle machine but 3 x slower beside other jobs (each op's threads wait for a busy core)
         return _predict_superpixels(models, maps, rows, cols, device, batch * (2 * cfg["half"] + 1) ** 2, progress,
-                                    out, world, cfg["n_genes"])
-    return _predict_windows(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world)
+                                    out, world, cfg["n_genes"], scaling)
+    return _predict_windows(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world, scaling)
 
 
 @torch.no_grad()
-def _predict_superpixels(models, maps, rows, cols, device, batch, progress, out, world, n_genes):
+def _predict_superpixels(models, maps, rows, cols, device, batch, progress, out, world, n_genes, scaling=None):
     """Median over states for `batch` tissue super-pixels at a time, each from its own features.
     The windows predicted every super-pixel of their square, tissue or not (1.1 x the tissue on
     her2st C2's 13 x 13 windows), and then blended them; the values are those of the windows (up to
@@ -99,7 +100,7 @@ def _predict_superpixels(models, maps, rows, cols, device, batch, progress, out,
     mine = world.strided(range(0, len(rows), batch))
     parts = []
     for s0 in tqdm(mine, desc="predict", unit="super-pixel", unit_scale=batch, disable=not progress, leave=False):
-        hist, _ = gather_windows(maps, rows[s0:s0 + batch], cols[s0:s0 + batch], 0)   # scale -> (n, 1, C)
+        hist, _ = gather_windows(maps, rows[s0:s0 + batch], cols[s0:s0 + batch], 0, scaling=scaling)  # (n, 1, C)
         inputs = batch_inputs({"hist": hist}, slice(None), False, None, device)
         pred = median_of_states([m(*inputs) for m in models])[:, 0].float().cpu().numpy()
         if world.size == 1:
@@ -117,7 +118,8 @@ def _predict_superpixels(models, maps, rows, cols, device, batch, progress, out,
 
 
 @torch.no_grad()
-def _predict_windows(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world=World()):
+def _predict_windows(models, cfg, maps, tokens, rows, cols, device, batch, progress, out, world=World(),
+                     scaling=None):
     """predict_tissue over windows on the stride lattice, tent-blended where they overlap."""
     half, stride = cfg["half"], cfg["stride"]
     centre_r, centre_c, pix, window, token, weight = window_cover(rows, cols, half, stride)
@@ -135,7 +137,7 @@ def _predict_windows(models, cfg, maps, tokens, rows, cols, device, batch, progr
     use_tokens = models[0].use_gene_tokens
     for b0 in tqdm(mine, desc="predict", unit="window", unit_scale=batch, disable=not progress, leave=False):
         b1 = min(len(centre_r), b0 + batch)
-        hist, _ = gather_windows(maps, centre_r[b0:b1], centre_c[b0:b1], half)
+        hist, _ = gather_windows(maps, centre_r[b0:b1], centre_c[b0:b1], half, scaling=scaling)
         data = {"hist": hist}
         if use_tokens:
             cx, cy = geo.superpixel_centres(centre_r[b0:b1], centre_c[b0:b1])
