@@ -135,7 +135,7 @@ def test_feature_scaling_standardises_the_footprints_and_leaves_padding_at_zero(
 
 def test_standardised_predictions_do_not_depend_on_each_channels_units():
     """With --standardize-features a channel's offset and scale (its units) do not change what the
-    network sees, in training windows or at inference (predict_tissue applies the same scaling)."""
+    network sees at inference: predict_tissue applies the scaling taken from the spot windows."""
     from utils.superres.predict import predict_tissue
     rng = np.random.default_rng(6)
     maps = {k: rng.normal(size=(12, 10, c)).astype(np.float32) for k, c in DIMS.items()}
@@ -143,7 +143,7 @@ def test_standardised_predictions_do_not_depend_on_each_channels_units():
              for k, c in DIMS.items()}
     other = {k: m * units[k][0] + units[k][1] for k, m in maps.items()}
     rows, cols = np.nonzero(rng.random((12, 10)) < 0.5)
-    win, valid = gather_windows(maps, rows, cols, 1)
+    _, valid = gather_windows(maps, rows, cols, 1)
     torch.manual_seed(6)
     models = [build_model("mlp", DIMS, 6, 3).eval()]
     cfg = {"half": 1, "stride": 3, "n_genes": 6}
