@@ -249,6 +249,13 @@ def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     assert HistexConfig().run_name == "trihrge" and HistexConfig().fusion == "stack"
     assert HistexConfig(gene_tokens=True).run_name == "trihrge-tokens"
     assert HistexConfig(window_attention=True, no_macro=True).run_name == "trihrge-nomacro-attn"
+    # a setting the model ignores names nothing (and HISTEX warns about it)
+    mlp = HistexConfig(model="mlp", gene_tokens=True, no_linear_head=True, residual=True, standardize_features=True)
+    assert mlp.run_name == "mlp-resid-std" and mlp.ignored_options == ["--gene-tokens", "--no-linear-head"]
+    interp = HistexConfig(model="interp", residual=True, standardize_features=True, no_macro=True)
+    assert interp.run_name == "interp" and interp.ignored_options == ["--no-macro", "--residual", "--standardize-features"]
+    # with gene tokens the window always has attention: --window-attention changes nothing
+    assert HistexConfig(gene_tokens=True, window_attention=True).run_name == "trihrge-tokens"
     default = HistexConfig().model_config({"micro": 3}, 5, 3)
     assert default["model_opts"]["use_window_attention"] is False and default["stride"] == 7
     # with attention the options are those of states trained before the option existed (same fingerprint)

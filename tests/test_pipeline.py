@@ -61,8 +61,9 @@ def test_residual_network_corrects_the_interpolation(demo, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["model_opts"] == {"signed_output": True}
     sr = anndata.read_h5ad(out / "super-res.h5ad").X
-    interp = run_script("HISTEX.py", demo, "--model", "interp", "--out", tmp_path / "i", "-q")
+    interp = run_script("HISTEX.py", demo, "--model", "interp", "--residual", "--out", tmp_path / "i", "-q")
     assert interp.returncode == 0, interp.stderr[-3000:]
+    assert "--model interp ignores --residual" in interp.stderr   # the plain interpolation, said so
     ref = anndata.read_h5ad(tmp_path / "i" / "super-res.h5ad").X
     assert np.isfinite(sr).all() and (sr >= 0).all() and not np.allclose(sr, ref)
     # the correction moves the map less than the map's own spread around the interpolation's level

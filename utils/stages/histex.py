@@ -319,6 +319,9 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         n_fp = float(np.mean(inp.footprint_size))
         log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
                  inp.spots.n_obs, len(inp.genes), len(inp.rows), n_fp, config.run_name, device)
+        if config.ignored_options:
+            log.warning("--model %s ignores %s: the run is the same without", config.model,
+                        " ".join(config.ignored_options))
         # super-pixel x spot kernel weights per width, built once when needed (interp, blend, local consistency)
         kernel_at = functools.cache(lambda s: superpixel_kernel(inp.rows, inp.cols, inp.xy, s * inp.spacing_px))
 

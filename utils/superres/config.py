@@ -3,7 +3,7 @@ configuration a trained state is identified by (its fingerprint, utils/superres/
 
 HISTEX.py builds its options from the same validators (VALIDATORS), so a value is checked in one
 place whether it comes from the command line or from code."""
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..core.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SEED, Number
@@ -21,10 +21,13 @@ VALIDATORS = {
 CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "global", "none"),
            "fusion": ("blend", "blend-linear", "stack", "none"), "device": ("auto", "cpu", "cuda"),
            "precision": ("auto", "fp32", "bf16")}
-# settings that name the run (results/<model>-<tag>...) when on: the ablations and opt-in parts
+# settings that name the run (results/<model>-<tag>...) when on and when they change it: the ablations
+# and opt-in parts
 RUN_NAME_TAGS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("gene_tokens", "tokens"),
                  ("no_linear_head", "nohead"), ("window_attention", "attn"), ("residual", "resid"),
                  ("standardize_features", "std"))
+# of those, the settings of what a trainable model reads (the rest change its options(config))
+INPUT_FLAGS = ("no_macro", "no_multiscale", "standardize_features")
 
 
 @dataclass
@@ -109,8 +112,24 @@ class HistexConfig:
 
     @property
     def run_name(self) -> str:
-        """results/<run_name>: the model, its ablations and opt-in parts, e.g. trihrge-nomacro."""
-        return self.model + "".join(f"-{tag}" for flag, tag in RUN_NAME_TAGS if getattr(self, flag))
+        """results/<run_name>: the model, its ablations and opt-in parts, e.g. trihrge-nomacro; a
+        setting the model ignores (ignored_options) does not name the run."""
+        ignored = self.ignored_options
+        return self.model + "".join(f"-{tag}" for flag, tag in RUN_NAME_TAGS
+                                    if getattr(self, flag) and _option(flag) not in ignored)
+
+    @property
+    def ignored_options(self) -> list:
+        """The RUN_NAME_TAGS options that are on but change nothing for this model, e.g. --gene-tokens
+        of --model mlp, --residual of --model interp: neither an input a trainable model reads nor one
+        of its options(config)."""
+        cls = self.model_class
+
+        def changes(flag):
+            if flag in INPUT_FLAGS:
+                return cls.trainable
+            return cls.options(self) != cls.options(replace(self, **{flag: False}))
+        return [_option(flag) for flag, _ in RUN_NAME_TAGS if getattr(self, flag) and not changes(flag)]
 
     @property
     def scales(self) -> list:
