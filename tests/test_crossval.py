@@ -142,7 +142,7 @@ def test_blend_weights_follow_the_evidence_and_shrink():
     assert 0 <= record["pooled_weight"] <= 1 and record["n_spots"] == n
     sr = np.ones((4, 3), np.float32)
     kernel = np.full((4, 2), 0.5)
-    blend_maps(sr, a, kernel, np.array([[4.0, 4.0, 4.0], [8.0, 8.0, 8.0]]), 2.0)
+    blend_maps(sr, a, kernel, np.array([[4.0, 4.0, 4.0], [8.0, 8.0, 8.0]]) / 2.0)
     np.testing.assert_allclose(sr, np.tile(a * 1 + (1 - a) * 3.0, (4, 1)), rtol=1e-6)
 
 
@@ -189,11 +189,11 @@ def test_the_blend_keeps_the_within_spot_detail():
     sr = np.stack([level * checker, level], 1).astype(np.float32)   # gene 0 with detail, gene 1 without
     kernel = sp.csr_matrix(np.ones((len(rows), 1)))                  # the interpolation: one spot, everywhere
     counts, a = np.array([[40.0, 40.0]]), np.zeros(2, np.float32)    # all weight on the interpolation
-    out = blend_maps(sr.copy(), a, kernel, counts, 2.0, detail=Detail(rows, cols, (24, 24), 1.5))
+    out = blend_maps(sr.copy(), a, kernel, counts / 2.0, detail=Detail(rows, cols, (24, 24), 1.5))
     inner = (rows > 4) & (rows < 19) & (cols > 4) & (cols < 19)
     np.testing.assert_allclose(out[inner, 0] / 20.0, checker[inner], rtol=0.05)  # the checker survives
     np.testing.assert_allclose(out[inner, 1], 20.0, rtol=0.02)                    # a flat map stays flat
-    linear = blend_maps(sr.copy(), a, kernel, counts, 2.0)
+    linear = blend_maps(sr.copy(), a, kernel, counts / 2.0)
     np.testing.assert_allclose(linear[:, 0], 20.0, rtol=1e-6)                     # the plain blend loses it
 
 

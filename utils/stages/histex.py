@@ -89,6 +89,16 @@ class _SpotInputs:
         return np.asarray(self.spots.X, dtype=np.float32)
 
     @property
+    def mean_footprint(self) -> float:
+        """Tissue super-pixels under a spot, on average: the interpolation's counts-to-super-pixel scale."""
+        return float(np.mean(self.footprint_size))
+
+    @functools.cached_property
+    def per_superpixel(self):
+        """(spots, genes) float32 counts / mean_footprint: what the interpolation spreads to super-pixels."""
+        return self.counts / np.float32(self.mean_footprint)
+
+    @property
     def xy(self):
         return self.spots.obs[["x", "y"]].to_numpy(np.float64)
 
@@ -126,13 +136,13 @@ def _read_inputs(directory, config) -> _SpotInputs:
     return _SpotInputs(calib, spots, hr, mask, rows, cols, fp, fp_size, plot_genes)
 
 
-def _interpolate(st, out_dir, inp, config, n_fp, kernel):
+def _interpolate(st, out_dir, inp, config, kernel):
     """The image-free baseline: Gaussian-kernel interpolation of the spot counts, by row chunks into
     a scratch memmap as the trained maps (one product of the whole kernel made a float64 map of all
     super-pixels: her2st C2 14.0 -> 11.5 s, peak 2.20 -> 1.84 GB). Its out-of-fold prediction is the
     reference itself: None here, see _fuse_and_measure."""
     sr = _prediction_map(st, out_dir, (len(inp.rows), len(inp.genes)), maps=1, what="the interpolated map")
-    for s, interp in interpolation_chunks(kernel(), inp.counts / n_fp):
+    for s, interp in interpolation_chunks(kernel(), inp.per_superpixel):
         sr[s] = interp
     return sr, {"model": config.model, "sigma_spacings": config.sigma}, [], None
 
@@ -142,7 +152,7 @@ def _cpus(config) -> int:
     return config.threads or current().cpus(available_cpus())
 
 
-def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress, kernel):
+def _predict_trained(st, directory, out_dir, config, inp, device, progress, kernel):
     """Median over the trained states, mapped back to counts per super-pixel, in a scratch memmap;
     and the out-of-fold spot counts of cross-fitting (None without folds). Under torchrun rank 0
     gets them, the other ranks (which train and predict their shares) None. With --residual the
@@ -175,19 +185,20 @@ def _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress
         return None
     log.info("predicted %d super-pixels with %d state(s) in %.0f s", shape[0], len(models), time.time() - t_pred)
     # counts per super-pixel: a spot's footprint mean maps to its count / footprint size (iStar)
+    n_fp = inp.mean_footprint
     for s0 in range(0, len(sr), 65536):
         sr[s0:s0 + 65536] = (lo + sr[s0:s0 + 65536] * (hi - lo)) / n_fp
     if loo is not None:
-        _add_interpolation(sr, kernel(), inp.counts, lo, n_fp)
+        _add_interpolation(sr, kernel(), inp.per_superpixel, lo / n_fp)
         oof = np.maximum(oof, 0) if oof is not None else None
     return sr, td.cfg, histories, oof
 
 
-def _add_interpolation(sr, kernel, counts, lo, n_fp):
+def _add_interpolation(sr, kernel, per_sp, offset):
     """--residual: sr (super-pixels, G) counts of the correction (with its lo / n_fp offset) plus the
     interpolated counts, clipped at 0; in place, by row chunks."""
-    for s, interp in interpolation_chunks(kernel, counts / n_fp):
-        sr[s] = np.maximum(sr[s] + interp - lo / n_fp, 0)
+    for s, interp in interpolation_chunks(kernel, per_sp):
+        sr[s] = np.maximum(sr[s] + interp - offset, 0)
 
 
 def _reference_oof(inp, config):
@@ -207,7 +218,7 @@ def _image_map(st, out_dir, inp, config, sr, oof, before):
     return image
 
 
-def _stack_between(inp, image, sr, model_oof, oof, before, ref, kernel, n_fp):
+def _stack_between(inp, image, sr, model_oof, oof, before, ref, kernel):
     """(weights (G, 3), run.json record, stacked out-of-fold counts), Nones without an image map:
     the stacking of stacking.py fitted on the out-of-fold spots (the image model scaled as its map,
     the consistent prediction oof, the reference ref), its map written into image."""
@@ -215,11 +226,11 @@ def _stack_between(inp, image, sr, model_oof, oof, before, ref, kernel, n_fp):
         return None, None, None
     image_oof = consistent_oof(model_oof, inp.counts, before, inp.xy, 0.0, "global")
     c, record = stack_weights(inp.counts, [image_oof, oof], ref)
-    between_maps(image, c, sr, kernel(), inp.counts / np.float32(n_fp))
+    between_maps(image, c, sr, kernel(), inp.per_superpixel)
     return c, record, stacked_oof(c, [image_oof, oof], ref)
 
 
-def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image=None):
+def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, kernel, image=None):
     """With an out-of-fold prediction (the interpolation's is its leave-one-out reference): the
     per-gene blend of the consistent map with the interpolation (--fusion blend, applied to sr in
     place; fusion.py), with --fusion stack mixed by proximity with the stacking between spots
@@ -240,13 +251,13 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image
     if trainable:  # measure the maps that are written: through the consistency, from the other spots
         oof = consistent_oof(oof, inp.counts, before, inp.xy, sigma_c * inp.spacing_px, config.consistency)
     # --fusion stack: the between-spot map first, while sr is the consistent map
-    c, stacking, stacked = _stack_between(inp, image, sr, model_oof, oof, before, ref, kernel, n_fp)
+    c, stacking, stacked = _stack_between(inp, image, sr, model_oof, oof, before, ref, kernel)
     if config.fusion != "none" and trainable:  # blend, blend-linear, and stack near the spots
         a, fusion = blend_weights(inp.counts, oof, ref)
         # the within-spot detail kept: a Gaussian of half the spot radius separates it from the level
         detail = Detail(inp.rows, inp.cols, inp.mask.shape, float(inp.spots.uns["radius_px"]) / geo.SUPER_PIXEL_PX / 2) \
             if config.fusion != "blend-linear" else None
-        blend_maps(sr, a, kernel(), inp.counts, n_fp, detail=detail)
+        blend_maps(sr, a, kernel(), inp.per_superpixel, detail=detail)
         oof = blended_oof(a, oof, ref)
         log.info("fusion: per-gene blend with the interpolation, median weight of the model %.2f (pooled %.2f)",
                  fusion["median_weight"], fusion["pooled_weight"])
@@ -316,9 +327,8 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         device = resolve_device(config.device)
         import torch
         torch.set_num_threads(_cpus(config))  # inference; training: one per state
-        n_fp = float(np.mean(inp.footprint_size))
         log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
-                 inp.spots.n_obs, len(inp.genes), len(inp.rows), n_fp, config.run_name, device)
+                 inp.spots.n_obs, len(inp.genes), len(inp.rows), inp.mean_footprint, config.run_name, device)
         if config.ignored_options:
             log.warning("--model %s ignores %s: the run is the same without", config.model,
                         " ".join(config.ignored_options))
@@ -328,18 +338,18 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         def kernel():
             return kernel_at(config.sigma)
         if config.model_class.trainable:
-            trained = _predict_trained(st, directory, out_dir, config, inp, n_fp, device, progress, kernel)
+            trained = _predict_trained(st, directory, out_dir, config, inp, device, progress, kernel)
             if trained is None:  # a rank > 0 under torchrun: its share is done
                 return out_dir, None
             sr, cfg, histories, oof = trained
         else:
-            sr, cfg, histories, oof = _interpolate(st, out_dir, inp, config, n_fp, kernel)
+            sr, cfg, histories, oof = _interpolate(st, out_dir, inp, config, kernel)
         before = spot_sums(sr, inp.footprints)  # the maps' spot sums before consistency
         sigma_c, sigma_record = _consistency_sigma(inp, config, oof, before)
         image = _image_map(st, out_dir, inp, config, sr, oof, before)
         predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints,
                                            lambda: kernel_at(sigma_c), predicted=before)
-        accuracy, cv, fusion = _fuse_and_measure(inp, config, sr, oof, before, sigma_c, n_fp, kernel, image)
+        accuracy, cv, fusion = _fuse_and_measure(inp, config, sr, oof, before, sigma_c, kernel, image)
         if fusion:
             predicted = spot_sums(sr, inp.footprints)
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,

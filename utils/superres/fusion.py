@@ -10,7 +10,7 @@ out-of-fold prediction is corrected by the other spots' consistency in the same 
 
     fitted = consistent_oof(oof, measured, predicted, xy, sigma_px, "local")
     a, record = blend_weights(measured, fitted, oof_reference)        # (G,), plain data for run.json
-    blend_maps(sr, a, kernel, counts, mean_footprint, detail=Detail(rows, cols, grid_shape, sigma_sp))
+    blend_maps(sr, a, kernel, counts / mean_footprint, detail=Detail(rows, cols, grid_shape, sigma_sp))
                                                                       # sr (n_sp, G) updated in place
 
 The local spot consistency's kernel width is chosen the same way (choose_consistency_sigma): the
@@ -58,13 +58,14 @@ def blended_oof(a, model, reference):
     return a * model + (1.0 - a) * reference
 
 
-def blend_maps(sr, a, kernel, counts, mean_footprint, detail=None, chunk=16384):
+def blend_maps(sr, a, kernel, per_sp, detail=None, chunk=16384):
     """sr (n_sp, G) counts per super-pixel <- a * sr + (1 - a) * the interpolation map (kernel:
-    row-normalised super-pixel x spot weights), in chunks so the interpolation is never whole.
+    row-normalised super-pixel x spot weights; per_sp (spots, G): spot counts / mean footprint), in
+    chunks so the interpolation is never whole.
     detail: a Detail of sr's grid; then the interpolation carries the model's within-spot detail
     (interp * sr / sr smoothed over about a footprint), so the blend moves the spot-level values
     without washing out the super-pixel pattern."""
-    per_sp = np.asarray(counts, np.float32) / np.float32(mean_footprint)
+    per_sp = np.asarray(per_sp, np.float32)
     if detail is not None:
         return detail.blend(sr, a, kernel, per_sp)
     for s, interp in interpolation_chunks(kernel, per_sp, chunk):
