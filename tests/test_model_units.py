@@ -244,6 +244,29 @@ def test_early_stopping_keeps_the_best_held_out_epoch():
     assert info2 == info and all(torch.equal(state[k], state2[k]) for k in state)
 
 
+def test_plateau_schedule_cuts_the_rate_after_epochs_without_a_better_held_out_loss():
+    """--lr-schedule plateau: the rate of each epoch follows the held-out losses before it (x 0.3
+    after 3 epochs in a row without a 0.1% better loss); constant keeps --lr."""
+    from utils.superres.train import LR_PLATEAU, MIN_IMPROVEMENT, train_state
+    rng = np.random.default_rng(1)
+    n, T, G = 60, 9, 3
+    data = {"hist": {k: rng.normal(size=(n, T, c)).astype(np.float32) for k, c in DIMS.items()},
+            "fp": np.ones((n, T), np.float32), "target": rng.random((n, G)).astype(np.float32)}
+    cfg = {"model": "mlp", "dims": DIMS, "n_genes": G, "half": 1, "model_opts": {}, "lr": 3e-3, "weight_decay": 0.0,
+           "batch_size": 8, "epochs": 25, "loss": "mse", "token_mask": 0.0, "val_fraction": 0.2, "patience": 0,
+           "lr_schedule": "plateau"}
+    _, info = train_state(cfg, data, 0, torch.device("cpu"), progress=False)
+    lr, best, bad, expected = cfg["lr"], np.inf, 0, []
+    for v in info["val_history"]:
+        expected.append(lr)
+        best, bad = (v, 0) if v < best * (1 - MIN_IMPROVEMENT) else (best, bad + 1)
+        if bad > LR_PLATEAU["patience"]:
+            lr, bad = lr * LR_PLATEAU["factor"], 0
+    assert info["lr_history"] == pytest.approx(expected) and min(expected) < cfg["lr"]
+    _, flat = train_state({**cfg, "lr_schedule": "constant"}, data, 0, torch.device("cpu"), progress=False)
+    assert flat["lr_history"] == [cfg["lr"]] * 25
+
+
 def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     from utils.superres.config import HistexConfig
     assert HistexConfig().run_name == "trihrge" and HistexConfig().fusion == "stack"
@@ -261,6 +284,9 @@ def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     # with attention the options are those of states trained before the option existed (same fingerprint)
     attn = HistexConfig(window_attention=True).model_config({"micro": 3}, 5, 3)
     assert "use_window_attention" not in attn["model_opts"] and attn["stride"] == 3
+    # the default schedule is recorded (its states differ); constant, trained before it existed, is not
+    assert default["lr_schedule"] == "plateau"
+    assert "lr_schedule" not in HistexConfig(lr_schedule="constant").model_config({"micro": 3}, 5, 3)
 
 
 @pytest.mark.parametrize("name,opts", [("trihrge", {"use_gene_tokens": False, "use_window_attention": False}),

@@ -20,7 +20,7 @@ VALIDATORS = {
 }
 CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "global", "none"),
            "fusion": ("blend", "blend-linear", "stack", "none"), "device": ("auto", "cpu", "cuda"),
-           "precision": ("auto", "fp32", "bf16")}
+           "precision": ("auto", "fp32", "bf16"), "lr_schedule": ("plateau", "constant")}
 # settings that name the run (results/<model>-<tag>...) when on and when they change it: the ablations
 # and opt-in parts
 RUN_NAME_TAGS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("gene_tokens", "tokens"),
@@ -38,7 +38,9 @@ class HistexConfig:
     n_states: int = 5
     val_fraction: float = 0.1
     cross_fit: bool = True
-    patience: int = 20
+    # 10 with the plateau schedule (by then the rate is cut twice): her2st seed 1 kept the same best epochs
+    # as 20 in 24% fewer epochs (docs/BENCHMARKS.md, "The learning rate on a plateau")
+    patience: int = 10
     seed: int = 0
     device: str = "auto"
     # auto: bf16 matrix products where the hardware has bf16 units (AMX CPUs, GPUs); on this project's
@@ -46,6 +48,8 @@ class HistexConfig:
     # (docs/BENCHMARKS.md, "CPU path": "The session after")
     precision: str = "auto"
     lr: float = 1e-3
+    # the rate x 0.3 after 3 epochs without a better held-out loss (utils/superres/train.LR_PLATEAU)
+    lr_schedule: str = "plateau"
     weight_decay: float = 0.0
     batch_size: int = 0
     loss: str = "mse"
@@ -167,6 +171,8 @@ class HistexConfig:
                 "loss": self.loss, "token_mask": self.token_mask, "k_tokens": self.k_tokens,
                 **({"cv_folds": self.cv_folds, "cv_seed": self.seed} if self.cv_folds else {}),
                 **({"standardize_features": True} if self.standardize_features else {}),
+                # only when not constant, so states trained before the option existed still match
+                **({"lr_schedule": self.lr_schedule} if self.lr_schedule != "constant" else {}),
                 # only when not fp32, so states trained before the option existed still match
                 **({"precision": p} if (p := self.resolved_precision) != "fp32" else {})}
 

@@ -17,6 +17,10 @@ from .inputs import batch_inputs
 log = logging.getLogger("trihrge")
 MIN_IMPROVEMENT = 1e-3  # early stopping: a held-out loss must beat the best by 0.1% to count as better
 MIN_VAL_SPOTS, MIN_TRAIN_SPOTS = 2, 8  # fewer spots cannot validate / train a state: no hold-out then
+# --lr-schedule plateau: the rate x 0.3 after 3 epochs in a row without a better held-out loss. At a
+# constant 1e-3 a her2st state's held-out loss jumps by up to 3 x between epochs (19 spots), so the
+# best epoch was picked from noise; cut, the states settle and stop sooner (docs/BENCHMARKS.md)
+LR_PLATEAU = {"factor": 0.3, "patience": 3}
 
 
 def spot_loss(mean, target, kind="mse"):
@@ -84,16 +88,26 @@ def validation_loss(model, data, idx, keep, share, target, cfg, use_tokens, devi
     return total / max(1, len(idx))
 
 
+def lr_scheduler(opt, cfg):
+    """torch's ReduceLROnPlateau on the held-out loss under --lr-schedule plateau, with early
+    stopping's 0.1% as what counts as better; None for a constant rate."""
+    if cfg.get("lr_schedule", "constant") != "plateau":
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, threshold=MIN_IMPROVEMENT, **LR_PLATEAU)
+
+
 def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=None):
     """Train one independently initialised model for up to cfg["epochs"] epochs, stopping early
     when the loss of its held-out spots (val_idx, its cross-fitting fold; None: a seeded
     --val-fraction draw) has not improved (by 0.1%) for cfg["patience"] epochs (then the weights of
-    the best epoch are kept). Returns (state_dict on CPU, info with loss histories)."""
+    the best epoch are kept); the same loss drives the learning rate's schedule (lr_scheduler).
+    Returns (state_dict on CPU, info with loss and learning-rate histories)."""
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
     model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1, **cfg["model_opts"]).to(device)
     # foreach: one multi-tensor update for all parameters, the same values as the per-parameter loop
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], foreach=True)
+    schedule = lr_scheduler(opt, cfg)
     if val_idx is None:
         train_idx, val_idx = split_validation(len(data["target"]), cfg.get("val_fraction", 0.0), gen)
     else:
@@ -103,13 +117,14 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
     use_tokens, precision = model.use_gene_tokens, precision_of(cfg)
     keep, share = footprint_shares(data["fp"], device)
     target = torch.from_numpy(data["target"]).to(device)
-    history, val_history = [], []
+    history, val_history, lr_history = [], [], []
     best, best_epoch, best_state = math.inf, -1, None
     patience = cfg.get("patience", 0)
     bar = tqdm(range(cfg["epochs"]), desc=desc, disable=not progress, leave=False, unit="epoch")
     model.train()
     for epoch in bar:
         perm = train_idx[gen.permutation(n)]  # shuffled every epoch (HISTEX's loader did not shuffle)
+        lr_history.append(opt.param_groups[0]["lr"])
         total = 0.0
         for s in range(0, n, bs):
             idx = np.sort(perm[s:s + bs])
@@ -129,6 +144,8 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
             if val_history[-1] < best * (1.0 - MIN_IMPROVEMENT):
                 best, best_epoch = val_history[-1], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if schedule is not None:
+                schedule.step(val_history[-1])
             bar.set_postfix(loss=f"{history[-1]:.5f}", val=f"{val_history[-1]:.5f}", best=best_epoch + 1)
             if patience and epoch - best_epoch >= patience:
                 break
@@ -137,6 +154,7 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    info = {"loss_history": history, "val_history": val_history, "train_spots": int(n), "val_spots": int(len(val_idx)),
+    info = {"loss_history": history, "val_history": val_history, "lr_history": lr_history,
+            "train_spots": int(n), "val_spots": int(len(val_idx)),
             "epochs_run": len(history), "best_epoch": (best_epoch + 1) if len(val_idx) else len(history)}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, info
