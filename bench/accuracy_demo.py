@@ -44,7 +44,7 @@ CONFIGS = {  # baselines name their fusion, so the table keeps its meaning when 
     "mlp --standardize-features --spot-consistency local --fusion stack":
         ["--model", "mlp", "--standardize-features", "--spot-consistency", "local", "--fusion", "stack"],
     "trihrge --standardize-features": ["--standardize-features"],
-    "trihrge --lr-schedule constant --patience 20": ["--lr-schedule", "constant", "--patience", "20"],
+    "trihrge --lr-schedule plateau --patience 10": ["--lr-schedule", "plateau", "--patience", "10"],
 }
 
 

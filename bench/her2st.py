@@ -45,7 +45,7 @@ MODELS = {"trihrge": [], "mlp": ["--model", "mlp", *NONE], "interp": ["--model",
           "no-window-attention-blend": ["--no-gene-tokens", "--no-window-attention", "--fusion", "blend"],
           "residual": ["--residual", "--fusion", "blend"], "residual-no-fusion": ["--residual", *NONE],
           "mlp-residual": ["--model", "mlp", "--residual", "--spot-consistency", "local", "--fusion", "blend"],
-          "poisson": ["--loss", "poisson"], "std": ["--standardize-features"], "constant-lr": ["--lr-schedule", "constant", "--patience", "20"],
+          "poisson": ["--loss", "poisson"], "std": ["--standardize-features"], "plateau": ["--lr-schedule", "plateau", "--patience", "10"],
           "mlp-stack": ["--model", "mlp", "--spot-consistency", "local", "--fusion", "stack"],
           "mlp-std": ["--model", "mlp", "--standardize-features", *NONE],
           "mlp-std-stack": ["--model", "mlp", "--standardize-features", "--spot-consistency", "local", "--fusion", "stack"]}

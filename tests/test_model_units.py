@@ -284,9 +284,9 @@ def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     # with attention the options are those of states trained before the option existed (same fingerprint)
     attn = HistexConfig(window_attention=True).model_config({"micro": 3}, 5, 3)
     assert "use_window_attention" not in attn["model_opts"] and attn["stride"] == 3
-    # the default schedule is recorded (its states differ); constant, trained before it existed, is not
-    assert default["lr_schedule"] == "plateau"
-    assert "lr_schedule" not in HistexConfig(lr_schedule="constant").model_config({"micro": 3}, 5, 3)
+    # the opt-in schedule is recorded (its states differ); constant, as before it existed, is not
+    assert "lr_schedule" not in default
+    assert HistexConfig(lr_schedule="plateau").model_config({"micro": 3}, 5, 3)["lr_schedule"] == "plateau"
 
 
 @pytest.mark.parametrize("name,opts", [("trihrge", {"use_gene_tokens": False, "use_window_attention": False}),
