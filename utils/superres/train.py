@@ -17,9 +17,9 @@ from .inputs import batch_inputs
 log = logging.getLogger("trihrge")
 MIN_IMPROVEMENT = 1e-3  # early stopping: a held-out loss must beat the best by 0.1% to count as better
 MIN_VAL_SPOTS, MIN_TRAIN_SPOTS = 2, 8  # fewer spots cannot validate / train a state: no hold-out then
-# --lr-schedule plateau: the rate x 0.3 after 3 epochs in a row without a better held-out loss. At a
-# constant 1e-3 a her2st state's held-out loss jumps by up to 3 x between epochs (19 spots), so the
-# best epoch was picked from noise; cut, the states settle and stop sooner (docs/BENCHMARKS.md)
+# --lr-schedule plateau (opt-in): the rate x 0.3 after 3 epochs in a row without a better held-out loss.
+# At a constant 1e-3 a her2st state's held-out loss jumps by up to 3 x between epochs (19 spots); cut,
+# the states settle and stop sooner. On the demos it stops them too soon (docs/BENCHMARKS.md)
 LR_PLATEAU = {"factor": 0.3, "patience": 3}
 
 
