@@ -45,6 +45,8 @@ CONFIGS = {  # baselines name their fusion, so the table keeps its meaning when 
         ["--model", "mlp", "--standardize-features", "--spot-consistency", "local", "--fusion", "stack"],
     "trihrge --standardize-features": ["--standardize-features"],
     "trihrge --lr-schedule plateau --patience 10": ["--lr-schedule", "plateau", "--patience", "10"],
+    "trihrge --lr-schedule auto": ["--lr-schedule", "auto"],
+    "trihrge --lr-schedule constant": ["--lr-schedule", "constant"],
 }
 
 

@@ -46,6 +46,7 @@ MODELS = {"trihrge": [], "mlp": ["--model", "mlp", *NONE], "interp": ["--model",
           "residual": ["--residual", "--fusion", "blend"], "residual-no-fusion": ["--residual", *NONE],
           "mlp-residual": ["--model", "mlp", "--residual", "--spot-consistency", "local", "--fusion", "blend"],
           "poisson": ["--loss", "poisson"], "std": ["--standardize-features"], "plateau": ["--lr-schedule", "plateau", "--patience", "10"],
+          "auto": ["--lr-schedule", "auto"], "constant": ["--lr-schedule", "constant"],
           "mlp-stack": ["--model", "mlp", "--spot-consistency", "local", "--fusion", "stack"],
           "mlp-std": ["--model", "mlp", "--standardize-features", *NONE],
           "mlp-std-stack": ["--model", "mlp", "--standardize-features", "--spot-consistency", "local", "--fusion", "stack"]}

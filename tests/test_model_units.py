@@ -267,6 +267,43 @@ def test_plateau_schedule_cuts_the_rate_after_epochs_without_a_better_held_out_l
     assert flat["lr_history"] == [cfg["lr"]] * 25
 
 
+def test_noisy_plateau_cuts_only_a_noisy_held_out_loss_and_stops_at_the_cut_after_the_last():
+    """--lr-schedule auto: a smooth plateau keeps the rate; a bouncing one is cut x 0.3 after 3 epochs
+    without a better loss, twice, and the third cut due stops the state."""
+    from utils.superres.train import LR_AUTO, LR_PLATEAU, NoisyPlateau, loss_noise, train_state
+    assert loss_noise(list(0.01 * 0.97 ** np.arange(10))) == pytest.approx(0.0, abs=1e-12)
+    bouncing = [1.0, 1.3, 1.05, 1.4, 1.1, 1.35, 1.02, 1.3]
+    assert loss_noise(bouncing) > LR_AUTO["noise"] > loss_noise([1.0, 1.001, 1.002, 1.0005, 1.003])
+
+    def replay(losses):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, rates = NoisyPlateau(opt), []
+        for v in losses:
+            rates.append(opt.param_groups[0]["lr"])
+            if sched.step(v):
+                return rates, True
+        return rates, False
+    smooth, stopped = replay([1.0] + [1.0 + 1e-4 * i for i in range(30)])
+    assert smooth == [1.0] * 31 and not stopped
+    rates, stopped = replay([1.0] + bouncing[1:] * 4)
+    f, p = LR_PLATEAU["factor"], LR_PLATEAU["patience"]
+    # the best stays the first epoch: cuts after epochs p + 1 and 2 (p + 1), the stop at 3 (p + 1)
+    assert stopped and len(rates) == 3 * (p + 1) + 1
+    assert rates == [1.0] * (p + 2) + [f] * (p + 1) + [f * f] * (p + 1)
+    # train_state follows the same rule on its held-out losses
+    rng = np.random.default_rng(1)
+    n, T, G = 60, 9, 3
+    data = {"hist": {k: rng.normal(size=(n, T, c)).astype(np.float32) for k, c in DIMS.items()},
+            "fp": np.ones((n, T), np.float32), "target": rng.random((n, G)).astype(np.float32)}
+    cfg = {"model": "mlp", "dims": DIMS, "n_genes": G, "half": 1, "model_opts": {}, "lr": 3e-3, "weight_decay": 0.0,
+           "batch_size": 4, "epochs": 40, "loss": "mse", "token_mask": 0.0, "val_fraction": 0.2, "patience": 0,
+           "lr_schedule": "auto"}
+    _, info = train_state(cfg, data, 0, torch.device("cpu"), progress=False)
+    rates, stopped = replay(info["val_history"])
+    assert info["lr_history"] == pytest.approx([r * cfg["lr"] for r in rates])
+    assert stopped and info["epochs_run"] < cfg["epochs"] and min(rates) == pytest.approx(f * f)
+
+
 def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     from utils.superres.config import HistexConfig
     assert HistexConfig().run_name == "trihrge" and HistexConfig().fusion == "stack"
@@ -284,9 +321,10 @@ def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     # with attention the options are those of states trained before the option existed (same fingerprint)
     attn = HistexConfig(window_attention=True).model_config({"micro": 3}, 5, 3)
     assert "use_window_attention" not in attn["model_opts"] and attn["stride"] == 3
-    # the opt-in schedule is recorded (its states differ); constant, as before it existed, is not
-    assert "lr_schedule" not in default
+    # a schedule is recorded (its states differ); constant, as before the option existed, is not
+    assert default["lr_schedule"] == "auto"
     assert HistexConfig(lr_schedule="plateau").model_config({"micro": 3}, 5, 3)["lr_schedule"] == "plateau"
+    assert "lr_schedule" not in HistexConfig(lr_schedule="constant").model_config({"micro": 3}, 5, 3)
 
 
 @pytest.mark.parametrize("name,opts", [("trihrge", {"use_gene_tokens": False, "use_window_attention": False}),

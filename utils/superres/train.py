@@ -21,6 +21,10 @@ MIN_VAL_SPOTS, MIN_TRAIN_SPOTS = 2, 8  # fewer spots cannot validate / train a s
 # At a constant 1e-3 a her2st state's held-out loss jumps by up to 3 x between epochs (19 spots); cut,
 # the states settle and stop sooner. On the demos it stops them too soon (docs/BENCHMARKS.md)
 LR_PLATEAU = {"factor": 0.3, "patience": 3}
+# --lr-schedule auto: that cut only while the held-out loss is noisy (loss_noise above 4%): her2st's 19-spot
+# folds measured 1-67% at their plateaus, the demos' 130-650-spot folds 0.1-2.6%, where cuts cost accuracy.
+# After two cuts the next plateau stops the state (at 0.09 x --lr its loss has settled)
+LR_AUTO = {"noise": 0.04, "window": 6, "max_cuts": 2}
 
 
 def spot_loss(mean, target, kind="mse"):
@@ -88,19 +92,52 @@ def validation_loss(model, data, idx, keep, share, target, cfg, use_tokens, devi
     return total / max(1, len(idx))
 
 
+def loss_noise(losses, window=LR_AUTO["window"]):
+    """How much a loss moves beyond its trend: the median absolute deviation of its last `window`
+    epoch-to-epoch log changes from their median (0 with fewer than 3 changes)."""
+    d = np.diff(np.log(np.asarray(losses[-window - 1:], np.float64)))
+    return float(np.median(np.abs(d - np.median(d)))) if len(d) >= 3 else 0.0
+
+
+class NoisyPlateau:
+    """--lr-schedule auto: LR_PLATEAU's cut (counted as torch's ReduceLROnPlateau counts), taken only
+    while the held-out loss is noisy (loss_noise > LR_AUTO["noise"]); after LR_AUTO["max_cuts"] cuts,
+    the next plateau, noisy or not, stops the state instead: step returns True."""
+
+    def __init__(self, opt):
+        self.opt, self.losses, self.best, self.bad, self.cuts = opt, [], math.inf, 0, 0
+
+    def step(self, loss):
+        self.losses.append(loss)
+        self.best, self.bad = (loss, 0) if loss < self.best * (1.0 - MIN_IMPROVEMENT) else (self.best, self.bad + 1)
+        if self.bad <= LR_PLATEAU["patience"]:
+            return False
+        if self.cuts == LR_AUTO["max_cuts"]:
+            return True
+        if loss_noise(self.losses) <= LR_AUTO["noise"]:
+            return False
+        self.bad, self.cuts = 0, self.cuts + 1
+        for group in self.opt.param_groups:
+            group["lr"] *= LR_PLATEAU["factor"]
+        return False
+
+
 def lr_scheduler(opt, cfg):
-    """torch's ReduceLROnPlateau on the held-out loss under --lr-schedule plateau, with early
-    stopping's 0.1% as what counts as better; None for a constant rate."""
-    if cfg.get("lr_schedule", "constant") != "plateau":
-        return None
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, threshold=MIN_IMPROVEMENT, **LR_PLATEAU)
+    """The held-out loss's learning-rate schedule: torch's ReduceLROnPlateau under --lr-schedule
+    plateau (with early stopping's 0.1% as what counts as better), NoisyPlateau under auto, None for
+    a constant rate. Its step(loss) returns True when the state should stop."""
+    kind = cfg.get("lr_schedule", "constant")
+    if kind == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, threshold=MIN_IMPROVEMENT, **LR_PLATEAU)
+    return NoisyPlateau(opt) if kind == "auto" else None
 
 
 def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=None):
     """Train one independently initialised model for up to cfg["epochs"] epochs, stopping early
     when the loss of its held-out spots (val_idx, its cross-fitting fold; None: a seeded
     --val-fraction draw) has not improved (by 0.1%) for cfg["patience"] epochs (then the weights of
-    the best epoch are kept); the same loss drives the learning rate's schedule (lr_scheduler).
+    the best epoch are kept); the same loss drives the learning rate's schedule (lr_scheduler), which
+    may also stop the state.
     Returns (state_dict on CPU, info with loss and learning-rate histories)."""
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
@@ -144,10 +181,9 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
             if val_history[-1] < best * (1.0 - MIN_IMPROVEMENT):
                 best, best_epoch = val_history[-1], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if schedule is not None:
-                schedule.step(val_history[-1])
+            stop = schedule is not None and bool(schedule.step(val_history[-1]))
             bar.set_postfix(loss=f"{history[-1]:.5f}", val=f"{val_history[-1]:.5f}", best=best_epoch + 1)
-            if patience and epoch - best_epoch >= patience:
+            if stop or (patience and epoch - best_epoch >= patience):
                 break
         else:
             bar.set_postfix(loss=f"{history[-1]:.5f}")
