@@ -57,6 +57,15 @@ def test_between_map_and_proximity_mix():
     np.testing.assert_allclose(sr, w[:, None] * consistent + (1 - w[:, None]) * out, rtol=1e-5)
 
 
+def test_row_chunks_cover_the_rows_in_chunks_of_bounded_bytes():
+    from utils.core.chunks import CHUNK_BYTES, row_chunks
+    for n, g in [(0, 5), (1, 1000), (10_000, 1000), (117_000, 1000), (5, 10**9)]:
+        chunks = row_chunks(n, g)
+        assert np.array_equal(np.concatenate([np.arange(n)[s] for s in chunks] or [np.zeros(0, int)]), np.arange(n))
+        assert all(s.stop - s.start == 1 or (s.stop - s.start) * g * 4 <= CHUNK_BYTES for s in chunks)
+    assert [(s.start, s.stop) for s in row_chunks(5, 3, rows=2)] == [(0, 2), (2, 4), (4, 5)]
+
+
 @pytest.fixture
 def demo(demo_upstream, tmp_path):
     return copy_demo(demo_upstream, tmp_path / "small")

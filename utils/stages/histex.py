@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core import geometry as geo
 from ..core import layout as L
+from ..core.chunks import row_chunks
 from ..core.device import available_cpus, resolve_device
 from ..core.distributed import current
 from ..core.errors import InputError
@@ -185,9 +186,12 @@ def _predict_trained(st, directory, out_dir, config, inp, device, progress, kern
         return None
     log.info("predicted %d super-pixels with %d state(s) in %.0f s", shape[0], len(models), time.time() - t_pred)
     # counts per super-pixel: a spot's footprint mean maps to its count / footprint size (iStar)
-    n_fp = inp.mean_footprint
-    for s0 in range(0, len(sr), 65536):
-        sr[s0:s0 + 65536] = (lo + sr[s0:s0 + 65536] * (hi - lo)) / n_fp
+    n_fp, span = inp.mean_footprint, hi - lo
+    for s in row_chunks(*sr.shape):   # in place: (lo + v (hi - lo)) / n_fp, the same float32 steps
+        block = sr[s]
+        block *= span
+        block += lo
+        block /= n_fp
     if loo is not None:
         _add_interpolation(sr, kernel(), inp.per_superpixel, lo / n_fp)
         oof = np.maximum(oof, 0) if oof is not None else None
@@ -213,8 +217,8 @@ def _image_map(st, out_dir, inp, config, sr, oof, before):
     # float16: the map is only mixed into the float32 one; half of the 0.5 GB it added on the large demo
     image = _scratch_memmap(st.scratch(out_dir / "image-map.npy"), sr.shape, np.float16)
     scale = global_rescale_factors(inp.counts, before)
-    for s0 in range(0, len(sr), 65536):
-        image[s0:s0 + 65536] = sr[s0:s0 + 65536] * scale
+    for s in row_chunks(*sr.shape):
+        np.multiply(sr[s], scale, out=image[s])
     return image
 
 

@@ -6,6 +6,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from ..core import geometry as geo
+from ..core.chunks import row_chunks
 
 
 def kernel_weights(points_xy, spots_xy, sigma_px, cutoff=3.0, k=32):
@@ -27,9 +28,14 @@ def kernel_weights(points_xy, spots_xy, sigma_px, cutoff=3.0, k=32):
 def spot_sums(values, footprints):
     """Sum of per-super-pixel values (n_sp x G) over each spot's footprint (geometry.footprint_matrix)."""
     # only the super-pixels under a footprint: `footprints @ values` made a float64 copy of all of
-    # values (117k x 1000 on her2st C2, 1.5 s per call); the same sums in the same order
+    # values (117k x 1000 on her2st C2, 1.5 s per call); and by row chunks, whose float64 copies reuse
+    # heap pages (whole, the large demo's 131k x 300 took 1.2 s per call, mostly fresh pages). The
+    # sums are exact in float64 (tens of float32 terms), so chunking them changes no bit
     used = np.unique(footprints.indices)
-    return np.asarray(footprints[:, used] @ np.asarray(values[used], dtype=np.float64))
+    out = np.zeros((footprints.shape[0], values.shape[1]), np.float64)
+    for s in row_chunks(len(used), values.shape[1], itemsize=8):
+        out += footprints[:, used[s]] @ np.asarray(values[used[s]], dtype=np.float64)
+    return out
 
 
 def kernel_product(kernel, values):
@@ -88,8 +94,8 @@ def apply_spot_consistency(sr, mode, counts, footprints, kernel, predicted=None)
         predicted = spot_sums(sr, footprints)
     if mode == "local":
         W = kernel()
-        for s0 in range(0, len(sr), 16384):  # chunks bound the dense (chunk x genes) factors
-            sr[s0:s0 + 16384] *= local_rescale_factors(counts, predicted, W[s0:s0 + 16384])
+        for s in row_chunks(*sr.shape):  # chunks bound the dense (chunk x genes) factors
+            sr[s] *= local_rescale_factors(counts, predicted, W[s])
         # a wide kernel averages log ratios (a geometric mean), which biases totals low: one factor
         # per gene restores them (it changes no gene's pattern, so no Pearson r)
         predicted = spot_sums(sr, footprints)
@@ -100,9 +106,9 @@ def apply_spot_consistency(sr, mode, counts, footprints, kernel, predicted=None)
     return predicted
 
 
-def interpolation_chunks(kernel, per_sp, chunk=16384):
-    """(rows slice, float32 interpolated values) by row chunks of the super-pixel x spot kernel
-    (row-normalised weights) times per_sp (n_spots, G), so the interpolated map is never whole."""
-    for s0 in range(0, kernel.shape[0], chunk):
-        s = slice(s0, min(kernel.shape[0], s0 + chunk))
+def interpolation_chunks(kernel, per_sp, chunk=None):
+    """(rows slice, float32 interpolated values) by row chunks (core.chunks.row_chunks; `chunk` rows)
+    of the super-pixel x spot kernel (row-normalised weights) times per_sp (n_spots, G), so the
+    interpolated map is never whole."""
+    for s in row_chunks(kernel.shape[0], per_sp.shape[1], chunk):
         yield s, kernel_product(kernel[s], per_sp)

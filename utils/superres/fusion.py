@@ -58,7 +58,7 @@ def blended_oof(a, model, reference):
     return a * model + (1.0 - a) * reference
 
 
-def blend_maps(sr, a, kernel, per_sp, detail=None, chunk=16384):
+def blend_maps(sr, a, kernel, per_sp, detail=None, chunk=None):
     """sr (n_sp, G) counts per super-pixel <- a * sr + (1 - a) * the interpolation map (kernel:
     row-normalised super-pixel x spot weights; per_sp (spots, G): spot counts / mean footprint), in
     chunks so the interpolation is never whole.

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import geometry as geo
+from ..core.chunks import row_chunks
 from ..core.device import autocast
 from ..core.distributed import World
 from .config import precision_of
@@ -159,8 +160,8 @@ def _predict_windows(models, cfg, maps, tokens, rows, cols, device, batch, progr
         wsum = _sum_at_leader(world, pixels, acc, wsum, out)
         if not world.leader:
             return None
-    for s in range(0, len(rows), 65536):
-        out[s:s + 65536] /= wsum[s:s + 65536, None].astype(np.float32)
+    for s in row_chunks(*out.shape):
+        out[s] /= wsum[s, None].astype(np.float32)
     return out
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..core import geometry as geo
+from ..core.chunks import row_chunks
 from .consistency import interpolation_chunks
 
 # width of the near-spot zone in spot radii: her2st seed 0, linear maps, 1.5 / 2.0 / 2.5 / 3.0 radii:
@@ -59,7 +60,7 @@ def stacked_oof(c, predictors, reference):
     return sum(c[:, i] * p for i, p in enumerate(predictors)) + c[:, -1] * reference
 
 
-def between_maps(image, c, consistent, kernel, per_sp, chunk=16384):
+def between_maps(image, c, consistent, kernel, per_sp, chunk=None):
     """image (n_sp, G) <- c_image * image + c_consistent * consistent + c_interp * interpolation, in place
     by row chunks (kernel: row-normalised super-pixel x spot weights; per_sp: spot counts / footprint)."""
     for s, acc in interpolation_chunks(kernel, per_sp, chunk):
@@ -77,12 +78,11 @@ def proximity(rows, cols, xy, radius_px, radii=PROXIMITY_RADII):
     return np.exp(-0.5 * (d / (radii * radius_px)) ** 2).astype(np.float32)
 
 
-def mix_by_proximity(sr, between, w, chunk=65536):
+def mix_by_proximity(sr, between, w, chunk=None):
     """sr (n_sp, G) <- w * sr + (1 - w) * between, in place by row chunks, as between + w (sr - between):
     in-place passes, one temporary chunk instead of four (on her2st C2's memory-mapped 117k x 1,000
     map most of its 1.7 s are the map's pages, not the arithmetic)."""
-    for s0 in range(0, len(sr), chunk):
-        s = slice(s0, s0 + chunk)
+    for s in row_chunks(*sr.shape, chunk):
         b = np.asarray(between[s], np.float32)
         x = np.asarray(sr[s])            # a view of sr's rows (an ndarray or a memmap)
         x -= b
