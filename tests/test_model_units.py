@@ -244,17 +244,23 @@ def test_early_stopping_keeps_the_best_held_out_epoch():
     assert info2 == info and all(torch.equal(state[k], state2[k]) for k in state)
 
 
-def test_plateau_schedule_cuts_the_rate_after_epochs_without_a_better_held_out_loss():
-    """--lr-schedule plateau: the rate of each epoch follows the held-out losses before it (x 0.3
-    after 3 epochs in a row without a 0.1% better loss); constant keeps --lr."""
-    from utils.superres.train import LR_PLATEAU, MIN_IMPROVEMENT, train_state
+def _schedule_case(schedule, *, batch_size, epochs):
+    """(cfg, data): an MLP on 60 random spots, 20% held out, no early stopping, lr 3e-3."""
     rng = np.random.default_rng(1)
     n, T, G = 60, 9, 3
     data = {"hist": {k: rng.normal(size=(n, T, c)).astype(np.float32) for k, c in DIMS.items()},
             "fp": np.ones((n, T), np.float32), "target": rng.random((n, G)).astype(np.float32)}
     cfg = {"model": "mlp", "dims": DIMS, "n_genes": G, "half": 1, "model_opts": {}, "lr": 3e-3, "weight_decay": 0.0,
-           "batch_size": 8, "epochs": 25, "loss": "mse", "token_mask": 0.0, "val_fraction": 0.2, "patience": 0,
-           "lr_schedule": "plateau"}
+           "batch_size": batch_size, "epochs": epochs, "loss": "mse", "token_mask": 0.0, "val_fraction": 0.2,
+           "patience": 0, "lr_schedule": schedule}
+    return cfg, data
+
+
+def test_plateau_schedule_cuts_the_rate_after_epochs_without_a_better_held_out_loss():
+    """--lr-schedule plateau: the rate of each epoch follows the held-out losses before it (x 0.3
+    after 3 epochs in a row without a 0.1% better loss); constant keeps --lr."""
+    from utils.superres.train import LR_PLATEAU, MIN_IMPROVEMENT, train_state
+    cfg, data = _schedule_case("plateau", batch_size=8, epochs=25)
     _, info = train_state(cfg, data, 0, torch.device("cpu"), progress=False)
     lr, best, bad, expected = cfg["lr"], np.inf, 0, []
     for v in info["val_history"]:
@@ -291,13 +297,7 @@ def test_noisy_plateau_cuts_only_a_noisy_held_out_loss_and_stops_at_the_cut_afte
     assert stopped and len(rates) == 3 * (p + 1) + 1
     assert rates == [1.0] * (p + 2) + [f] * (p + 1) + [f * f] * (p + 1)
     # train_state follows the same rule on its held-out losses
-    rng = np.random.default_rng(1)
-    n, T, G = 60, 9, 3
-    data = {"hist": {k: rng.normal(size=(n, T, c)).astype(np.float32) for k, c in DIMS.items()},
-            "fp": np.ones((n, T), np.float32), "target": rng.random((n, G)).astype(np.float32)}
-    cfg = {"model": "mlp", "dims": DIMS, "n_genes": G, "half": 1, "model_opts": {}, "lr": 3e-3, "weight_decay": 0.0,
-           "batch_size": 4, "epochs": 40, "loss": "mse", "token_mask": 0.0, "val_fraction": 0.2, "patience": 0,
-           "lr_schedule": "auto"}
+    cfg, data = _schedule_case("auto", batch_size=4, epochs=40)
     _, info = train_state(cfg, data, 0, torch.device("cpu"), progress=False)
     rates, stopped = replay(info["val_history"])
     assert info["lr_history"] == pytest.approx([r * cfg["lr"] for r in rates])
