@@ -29,8 +29,9 @@ def spot_sums(values, footprints):
     """Sum of per-super-pixel values (n_sp x G) over each spot's footprint (geometry.footprint_matrix)."""
     # only the super-pixels under a footprint: `footprints @ values` made a float64 copy of all of
     # values (117k x 1000 on her2st C2, 1.5 s per call); and by row chunks, whose float64 copies reuse
-    # heap pages (whole, the large demo's 131k x 300 took 1.2 s per call, mostly fresh pages). The
-    # sums are exact in float64 (tens of float32 terms), so chunking them changes no bit
+    # heap pages (whole, the large demo's 131k x 300 took 1.2 s per call, mostly fresh pages). Sums of
+    # at most a few hundred float32 terms within 2^20 of each other are exact in float64, so the order
+    # does not matter (the same super-res.h5ad, bit for bit, on her2st C2 and the large demo)
     used = np.unique(footprints.indices)
     out = np.zeros((footprints.shape[0], values.shape[1]), np.float64)
     for s in row_chunks(len(used), values.shape[1], itemsize=8):
