@@ -304,6 +304,17 @@ def test_noisy_plateau_cuts_only_a_noisy_held_out_loss_and_stops_at_the_cut_afte
     assert stopped and info["epochs_run"] < cfg["epochs"] and min(rates) == pytest.approx(f * f)
 
 
+def test_a_state_log_line_says_when_its_learning_rate_was_cut(caplog):
+    from utils.superres.states import _log_trained
+    meta = {"epochs_run": 12, "best_epoch": 4, "loss_history": [0.1], "seconds": 1.0}
+    with caplog.at_level("INFO", logger="trihrge"):
+        _log_trained("state 1/2", {"epochs": 500, "lr": 1e-3}, {**meta, "lr_history": [1e-3] * 8 + [9e-5] * 4})
+        _log_trained("state 2/2", {"epochs": 500, "lr": 1e-3}, {**meta, "lr_history": [1e-3] * 12})
+    first, second = [r.getMessage() for r in caplog.records]
+    assert "stopped after 12 epochs" in first and "learning rate cut to 9e-05" in first
+    assert "learning rate" not in second
+
+
 def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     from utils.superres.config import HistexConfig
     assert HistexConfig().run_name == "trihrge" and HistexConfig().fusion == "stack"

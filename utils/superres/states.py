@@ -103,6 +103,9 @@ def _train_to_files(cfg, data, fp_id, seed, val_idx, pt, meta_p, device, progres
 def _log_trained(desc, cfg, meta):
     stop = (f"stopped after {meta['epochs_run']} epochs, best held-out loss at epoch {meta['best_epoch']}"
             if meta["epochs_run"] < cfg["epochs"] else f"{meta['epochs_run']} epochs")
+    rates = meta.get("lr_history") or [cfg["lr"]]
+    if rates[-1] < rates[0]:  # --lr-schedule cut it
+        stop += f", learning rate cut to {rates[-1]:.2g}"
     log.info("%s: %s, final loss %.5f, in %.0f s", desc, stop, meta["loss_history"][-1], meta["seconds"])
 
 
