@@ -33,6 +33,11 @@ def assert_user_error(proc, *fragments):
     return errors[0]
 
 
+def mount(*args):
+    """`mount ARGS`; False where this machine does not let us (not root)."""
+    return subprocess.run(["mount", *args], capture_output=True, text=True).returncode == 0
+
+
 def snapshot(directory):
     """{relative path: (size, mtime_ns)} of every file, to prove nothing was written or changed."""
     d = Path(directory)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from conftest import REPO, assert_user_error
+from conftest import REPO, assert_user_error, mount
 
 from utils.core import geometry as geo
 from utils.simulate.simulation import simulate
@@ -257,6 +257,21 @@ def test_refuses_folder_of_another_data_set(tmp_path):
     with pytest.raises(InputError, match="he-raw.jpg"):
         simulate(tmp_path, size="small", seed=0, extent_mm=0.4, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["he-raw.jpg"]
+
+
+def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path):
+    """The image is a sparse memory map: its blocks are reserved first, so a disk too small for it
+    is the one-line error, not a SIGBUS on the first page written (a CI run died of that)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        p = _cli("--directory", disk / "d", "--size", "small", "--extent-mm", "0.4", "--n-genes", "20", "-q")
+        assert_user_error(p, "disk is full")
+        assert list(disk.rglob("*")) in ([], [disk / "d"])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_help_lists_options():

@@ -12,7 +12,7 @@ from pathlib import Path
 import anndata
 import numpy as np
 import pytest
-from conftest import REPO, assert_user_error, copy_demo, run_script, snapshot
+from conftest import REPO, assert_user_error, copy_demo, mount, run_script, snapshot
 
 from utils.core.atomic import TMP_MARKER
 from utils.core.errors import InputError
@@ -24,10 +24,6 @@ FAST = ["--epochs", "3", "--n-states", "1", "--threads", "1", "-q"]
 
 def _temporaries(d):
     return [p for p in Path(d).rglob(f"{TMP_MARKER}*")] + list(Path(d).rglob(LOCK_NAME))
-
-
-def _mount(*args):
-    return subprocess.run(["mount", *args], capture_output=True, text=True).returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +109,7 @@ def test_scratch_of_histex_out_outside_directory_is_removed(demo_upstream, tmp_p
 def test_read_only_manifests_leave_previous_artifacts_unchanged(demo_upstream, tmp_path):
     d = copy_demo(demo_upstream, tmp_path / "d")
     m = d / "manifests"
-    if not (_mount("--bind", str(m), str(m)) and _mount("-o", "remount,ro,bind", str(m))):
+    if not (mount("--bind", str(m), str(m)) and mount("-o", "remount,ro,bind", str(m))):
         pytest.skip("cannot bind-mount read-only here (needs root)")
     try:
         before = snapshot(d)
@@ -139,7 +135,7 @@ def _raw_on_a_small_disk(src, mount_point, spare_mib=2):
     """The raw files of `src` on a tmpfs that then has about spare_mib MiB free (needs root)."""
     mount_point.mkdir(parents=True)
     size = sum((src / f).stat().st_size for f in RAW) + (spare_mib + 4) * 2 ** 20
-    if not _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)):
+    if not mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     d = mount_point / "d"
     d.mkdir()

@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..core.atomic import reserve
 from .constants import (
     BG,
     DUCT,
@@ -312,6 +313,7 @@ def render_image(path, renderer, progress=True):
     mm = tifffile.memmap(str(path), shape=(H, W, 3), dtype=np.uint8, photometric="rgb")
     mm.flush()
     del mm
+    reserve(path)  # a full disk fails here (ENOSPC), not later with SIGBUS on a page write
     rows = int(max(64, min(512, STRIP_PIXELS // W)))
     n_strips = -(-H // rows)
     for k in tqdm(range(n_strips), desc="image", unit="strip", disable=not progress):
