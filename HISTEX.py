@@ -50,7 +50,7 @@ def build_parser():
                         "throughout. plateau: cut every plateau (torch's ReduceLROnPlateau); with --patience 10 the "
                         "fastest, but the demo lost 1.6%% in r (docs/BENCHMARKS.md)")
     p.add_argument("--weight-decay", type=V["weight_decay"], default=D.weight_decay, help="Adam weight decay")
-    p.add_argument("--batch-size", type=V["batch_size"], default=D.batch_size, help="spots per batch; 0 = iStar's min(128, n_spots // 16)")
+    p.add_argument("--batch-size", type=V["batch_size"], default=D.batch_size, help="spots per batch; 0 = n_spots // 16 (iStar's rule), at most 32")
     p.add_argument("--loss", default=D.loss, choices=CHOICES["loss"],
                    help="footprint loss on min-max scaled counts: squared error or Poisson deviance")
     p.add_argument("--standardize-features", action=argparse.BooleanOptionalAction, default=D.standardize_features,

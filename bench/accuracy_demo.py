@@ -47,6 +47,9 @@ CONFIGS = {  # baselines name their fusion, so the table keeps its meaning when 
     "trihrge --lr-schedule plateau --patience 10": ["--lr-schedule", "plateau", "--patience", "10"],
     "trihrge --lr-schedule auto": ["--lr-schedule", "auto"],
     "trihrge --lr-schedule constant": ["--lr-schedule", "constant"],
+    "trihrge --batch-size 128": ["--batch-size", "128"],
+    "trihrge --batch-size 32": ["--batch-size", "32"],
+    "trihrge --batch-size 16": ["--batch-size", "16"],
 }
 
 

@@ -304,6 +304,19 @@ def test_noisy_plateau_cuts_only_a_noisy_held_out_loss_and_stops_at_the_cut_afte
     assert stopped and info["epochs_run"] < cfg["epochs"] and min(rates) == pytest.approx(f * f)
 
 
+def test_batch_rule_is_n_over_16_capped_at_batch_max_and_old_configurations_keep_istars_cap():
+    from utils.superres.config import BATCH_MAX, ISTAR_BATCH_MAX, HistexConfig
+    from utils.superres.train import batch_spots
+    rule = HistexConfig().model_config({"micro": 3}, 5, 3)
+    assert rule["batch_size"] == 0 and rule["batch_max"] == BATCH_MAX == 32
+    assert [batch_spots(rule, n) for n in (10, 75, 528, 2620)] == [1, 4, 32, 32]
+    fixed = HistexConfig(batch_size=64).model_config({"micro": 3}, 5, 3)
+    assert "batch_max" not in fixed and batch_spots(fixed, 2620) == 64
+    # a configuration from before batch_max (a stored state's run.json) trained with iStar's cap
+    older = {k: v for k, v in rule.items() if k != "batch_max"}
+    assert batch_spots(older, 2620) == ISTAR_BATCH_MAX == 128 and batch_spots(older, 75) == 4
+
+
 def test_a_state_log_line_says_when_its_learning_rate_was_cut(caplog):
     from utils.superres.states import _log_trained
     meta = {"epochs_run": 12, "best_epoch": 4, "loss_history": [0.1], "seconds": 1.0}

@@ -11,7 +11,7 @@ from models import build_model
 
 from ..core.device import autocast
 from ..core.errors import InputError
-from .config import precision_of
+from .config import ISTAR_BATCH_MAX, precision_of
 from .inputs import batch_inputs
 
 log = logging.getLogger("trihrge")
@@ -132,6 +132,12 @@ def lr_scheduler(opt, cfg):
     return NoisyPlateau(opt) if kind == "auto" else None
 
 
+def batch_spots(cfg, n: int) -> int:
+    """Spots per batch of a model configuration (model_config) training n spots: --batch-size, or
+    for 0 n // 16 capped at its "batch_max" (ISTAR_BATCH_MAX in configurations from before the key)."""
+    return cfg["batch_size"] or max(1, min(cfg.get("batch_max", ISTAR_BATCH_MAX), n // 16))
+
+
 def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=None):
     """Train one independently initialised model for up to cfg["epochs"] epochs, stopping early
     when the loss of its held-out spots (val_idx, its cross-fitting fold; None: a seeded
@@ -150,7 +156,7 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
     else:
         train_idx = np.setdiff1d(np.arange(len(data["target"])), val_idx)
     n = len(train_idx)
-    bs = cfg["batch_size"] or max(1, min(128, n // 16))
+    bs = batch_spots(cfg, n)
     use_tokens, precision = model.use_gene_tokens, precision_of(cfg)
     keep, share = footprint_shares(data["fp"], device)
     target = torch.from_numpy(data["target"]).to(device)
