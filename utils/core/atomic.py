@@ -43,6 +43,23 @@ def reserve(path: Path) -> None:
         os.close(fd)
 
 
+def npy_memmap(path: Path, dtype, shape):
+    """A writable .npy memory map created at path, its disk blocks reserved (reserve)."""
+    from numpy.lib.format import open_memmap
+    arr = open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    reserve(path)
+    return arr
+
+
+def rgb_tiff_memmap(path: Path, height: int, width: int):
+    """A writable uncompressed (height, width, 3) uint8 RGB TIFF memory map created at path, its disk
+    blocks reserved (reserve)."""
+    import tifffile
+    mm = tifffile.memmap(str(path), shape=(height, width, 3), dtype="uint8", photometric="rgb")
+    reserve(path)
+    return mm
+
+
 class StagedOutputs:
     """Collects temporary outputs and commits them together.
 
@@ -78,11 +95,7 @@ class StagedOutputs:
 
     def memmap(self, final: Path, dtype, shape):
         """A writable .npy memory map staged for `final`, its disk blocks reserved up front."""
-        from numpy.lib.format import open_memmap
-        tmp = self.path(final)
-        arr = open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
-        reserve(tmp)
-        return arr
+        return npy_memmap(self.path(final), dtype, shape)
 
     @property
     def pending(self):

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..core.atomic import reserve
+from ..core.atomic import rgb_tiff_memmap
 from .constants import (
     BG,
     DUCT,
@@ -307,13 +307,10 @@ class Renderer:
 
 
 def render_image(path, renderer, progress=True):
-    """Render strip by strip into an uncompressed RGB TIFF at path (created via tifffile.memmap)."""
+    """Render strip by strip into an uncompressed RGB TIFF at path (atomic.rgb_tiff_memmap)."""
     import tifffile
     H, W = renderer.H, renderer.W
-    mm = tifffile.memmap(str(path), shape=(H, W, 3), dtype=np.uint8, photometric="rgb")
-    mm.flush()
-    del mm
-    reserve(path)  # a full disk fails here (ENOSPC), not later with SIGBUS on a page write
+    rgb_tiff_memmap(path, H, W).flush()
     rows = int(max(64, min(512, STRIP_PIXELS // W)))
     n_strips = -(-H // rows)
     for k in tqdm(range(n_strips), desc="image", unit="strip", disable=not progress):

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core import geometry as geo
 from ..core import layout as L
+from ..core.atomic import npy_memmap
 from ..core.chunks import row_chunks
 from ..core.device import available_cpus, resolve_device
 from ..core.distributed import current
@@ -301,13 +302,8 @@ def _prediction_map(st, out_dir, shape, *, maps: int, what: str):
 
 
 def _scratch_memmap(path, shape, dtype=np.float32):
-    from numpy.lib.format import open_memmap
-
-    from ..core.atomic import reserve
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    reserve(path)  # a full disk fails here with ENOSPC, not later with SIGBUS
-    return arr
+    return npy_memmap(path, dtype, shape)  # reserved: a full disk is ENOSPC here, not SIGBUS later
 
 
 def run_histex(directory, config: HistexConfig, *, force: bool = False, progress: bool = True):

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core import geometry as geo
 from ..core import layout as L
-from ..core.atomic import reserve
+from ..core.atomic import rgb_tiff_memmap
 from ..core.errors import InputError
 from ..core.image_io import read_rgb, write_png
 from ..core.raw_io import IMAGE_NAMES, find_one, read_locs, read_pixel_size, read_radius
@@ -46,11 +46,9 @@ def superpixel_means(img, rows_per_chunk=64):
 
 def write_padded_tiff(path, scaled, padded_shape, rows_per_chunk=2048):
     """Write the scaled image into a white canvas of padded_shape as an uncompressed, memory-mappable TIFF."""
-    import tifffile
     ph, pw = padded_shape
     h, w = scaled.shape[:2]
-    mm = tifffile.memmap(path, shape=(ph, pw, 3), dtype=np.uint8, photometric="rgb")
-    reserve(path)  # a full disk fails here (ENOSPC), not later with SIGBUS on a page write
+    mm = rgb_tiff_memmap(path, ph, pw)
     for r0 in range(0, ph, rows_per_chunk):
         r1 = min(ph, r0 + rows_per_chunk)
         mm[r0:r1] = 255

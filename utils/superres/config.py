@@ -22,8 +22,8 @@ CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "gl
            "fusion": ("blend", "blend-linear", "stack", "none"), "device": ("auto", "cpu", "cuda"),
            "precision": ("auto", "fp32", "bf16"), "lr_schedule": ("auto", "plateau", "constant")}
 # --batch-size 0: n // 16 spots per batch (iStar's rule: 16 updates an epoch), but at most BATCH_MAX. iStar's cap
-# of 128 gave the large demo's 2,620 training spots 21 updates an epoch; 32 trains it in 40% fewer epochs (HISTEX
-# 1.4 x faster) at the same r and SSIM (docs/BENCHMARKS.md). Sections under 512 spots (her2st) are not affected.
+# of 128 gave the large demo's 2,620 training spots 21 updates an epoch; 32 trains it in 38-40% fewer epochs (HISTEX
+# 1.22-1.37 x faster, 2 seeds) at the same r and SSIM (docs/BENCHMARKS.md). Sections under 512 spots (her2st) are not affected.
 BATCH_MAX = 32
 ISTAR_BATCH_MAX = 128  # the cap of a model configuration without "batch_max" (states trained before it)
 # settings that name the run (results/<model>-<tag>...) when on and when they change it: the ablations
