@@ -81,3 +81,34 @@ def test_precision_auto_follows_the_cpus_bf16_units(monkeypatch):
         device.resolve_precision("fp16", "cpu")
     with device.autocast("cpu", "bf16"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+sys.path.insert(0, {repo!r})
+from utils.core.malloc import keep_freed_memory
+libc = ctypes.CDLL(None)
+libc.sbrk.restype, libc.malloc.restype = ctypes.c_void_p, ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = (ctypes.c_size_t,), (ctypes.c_void_p,)
+if {fixed}:
+    assert keep_freed_memory()
+top = libc.sbrk(0)
+block = libc.malloc(24 << 20)
+grown = libc.sbrk(0) - top
+libc.free(block)
+kept = libc.sbrk(0) - top
+print(grown >= 24 << 20, kept >= 24 << 20)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+@pytest.mark.parametrize("fixed, expected", [(False, "False False"), (True, "True True")])
+def test_keep_freed_memory_serves_big_blocks_from_the_heap_and_keeps_them(fixed, expected):
+    """A fresh process maps a 24 MB block with mmap and unmaps it when freed (each step's temporaries
+    faulted in again); with the thresholds fixed it comes from the heap, which keeps it once freed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = MALLOC_PROBE.format(repo=str(Path(__file__).resolve().parent.parent), fixed=fixed)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == expected

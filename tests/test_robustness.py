@@ -358,6 +358,51 @@ def test_sigkill_keeps_artifacts_and_rerun_matches_uninterrupted_run(demo, tmp_p
     np.testing.assert_array_equal(anndata.read_h5ad(fresh / "super-res.h5ad").X, x_clean)
 
 
+def _children(pid) -> list:
+    """The pids whose parent is pid (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid) -> bool:
+    """Running (a zombie waiting for its new parent to reap it counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_training_workers_end_with_a_killed_run_and_write_nothing(demo, tmp_path):
+    """HISTEX.py SIGKILLed while two worker processes train its states: the workers end too (they
+    used to train on as orphans and then write their states into DIR, lock or no lock)."""
+    d = copy_demo(demo, tmp_path / "d")
+    log = tmp_path / "killed.log"
+    p = _start([REPO / "HISTEX.py", "--directory", d, "--epochs", 400, "--patience", 0, "--n-states", 2,
+                "--threads", 2], log)
+    workers = []
+
+    def training():
+        workers[:] = [k for k in _children(p.pid) if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")]
+        return len(workers) == 2 and "worker processes" in log.read_text(errors="replace")
+    assert _kill_when(p, lambda: training() and time.sleep(1.0) is None, limit=120), log.read_text()[-3000:]
+    t0 = time.time()
+    while any(map(_alive, workers)) and time.time() - t0 < 20:
+        time.sleep(0.1)
+    orphans = [k for k in workers if _alive(k)]
+    for k in orphans:  # do not leave them training beside the other tests
+        os.kill(k, signal.SIGKILL)
+    assert not orphans, f"workers {orphans} outlived the killed run"
+    assert not list((d / "results" / "trihrge" / "states").glob("state-*.json"))
+
+
 def test_input_change_rerun_equals_clean_run_and_writes_only_inside(demo, tmp_path):
     """radius-raw.txt changed: rerunning stages 1-4 + HISTEX on the old directory gives what a clean
     run on fresh inputs gives; and the stages write nothing outside --directory."""

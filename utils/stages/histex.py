@@ -26,6 +26,7 @@ from ..core.chunks import row_chunks
 from ..core.device import available_cpus, resolve_device
 from ..core.distributed import current
 from ..core.errors import InputError
+from ..core.malloc import keep_freed_memory
 from ..core.stage import rank_stage
 from ..report import write_report
 from ..scverse.spatial import tissue_images
@@ -327,6 +328,7 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         device = resolve_device(config.device)
         import torch
         torch.set_num_threads(_cpus(config))  # inference; training: one per state
+        keep_freed_memory()  # each step's temporaries stay mapped (utils/core/malloc.py)
         log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
                  inp.spots.n_obs, len(inp.genes), len(inp.rows), inp.mean_footprint, config.run_name, device)
         if config.ignored_options:

@@ -15,9 +15,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ..core.atomic import StagedOutputs
 from ..core.distributed import World
 from ..core.errors import InputError
 from ..core.layout import STATES_DIR
+from ..core.workers import worker_pool
 from .train import train_state
 
 log = logging.getLogger("trihrge")
@@ -111,8 +111,8 @@ def _log_trained(desc, cfg, meta):
 
 def _train_many(jobs, cfg, data, device, workers, progress):
     """Train the states of `jobs` [(s, fp_id, seed, val_idx, pt, meta_p, desc)]; returns {s: record}.
-    On the CPU with workers > 1 they train in that many spawned processes (safe with OpenMP and
-    CUDA, unlike fork); the results are the same as training them one after another."""
+    On the CPU with workers > 1 they train in that many worker processes (core.workers); the
+    results are the same as training them one after another."""
     done = {}
     if workers <= 1 or len(jobs) <= 1 or str(device) != "cpu":
         for s, *job, desc in jobs:
@@ -121,7 +121,7 @@ def _train_many(jobs, cfg, data, device, workers, progress):
         return done
     log.info("training %d states in %d worker processes (one CPU thread each)", len(jobs), workers)
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(workers) as pool:
             futures = {pool.submit(_train_to_files, cfg, data, *job, "cpu", False, desc): (s, desc)
                        for s, *job, desc in jobs}
             try:

@@ -1,0 +1,45 @@
+"""Worker processes of a stage: spawned (safe with OpenMP and CUDA, unlike fork), with malloc's
+thresholds fixed (core.malloc), and ending with the process that started them: a HISTEX.py killed
+with SIGKILL used to leave its training workers running as orphans for minutes, which then wrote
+their states into DIR after its lock was gone (tests/test_robustness.py)."""
+import ctypes
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from .malloc import keep_freed_memory
+
+PR_SET_PDEATHSIG = 1   # prctl option (linux/prctl.h): a signal for this process when its parent ends
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` spawned processes that end with this one."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(os.getpid(),))
+
+
+def _start_worker(parent: int):
+    keep_freed_memory()
+    end_with_parent(parent)
+
+
+def end_with_parent(parent: int, poll_seconds: float = 1.0):
+    """SIGKILL this process when `parent` ends: Linux's PR_SET_PDEATHSIG, elsewhere a daemon thread
+    that checks the parent every poll_seconds; at once if the parent has already gone."""
+    try:
+        armed = ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) == 0
+    except (OSError, AttributeError, TypeError):  # no prctl (macOS), or no CDLL(None) (Windows)
+        armed = False
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent, poll_seconds), daemon=True).start()
+    if os.getppid() != parent:  # it ended before the request took hold
+        os._exit(1)
+
+
+def _watch_parent(parent, poll_seconds):
+    while os.getppid() == parent:
+        time.sleep(poll_seconds)
+    os._exit(1)
