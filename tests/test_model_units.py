@@ -465,3 +465,27 @@ def test_fused_footprint_mean_does_not_depend_on_the_gene_chunk(precision):
         runs.append((out.detach(), lin.weight.grad.clone(), h.grad.clone()))
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
     assert gene_chunk(615) == 256 and gene_chunk(5120) == 128 and gene_chunk(100_000) == 64
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_footprint_mean_without_gradient_skips_the_slope_and_gives_the_same_bits(precision, bias):
+    """Validation and out-of-fold predictions (no gradient) take the path that does not compute
+    f' for backward: the same values, bit for bit, as training's autograd function."""
+    from models.layers import _FootprintMean, footprint_output
+    from utils.core.device import autocast
+    torch.manual_seed(6)
+    lin = torch.nn.Linear(16, 300, bias=bias)
+    h, w = torch.randn(5, 13, 16), torch.rand(5, 13)
+    calls = []
+    original = _FootprintMean.forward
+    _FootprintMean.forward = staticmethod(lambda *a: calls.append(1) or original(*a))
+    try:
+        with autocast("cpu", precision):
+            trained = footprint_output(h, lin, w)
+            with torch.no_grad():
+                evaluated = footprint_output(h, lin, w)
+    finally:
+        _FootprintMean.forward = staticmethod(original)
+    assert len(calls) == 1 and trained.requires_grad and not evaluated.requires_grad
+    assert evaluated.dtype == torch.float32 and torch.equal(trained.detach(), evaluated)
