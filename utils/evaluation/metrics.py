@@ -1,40 +1,65 @@
 """Scoring super-resolution maps against truth, as in the lineage's evaluation: per gene, both maps
 min-max scaled to [0, 1] inside the mask, then Pearson r, SSIM (data_range 1) and RMSE."""
+import cv2
 import numpy as np
-from skimage.metrics import structural_similarity
+
+from ..core.chunks import row_chunks
+
+SSIM_WINDOW, SSIM_K1, SSIM_K2 = 7, 0.01, 0.03   # skimage.metrics.structural_similarity's defaults
 
 
-def pearson_per_gene(a, b):
-    """Pearson r of each column of a with the same column of b (rows: spots); 0 for a constant column."""
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
-    return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), 0.0)
+def pearson_per_gene(a, b, axis: int = 0):
+    """Pearson r of each column of a with the same column of b (rows: spots), or of each row with
+    axis=1; 0 for a constant column."""
+    a = a - a.mean(axis, keepdims=True)
+    b = b - b.mean(axis, keepdims=True)
+    den = np.sqrt((a ** 2).sum(axis) * (b ** 2).sum(axis))
+    return np.where(den > 0, (a * b).sum(axis) / np.where(den > 0, den, 1), 0.0)
 
 
-def _minmax(v):
-    lo, hi = v.min(), v.max()
-    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+def ssim(a, b, *, win: int = SSIM_WINDOW) -> float:
+    """SSIM of two 2-D float64 maps with data range 1, as skimage.metrics.structural_similarity(a, b,
+    data_range=1.0) computes it (a win x win uniform window, sample covariance, the mean over the
+    pixels at least win // 2 from the border, so the border mode does not matter), with OpenCV's
+    box filter: the same value to 1e-15, 10 x faster (an 820 x 810 map: 30 against 305 ms)."""
+    if min(a.shape) < win:
+        raise ValueError(f"a {a.shape[0]} x {a.shape[1]} map is smaller than the {win} x {win} SSIM window")
+
+    def mean(x):
+        return cv2.boxFilter(x, cv2.CV_64F, (win, win), normalize=True, borderType=cv2.BORDER_REFLECT)
+    ua, ub = mean(a), mean(b)
+    n = win * win / (win * win - 1)
+    va, vb, vab = n * (mean(a * a) - ua * ua), n * (mean(b * b) - ub * ub), n * (mean(a * b) - ua * ub)
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    s = (2 * ua * ub + c1) * (2 * vab + c2) / ((ua * ua + ub * ub + c1) * (va + vb + c2))
+    pad = (win - 1) // 2
+    return float(s[pad:-pad, pad:-pad].mean(dtype=np.float64))
+
+
+def _minmax_rows(v):
+    """Each row of v (k, n) scaled to [0, 1] (a constant row to 0)."""
+    lo, hi = v.min(1, keepdims=True), v.max(1, keepdims=True)
+    span = hi - lo
+    return np.where(span > 0, (v - lo) / np.where(span > 0, span, 1.0), 0.0)
 
 
 def score_maps(pred, truth, rows, cols, genes):
     """pred, truth: (n, G) values at the mask super-pixels (rows, cols). Returns dict of per-gene
-    lists and their median/mean."""
+    lists and their median/mean. Genes in chunks of 16 MB of contiguous (genes, n) float64 copies
+    (core.chunks: larger chunks were mostly page faults)."""
     r0, c0 = rows.min(), cols.min()
     shape = (rows.max() - r0 + 1, cols.max() - c0 + 1)
     rr, cc = rows - r0, cols - c0
     out = {"pearson": [], "ssim": [], "rmse": []}
-    for g in range(len(genes)):
-        p = _minmax(np.asarray(pred[:, g], dtype=np.float64))
-        t = _minmax(np.asarray(truth[:, g], dtype=np.float64))
-        r = np.corrcoef(p, t)[0, 1] if p.std() > 0 and t.std() > 0 else 0.0
-        P = np.zeros(shape)
-        T = np.zeros(shape)
-        P[rr, cc] = p
-        T[rr, cc] = t
-        out["pearson"].append(float(r))
-        out["ssim"].append(float(structural_similarity(P, T, data_range=1.0)))
-        out["rmse"].append(float(np.sqrt(np.mean((p - t) ** 2))))
+    P, T = np.zeros(shape), np.zeros(shape)
+    for g in row_chunks(len(genes), len(rows), itemsize=8):
+        p = _minmax_rows(np.asarray(pred[:, g], dtype=np.float64).T.copy())
+        t = _minmax_rows(np.asarray(truth[:, g], dtype=np.float64).T.copy())
+        out["pearson"] += pearson_per_gene(p, t, axis=1).tolist()
+        out["rmse"] += np.sqrt(np.mean((p - t) ** 2, axis=1)).tolist()
+        for pg, tg in zip(p, t):
+            P[rr, cc], T[rr, cc] = pg, tg
+            out["ssim"].append(ssim(P, T))
     summary = {m: {"median": float(np.median(v)), "mean": float(np.mean(v))} for m, v in out.items()}
     return {"genes": list(map(str, genes)), "per_gene": out, "summary": summary, "n_superpixels": int(len(rows))}
 
@@ -49,9 +74,12 @@ def align_to_truth(pred_rows, pred_cols, pred_X, pred_genes, truth):
     lookup = np.full((int(max(pred_rows.max(), t_rows.max())) + 1, int(max(pred_cols.max(), t_cols.max())) + 1), -1)
     lookup[pred_rows, pred_cols] = np.arange(len(pred_rows))
     pos = lookup[t_rows, t_cols]
-    P = np.zeros((len(t_rows), len(genes)), dtype=np.float32)
     have = pos >= 0
-    P[have] = np.asarray(pred_X[pos[have]][:, gi])
-    T = truth[:, genes].X
+    at = np.where(have, pos, 0)
+    # one gather of the (n, G) map (rows and genes together, or rows only when the genes are all, in order)
+    P = np.asarray(pred_X[at] if np.array_equal(gi, np.arange(len(pred_genes))) else pred_X[at[:, None], gi],
+                   dtype=np.float32)
+    P[~have] = 0.0
+    T = truth.X if genes == list(truth.var_names) else truth[:, genes].X
     T = T.toarray() if hasattr(T, "toarray") else np.asarray(T)
     return P, T, t_rows, t_cols, genes, float(have.mean())
