@@ -67,17 +67,19 @@ def _operands(h, weight):
 
 
 def _chunked_means(hm, wm, bias, w, chunk, slope=None):
-    """(B, G) float32 sum over tokens of w (B, M) x positive_output(hm wm^T + bias), genes in chunks
-    (autocast off); fills slope (B, M, G) with f' when given (training)."""
+    """(B, G) float32 sum over tokens of w (B, M) x positive_output(hm wm^T + bias), genes in chunks,
+    the products in the operands' dtype (_operands; autocast off); fills slope (B, M, G) with f'
+    when given (training)."""
     out = hm.new_empty(hm.shape[0], wm.shape[0], dtype=torch.float32)
-    for g0 in range(0, wm.shape[0], chunk):
-        g = slice(g0, g0 + chunk)
-        x = (hm @ wm[g].t() if bias is None else torch.addmm(
-            bias[g].to(hm.dtype), hm.flatten(0, 1), wm[g].t()).view(hm.shape[0], hm.shape[1], -1)).float()
-        e = torch.exp(x.clamp(max=0)).mul_(0.01)
-        if slope is not None:
-            slope[..., g] = positive_slope(x, e)
-        out[:, g] = torch.bmm(w.unsqueeze(1), x.clamp_(min=0).add_(e)).squeeze(1)
+    with torch.autocast(hm.device.type, enabled=False):
+        for g0 in range(0, wm.shape[0], chunk):
+            g = slice(g0, g0 + chunk)
+            x = (hm @ wm[g].t() if bias is None else torch.addmm(
+                bias[g].to(hm.dtype), hm.flatten(0, 1), wm[g].t()).view(hm.shape[0], hm.shape[1], -1)).float()
+            e = torch.exp(x.clamp(max=0)).mul_(0.01)
+            if slope is not None:
+                slope[..., g] = positive_slope(x, e)
+            out[:, g] = torch.bmm(w.unsqueeze(1), x.clamp_(min=0).add_(e)).squeeze(1)
     return out
 
 
@@ -91,9 +93,8 @@ class _FootprintMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, w, chunk):
         hm, wm = _operands(h, weight)
-        with torch.autocast(h.device.type, enabled=False):
-            slope = hm.new_empty(h.shape[:-1] + (weight.shape[0],), dtype=torch.float32)   # f'(x), (B, M, G)
-            out = _chunked_means(hm, wm, bias, w, chunk, slope)
+        slope = hm.new_empty(h.shape[:-1] + (weight.shape[0],), dtype=torch.float32)   # f'(x), (B, M, G)
+        out = _chunked_means(hm, wm, bias, w, chunk, slope)
         ctx.save_for_backward(hm, wm, w, slope)
         ctx.has_bias, ctx.h_dtype, ctx.w_dtype = bias is not None, h.dtype, weight.dtype
         return out
@@ -141,9 +142,8 @@ def footprint_output(h, linear, weights, chunk=None):
     chunk = chunk or gene_chunk(h.shape[0] * h.shape[1])
     if torch.is_grad_enabled() and (h.requires_grad or linear.weight.requires_grad):
         return _FootprintMean.apply(h.contiguous(), linear.weight, linear.bias, weights.contiguous(), chunk)
-    hm, wm = _operands(h.contiguous(), linear.weight)  # no gradient (validation, out-of-fold): no f'
-    with torch.autocast(h.device.type, enabled=False):
-        return _chunked_means(hm, wm, linear.bias, weights.contiguous(), chunk)
+    # no gradient (validation, out-of-fold): no f'
+    return _chunked_means(*_operands(h.contiguous(), linear.weight), linear.bias, weights.contiguous(), chunk)
 
 
 def output_parts(head):

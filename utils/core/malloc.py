@@ -18,12 +18,20 @@ MMAP_THRESHOLD = 32 << 20                        # glibc's largest dynamic thres
 TRIM_THRESHOLD = 64 << 20
 
 
+def libc_function(name: str):
+    """The function `name` of this process's C library (ctypes), or None where it has none (mallopt
+    and prctl on macOS) or there is no such library (Windows: no CDLL(None), a TypeError)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Fix this process's malloc thresholds (module docstring). Returns False, changing nothing,
     where the C library has no mallopt (macOS, Windows) or refuses the values."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
+    mallopt = libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

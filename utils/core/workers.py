@@ -2,7 +2,6 @@
 thresholds fixed (core.malloc), and ending with the process that started them: a HISTEX.py killed
 with SIGKILL used to leave its training workers running as orphans for minutes, which then wrote
 their states into DIR after its lock was gone (tests/test_robustness.py)."""
-import ctypes
 import multiprocessing
 import os
 import signal
@@ -10,7 +9,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from .malloc import keep_freed_memory
+from .malloc import keep_freed_memory, libc_function
 
 PR_SET_PDEATHSIG = 1   # prctl option (linux/prctl.h): a signal for this process when its parent ends
 
@@ -29,11 +28,8 @@ def _start_worker(parent: int):
 def end_with_parent(parent: int, poll_seconds: float = 1.0):
     """SIGKILL this process when `parent` ends: Linux's PR_SET_PDEATHSIG, elsewhere a daemon thread
     that checks the parent every poll_seconds; at once if the parent has already gone."""
-    try:
-        armed = ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) == 0
-    except (OSError, AttributeError, TypeError):  # no prctl (macOS), or no CDLL(None) (Windows)
-        armed = False
-    if not armed:
+    prctl = libc_function("prctl")  # Linux only
+    if prctl is None or prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
         threading.Thread(target=_watch_parent, args=(parent, poll_seconds), daemon=True).start()
     if os.getppid() != parent:  # it ended before the request took hold
         os._exit(1)
