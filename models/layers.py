@@ -164,7 +164,14 @@ class PositiveHead:
 
     def forward(self, hist, genes=None, offs=None, gmask=None, keep=None):
         """(B, T, G) predictions, or (B, M, G) at the token indices keep (B, M)."""
-        y = self.output_layer(self.hidden(hist, genes, offs, gmask, keep))
+        return self.activation(self.pre_activation(hist, genes, offs, gmask, keep))
+
+    def pre_activation(self, hist, genes=None, offs=None, gmask=None, keep=None):
+        """(B, T or M, G) output layer before activation(): forward() is activation(pre_activation())."""
+        return self.output_layer(self.hidden(hist, genes, offs, gmask, keep))
+
+    def activation(self, y):
+        """positive_output(y), or y itself with signed_output; elementwise and non-decreasing."""
         return y if self.signed_output else positive_output(y)
 
     def footprint_mean(self, hist, genes=None, offs=None, gmask=None, keep=None, weights=None):

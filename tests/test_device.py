@@ -112,3 +112,21 @@ def test_keep_freed_memory_serves_big_blocks_from_the_heap_and_keeps_them(fixed,
     code = MALLOC_PROBE.format(repo=str(Path(__file__).resolve().parent.parent), fixed=fixed)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[0] == expected
+
+
+def test_casts_round_to_nearest_even_as_numpy_and_write_into_memmap_rows(tmp_path):
+    import numpy as np
+
+    from utils.core.atomic import npy_memmap
+    from utils.core.casts import as_float32, cast_into
+    rng = np.random.default_rng(0)
+    a = (rng.gamma(0.3, 2.0, (300, 50)) * rng.choice([1e-7, 1e-3, 1.0, 1e3, 1e5], (300, 1))).astype(np.float32)
+    a[0, :8] = [0.0, 65519.99, 65520.0, 7e4, 2.98e-8, 3e-8, np.inf, -1.5e-5]   # overflow, subnormals, ties
+    with np.errstate(over="ignore"):
+        ref = a.astype(np.float16)
+    mm = npy_memmap(tmp_path / "h.npy", np.float16, a.shape)
+    cast_into(mm[100:], a[100:])
+    cast_into(mm[:100], a[:100])
+    assert np.array_equal(np.asarray(mm).view(np.uint16), ref.view(np.uint16))
+    back = as_float32(mm[5:9])
+    assert back.dtype == np.float32 and np.array_equal(back, ref[5:9].astype(np.float32))

@@ -8,7 +8,7 @@ from models import build_model
 from utils.core import geometry as geo
 from utils.superres.consistency import global_rescale_factors, kernel_weights, local_rescale_factors, spot_sums
 from utils.superres.inputs import GeneTokens, feature_scaling, gather_windows, spot_windows, window_half
-from utils.superres.predict import median_of_states, window_cover
+from utils.superres.predict import median_of_states, median_prediction, window_cover
 from utils.superres.train import footprint_shares, footprint_tokens, spot_loss
 
 DIMS = {"micro": 6, "meso": 5, "macro": 4, "extra": 5}
@@ -83,6 +83,26 @@ def test_keep_predicts_exactly_the_chosen_tokens(name, opts):
 def test_median_of_states_matches_torch(n):
     x = torch.randn(n, 4, 9, 3)
     assert torch.allclose(median_of_states(x.unbind(0)), x.quantile(0.5, dim=0), atol=1e-6)
+
+
+def test_positive_output_is_non_decreasing_on_every_bfloat16():
+    """What lets inference take the median of the states before the activation (median_prediction)."""
+    from models.layers import positive_output
+    x = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = x[~torch.isnan(x)].sort().values
+    y = positive_output(x.clone())
+    assert (y[1:] >= y[:-1]).all()
+
+
+@pytest.mark.parametrize("n,dtype", [(5, torch.bfloat16), (3, torch.float32), (4, torch.float32)])
+def test_median_prediction_is_the_median_of_the_states_predictions_bit_for_bit(n, dtype):
+    torch.manual_seed(2)
+    models = [build_model("mlp", DIMS, 300, 7).eval() for _ in range(n)]
+    hist = {k: torch.randn(64, 1, c) for k, c in DIMS.items()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = median_prediction(models, (hist,))
+        ref = median_of_states([m(hist) for m in models])
+    assert got.dtype == dtype and torch.equal(got, ref)
 
 
 def test_footprint_loss_is_mean_over_footprint():

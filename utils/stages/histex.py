@@ -22,6 +22,7 @@ import numpy as np
 from ..core import geometry as geo
 from ..core import layout as L
 from ..core.atomic import npy_memmap
+from ..core.casts import cast_into
 from ..core.chunks import row_chunks
 from ..core.device import available_cpus, resolve_device
 from ..core.distributed import current
@@ -220,7 +221,7 @@ def _image_map(st, out_dir, inp, config, sr, oof, before):
     image = _scratch_memmap(st.scratch(out_dir / "image-map.npy"), sr.shape, np.float16)
     scale = global_rescale_factors(inp.counts, before)
     for s in row_chunks(*sr.shape):
-        np.multiply(sr[s], scale, out=image[s])
+        cast_into(image[s], sr[s] * scale)
     return image
 
 
