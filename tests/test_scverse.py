@@ -74,7 +74,7 @@ def test_block_mean_is_the_rounded_mean_of_each_block(k):
 
 
 @pytest.mark.parametrize("n", [0, 5, 4096, 10001])
-def test_streamed_x_is_hdf5s_own_shuffle_and_gzip(tmp_path, n):
+def test_streamed_x_is_plain_or_hdf5s_own_shuffle_and_gzip(tmp_path, n):
     """super-res.h5ad's X, compressed by our threads and written as raw chunks, reads back exactly
     (anndata, h5py) as a dataset with HDF5's shuffle + gzip filters, for any thread count."""
     import h5py
@@ -86,8 +86,13 @@ def test_streamed_x_is_hdf5s_own_shuffle_and_gzip(tmp_path, n):
     files = []
     for threads in (1, 3):
         files.append(tmp_path / f"x{threads}.h5ad")
-        write_h5ad_streamed(files[-1], obs, var, X, chunk_rows=4096, threads=threads)
+        write_h5ad_streamed(files[-1], obs, var, X, chunk_rows=4096, threads=threads, compress=True)
         np.testing.assert_array_equal(anndata.read_h5ad(files[-1]).X, X)
     with h5py.File(files[0]) as a, h5py.File(files[1]) as b:
         assert a["X"].compression == "gzip" and a["X"].shuffle == bool(n)
         assert n == 0 or a["X"].id.read_direct_chunk((0, 0)) == b["X"].id.read_direct_chunk((0, 0))
+    plain = tmp_path / "plain.h5ad"       # the default: uncompressed, as anndata writes X
+    write_h5ad_streamed(plain, obs, var, X, chunk_rows=4096)
+    np.testing.assert_array_equal(anndata.read_h5ad(plain).X, X)
+    with h5py.File(plain) as f:
+        assert f["X"].compression is None

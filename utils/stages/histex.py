@@ -360,7 +360,8 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         run = {"model": config.run_name, "config": cfg, "args": {k: str(v) for k, v in config.as_parameters().items()},
                "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows)),
                "cross_validation": cv, "fusion": fusion, "consistency_kernel": sigma_record}
-        metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy)
+        metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy,
+                                 compress=config.compress)
     log.info("wrote %s (%d super-pixels x %d genes) in %.0f s", out_dir / L.SUPER_RES, len(inp.rows), len(inp.genes),
              time.time() - t_start)
     if metrics:
@@ -380,10 +381,12 @@ def _spots_pred(inp, predicted, name, directory, images):
                            layers={"measured": inp.counts}, uns={"model": name, **spatial})
 
 
-def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy=None):
+def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy=None, *,
+                   compress=False):
     """super-res.h5ad, spots-pred.h5ad, maps/, loss.png, genes-accuracy.tsv (with cross-fitting),
     metrics.json (with truth), run.json and report.html, staged in `out`; returns the metrics (None
-    without truth). Both h5ad files carry obsm/uns 'spatial' (scanpy's Visium layout)."""
+    without truth). Both h5ad files carry obsm/uns 'spatial' (scanpy's Visium layout); compress:
+    super-res.h5ad's X gzip'd (--compress)."""
     uns = {"model": run["model"], "config": json.dumps(run["config"], sort_keys=True),
            "spot_consistency": run["spot_consistency"], "pixel_size_um": inp.calib["pixel_size_um"],
            "raw_pixel_size_um": inp.calib["raw_pixel_size_um"], "superpixel_um": geo.SUPER_PIXEL_UM,
@@ -396,7 +399,7 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
     images = tissue_images(directory, inp.calib)     # uns['spatial'] of both h5ad files
     obs = superpixel_obs(inp.rows, inp.cols, inp.calib["scale"])
     obsm, spatial = superpixel_spatial(directory, inp.calib, images, obs)
-    write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), obs, var, sr, {**uns, **spatial}, obsm=obsm)
+    write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), obs, var, sr, {**uns, **spatial}, obsm=obsm, compress=compress)
     _spots_pred(inp, predicted, run["model"], directory, images).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
     write_gene_maps(out.path(out_dir / L.GENE_MAPS), L.read_preview(directory, inp.calib), inp.rows, inp.cols, sr,
                     inp.plot_genes, inp.genes)
