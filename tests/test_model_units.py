@@ -226,6 +226,28 @@ def test_kernel_weights_and_rescaling():
     np.testing.assert_allclose(f[:, 0], [2.0, 1.0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("sigma,k", [(10.0, 32), (40.0, 5), (2.0, 32)])
+def test_kernel_weights_are_the_k_nearest_within_the_cutoff_and_store_no_zeros(sigma, k):
+    """The brute-force definition: per point the k nearest spots, Gaussian weights of those within
+    3 sigma (a spot at exactly 3 sigma included), normalised; none within reach: the nearest, 1."""
+    rng = np.random.default_rng(int(sigma))
+    spots = rng.uniform(0, 200, (60, 2))
+    pts = np.concatenate([rng.uniform(-50, 250, (300, 2)), spots[:3] + [3 * sigma, 0.0]])
+    W = kernel_weights(pts, spots, sigma, k=k)
+    d = np.linalg.norm(pts[:, None] - spots[None], axis=-1)
+    ref = np.zeros_like(d)
+    for i, row in enumerate(d):
+        nearest = np.argsort(row, kind="stable")[:k]
+        inside = nearest[row[nearest] <= 3 * sigma]
+        if len(inside):
+            ref[i, inside] = np.exp(-0.5 * (row[inside] / sigma) ** 2)
+        else:
+            ref[i, nearest[0]] = 1.0
+    ref /= ref.sum(1, keepdims=True)
+    np.testing.assert_allclose(W.toarray(), ref, rtol=1e-12, atol=0)
+    assert (W.data > 0).all()
+
+
 def test_split_validation_is_seeded_disjoint_and_complete():
     from utils.superres.train import split_validation
     a = split_validation(100, 0.1, np.random.default_rng(3))

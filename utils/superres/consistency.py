@@ -11,18 +11,25 @@ from ..core.chunks import row_chunks
 
 def kernel_weights(points_xy, spots_xy, sigma_px, cutoff=3.0, k=32):
     """Row-normalised sparse Gaussian weights (n_points x n_spots) over the k nearest spots within
-    cutoff*sigma; a point with none that close takes its nearest spot."""
+    cutoff*sigma; a point with none that close takes its nearest spot. The tree search stops at the
+    cutoff: the default width reaches ~8 spots, and the 32 neighbours it used to fetch were mostly
+    stored zeros (the large demo's 445k super-pixels: kernel and products about twice as fast)."""
     points_xy = np.asarray(points_xy, dtype=np.float64)
     spots_xy = np.asarray(spots_xy, dtype=np.float64)
     k = int(min(k, len(spots_xy)))
-    d, idx = cKDTree(spots_xy).query(points_xy, k=k)
+    reach = cutoff * sigma_px
+    tree = cKDTree(spots_xy)
+    # the search bound is strict: a hair above reach keeps the spots at exactly reach
+    d, idx = tree.query(points_xy, k=k, distance_upper_bound=np.nextafter(reach, np.inf))
     d, idx = d.reshape(len(points_xy), k), idx.reshape(len(points_xy), k)
-    w = np.where(d <= cutoff * sigma_px, np.exp(-0.5 * (d / sigma_px) ** 2), 0.0)
-    none = w.sum(1) <= 0
-    w[none, 0] = 1.0
+    near = d <= reach
+    w = np.where(near, np.exp(-0.5 * (np.where(near, d, 0.0) / sigma_px) ** 2), 0.0)
+    none = ~near[:, 0]
+    if none.any():  # no spot within reach: the nearest one
+        w[none, 0], idx[none, 0], near[none, 0] = 1.0, tree.query(points_xy[none], k=1)[1], True
     w /= w.sum(1, keepdims=True)
-    rows = np.repeat(np.arange(len(points_xy)), k)
-    return sp.csr_matrix((w.ravel(), (rows, idx.ravel())), shape=(len(points_xy), len(spots_xy)))
+    rows = np.broadcast_to(np.arange(len(points_xy))[:, None], near.shape)[near]
+    return sp.csr_matrix((w[near], (rows, idx[near])), shape=(len(points_xy), len(spots_xy)))
 
 
 def spot_sums(values, footprints):
