@@ -55,7 +55,7 @@ def main(argv=None):
     run = anndata.read_h5ad(a.run / "super-res.h5ad")
     pred, T, rows, cols, genes, _ = align_to_truth(run.obs["row"].to_numpy(), run.obs["col"].to_numpy(), run.X,
                                                    list(run.var_names), truth)
-    T = np.asarray(T, np.float32)
+    pred, T = np.asarray(pred), np.asarray(T, np.float32)
     groups = truth.var.loc[genes, "group"].to_numpy()
     left = cols < np.median(cols)
     halves = (left, ~left)

@@ -75,7 +75,9 @@ def _score_genes(pred, truth, rows, cols):
 
 
 def align_to_truth(pred_rows, pred_cols, pred_X, pred_genes, truth):
-    """Prediction on the truth's super-pixels and genes (super-pixels the prediction lacks count 0)."""
+    """(prediction on the truth's super-pixels and genes as an OnTruth, truth values (n, genes),
+    truth rows, cols, genes, share of the truth's super-pixels the prediction has); super-pixels the
+    prediction lacks count 0."""
     genes = [g for g in truth.var_names if g in set(pred_genes)]
     gpos = {g: i for i, g in enumerate(pred_genes)}
     gi = np.array([gpos[g] for g in genes], dtype=np.int64)
@@ -84,12 +86,27 @@ def align_to_truth(pred_rows, pred_cols, pred_X, pred_genes, truth):
     lookup = np.full((int(max(pred_rows.max(), t_rows.max())) + 1, int(max(pred_cols.max(), t_cols.max())) + 1), -1)
     lookup[pred_rows, pred_cols] = np.arange(len(pred_rows))
     pos = lookup[t_rows, t_cols]
-    have = pos >= 0
-    at = np.where(have, pos, 0)
-    # one gather of the (n, G) map (rows and genes together, or rows only when the genes are all, in order)
-    P = np.asarray(pred_X[at] if np.array_equal(gi, np.arange(len(pred_genes))) else pred_X[at[:, None], gi],
-                   dtype=np.float32)
-    P[~have] = 0.0
     T = truth.X if genes == list(truth.var_names) else truth[:, genes].X
     T = T.toarray() if hasattr(T, "toarray") else np.asarray(T)
-    return P, T, t_rows, t_cols, genes, float(have.mean())
+    return OnTruth(pred_X, pos, gi), T, t_rows, t_cols, genes, float((pos >= 0).mean())
+
+
+class OnTruth:
+    """The (n_pred, G) map X as (n_truth, genes): its rows pos (0 where pos < 0, a super-pixel it
+    lacks) and columns gi, gathered only by column chunks as score_maps reads them ([:, g]): a
+    whole aligned copy of the large demo's map was 537 MB of fresh pages (np.asarray makes one)."""
+
+    def __init__(self, X, pos, gi):
+        self.X, self.at, self.lacks, self.gi = X, np.maximum(pos, 0), pos < 0, gi
+        self.shape = (len(pos), len(gi))
+
+    def __getitem__(self, key):
+        rows, g = key
+        if rows != slice(None):
+            raise IndexError("OnTruth reads whole columns: [:, genes]")
+        out = np.asarray(self.X[:, self.gi[g]], dtype=np.float32)[self.at]   # columns, then rows: one pass
+        out[self.lacks] = 0.0
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:, :].astype(dtype or np.float32, copy=False)
