@@ -19,13 +19,13 @@ class _PositiveOutput(torch.autograd.Function):
         return grad * positive_slope(x, y.clamp(max=0.01))   # below 0, y = 0.01 exp(x) <= 0.01
 
 
-def positive_slope(x, e):
+def positive_slope(x, e, out=None):
     """The derivative of positive_output at x: 1 above 0, e = 0.01 exp(min(x, 0)) (<= 0.01) at or
     below. Written as
     max(e, step(x)) with step(x) = clamp(1e30 x, 0, 1) (exact but for 0 < x < 1e-30): torch's CPU
     kernels of bool masks (where, masked_fill, >) ran 4-30 x slower than this arithmetic and were
     a third of a training step."""
-    return torch.maximum(e, x.mul(1e30).clamp_(0, 1))
+    return torch.maximum(e, x.mul(1e30).clamp_(0, 1), out=out)
 
 
 def positive_output(x):
@@ -76,9 +76,10 @@ def _chunked_means(hm, wm, bias, w, chunk, slope=None):
             g = slice(g0, g0 + chunk)
             x = (hm @ wm[g].t() if bias is None else torch.addmm(
                 bias[g].to(hm.dtype), hm.flatten(0, 1), wm[g].t()).view(hm.shape[0], hm.shape[1], -1)).float()
-            e = torch.exp(x.clamp(max=0)).mul_(0.01)
+            # in place, and f' straight into slope: her2st C2's steps 1.05 x (608 -> 641 spot-epochs/s), the same bits
+            e = x.clamp(max=0).exp_().mul_(0.01)
             if slope is not None:
-                slope[..., g] = positive_slope(x, e)
+                positive_slope(x, e, out=slope[..., g])
             out[:, g] = torch.bmm(w.unsqueeze(1), x.clamp_(min=0).add_(e)).squeeze(1)
     return out
 
