@@ -174,6 +174,33 @@ def test_enospc_while_writing_is_one_error_and_leaves_nothing(demo_upstream, tmp
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_full_disk_while_x_is_written_is_a_disk_full_error_not_a_crash(tmp_path, compress):
+    """super-res.h5ad's X meets a full disk at a chunk's write, as an error the stages turn into
+    their one line (is_disk_full); through HDF5's chunk cache it surfaced only when the dataset
+    closed, and the interpreter then crashed at exit (a segmentation fault, exit 139)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not mount("-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    code = (
+        "import sys, numpy as np, pandas as pd\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from utils.superres.outputs import write_h5ad_streamed\n"
+        "from utils.core.atomic import is_disk_full\n"
+        "X = np.random.default_rng(0).random((5000, 200)).astype(np.float32)\n"
+        "try:\n"
+        f"    write_h5ad_streamed({str(disk / 'x.h5ad')!r}, pd.DataFrame(index=[str(i) for i in range(5000)]),\n"
+        f"                        pd.DataFrame(index=[f'g{{i}}' for i in range(200)]), X, compress={compress})\n"
+        "except Exception as e:\n"
+        "    print('disk full' if is_disk_full(e) else repr(e))\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "disk full", (r.returncode, r.stdout, r.stderr[-500:])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 def test_interp_refuses_a_disk_too_small_for_its_map(demo_upstream, tmp_path, monkeypatch):
     """--model interp fills a scratch memmap: it asks for the space first, and a disk that cannot
     hold the map is one InputError that leaves DIR as it was."""
