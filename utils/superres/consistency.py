@@ -14,7 +14,7 @@ def kernel_weights(points_xy, spots_xy, sigma_px, cutoff=3.0, k=32):
     cutoff*sigma; a point with none that close takes its nearest spot. The tree search stops at the
     cutoff (the default width reaches ~8 spots: the 32 neighbours it fetched were mostly stored
     zeros), by row chunks whose (chunk, k) temporaries reuse heap pages (core.chunks): the large
-    demo's 445k super-pixels 4.4 -> ~1 s, and the products over the kernel about twice as fast."""
+    demo's 445k super-pixels 2.9-4.4 -> 0.45 s, and kernel_product can stay sparse."""
     points_xy = np.asarray(points_xy, dtype=np.float64)
     tree = cKDTree(np.asarray(spots_xy, dtype=np.float64))
     k = int(min(k, tree.n))
