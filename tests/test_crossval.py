@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import copy_demo, hex_lattice, run_script
 
+from utils.evaluation.metrics import pearson_per_gene
 from utils.superres.crossval import gene_accuracy, leave_one_out_interpolation, out_of_fold_scaled, spot_folds, summary
 
 FAST = ["--epochs", "4", "--n-states", "2", "--lr", "1e-3", "--threads", "1", "-q"]
@@ -101,6 +102,12 @@ def test_histex_measures_itself(demo):
     assert run["consistency_kernel"] == {"sigma_spacings": 0.5, "chosen_by": "--sigma"}  # the choice is opt-in
     var = anndata.read_h5ad(out / "super-res.h5ad", backed="r").var
     np.testing.assert_allclose(var.loc[table["gene"], "cv_pearson"], table["cv_pearson"], atol=1e-4)
+    # spots-pred.h5ad keeps the out-of-fold counts the table scores, so a user can score any gene set
+    pred = anndata.read_h5ad(out / "spots-pred.h5ad")
+    oof = pd.DataFrame(pred.layers["out_of_fold"], columns=pred.var_names)[table["gene"]].to_numpy(np.float64)
+    meas = pd.DataFrame(pred.layers["measured"], columns=pred.var_names)[table["gene"]].to_numpy(np.float64)
+    np.testing.assert_allclose(pearson_per_gene(np.log1p(np.clip(oof, 0, None)), np.log1p(meas)), table["cv_pearson"],
+                               atol=1e-4)
     # the two states held out the two folds: together every spot once
     held = [json.loads((out / "states" / f"state-0{i}.json").read_text())["val_spots"] for i in range(2)]
     assert sum(held) == spots.n_obs
@@ -121,6 +128,7 @@ def test_no_cross_fit_and_the_interpolation(demo, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "a" / "run.json").read_text())["cross_validation"] is None
     assert not (tmp_path / "a" / "genes-accuracy.tsv").exists()
+    assert "out_of_fold" not in anndata.read_h5ad(tmp_path / "a" / "spots-pred.h5ad").layers
     r = run_script("HISTEX.py", demo, "--model", "interp", "-q", "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr[-2000:]
     cv = json.loads((tmp_path / "b" / "run.json").read_text())["cross_validation"]

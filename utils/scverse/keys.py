@@ -16,6 +16,9 @@ class Key:
     LOWRES_SCALEF = "tissue_lowres_scalef"
     SPOT_DIAMETER = "spot_diameter_fullres"  # super-pixel side or spot diameter in he-raw px
     METADATA = "metadata"
+    # spots-pred.h5ad layers
+    MEASURED = "measured"                # the measured spot counts
+    OUT_OF_FOLD = "out_of_fold"          # each spot's counts predicted by the state that held it out
     # analysis (utils/analysis): obs columns and uns entries
     DOMAIN = "domain"
     CELL_TYPE = "cell_type"

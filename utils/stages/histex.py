@@ -30,6 +30,7 @@ from ..core.errors import InputError
 from ..core.malloc import keep_freed_memory
 from ..core.stage import rank_stage
 from ..report import write_report
+from ..scverse.keys import Key
 from ..scverse.spatial import tissue_images
 from ..spots.genes import scale_counts
 from ..superres.config import HistexConfig, precision_of
@@ -244,13 +245,14 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, kernel, image=None)
     (stacking.py; image: the image model's scratch map), and the cross-validated accuracy of the
     maps that are written, logged in one line. before: the maps' spot sums before consistency;
     sigma_c: the local consistency's width.
-    Returns (genes-accuracy table, run.json summary, fusion record), Nones without one."""
+    Returns (genes-accuracy table, run.json summary, fusion record, the out-of-fold spot counts of
+    the maps written (n_spots, G), NaN for spots in no fold), Nones without one."""
     trainable = config.model_class.trainable
     if oof is None and trainable:
         if config.fusion != "none":
             log.info("fusion: none (the blend is chosen on the out-of-fold predictions of cross-fitting, which "
                      "this run has not: --no-cross-fit, --val-fraction 0, one state or too few spots)")
-        return None, None, None
+        return None, None, None, None
     ref = _reference_oof(inp, config)
     if oof is None:
         oof = ref
@@ -278,7 +280,7 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, kernel, image=None)
     log.info("cross-validated accuracy (out-of-fold, spot level, %d most variable genes, %d spots): median "
              "Pearson r %.3f; interpolation reference %.3f", cv["n_genes"], cv["n_spots"], cv["pearson_median"],
              cv["reference_pearson_median"])
-    return table, cv, fusion
+    return table, cv, fusion, oof
 
 
 def _consistency_sigma(inp, config, oof, before):
@@ -352,7 +354,7 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         image = _image_map(st, out_dir, inp, config, sr, oof, before)
         predicted = apply_spot_consistency(sr, config.consistency, inp.counts, inp.footprints,
                                            lambda: kernel_at(sigma_c), predicted=before)
-        accuracy, cv, fusion = _fuse_and_measure(inp, config, sr, oof, before, sigma_c, kernel, image)
+        accuracy, cv, fusion, oof = _fuse_and_measure(inp, config, sr, oof, before, sigma_c, kernel, image)
         if fusion:
             predicted = spot_sums(sr, inp.footprints)
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,
@@ -361,7 +363,7 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
                "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows)),
                "cross_validation": cv, "fusion": fusion, "consistency_kernel": sigma_record}
         metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy,
-                                 compress=config.compress)
+                                 out_of_fold=oof, compress=config.compress)
     log.info("wrote %s (%d super-pixels x %d genes) in %.0f s", out_dir / L.SUPER_RES, len(inp.rows), len(inp.genes),
              time.time() - t_start)
     if metrics:
@@ -371,18 +373,21 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
     return out_dir, metrics
 
 
-def _spots_pred(inp, predicted, name, directory, images):
-    """spots-pred.h5ad: the predicted spot sums, the measured counts in layers['measured'];
-    obsm/uns 'spatial' in scanpy's Visium layout."""
+def _spots_pred(inp, predicted, name, directory, images, out_of_fold=None):
+    """spots-pred.h5ad: the predicted spot sums, the measured counts in layers['measured'], with
+    cross-fitting each spot's out-of-fold counts (those genes-accuracy.tsv scores; NaN for a spot in
+    no fold) in layers['out_of_fold']; obsm/uns 'spatial' in scanpy's Visium layout."""
     obs = inp.spots.obs[["x", "y", "x_raw", "y_raw"]].copy()
     obs["footprint_superpixels"] = inp.footprint_size
     obsm, spatial = spot_spatial(directory, inp.calib, images, obs)
     return anndata.AnnData(X=predicted.astype(np.float32), obs=obs, var=inp.spots.var[[]].copy(), obsm=obsm,
-                           layers={"measured": inp.counts}, uns={"model": name, **spatial})
+                           layers={Key.MEASURED: inp.counts,
+                                   **({Key.OUT_OF_FOLD: out_of_fold.astype(np.float32)} if out_of_fold is not None else {})},
+                           uns={"model": name, **spatial})
 
 
 def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy=None, *,
-                   compress=False):
+                   out_of_fold=None, compress=False):
     """super-res.h5ad, spots-pred.h5ad, maps/, loss.png, genes-accuracy.tsv (with cross-fitting),
     metrics.json (with truth), run.json and report.html, staged in `out`; returns the metrics (None
     without truth). Both h5ad files carry obsm/uns 'spatial' (scanpy's Visium layout); compress:
@@ -400,7 +405,7 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
     obs = superpixel_obs(inp.rows, inp.cols, inp.calib["scale"])
     obsm, spatial = superpixel_spatial(directory, inp.calib, images, obs)
     write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), obs, var, sr, {**uns, **spatial}, obsm=obsm, compress=compress)
-    _spots_pred(inp, predicted, run["model"], directory, images).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
+    _spots_pred(inp, predicted, run["model"], directory, images, out_of_fold).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
     write_gene_maps(out.path(out_dir / L.GENE_MAPS), L.read_preview(directory, inp.calib), inp.rows, inp.cols, sr,
                     inp.plot_genes, inp.genes)
     if histories:
