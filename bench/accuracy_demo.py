@@ -36,6 +36,7 @@ CONFIGS = {  # baselines name their fusion, so the table keeps its meaning when 
     "trihrge --window-attention": ["--window-attention"],
     "trihrge --gene-tokens --token-mask 0": ["--gene-tokens", "--token-mask", "0"],
     "trihrge --spot-consistency global": ["--spot-consistency", "global"],
+    "trihrge --spot-consistency none": ["--spot-consistency", "none"],
     "trihrge --loss poisson": ["--loss", "poisson"],
     "mlp --spot-consistency local": ["--model", "mlp", "--spot-consistency", "local", *NONE],
     "mlp --spot-consistency local --fusion blend": ["--model", "mlp", "--spot-consistency", "local", "--fusion", "blend"],
