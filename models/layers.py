@@ -46,16 +46,6 @@ def take_tokens(x, keep):
     return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def window_dropout(h, keep, n_tokens, p, training):
-    """Dropout of h (B, M, C), the tokens keep (B, M) of windows of n_tokens, with the mask drawn
-    for the whole (B, n_tokens, C) window: the same random numbers, so the same values, as dropout
-    of the window followed by take_tokens."""
-    if not training or p == 0:
-        return h
-    noise = h.new_empty(h.shape[0], n_tokens, h.shape[-1]).bernoulli_(1.0 - p).div_(1.0 - p)
-    return h * take_tokens(noise, keep)
-
-
 def _operands(h, weight):
     """(h, weight) of the output layer's product: float32, or both in the low precision of an
     enabled autocast."""

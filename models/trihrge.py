@@ -19,7 +19,7 @@ prediction."""
 import torch
 from torch import nn
 
-from .layers import PositiveHead, output_options, output_parts, take_tokens, window_dropout
+from .layers import PositiveHead, output_options, output_parts, take_tokens
 from .registry import register_model
 
 
@@ -128,11 +128,9 @@ class TriHRGE(PositiveHead, nn.Module):
     def hidden(self, hist, genes=None, offs=None, gmask=None, keep=None):
         """(B, T, H) input of the output layer, or (B, M, H) at the token indices keep (B, M)."""
         if keep is not None and self.blocks is None:
-            # tokens see no other token: fuse only the kept ones (M of T); the dropout mask is still
-            # drawn for the whole window, so a seed trains the state it trained before
-            n_tokens = next(iter(hist.values())).shape[1]
+            # tokens see no other token: fuse and drop out only the kept ones (M of T)
             hist = {k: take_tokens(v, keep) for k, v in hist.items()}
-            h, keep = window_dropout(self.fusion(hist), keep, n_tokens, self.drop.p, self.training), None
+            h, keep = self.drop(self.fusion(hist)), None
         else:
             h = self._mixed(hist, genes, offs, gmask, keep)
         if self.use_linear_head:

@@ -435,9 +435,9 @@ def test_independent_tokens_are_predicted_per_superpixel_as_by_windows():
     np.testing.assert_allclose(direct, windows, rtol=1e-6)
 
 
-def test_footprint_tokens_first_draws_the_dropout_of_the_whole_window():
-    """Without attention the kept tokens are fused alone (training); with the same seed the values
-    are those of the whole window's fusion, dropout and token selection."""
+def test_footprint_tokens_first_are_the_whole_windows_tokens():
+    """Without attention the kept tokens are fused alone (training): the values of the whole
+    window's fusion and token selection, with dropout drawn for the kept tokens only."""
     from models.layers import take_tokens
     m = build_model("trihrge", DIMS, 5, 7, d=16, use_gene_tokens=False, use_window_attention=False).train()
     hist = {k: torch.randn(3, 49, c) for k, c in DIMS.items()}
@@ -446,10 +446,10 @@ def test_footprint_tokens_first_draws_the_dropout_of_the_whole_window():
     torch.manual_seed(4)
     got = m.hidden(hist, keep=keep)
     torch.manual_seed(4)
-    window = m.drop(m.fusion(hist))
     raw = torch.cat([hist[k] for k in m.fusion.names], dim=-1)
-    want = m.head[:-1](torch.cat([take_tokens(window, keep), take_tokens(raw, keep)], dim=-1))
+    want = m.head[:-1](torch.cat([m.drop(take_tokens(m.fusion(hist), keep)), take_tokens(raw, keep)], dim=-1))
     assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(m.eval().hidden(hist, keep=keep), got, atol=1e-3)  # dropout was on
 
 
 def test_spot_sums_read_only_the_footprint_superpixels():

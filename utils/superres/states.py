@@ -35,10 +35,17 @@ from .train import train_state
 log = logging.getLogger("trihrge")
 
 
+# raised when the same settings and seed train different weights, so that older states are retrained
+# (2: dropout drawn for the kept tokens only and a fused Adam update)
+TRAINING_VERSION = 2
+
+
 def fingerprint(cfg: dict, data_fingerprint: dict) -> str:
-    """Identity of a trained state: training settings and data (inference-only settings excluded)."""
+    """Identity of a trained state: training settings, data (inference-only settings excluded) and
+    TRAINING_VERSION."""
     train_cfg = {k: v for k, v in cfg.items() if k != "stride"}
-    blob = json.dumps({"cfg": train_cfg, "data": data_fingerprint}, sort_keys=True).encode()
+    blob = json.dumps({"cfg": train_cfg, "data": data_fingerprint, "training": TRAINING_VERSION},
+                      sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

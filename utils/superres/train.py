@@ -148,8 +148,8 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
     torch.manual_seed(seed)
     gen = np.random.default_rng(seed)
     model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1, **cfg["model_opts"]).to(device)
-    # foreach: one multi-tensor update for all parameters, the same values as the per-parameter loop
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], foreach=True)
+    # fused: one kernel updates every parameter (Adam was ~9% of a CPU step; values within 1 ulp of foreach)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     schedule = lr_scheduler(opt, cfg)
     if val_idx is None:
         train_idx, val_idx = split_validation(len(data["target"]), cfg.get("val_fraction", 0.0), gen)
