@@ -50,3 +50,10 @@ def test_the_prediction_on_the_truth_is_gathered_by_column_chunks_and_scored_on_
     monkeypatch.setattr("utils.core.chunks.CHUNK_BYTES", 8 * len(t_rows))   # one gene per chunk
     one, three = (score_maps(P, T, rows, cols, genes, threads=n) for n in (1, 3))
     assert one["per_gene"] == three["per_gene"] and len(one["per_gene"]["ssim"]) == 3
+    # a sparse truth (the demo's) is read by column chunks: the same values and scores
+    import scipy.sparse as sp
+    truth.X = sp.csr_matrix(np.where(truth.X > 0.5, truth.X, 0))
+    P, T, *_ = align_to_truth(p_rows, p_cols, X, [f"g{i}" for i in range(6)], truth)
+    dense = truth.X.toarray()[:, [0, 1, 3]]
+    np.testing.assert_array_equal(np.asarray(T), dense)
+    assert score_maps(P, T, rows, cols, genes, threads=1) == score_maps(P, dense, rows, cols, genes, threads=1)

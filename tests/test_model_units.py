@@ -1,4 +1,6 @@
 """Small, fast checks of the model pieces: shapes, the footprint loss, gene tokens, windows."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,18 @@ def test_keep_predicts_exactly_the_chosen_tokens(name, opts):
 def test_median_of_states_matches_torch(n):
     x = torch.randn(n, 4, 9, 3)
     assert torch.allclose(median_of_states(x.unbind(0)), x.quantile(0.5, dim=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_median_of_five_is_a_median_network(overwrite):
+    """A min/max network selects the median of every input iff it does for every 0-1 input (the 0-1
+    principle): all 32 of them, then random ties against torch, with and without overwriting."""
+    ones = torch.tensor(list(itertools.product([0.0, 1.0], repeat=5))).t()
+    assert torch.equal(median_of_states([x.clone() for x in ones], overwrite=overwrite), ones.median(0).values)
+    x = torch.randint(0, 4, (5, 7, 11)).to(torch.bfloat16)
+    kept = x.clone()
+    assert torch.equal(median_of_states(list(x.unbind(0)), overwrite=overwrite), kept.median(0).values)
+    assert overwrite or torch.equal(x, kept)
 
 
 def test_positive_output_is_non_decreasing_on_every_bfloat16():
