@@ -91,8 +91,36 @@ def test_streamed_x_is_plain_or_hdf5s_own_shuffle_and_gzip(tmp_path, n):
     with h5py.File(files[0]) as a, h5py.File(files[1]) as b:
         assert a["X"].compression == "gzip" and a["X"].shuffle == bool(n)
         assert n == 0 or a["X"].id.read_direct_chunk((0, 0)) == b["X"].id.read_direct_chunk((0, 0))
-    plain = tmp_path / "plain.h5ad"       # the default: uncompressed, as anndata writes X
+    plain = tmp_path / "plain.h5ad"       # uncompressed, as anndata writes X
     write_h5ad_streamed(plain, obs, var, X, chunk_rows=4096)
     np.testing.assert_array_equal(anndata.read_h5ad(plain).X, X)
     with h5py.File(plain) as f:
         assert f["X"].compression is None
+
+
+@pytest.mark.parametrize("n", [0, 5, 10001])
+def test_x_computed_in_place_is_the_h5ad_anndata_writes(tmp_path, n):
+    """The default run computes its map inside super-res.h5ad's X (h5ad_x_memmap), then adds the
+    rest (complete_h5ad): anndata reads the same AnnData as from its own write, backed mode included,
+    and no temporary is left."""
+    import pandas as pd
+
+    from utils.superres.outputs import complete_h5ad, h5ad_x_memmap
+    X = np.random.default_rng(n).random((n, 7)).astype(np.float32)
+    obs = pd.DataFrame({"row": np.arange(n, dtype=np.int32)}, index=[f"{i}_0" for i in range(n)])
+    var = pd.DataFrame({"scale_max": np.arange(7.0)}, index=[f"g{i}" for i in range(7)])
+    uns, obsm = {"model": "trihrge", "spatial": {"s": {"scalefactors": {"x": 1.0}}}}, {"spatial": np.ones((n, 2))}
+    path = tmp_path / "in-place.h5ad"
+    mm = h5ad_x_memmap(path, X.shape)
+    mm[:] = X
+    complete_h5ad(path, obs, var, uns, obsm=obsm)
+    del mm
+    want = tmp_path / "anndata.h5ad"
+    anndata.AnnData(X=X, obs=obs, var=var, uns=uns, obsm=obsm).write_h5ad(want)
+    got, ref = anndata.read_h5ad(path), anndata.read_h5ad(want)
+    np.testing.assert_array_equal(got.X, X)
+    assert got.obs.equals(ref.obs) and got.var.equals(ref.var) and got.uns == ref.uns
+    np.testing.assert_array_equal(got.obsm["spatial"], ref.obsm["spatial"])
+    if n:
+        np.testing.assert_array_equal(anndata.read_h5ad(path, backed="r").X[3], X[3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["anndata.h5ad", "in-place.h5ad"]

@@ -201,6 +201,23 @@ def test_a_full_disk_while_x_is_written_is_a_disk_full_error_not_a_crash(tmp_pat
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+def test_a_full_disk_under_the_in_place_x_is_a_disk_full_error(tmp_path):
+    """The map computed inside super-res.h5ad's X reserves its blocks first: a disk that cannot hold
+    them is ENOSPC at once (is_disk_full), not a SIGBUS at a page's first write."""
+    from utils.core.atomic import is_disk_full
+    from utils.superres.outputs import h5ad_x_memmap
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not mount("-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(OSError) as e:
+            h5ad_x_memmap(disk / "x.h5ad", (5000, 200))
+        assert is_disk_full(e.value)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 def test_interp_refuses_a_disk_too_small_for_its_map(demo_upstream, tmp_path, monkeypatch):
     """--model interp fills a scratch memmap: it asks for the space first, and a disk that cannot
     hold the map is one InputError that leaves DIR as it was."""

@@ -97,6 +97,10 @@ class StagedOutputs:
         """A writable .npy memory map staged for `final`, its disk blocks reserved up front."""
         return npy_memmap(self.path(final), dtype, shape)
 
+    def staged(self, final: Path):
+        """The temporary that `final` is being written to, None when it is not staged yet."""
+        return next((tmp for tmp, f in self._pending if f == Path(final)), None)
+
     @property
     def pending(self):
         """(temporary, final) pairs not yet committed."""

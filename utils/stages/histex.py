@@ -60,6 +60,8 @@ from ..superres.fusion import (
 )
 from ..superres.inputs import spot_arrays, training_data
 from ..superres.outputs import (
+    complete_h5ad,
+    h5ad_x_memmap,
     spot_spatial,
     superpixel_obs,
     superpixel_spatial,
@@ -146,7 +148,8 @@ def _interpolate(st, out_dir, inp, config, kernel):
     a scratch memmap as the trained maps (one product of the whole kernel made a float64 map of all
     super-pixels: her2st C2 14.0 -> 11.5 s, peak 2.20 -> 1.84 GB). Its out-of-fold prediction is the
     reference itself: None here, see _fuse_and_measure."""
-    sr = _prediction_map(st, out_dir, (len(inp.rows), len(inp.genes)), maps=1, what="the interpolated map")
+    sr = _prediction_map(st, out_dir, (len(inp.rows), len(inp.genes)), maps=1, what="the interpolated map",
+                         compress=config.compress)
     for s, interp in interpolation_chunks(kernel(), inp.per_superpixel):
         sr[s] = interp
     return sr, {"model": config.model, "sigma_spacings": config.sigma}, [], None
@@ -183,7 +186,7 @@ def _predict_trained(st, directory, out_dir, config, inp, device, progress, kern
     sr = None
     if world.leader:
         maps = 4 if config.fusion == "stack" else 3   # stack: the image model's own map as well
-        sr = _prediction_map(st, out_dir, shape, maps=maps, what="the super-resolution maps")
+        sr = _prediction_map(st, out_dir, shape, maps=maps, what="the super-resolution maps", compress=config.compress)
     predict_tissue(models, td.cfg, td.maps, td.tokens, inp.rows, inp.cols, device, batch=config.batch_windows,
                    progress=progress, out=sr, world=world, scaling=td.scaling)
     if not world.leader:
@@ -298,11 +301,15 @@ def _consistency_sigma(inp, config, oof, before):
     return s, record
 
 
-def _prediction_map(st, out_dir, shape, *, maps: int, what: str):
-    """The scratch float32 (super-pixels, genes) memmap a run's map is written into, once the disk is
-    known to hold `maps` maps of that size (the map and the copies the steps after it make)."""
+def _prediction_map(st, out_dir, shape, *, maps: int, what: str, compress: bool):
+    """The float32 (super-pixels, genes) memmap a run's map is written into, once the disk is known
+    to hold `maps` maps of that size (the map and the copies the steps after it make): the X of the
+    staged super-res.h5ad itself (outputs.h5ad_x_memmap, never copied), or with --compress (a chunked,
+    deflated X) a scratch map that _write_outputs copies."""
     st.require_space(maps * shape[0] * shape[1] * 4, what, where=out_dir)
-    return _scratch_memmap(st.scratch(out_dir / "pred-scaled.npy"), shape)
+    if compress:
+        return _scratch_memmap(st.scratch(out_dir / "pred-scaled.npy"), shape)
+    return h5ad_x_memmap(st.out.path(out_dir / L.SUPER_RES), shape)
 
 
 def _scratch_memmap(path, shape, dtype=np.float32):
@@ -404,7 +411,12 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
     images = tissue_images(directory, inp.calib)     # uns['spatial'] of both h5ad files
     obs = superpixel_obs(inp.rows, inp.cols, inp.calib["scale"])
     obsm, spatial = superpixel_spatial(directory, inp.calib, images, obs)
-    write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), obs, var, sr, {**uns, **spatial}, obsm=obsm, compress=compress)
+    in_place = out.staged(out_dir / L.SUPER_RES)   # the map was computed in its X (_prediction_map)
+    if in_place:
+        complete_h5ad(in_place, obs, var, {**uns, **spatial}, obsm=obsm)
+    else:
+        write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), obs, var, sr, {**uns, **spatial}, obsm=obsm,
+                            compress=compress)
     _spots_pred(inp, predicted, run["model"], directory, images, out_of_fold).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
     write_gene_maps(out.path(out_dir / L.GENE_MAPS), L.read_preview(directory, inp.calib), inp.rows, inp.cols, sr,
                     inp.plot_genes, inp.genes)

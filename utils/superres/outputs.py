@@ -47,6 +47,43 @@ def write_h5ad_streamed(path, obs, var, X, uns=None, obsm=None, chunk_rows=4096,
                 d.id.write_direct_chunk((at, 0), done.result())
 
 
+def h5ad_x_memmap(path, shape) -> np.memmap:
+    """A new .h5ad at path holding only X: a contiguous (n, genes) float32 dataset encoded as anndata
+    writes a dense X, its disk blocks reserved (core.atomic.reserve), returned as a writable memory
+    map. The map is computed in place, then complete_h5ad adds the rest: super-res.h5ad's X is never
+    copied (her2st C2: 468 MB, 1.4-2.9 s of the run)."""
+    from ..core.atomic import reserve
+    with h5py.File(path, "w") as f:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)   # an address now, so it can be mapped
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)     # no zeros written: every value is computed
+        dsid = h5py.h5d.create(f.id, b"X", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple(tuple(shape)), dcpl=dcpl)
+        offset = dsid.get_offset()
+        X = h5py.Dataset(dsid)
+        X.attrs["encoding-type"] = "array"
+        X.attrs["encoding-version"] = "0.2.0"
+    reserve(path)
+    if offset is None:   # no values (zero rows or genes): nothing to map
+        return np.zeros(shape, np.float32)
+    return np.memmap(path, np.float32, "r+", offset=offset, shape=tuple(shape))
+
+
+def complete_h5ad(path, obs, var, uns=None, obsm=None):
+    """Adds obs, var, uns and obsm to the .h5ad of h5ad_x_memmap, as anndata writes them (an X-less
+    AnnData written next to it, then copied in, root attributes included)."""
+    from ..core.atomic import remove, tmp_path_for
+    skeleton = tmp_path_for(path, "skeleton-")
+    try:
+        anndata.AnnData(obs=obs, var=var, uns=uns or {}, obsm=obsm).write_h5ad(skeleton, compression="gzip")
+        with h5py.File(skeleton, "r") as src, h5py.File(path, "a") as dst:
+            for name in src:
+                if name != "X":
+                    src.copy(src[name], dst, name)
+            dst.attrs.update(src.attrs)
+    finally:
+        remove(skeleton)
+
+
 def _stored_chunk(X, start, rows, compress):
     """Rows start.. of X as one stored HDF5 chunk: zero-padded to `rows`; with compress HDF5's byte
     shuffle (the i-th bytes of all values together), then zlib level 1 (HDF5's deflate filter)."""
