@@ -91,40 +91,43 @@ def align_to_truth(pred_rows, pred_cols, pred_X, pred_genes, truth):
     return OnTruth(pred_X, pos, gi), T, t_rows, t_cols, genes, float((pos >= 0).mean())
 
 
-class SparseColumns:
-    """A sparse (n, genes) truth read as score_maps reads it ([:, genes]), densified by column chunk:
-    the large demo's dense copy was 534 MB of fresh pages (2.3 s; by CSC column chunks 1.0 s)."""
-
-    def __init__(self, X):
-        self.X = X.tocsc()
-        self.shape = X.shape
+class _WholeColumns:
+    """An (n, genes) matrix read only as score_maps reads it, [:, genes] (columns(genes) in the
+    subclass, of dtype), so that no whole dense copy is made unless np.asarray asks for one."""
+    dtype = np.float32
 
     def __getitem__(self, key):
         rows, g = key
         if rows != slice(None):
-            raise IndexError("SparseColumns reads whole columns: [:, genes]")
-        return self.X[:, g].toarray()
+            raise IndexError(f"{type(self).__name__} reads whole columns: [:, genes]")
+        return self.columns(g)
 
     def __array__(self, dtype=None, copy=None):
-        return self[:, :].astype(dtype or self.X.dtype, copy=False)
+        return self[:, :].astype(dtype or self.dtype, copy=False)
 
 
-class OnTruth:
+class SparseColumns(_WholeColumns):
+    """A sparse (n, genes) truth densified by column chunk: the large demo's dense copy was 534 MB of
+    fresh pages (2.3 s; by CSC column chunks 1.0 s)."""
+
+    def __init__(self, X):
+        self.X = X.tocsc()
+        self.shape, self.dtype = X.shape, X.dtype
+
+    def columns(self, g):
+        return self.X[:, g].toarray()
+
+
+class OnTruth(_WholeColumns):
     """The (n_pred, G) map X as (n_truth, genes): its rows pos (0 where pos < 0, a super-pixel it
-    lacks) and columns gi, gathered only by column chunks as score_maps reads them ([:, g]): a
-    whole aligned copy of the large demo's map was 537 MB of fresh pages (np.asarray makes one)."""
+    lacks) and columns gi, gathered only by column chunks: a whole aligned copy of the large demo's
+    map was 537 MB of fresh pages (np.asarray makes one)."""
 
     def __init__(self, X, pos, gi):
         self.X, self.at, self.lacks, self.gi = X, np.maximum(pos, 0), pos < 0, gi
         self.shape = (len(pos), len(gi))
 
-    def __getitem__(self, key):
-        rows, g = key
-        if rows != slice(None):
-            raise IndexError("OnTruth reads whole columns: [:, genes]")
+    def columns(self, g):
         out = np.asarray(self.X[:, self.gi[g]], dtype=np.float32)[self.at]   # columns, then rows: one pass
         out[self.lacks] = 0.0
         return out
-
-    def __array__(self, dtype=None, copy=None):
-        return self[:, :].astype(dtype or np.float32, copy=False)

@@ -24,7 +24,7 @@ def write_h5ad_streamed(path, obs, var, X, uns=None, obsm=None, chunk_rows=4096,
     CPUs available). Either way the chunks are written as stored (write_direct_chunk): HDF5's chunk
     cache would meet a full disk only when the dataset closes, and then crash the interpreter at exit."""
     from ..core.device import available_cpus
-    anndata.AnnData(obs=obs, var=var, uns=uns or {}, obsm=obsm).write_h5ad(path, compression="gzip")
+    _write_without_x(path, obs, var, uns, obsm)
     n, g = X.shape
     rows = max(1, min(n, chunk_rows))
     with h5py.File(path, "a") as f:
@@ -74,7 +74,7 @@ def complete_h5ad(path, obs, var, uns=None, obsm=None):
     from ..core.atomic import remove, tmp_path_for
     skeleton = tmp_path_for(path, "skeleton-")
     try:
-        anndata.AnnData(obs=obs, var=var, uns=uns or {}, obsm=obsm).write_h5ad(skeleton, compression="gzip")
+        _write_without_x(skeleton, obs, var, uns, obsm)
         with h5py.File(skeleton, "r") as src, h5py.File(path, "a") as dst:
             for name in src:
                 if name != "X":
@@ -82,6 +82,11 @@ def complete_h5ad(path, obs, var, uns=None, obsm=None):
             dst.attrs.update(src.attrs)
     finally:
         remove(skeleton)
+
+
+def _write_without_x(path, obs, var, uns, obsm):
+    """An .h5ad of everything but X, as anndata writes it (X is added by the callers)."""
+    anndata.AnnData(obs=obs, var=var, uns=uns or {}, obsm=obsm).write_h5ad(path, compression="gzip")
 
 
 def _stored_chunk(X, start, rows, compress):
