@@ -68,13 +68,15 @@ def test_this_machine_gives_at_least_one():
 
 
 def test_precision_auto_follows_the_cpus_bf16_units(monkeypatch):
-    """--precision auto is bf16 exactly where the CPU has AMX tiles; explicit choices are kept and
-    anything else is one user error."""
+    """--precision auto is bf16 exactly where the CPU has AMX tiles or AVX512-BF16; explicit choices
+    are kept and anything else is one user error."""
     import torch
 
     from utils.core.errors import InputError
-    for amx, want in ((True, "bf16"), (False, "fp32")):
+    for amx, avx512_bf16, want in ((True, False, "bf16"), (False, True, "bf16"), (True, True, "bf16"),
+                                   (False, False, "fp32")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         assert device.resolve_precision("auto", "cpu") == want
     assert device.resolve_precision("fp32", "cpu") == "fp32" and device.resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(InputError, match="--precision fp16"):

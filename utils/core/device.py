@@ -25,7 +25,8 @@ def resolve_precision(precision: str, device: str) -> str:
     """The arithmetic of the networks on `device`: 'fp32', or 'bf16' (bfloat16 matrix products under
     torch.autocast, float32 weights, losses and element-wise outputs). 'auto' takes bf16 where the
     hardware has bf16 matrix units: a CUDA GPU that supports it, or a CPU with AMX tiles (Xeon 4th
-    generation on), where a 128 x 1000 output layer ran 6-12 x its float32 speed; else fp32."""
+    generation on, where a 128 x 1000 output layer ran 6-12 x its float32 speed) or AVX512-BF16 dot
+    products (AMD Zen 4 on: training 1.25 x, inference 1.6 x, a ViT-L 2.1 x); else fp32."""
     import torch
     if precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"--precision {precision}: choose auto, fp32 or bf16")
@@ -33,8 +34,14 @@ def resolve_precision(precision: str, device: str) -> str:
         return precision
     if str(device).startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return "bf16" if amx() else "fp32"
+    return "bf16" if cpu_has_bf16_units() else "fp32"
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bfloat16 products natively: AMX tiles or AVX512-BF16 (torch's probes)."""
+    import torch
+    probes = (getattr(torch.cpu, name, lambda: False) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(probe() for probe in probes)
 
 
 def autocast(device: str, precision: str):
