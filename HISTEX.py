@@ -38,7 +38,7 @@ def build_parser():
     add_device(p)
     p.add_argument("--precision", default=D.precision, choices=CHOICES["precision"],
                    help="arithmetic of the networks' matrix products: bf16 (bfloat16 under torch.autocast; weights, "
-                        "losses and outputs stay float32) or fp32. auto: bf16 on CPUs with AMX units and on GPUs "
+                        "losses and outputs stay float32) or fp32. auto: bf16 on CPUs with AMX or AVX512-BF16 units and on GPUs "
                         "that support it, else fp32 (run.json's config records the choice)")
     p.add_argument("--lr", type=V["lr"], default=D.lr, help="Adam learning rate (HISTEX/iStar used 1e-4: with early stopping, 1e-3 reaches a lower held-out loss in ~3 x fewer epochs)")
     p.add_argument("--lr-schedule", default=D.lr_schedule, choices=CHOICES["lr_schedule"],

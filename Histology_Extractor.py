@@ -48,7 +48,7 @@ def main(argv=None):
     add_device(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="tile network autocast precision. GPU auto: bf16 where supported, else fp16; CPU auto: bf16 on CPUs with "
-                        "AMX units (about 3 x faster than fp32 for a ViT-L), else fp32; fp16 is GPU only")
+                        "AMX or AVX512-BF16 units (2-4 x faster than fp32 for a ViT-L), else fp32; fp16 is GPU only")
     p.add_argument("--band-rows", type=POSITIVE_INT, default=32,
                    help="stain backbone: super-pixel rows per band (memory vs. speed; the result does not depend on it)")
     p.add_argument("--timm-kwargs", default=None, metavar="JSON",

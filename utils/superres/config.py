@@ -46,8 +46,8 @@ class HistexConfig:
     patience: int = 20
     seed: int = 0
     device: str = "auto"
-    # auto: bf16 matrix products where the hardware has bf16 units (AMX CPUs, GPUs); on this project's
-    # AMX CPU training 1.16 x, inference 1.65 x as fast, her2st scores within seed noise
+    # auto: bf16 matrix products where the hardware has bf16 units (AMX or AVX512-BF16 CPUs, GPUs); on
+    # an AMX CPU training 1.16 x, inference 1.65 x as fast (Zen 4: 1.25 x, 1.59 x), her2st within seed noise
     # (docs/BENCHMARKS.md, "CPU path": "The session after")
     precision: str = "auto"
     lr: float = 1e-3
