@@ -17,8 +17,11 @@ The local spot consistency's kernel width is chosen the same way (choose_consist
 width whose correction, computed from the other spots only, best predicts each spot's counts from
 its out-of-fold prediction.
 """
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
+from ..core.device import available_cpus
 from .consistency import global_rescale_factors, interpolation_chunks, local_rescale_factors
 from .crossval import leave_one_out_kernel, median_pearson
 
@@ -108,12 +111,17 @@ class Detail:
         return out / self._weight[:, None] if normalise else out
 
     def blend(self, sr, a, kernel, per_sp):
-        for g0 in range(0, sr.shape[1], self.step):
+        """blend_maps with detail: the passes (disjoint genes) run on available_cpus() threads, as
+        OpenCV and numpy release the GIL: the same values, her2st C2's blend 3.9 -> 1.9-2.4 s on 2 cores."""
+        def one_pass(g0):
             g = slice(g0, g0 + self.step)
             m = np.asarray(sr[:, g], np.float32)
             ratio = np.clip(m / np.maximum(self.smoothed(m), 1e-12), 0.0, self.MAX_RATIO)
             interp = np.asarray(kernel @ per_sp[:, g], dtype=np.float32)
             sr[:, g] = a[g] * m + (1.0 - a[g]) * interp * ratio
+        starts = range(0, sr.shape[1], self.step)
+        with ThreadPoolExecutor(max(1, min(available_cpus(), len(starts)))) as pool:
+            list(pool.map(one_pass, starts))   # list(): a pass's exception is raised here
         return sr
 
 
