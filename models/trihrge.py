@@ -19,7 +19,7 @@ prediction."""
 import torch
 from torch import nn
 
-from .layers import PositiveHead, output_options, output_parts, take_tokens
+from .layers import FastDropout, PositiveHead, output_options, output_parts, take_tokens
 from .registry import register_model
 
 
@@ -96,7 +96,7 @@ class TriHRGE(PositiveHead, nn.Module):
         if use_gene_tokens or use_window_attention:
             self.pos = nn.Parameter(torch.zeros(1, window * window, d))
             nn.init.normal_(self.pos, std=0.02)
-        self.drop = nn.Dropout(dropout)
+        self.drop = FastDropout(dropout)
         if use_gene_tokens:
             self.gene_in = nn.Sequential(nn.Linear(n_genes, d), nn.LayerNorm(d))
             self.gene_pos = nn.Sequential(nn.Linear(2, d), nn.GELU(), nn.Linear(d, d))

@@ -545,3 +545,25 @@ def test_footprint_mean_without_gradient_skips_the_slope_and_gives_the_same_bits
         _FootprintMean.forward = staticmethod(original)
     assert len(calls) == 1 and trained.requires_grad and not evaluated.requires_grad
     assert evaluated.dtype == torch.float32 and torch.equal(trained.detach(), evaluated)
+
+
+def test_fast_dropout_is_inverted_dropout_seeded_by_torch():
+    """FastDropout keeps about 1 - p of the values, scaled by 1 / (1 - p) (so the mean is kept), its
+    gradient is the same mask, it is the identity in eval mode, and torch.manual_seed fixes its masks."""
+    from models.layers import FastDropout
+
+    def masked(seed):
+        torch.manual_seed(seed)
+        drop = FastDropout(0.1).train()
+        x = torch.ones(64, 40, 64, requires_grad=True)
+        y = drop(x)
+        y.sum().backward()
+        return y.detach(), x.grad, drop
+    y, grad, drop = masked(3)
+    kept = y > 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005 and abs(y.mean().item() - 1.0) < 0.01
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    torch.testing.assert_close(grad, y)                             # d(x * mask) / dx = mask
+    assert torch.equal(masked(3)[0], y) and not torch.equal(masked(4)[0], y)
+    x = torch.randn(5, 7)
+    assert drop.eval()(x) is x and FastDropout(0.0).train()(x) is x

@@ -36,8 +36,9 @@ log = logging.getLogger("trihrge")
 
 
 # raised when the same settings and seed train different weights, so that older states are retrained
-# (2: dropout drawn for the kept tokens only and a fused Adam update)
-TRAINING_VERSION = 2
+# (2: dropout drawn for the kept tokens only and a fused Adam update; 3: dropout masks from PCG64 bits,
+# models/layers.FastDropout)
+TRAINING_VERSION = 3
 
 
 def fingerprint(cfg: dict, data_fingerprint: dict) -> str:
