@@ -132,3 +132,16 @@ def test_casts_round_to_nearest_even_as_numpy_and_write_into_memmap_rows(tmp_pat
     assert np.array_equal(np.asarray(mm).view(np.uint16), ref.view(np.uint16))
     back = as_float32(mm[5:9])
     assert back.dtype == np.float32 and np.array_equal(back, ref[5:9].astype(np.float32))
+
+
+def test_thread_map_keeps_the_order_and_raises_a_calls_exception():
+    from utils.core.workers import thread_map
+    assert thread_map(lambda v: v * v, range(7), threads=3) == [v * v for v in range(7)]
+    assert thread_map(abs, []) == []
+
+    def fails_at_three(v):
+        if v == 3:
+            raise ValueError("three")
+        return v
+    with pytest.raises(ValueError, match="three"):
+        thread_map(fails_at_three, range(5), threads=2)

@@ -1,4 +1,5 @@
-"""Worker processes of a stage: spawned (safe with OpenMP and CUDA, unlike fork), with malloc's
+"""Workers of a stage: thread_map for passes over independent chunks whose heavy loops release the
+GIL (numpy, OpenCV), and worker processes: spawned (safe with OpenMP and CUDA, unlike fork), with malloc's
 thresholds fixed (core.malloc), and ending with the process that started them: a HISTEX.py killed
 with SIGKILL used to leave its training workers running as orphans for minutes, which then wrote
 their states into DIR after its lock was gone (tests/test_robustness.py)."""
@@ -7,11 +8,20 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from .malloc import keep_freed_memory, libc_function
 
 PR_SET_PDEATHSIG = 1   # prctl option (linux/prctl.h): a signal for this process when its parent ends
+
+
+def thread_map(fn, items, *, threads: int | None = None) -> list:
+    """[fn(item) for item in items] on `threads` threads (default: the CPUs available, at most one
+    per item); the first exception of a call is raised here."""
+    from .device import available_cpus
+    items = list(items)
+    with ThreadPoolExecutor(max(1, min(threads or available_cpus(), len(items)))) as pool:
+        return list(pool.map(fn, items))
 
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:

@@ -1,11 +1,10 @@
 """Scoring super-resolution maps against truth, as in the lineage's evaluation: per gene, both maps
 min-max scaled to [0, 1] inside the mask, then Pearson r, SSIM (data_range 1) and RMSE."""
-from concurrent.futures import ThreadPoolExecutor
-
 import cv2
 import numpy as np
 
 from ..core.chunks import row_chunks
+from ..core.workers import thread_map
 
 SSIM_WINDOW, SSIM_K1, SSIM_K2 = 7, 0.01, 0.03   # skimage.metrics.structural_similarity's defaults
 
@@ -50,10 +49,8 @@ def score_maps(pred, truth, rows, cols, genes, *, threads: int | None = None):
     lists and their median/mean. Genes in chunks of 16 MB of contiguous (genes, n) float64 copies
     (core.chunks: larger chunks were mostly page faults), the chunks on `threads` threads (default:
     the CPUs available; OpenCV and numpy's loops release the GIL)."""
-    from ..core.device import available_cpus
     chunks = row_chunks(len(genes), len(rows), itemsize=8)
-    with ThreadPoolExecutor(max(1, min(threads or available_cpus(), len(chunks)))) as pool:
-        parts = list(pool.map(lambda g: _score_genes(pred[:, g], truth[:, g], rows, cols), chunks))
+    parts = thread_map(lambda g: _score_genes(pred[:, g], truth[:, g], rows, cols), chunks, threads=threads)
     out = {m: [v for part in parts for v in part[m]] for m in ("pearson", "ssim", "rmse")}
     summary = {m: {"median": float(np.median(v)), "mean": float(np.mean(v))} for m, v in out.items()}
     return {"genes": list(map(str, genes)), "per_gene": out, "summary": summary, "n_superpixels": int(len(rows))}

@@ -17,11 +17,9 @@ The local spot consistency's kernel width is chosen the same way (choose_consist
 width whose correction, computed from the other spots only, best predicts each spot's counts from
 its out-of-fold prediction.
 """
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from ..core.device import available_cpus
+from ..core.workers import thread_map
 from .consistency import global_rescale_factors, interpolation_chunks, local_rescale_factors
 from .crossval import leave_one_out_kernel, median_pearson
 
@@ -119,9 +117,7 @@ class Detail:
             ratio = np.clip(m / np.maximum(self.smoothed(m), 1e-12), 0.0, self.MAX_RATIO)
             interp = np.asarray(kernel @ per_sp[:, g], dtype=np.float32)
             sr[:, g] = a[g] * m + (1.0 - a[g]) * interp * ratio
-        starts = range(0, sr.shape[1], self.step)
-        with ThreadPoolExecutor(max(1, min(available_cpus(), len(starts)))) as pool:
-            list(pool.map(one_pass, starts))   # list(): a pass's exception is raised here
+        thread_map(one_pass, range(0, sr.shape[1], self.step))
         return sr
 
 
