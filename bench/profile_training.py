@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import HISTEX  # noqa: E402
 from utils.core.device import resolve_device  # noqa: E402
+from utils.core.malloc import keep_freed_memory  # noqa: E402
 from utils.superres import train  # noqa: E402
 from utils.superres.config import HistexConfig  # noqa: E402
 from utils.superres.inputs import training_data  # noqa: E402
@@ -60,6 +61,7 @@ def main():
     p.add_argument("--name", default=None, help="result name (default: the model name)")
     p.add_argument("--unfused", action="store_true", help="also time the unfused output layer (before/after)")
     own, rest = p.parse_known_args()
+    keep_freed_memory()  # as HISTEX.py and its training workers: steps without page faults (core.malloc)
     t0 = time.time()
     config, td, _ = load_training(own.directory, rest)
     if config.threads:
