@@ -267,7 +267,8 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, kernel, image=None)
     if config.fusion != "none" and trainable:  # blend, blend-linear, and stack near the spots
         a, fusion = blend_weights(inp.counts, oof, ref)
         # the within-spot detail kept: a Gaussian of half the spot radius separates it from the level
-        detail = Detail(inp.rows, inp.cols, inp.mask.shape, float(inp.spots.uns["radius_px"]) / geo.SUPER_PIXEL_PX / 2) \
+        detail = Detail(inp.rows, inp.cols, inp.mask.shape, float(inp.spots.uns["radius_px"]) / geo.SUPER_PIXEL_PX / 2,
+                        threads=_cpus(config)) \
             if config.fusion != "blend-linear" else None
         blend_maps(sr, a, kernel(), inp.per_superpixel, detail=detail)
         oof = blended_oof(a, oof, ref)

@@ -82,10 +82,10 @@ class Detail:
     large demo's 3.4-4.2 -> 3.1-3.2 s within its run; 8, 24 and 64-256 were slower."""
     MAX_RATIO = 20.0   # a super-pixel at most 20 x its neighbourhood: bounds a near-empty neighbourhood
 
-    def __init__(self, rows, cols, shape, sigma_sp, genes_per_pass=16):
+    def __init__(self, rows, cols, shape, sigma_sp, genes_per_pass=16, threads=None):
         if not 1 <= genes_per_pass <= 512:
             raise ValueError("genes_per_pass: OpenCV filters at most 512 channels")
-        self.sigma, self.step = float(sigma_sp), genes_per_pass
+        self.sigma, self.step, self.threads = float(sigma_sp), genes_per_pass, threads
         # the tissue's bounding box plus the filter's reach (scipy's truncation: int(4 sigma + 0.5)):
         # the same values (zeros outside either way) 3-4 x faster than the whole grid
         self.reach = int(4.0 * self.sigma + 0.5)
@@ -109,15 +109,16 @@ class Detail:
         return out / self._weight[:, None] if normalise else out
 
     def blend(self, sr, a, kernel, per_sp):
-        """blend_maps with detail: the passes (disjoint genes) run on available_cpus() threads, as
-        OpenCV and numpy release the GIL: the same values, her2st C2's blend 3.9 -> 1.9-2.4 s on 2 cores."""
+        """blend_maps with detail: the passes (disjoint genes) run on `threads` threads (default: the
+        CPUs available), as OpenCV and numpy release the GIL: the same values, her2st C2's blend 3.9 ->
+        1.9-2.4 s on 2 cores."""
         def one_pass(g0):
             g = slice(g0, g0 + self.step)
             m = np.asarray(sr[:, g], np.float32)
             ratio = np.clip(m / np.maximum(self.smoothed(m), 1e-12), 0.0, self.MAX_RATIO)
             interp = np.asarray(kernel @ per_sp[:, g], dtype=np.float32)
             sr[:, g] = a[g] * m + (1.0 - a[g]) * interp * ratio
-        thread_map(one_pass, range(0, sr.shape[1], self.step))
+        thread_map(one_pass, range(0, sr.shape[1], self.step), threads=self.threads)
         return sr
 
 
