@@ -18,9 +18,11 @@ signed_output (--residual) a signed correction to the interpolated expression in
 prediction."""
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .layers import FastDropout, PositiveHead, output_options, output_parts, take_tokens
 from .registry import register_model
+from .scale_gate import gated_scales
 
 
 class MultiScaleFusion(nn.Module):
@@ -33,11 +35,33 @@ class MultiScaleFusion(nn.Module):
         self.gate = nn.Linear(d * len(dims), len(dims)) if len(dims) > 1 else None
 
     def forward(self, hist):
+        if self.gate is not None and self.gate.weight.device.type == "cpu":
+            return self._fused(hist)
+        return self.unfused(hist)
+
+    def unfused(self, hist):
+        """forward() in torch operations (GPUs; the reference the CPU path is tested against)."""
         z = torch.stack([self.proj[k](hist[k]) for k in self.names], dim=-2)  # B, T, S, d
         if self.gate is None:
             return z[..., 0, :]
         w = torch.softmax(self.gate(z.flatten(-2)), dim=-1)  # B, T, S
         return (w.unsqueeze(-1) * z).sum(-2)
+
+    def _fused(self, hist):
+        """forward() on the CPU, the same function in fewer passes: the S projections as one batched
+        product, feature-major (S, d, C) x (S, C, tokens) over the scales' features zero-padded to the
+        widest C, then the layer norms, gate and mixture in one numba loop (models/scale_gate.py)."""
+        lead = hist[self.names[0]].shape[:-1]
+        width = max(hist[k].shape[-1] for k in self.names)
+        linear = [self.proj[k][0] for k in self.names]
+        x = torch.stack([F.pad(hist[k].reshape(-1, hist[k].shape[-1]).float().T, (0, 0, 0, width - hist[k].shape[-1]))
+                         for k in self.names])
+        weight = torch.stack([F.pad(m.weight, (0, width - m.weight.shape[1])) for m in linear])
+        y = torch.baddbmm(torch.stack([m.bias for m in linear]).unsqueeze(-1), weight, x)
+        norms = [self.proj[k][1] for k in self.names]
+        out = gated_scales(y, torch.stack([m.weight for m in norms]), torch.stack([m.bias for m in norms]),
+                           self.gate.weight, self.gate.bias)
+        return out.reshape(*lead, out.shape[-1])
 
 
 class TriCrossBlock(nn.Module):
