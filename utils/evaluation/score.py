@@ -13,11 +13,11 @@ from ..core.errors import InputError
 from .metrics import align_to_truth, score_maps
 
 
-def score_arrays(rows, cols, X, genes, truth):
+def score_arrays(rows, cols, X, genes, truth, threads=None):
     P, T, t_rows, t_cols, g, coverage = align_to_truth(rows, cols, X, genes, truth)
     if not g:
         raise InputError("the prediction and the truth share no gene; score runs made on the same data set")
-    m = score_maps(P, T, t_rows, t_cols, g)
+    m = score_maps(P, T, t_rows, t_cols, g, threads=threads)
     m["truth_coverage"] = coverage
     return m
 

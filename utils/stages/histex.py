@@ -371,7 +371,7 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
                "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows)),
                "cross_validation": cv, "fusion": fusion, "consistency_kernel": sigma_record}
         metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy,
-                                 out_of_fold=oof, compress=config.compress)
+                                 out_of_fold=oof, compress=config.compress, threads=_cpus(config))
     log.info("wrote %s (%d super-pixels x %d genes) in %.0f s", out_dir / L.SUPER_RES, len(inp.rows), len(inp.genes),
              time.time() - t_start)
     if metrics:
@@ -395,11 +395,11 @@ def _spots_pred(inp, predicted, name, directory, images, out_of_fold=None):
 
 
 def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy=None, *,
-                   out_of_fold=None, compress=False):
+                   out_of_fold=None, compress=False, threads=None):
     """super-res.h5ad, spots-pred.h5ad, maps/, loss.png, genes-accuracy.tsv (with cross-fitting),
     metrics.json (with truth), run.json and report.html, staged in `out`; returns the metrics (None
     without truth). Both h5ad files carry obsm/uns 'spatial' (scanpy's Visium layout); compress:
-    super-res.h5ad's X gzip'd (--compress)."""
+    super-res.h5ad's X gzip'd (--compress); threads: the CPUs its compression and the scores use."""
     uns = {"model": run["model"], "config": json.dumps(run["config"], sort_keys=True),
            "spot_consistency": run["spot_consistency"], "pixel_size_um": inp.calib["pixel_size_um"],
            "raw_pixel_size_um": inp.calib["raw_pixel_size_um"], "superpixel_um": geo.SUPER_PIXEL_UM,
@@ -417,7 +417,7 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
         complete_h5ad(in_place, obs, var, {**uns, **spatial}, obsm=obsm)
     else:
         write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), obs, var, sr, {**uns, **spatial}, obsm=obsm,
-                            compress=compress)
+                            compress=compress, threads=threads)
     _spots_pred(inp, predicted, run["model"], directory, images, out_of_fold).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
     write_gene_maps(out.path(out_dir / L.GENE_MAPS), L.read_preview(directory, inp.calib), inp.rows, inp.cols, sr,
                     inp.plot_genes, inp.genes)
@@ -426,7 +426,7 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
     metrics = None
     if L.TRUTH.path(directory).is_file():
         from ..evaluation.score import score_arrays
-        metrics = score_arrays(inp.rows, inp.cols, sr, inp.genes, L.read_h5ad(L.TRUTH, directory))
+        metrics = score_arrays(inp.rows, inp.cols, sr, inp.genes, L.read_h5ad(L.TRUTH, directory), threads=threads)
         metrics["model"] = run["model"]
         out.write_json(out_dir / L.METRICS, metrics)
     out.write_json(out_dir / L.RUN_JSON, {**run, "seconds": time.time() - t_start})
