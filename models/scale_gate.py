@@ -4,12 +4,14 @@ For each token n, with y_1 .. y_S its S scales' projections (d values each):
     z_s = gamma_s * (y_s - mean(y_s)) / sqrt(var(y_s) + eps) + beta_s      (a LayerNorm per scale)
     w   = softmax(G [z_1 .. z_S] + g)                                        (the gate, S weights)
     out = sum_s w_s z_s                                                      (d values)
-torch runs this as about 30 element-wise passes over (tokens, S, d) arrays, forward and backward
-(2.7 ms of a 11 ms training step at the large demo's 32 x 37 tokens on one CPU thread). Here one
-numba loop does the forward and one the backward, the same function with its sums in another order.
-The arrays are feature-major, (S, d, tokens), so every inner loop runs along the tokens: vector
-instructions without horizontal sums. numba compiles the loops on first use (cached beside this
-file when that is writable).
+torch runs this as about 30 element-wise passes over (tokens, S, d) arrays, forward and backward:
+2.6-3.2 ms of a training step of about 11 ms at the large demo's 32 x 37 tokens on one CPU thread.
+Here one numba loop does the forward and one the backward, the same function with its sums in
+another order: 1.7-1.8 ms with the batched projection before it (docs/BENCHMARKS.md, "The
+multi-scale gate fused on the CPU"). The arrays are feature-major, (S, d, tokens), so every inner
+loop runs along the tokens: vector instructions without horizontal sums. numba compiles the loops
+once (about 5 s; `make venv` does it, compile_loops) into its cache beside this file (or its user
+cache when this folder is read-only).
 
     gated_scales(y (S, d, N), gamma (S, d), beta (S, d), G (S, S*d), g (S,)) -> (N, d) float32"""
 import numba
@@ -193,3 +195,10 @@ def gated_scales(y, gamma, beta, G, g):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (y, gamma, beta, G, g)):
         return _GatedScales.apply(y, gamma, beta, G, g)
     return _run_forward(y, gamma, beta, G, g)[0]
+
+
+def compile_loops():
+    """Compile (or load from numba's cache) both loops now: `make venv` runs this once, so that the
+    first HISTEX run does not spend about 5 s per worker process compiling them."""
+    y = torch.zeros(2, 1, 3)
+    gated_scales(y.requires_grad_(), torch.ones(2, 1), torch.zeros(2, 1), torch.zeros(2, 2), torch.zeros(2)).sum().backward()
