@@ -15,7 +15,7 @@ $(STAMP): requirements.txt
 	# torch/torchvision first and pinned (see README, Install); a torch you installed yourself is kept
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install -r requirements.txt
-	$(PY) -c "import models.scale_gate as g; g.compile_loops()"   # numba's cache of models/scale_gate.py
+	$(PY) -c "import models; models.compile_cpu_loops()"   # numba's cache of the CPU loops in models/
 	touch $(STAMP)
 
 venv: $(STAMP)

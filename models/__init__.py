@@ -8,4 +8,13 @@ from . import (
 )
 from .registry import MODELS, build_model, model_class, register_model
 
-__all__ = ["MODELS", "build_model", "model_class", "register_model"]
+__all__ = ["MODELS", "build_model", "model_class", "register_model", "compile_cpu_loops"]
+
+
+def compile_cpu_loops():
+    """Compile (or load from numba's cache) the networks' CPU loops now, the multi-scale gate's and
+    the output layer's: `make venv` runs this once (about 8 s), so that the first HISTEX run does not
+    compile them in each worker process."""
+    from . import footprint_loops, scale_gate
+    scale_gate.compile_loops()
+    footprint_loops.compile_loops()

@@ -10,7 +10,7 @@ Here one numba loop does the forward and one the backward, the same function wit
 another order: 1.7-1.8 ms with the batched projection before it (docs/BENCHMARKS.md, "The
 multi-scale gate fused on the CPU"). The arrays are feature-major, (S, d, tokens), so every inner
 loop runs along the tokens: vector instructions without horizontal sums. numba compiles the loops
-once (about 5 s; `make venv` does it, compile_loops) into its cache beside this file (or its user
+once (about 5 s; `make venv` does it, models.compile_cpu_loops) into its cache beside this file (or its user
 cache when this folder is read-only).
 
     gated_scales(y (S, d, N), gamma (S, d), beta (S, d), G (S, S*d), g (S,)) -> (N, d) float32"""

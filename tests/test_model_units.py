@@ -502,11 +502,13 @@ def test_bf16_footprint_mean_is_float32_and_close_to_fp32():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fused_footprint_mean_does_not_depend_on_the_gene_chunk(precision):
-    """The gene chunk is a speed setting only: the chunks gene_chunk picks (64, 128, 256) give the
-    same bits, forward and backward (a chunk of 100 genes does not: other kernels)."""
+def test_fused_footprint_mean_does_not_depend_on_the_gene_chunk(precision, monkeypatch):
+    """The gene chunk of the torch passes (GPUs) is a speed setting only: the chunks gene_chunk picks
+    (64, 128, 256) give the same bits, forward and backward (a chunk of 100 genes does not: other kernels)."""
+    from models import layers
     from models.layers import footprint_output, gene_chunk
     from utils.core.device import autocast
+    monkeypatch.setattr(layers, "_use_loops", lambda hm: False)   # the torch passes, here on the CPU
     torch.manual_seed(5)
     lin = torch.nn.Linear(16, 300, bias=False)
     h = torch.randn(6, 11, 16, requires_grad=True)
@@ -521,6 +523,43 @@ def test_fused_footprint_mean_does_not_depend_on_the_gene_chunk(precision):
         runs.append((out.detach(), lin.weight.grad.clone(), h.grad.clone()))
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
     assert gene_chunk(615) == 256 and gene_chunk(5120) == 128 and gene_chunk(100_000) == 64
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_footprint_loops_are_the_torch_passes_with_their_gradients(precision, bias, monkeypatch):
+    """On the CPU the output layer's element-wise part runs in numba loops (models/footprint_loops.py)
+    with their own exp: the torch passes' values within float32 rounding, forward and backward, and a
+    token's values do not depend on its batch (nor on where its genes fall in a vector loop)."""
+    from models import footprint_loops, layers
+    from models.layers import footprint_output
+    from utils.core.device import autocast
+    torch.manual_seed(7)
+    lin = torch.nn.Linear(16, 333, bias=bias)
+    h, w = (3 * torch.randn(7, 13, 16)).requires_grad_(), torch.rand(7, 13)
+    target = torch.rand(7, 333)
+    runs = []
+    for loops in (True, False):
+        monkeypatch.setattr(layers, "_use_loops", footprint_loops.supports if loops else (lambda hm: False))
+        lin.zero_grad()
+        h.grad = None
+        with autocast("cpu", precision):
+            out = footprint_output(h, lin, w)
+        ((out - target) ** 2).sum().backward()
+        runs.append([out.detach(), h.grad.clone()] + [p.grad.clone() for p in lin.parameters()])
+        if loops:
+            with autocast("cpu", precision), torch.no_grad():
+                part = footprint_output(h[2:5], lin, w[2:5])
+            assert torch.equal(part, out[2:5].detach())
+    tol = 1e-5 if precision == "fp32" else 0.02   # bf16: the loops' exp moves values across roundings
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=tol, atol=1e-6)
+    for a, b in zip(runs[0][1:], runs[1][1:]):   # gradients: sums with cancellation, compared as a whole
+        assert (a - b).norm() <= tol * b.norm()
+    x = torch.tensor([[[-100.0, -20.0, -1e-3, 0.0, 1e-3, 5.0]]])
+    got, slope = footprint_loops.spot_means(x, torch.ones(1, 1), True)
+    e = 0.01 * torch.exp(x[0, 0].double().clamp(max=0))   # exact where torch's ELU cancels (ELU(-20) + 0.01)
+    torch.testing.assert_close(got[0], (x[0, 0].clamp(min=0) + e).float(), rtol=2e-7, atol=1e-36)
+    torch.testing.assert_close(slope[0, 0], torch.where(x[0, 0] > 0, 1.0, e).float(), rtol=2e-7, atol=1e-36)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -37,8 +37,9 @@ log = logging.getLogger("trihrge")
 
 # raised when the same settings and seed train different weights, so that older states are retrained
 # (2: dropout drawn for the kept tokens only and a fused Adam update; 3: dropout masks from PCG64 bits,
-# models/layers.FastDropout; 4: the multi-scale gate fused on the CPU, models/scale_gate.py)
-TRAINING_VERSION = 4
+# models/layers.FastDropout; 4: the multi-scale gate fused on the CPU, models/scale_gate.py; 5: the
+# output layer's element-wise part in numba loops on the CPU, models/footprint_loops.py)
+TRAINING_VERSION = 5
 
 
 def fingerprint(cfg: dict, data_fingerprint: dict) -> str:
