@@ -118,9 +118,11 @@ def _chunked_means(hm, wm, bias, w, chunk, slope=None):
 class _FootprintMean(torch.autograd.Function):
     """weights-averaged positive_output(h W^T + b) over tokens, without the (B, M, G) predictions
     ever being an autograd graph: on her2st C2 (1000 genes) training steps ran 1.1-1.4 x as fast
-    (bench/profile_training.py --unfused); genes in chunks keep the element-wise work in cache, and
-    f' is stored in forward, not recomputed in backward. Under a bfloat16 autocast (--precision
-    bf16) only the three matrix products are bfloat16; f, f' and the means stay float32."""
+    (bench/profile_training.py --unfused); f' is stored in forward, not recomputed in backward. The
+    element-wise part runs in numba loops on the CPU (models/footprint_loops.py: one pass each way,
+    1.18-1.20 x the training steps of the torch passes on C2 and the large demo) and in gene chunks
+    of torch passes, which keep it in cache, elsewhere. Under a bfloat16 autocast (--precision bf16)
+    only the three matrix products are bfloat16; f, f' and the means stay float32."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, w, chunk):
