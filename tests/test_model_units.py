@@ -272,6 +272,62 @@ def test_split_validation_is_seeded_disjoint_and_complete():
     assert len(split_validation(9, 0.1, np.random.default_rng(3))[1]) == 0  # too few spots: no held-out set
 
 
+def _piece_setup(lr_schedule="auto"):
+    """A small TriHRGE training (dropout on, a rate schedule, held-out spots, bf16): (cfg, data)."""
+    rng = np.random.default_rng(1)
+    n, T, G = 60, 9, 4
+    data = {"hist": {k: rng.normal(size=(n, T, c)).astype(np.float32) for k, c in DIMS.items()},
+            "fp": (rng.random((n, T)) < 0.7).astype(np.float32), "target": rng.random((n, G)).astype(np.float32)}
+    data["fp"][:, 4] = 1
+    cfg = {"model": "trihrge", "dims": DIMS, "n_genes": G, "half": 1, "lr": 3e-3, "weight_decay": 0.0,
+           "model_opts": {"d": 16, "dropout": 0.1, "use_gene_tokens": False, "use_window_attention": False},
+           "batch_size": 8, "epochs": 9, "loss": "mse", "token_mask": 0.0, "val_fraction": 0.2, "patience": 20,
+           "lr_schedule": lr_schedule, "precision": "bf16"}
+    return cfg, data
+
+
+@pytest.mark.parametrize("lr_schedule", ["auto", "plateau"])
+def test_a_state_trained_in_pieces_has_the_bits_of_one_trained_in_one_go(lr_schedule):
+    """StateTraining.snapshot() -> pickle -> restore() into a fresh StateTraining after every epoch
+    (as a state moves between training workers) trains the same bits and histories as train_state."""
+    import pickle
+
+    from utils.superres.train import StateTraining, train_state
+    cfg, data = _piece_setup(lr_schedule)
+    want, want_info = train_state(cfg, data, 5, "cpu", progress=False)
+    snap = None
+    while True:
+        run = StateTraining(cfg, data, 5, "cpu")
+        start = run.snapshot() if snap is None else pickle.loads(snap)
+        torch.manual_seed(99)   # what the process ran in between must not matter
+        run.restore(start)
+        run.run_epoch()
+        if run.done:
+            break
+        snap = pickle.dumps(run.snapshot())
+    got, info = run.result()
+    assert info == want_info and info["epochs_run"] == 9
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_states_trained_in_pieces_by_two_workers_equal_the_sequential_ones(tmp_path):
+    """_train_in_pieces with one epoch a piece: three states move between two worker processes
+    and come out bit-identical, records included, to training them one after another."""
+    from utils.core.workers import worker_pool
+    from utils.superres import states
+    cfg, data = _piece_setup()
+    jobs = [(s, "fp", 10 + s, None, tmp_path / f"p{s}.pt", tmp_path / f"p{s}.json", f"state {s}") for s in range(3)]
+    with worker_pool(2, setup=(states._hold_data, data)) as pool:
+        pieces = states._train_in_pieces(pool, jobs, cfg, 2, False, piece_seconds=0.0)
+    for s, fp_id, seed, val_idx, pt, meta_p, desc in jobs:
+        ref_pt, ref_meta = tmp_path / f"r{s}.pt", tmp_path / f"r{s}.json"
+        ref = states._train_to_files(cfg, data, fp_id, seed, val_idx, ref_pt, ref_meta, "cpu", False, desc)
+        a, b = (torch.load(p, weights_only=True) for p in (pt, ref_pt))
+        assert all(torch.equal(a[k], b[k]) for k in b)
+        drop = ("seconds", "spot_epochs_per_second")
+        assert {k: v for k, v in pieces[s].items() if k not in drop} == {k: v for k, v in ref.items() if k not in drop}
+
+
 def test_early_stopping_keeps_the_best_held_out_epoch():
     """Random targets: the held-out loss soon stops improving; training must stop `patience` epochs
     after its best epoch and return that epoch's weights."""

@@ -24,15 +24,18 @@ def thread_map(fn, items, *, threads: int | None = None) -> list:
         return list(pool.map(fn, items))
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of `workers` spawned processes that end with this one."""
+def worker_pool(workers: int, setup: tuple | None = None) -> ProcessPoolExecutor:
+    """A pool of `workers` spawned processes that end with this one; setup (fn, arg): each worker
+    calls fn(arg) once when it starts (data its tasks share, sent once)."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(os.getpid(),))
+                               initializer=_start_worker, initargs=(os.getpid(), setup))
 
 
-def _start_worker(parent: int):
+def _start_worker(parent: int, setup: tuple | None = None):
     keep_freed_memory()
     end_with_parent(parent)
+    if setup is not None:
+        setup[0](setup[1])
 
 
 def end_with_parent(parent: int, poll_seconds: float = 1.0):

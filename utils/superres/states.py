@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from ..core.distributed import World
 from ..core.errors import InputError
 from ..core.layout import STATES_DIR
 from ..core.workers import worker_pool
-from .train import train_state
+from .train import StateTraining, train_state
 
 log = logging.getLogger("trihrge")
 
@@ -100,10 +100,14 @@ def _train_to_files(cfg, data, fp_id, seed, val_idx, pt, meta_p, device, progres
     t0 = time.time()
     with _one_thread(device):
         state, info = train_state(cfg, data, seed, device, progress, desc=desc, val_idx=val_idx)
-    dt = time.time() - t0
-    meta = {"fingerprint": fp_id, "seed": seed, "epochs": cfg["epochs"], **info, "seconds": dt,
-            "spot_epochs_per_second": info["train_spots"] * info["epochs_run"] / max(1e-9, dt)}
-    with StagedOutputs() as out:  # committed at once: a later crash keeps the finished states
+    return _commit(fp_id, seed, cfg, state, info, time.time() - t0, pt, meta_p)
+
+
+def _commit(fp_id, seed, cfg, state, info, seconds, pt, meta_p) -> dict:
+    """Write a finished state's weights and record together (a later crash keeps it); returns the record."""
+    meta = {"fingerprint": fp_id, "seed": seed, "epochs": cfg["epochs"], **info, "seconds": seconds,
+            "spot_epochs_per_second": info["train_spots"] * info["epochs_run"] / max(1e-9, seconds)}
+    with StagedOutputs() as out:
         torch.save(state, out.path(pt))
         out.write_json(meta_p, meta)
     return meta
@@ -118,10 +122,69 @@ def _log_trained(desc, cfg, meta):
     log.info("%s: %s, final loss %.5f, in %.0f s", desc, stop, meta["loss_history"][-1], meta["seconds"])
 
 
+# a worker trains a state for about this long, then hands it back to be continued by whichever worker
+# is free next (see _train_in_pieces)
+PIECE_SECONDS = 2.0
+_WORKER_DATA = {}
+
+
+def _hold_data(data):
+    """A training worker's initializer: the training data, sent once per worker, not with every piece."""
+    _WORKER_DATA["data"] = data
+
+
+def _train_piece(cfg, job, snap, seconds_so_far, piece_seconds):
+    """In a worker: continue state job[0] from snap (None: its start) for at least one epoch and
+    about piece_seconds. Returns ("done", record) once it is finished and committed, else ("more",
+    snapshot, seconds trained)."""
+    s, fp_id, seed, val_idx, pt, meta_p, desc = job
+    t0 = time.time()
+    with _one_thread("cpu"):
+        run = StateTraining(cfg, _WORKER_DATA["data"], seed, "cpu", val_idx)
+        if snap is not None:
+            run.restore(snap)
+        run.run_epoch()
+        while not run.done and time.time() - t0 < piece_seconds:
+            run.run_epoch()
+        seconds = seconds_so_far + time.time() - t0
+        if run.done:
+            return "done", _commit(fp_id, seed, cfg, *run.result(), seconds, pt, meta_p)
+        return "more", run.snapshot(), seconds
+
+
+def _train_in_pieces(pool, jobs, cfg, workers, progress, piece_seconds=PIECE_SECONDS):
+    """Train jobs' states in the pool's workers, a piece at a time, always continuing the states
+    that have trained least: a state's pieces may run in any worker (StateTraining restores it
+    exactly), so the workers stay busy until fewer states than workers are left. Trained whole,
+    one state per worker, the longest state often came last and trained alone (her2st C2: 17.6 of
+    its 41 s). Returns {s: record}."""
+    waiting = {job[0]: (job, None, 0.0) for job in jobs}   # s -> (job, snapshot, seconds trained)
+    trained = dict.fromkeys(waiting, 0.0)
+    running, done = {}, {}
+    with tqdm(total=len(jobs), desc="states", unit="state", disable=not progress, leave=False) as bar:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                s = min(waiting, key=lambda k: (trained[k], k))
+                job, snap, secs = waiting.pop(s)
+                running[pool.submit(_train_piece, cfg, job, snap, secs, piece_seconds)] = job
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                job = running.pop(f)
+                status, *rest = f.result()
+                if status == "done":
+                    done[job[0]] = rest[0]
+                    _log_trained(job[-1], cfg, done[job[0]])
+                    bar.update()
+                else:
+                    waiting[job[0]] = (job, *rest)
+                    trained[job[0]] = rest[1]
+    return done
+
+
 def _train_many(jobs, cfg, data, device, workers, progress):
     """Train the states of `jobs` [(s, fp_id, seed, val_idx, pt, meta_p, desc)]; returns {s: record}.
-    On the CPU with workers > 1 they train in that many worker processes (core.workers); the
-    results are the same as training them one after another."""
+    On the CPU with workers > 1 they train in that many worker processes (core.workers), in pieces
+    (_train_in_pieces); the results are the same as training them one after another."""
     done = {}
     if workers <= 1 or len(jobs) <= 1 or str(device) != "cpu":
         for s, *job, desc in jobs:
@@ -130,22 +193,15 @@ def _train_many(jobs, cfg, data, device, workers, progress):
         return done
     log.info("training %d states in %d worker processes (one CPU thread each)", len(jobs), workers)
     try:
-        with worker_pool(workers) as pool:
-            futures = {pool.submit(_train_to_files, cfg, data, *job, "cpu", False, desc): (s, desc)
-                       for s, *job, desc in jobs}
+        with worker_pool(workers, setup=(_hold_data, data)) as pool:
             try:
-                for f in tqdm(as_completed(futures), total=len(futures), desc="states", unit="state",
-                              disable=not progress, leave=False):
-                    s, desc = futures[f]
-                    done[s] = f.result()
-                    _log_trained(desc, cfg, done[s])
+                return _train_in_pieces(pool, jobs, cfg, workers, progress)
             except BaseException:  # one state failed (e.g. diverged): do not start the others
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     except BrokenProcessPool:
         raise InputError("a training worker process died (out of memory?); the states trained so far are kept: "
                          "rerun with --threads 1 (one state at a time) or free memory") from None
-    return done
 
 
 def trained_states(cfg: dict, training, *, out_dir: Path, n_states: int, seed: int, retrain: bool, device,

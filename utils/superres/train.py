@@ -1,5 +1,6 @@
 """Training one model state with the footprint loss: the mean of the super-pixel predictions over
 each spot's footprint against the spot's min-max scaled counts (MSE, or Poisson)."""
+import copy
 import logging
 import math
 
@@ -107,6 +108,13 @@ class NoisyPlateau:
     def __init__(self, opt):
         self.opt, self.losses, self.best, self.bad, self.cuts = opt, [], math.inf, 0, 0
 
+    def state_dict(self) -> dict:
+        """Its counters (torch's schedulers' interface; the optimizer is not part of it)."""
+        return {k: v for k, v in vars(self).items() if k != "opt"}
+
+    def load_state_dict(self, state: dict):
+        vars(self).update(state)
+
     def step(self, loss):
         self.losses.append(loss)
         self.best, self.bad = (loss, 0) if loss < self.best * (1.0 - MIN_IMPROVEMENT) else (self.best, self.bad + 1)
@@ -138,6 +146,105 @@ def batch_spots(cfg, n: int) -> int:
     return cfg["batch_size"] or max(1, min(cfg.get("batch_max", ISTAR_BATCH_MAX), n // 16))
 
 
+class StateTraining:
+    """One state's training, an epoch at a time (train_state runs it to the end). snapshot() holds
+    everything a next epoch reads (weights, Adam's moments, the rate schedule, the torch and numpy
+    random generators, the histories, the best epoch's weights), and restore() puts it into a fresh
+    StateTraining of the same arguments, in any process: a state trained in pieces has the bits of
+    one trained in one go (the CPU's generator only: the pieces train on the CPU, states.py)."""
+
+    def __init__(self, cfg, data, seed, device, val_idx=None):
+        torch.manual_seed(seed)
+        self.gen = np.random.default_rng(seed)
+        self.model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1,
+                                 **cfg["model_opts"]).to(device)
+        # fused: one kernel updates every parameter (Adam was ~9% of a CPU step; values within 1 ulp of foreach)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
+        self.schedule = lr_scheduler(self.opt, cfg)
+        if val_idx is None:
+            self.train_idx, self.val_idx = split_validation(len(data["target"]), cfg.get("val_fraction", 0.0), self.gen)
+        else:
+            self.train_idx, self.val_idx = np.setdiff1d(np.arange(len(data["target"])), val_idx), val_idx
+        self.cfg, self.data, self.device = cfg, data, device
+        self.bs = batch_spots(cfg, len(self.train_idx))
+        self.use_tokens, self.precision = self.model.use_gene_tokens, precision_of(cfg)
+        self.keep, self.share = footprint_shares(data["fp"], device)
+        self.target = torch.from_numpy(data["target"]).to(device)
+        self.history, self.val_history, self.lr_history = [], [], []
+        self.best, self.best_epoch, self.best_state, self.stopped = math.inf, -1, None, False
+        self.model.train()
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or len(self.history) >= self.cfg["epochs"]
+
+    def run_epoch(self):
+        """One epoch over the shuffled training spots, then the held-out loss, the best weights, the
+        rate schedule and early stopping (done turns True)."""
+        n, cfg, epoch = len(self.train_idx), self.cfg, len(self.history)
+        perm = self.train_idx[self.gen.permutation(n)]  # shuffled every epoch (HISTEX's loader did not shuffle)
+        self.lr_history.append(self.opt.param_groups[0]["lr"])
+        total = 0.0
+        for s in range(0, n, self.bs):
+            idx = np.sort(perm[s:s + self.bs])
+            masked = self.gen.random(len(idx)) < cfg["token_mask"]
+            inputs = batch_inputs(self.data, idx, self.use_tokens, masked, self.device)
+            loss = spot_loss(spot_means(self.model, inputs, self.keep[idx], self.share[idx], self.precision),
+                             self.target[idx], cfg["loss"])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.item() * len(idx)
+        self.history.append(total / n)
+        if not math.isfinite(self.history[-1]):
+            raise InputError(f"training diverged at epoch {epoch + 1} (loss {self.history[-1]}); rerun with a lower "
+                             f"--lr (now {cfg['lr']:g})")
+        if len(self.val_idx):
+            self.val_history.append(validation_loss(self.model, self.data, self.val_idx, self.keep, self.share,
+                                                    self.target, cfg, self.use_tokens, self.device, self.bs))
+            if self.val_history[-1] < self.best * (1.0 - MIN_IMPROVEMENT):
+                self.best, self.best_epoch = self.val_history[-1], epoch
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            stop = self.schedule is not None and bool(self.schedule.step(self.val_history[-1]))
+            patience = cfg.get("patience", 0)
+            self.stopped = stop or bool(patience and epoch - self.best_epoch >= patience)
+
+    def postfix(self) -> dict:
+        """The progress bar's figures after an epoch."""
+        if not self.val_history:
+            return {"loss": f"{self.history[-1]:.5f}"}
+        return {"loss": f"{self.history[-1]:.5f}", "val": f"{self.val_history[-1]:.5f}", "best": self.best_epoch + 1}
+
+    _KEPT = ("history", "val_history", "lr_history", "best", "best_epoch", "best_state", "stopped")
+
+    def snapshot(self) -> dict:
+        """Plain data (tensors, numbers, lists) from which restore() continues this training."""
+        return copy.deepcopy({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                              "schedule": None if self.schedule is None else self.schedule.state_dict(),
+                              "torch_rng": torch.get_rng_state(), "numpy_rng": self.gen.bit_generator.state,
+                              **{k: getattr(self, k) for k in self._KEPT}})
+
+    def restore(self, snap: dict):
+        self.model.load_state_dict(snap["model"])
+        self.opt.load_state_dict(snap["opt"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(snap["schedule"])
+        torch.set_rng_state(snap["torch_rng"])
+        self.gen.bit_generator.state = snap["numpy_rng"]
+        for k in self._KEPT:
+            setattr(self, k, copy.deepcopy(snap[k]))
+
+    def result(self):
+        """(state_dict on CPU with the best epoch's weights, info with loss and learning-rate histories)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        info = {"loss_history": self.history, "val_history": self.val_history, "lr_history": self.lr_history,
+                "train_spots": int(len(self.train_idx)), "val_spots": int(len(self.val_idx)),
+                "epochs_run": len(self.history),
+                "best_epoch": (self.best_epoch + 1) if len(self.val_idx) else len(self.history)}
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, info
+
+
 def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=None):
     """Train one independently initialised model for up to cfg["epochs"] epochs, stopping early
     when the loss of its held-out spots (val_idx, its cross-fitting fold; None: a seeded
@@ -145,58 +252,10 @@ def train_state(cfg, data, seed, device, progress=True, desc="state", val_idx=No
     the best epoch are kept); the same loss drives the learning rate's schedule (lr_scheduler), which
     may also stop the state.
     Returns (state_dict on CPU, info with loss and learning-rate histories)."""
-    torch.manual_seed(seed)
-    gen = np.random.default_rng(seed)
-    model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1, **cfg["model_opts"]).to(device)
-    # fused: one kernel updates every parameter (Adam was ~9% of a CPU step; values within 1 ulp of foreach)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
-    schedule = lr_scheduler(opt, cfg)
-    if val_idx is None:
-        train_idx, val_idx = split_validation(len(data["target"]), cfg.get("val_fraction", 0.0), gen)
-    else:
-        train_idx = np.setdiff1d(np.arange(len(data["target"])), val_idx)
-    n = len(train_idx)
-    bs = batch_spots(cfg, n)
-    use_tokens, precision = model.use_gene_tokens, precision_of(cfg)
-    keep, share = footprint_shares(data["fp"], device)
-    target = torch.from_numpy(data["target"]).to(device)
-    history, val_history, lr_history = [], [], []
-    best, best_epoch, best_state = math.inf, -1, None
-    patience = cfg.get("patience", 0)
-    bar = tqdm(range(cfg["epochs"]), desc=desc, disable=not progress, leave=False, unit="epoch")
-    model.train()
-    for epoch in bar:
-        perm = train_idx[gen.permutation(n)]  # shuffled every epoch (HISTEX's loader did not shuffle)
-        lr_history.append(opt.param_groups[0]["lr"])
-        total = 0.0
-        for s in range(0, n, bs):
-            idx = np.sort(perm[s:s + bs])
-            masked = gen.random(len(idx)) < cfg["token_mask"]
-            inputs = batch_inputs(data, idx, use_tokens, masked, device)
-            loss = spot_loss(spot_means(model, inputs, keep[idx], share[idx], precision), target[idx], cfg["loss"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        history.append(total / n)
-        if not math.isfinite(history[-1]):
-            raise InputError(f"training diverged at epoch {epoch + 1} (loss {history[-1]}); rerun with a lower "
-                             f"--lr (now {cfg['lr']:g})")
-        if len(val_idx):
-            val_history.append(validation_loss(model, data, val_idx, keep, share, target, cfg, use_tokens, device, bs))
-            if val_history[-1] < best * (1.0 - MIN_IMPROVEMENT):
-                best, best_epoch = val_history[-1], epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            stop = schedule is not None and bool(schedule.step(val_history[-1]))
-            bar.set_postfix(loss=f"{history[-1]:.5f}", val=f"{val_history[-1]:.5f}", best=best_epoch + 1)
-            if stop or (patience and epoch - best_epoch >= patience):
-                break
-        else:
-            bar.set_postfix(loss=f"{history[-1]:.5f}")
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    info = {"loss_history": history, "val_history": val_history, "lr_history": lr_history,
-            "train_spots": int(n), "val_spots": int(len(val_idx)),
-            "epochs_run": len(history), "best_epoch": (best_epoch + 1) if len(val_idx) else len(history)}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, info
+    run = StateTraining(cfg, data, seed, device, val_idx)
+    with tqdm(total=cfg["epochs"], desc=desc, disable=not progress, leave=False, unit="epoch") as bar:
+        while not run.done:
+            run.run_epoch()
+            bar.update()
+            bar.set_postfix(**run.postfix())
+    return run.result()
