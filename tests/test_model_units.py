@@ -317,7 +317,7 @@ def test_states_trained_in_pieces_by_two_workers_equal_the_sequential_ones(tmp_p
     from utils.superres import states
     cfg, data = _piece_setup()
     jobs = [(s, "fp", 10 + s, None, tmp_path / f"p{s}.pt", tmp_path / f"p{s}.json", f"state {s}") for s in range(3)]
-    with worker_pool(2, setup=(states._hold_data, data)) as pool:
+    with worker_pool(2, setup=(states._start_training_worker, data)) as pool:
         pieces = states._train_in_pieces(pool, jobs, cfg, 2, False, piece_seconds=0.0)
     for s, fp_id, seed, val_idx, pt, meta_p, desc in jobs:
         ref_pt, ref_meta = tmp_path / f"r{s}.pt", tmp_path / f"r{s}.json"

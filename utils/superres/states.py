@@ -7,7 +7,8 @@ A state that cannot be read (truncated, damaged, another format) is trained agai
 
 Bit-identical states for any thread count: on the CPU every state trains with one torch thread (a
 multi-threaded weight gradient sums in a thread-dependent order: --threads 1 vs 2 moved counts by
-0.3 on her2st C2); states train side by side in worker processes instead, one per CPU.
+0.3 on her2st C2); states train side by side in worker processes instead, one per CPU, in pieces
+that any worker can continue (_train_in_pieces).
 
 Under torchrun rank r trains states r, r + N, ... (each bit-identical to the same state trained in
 one process), and after a barrier every rank loads them all from their files."""
@@ -128,8 +129,10 @@ PIECE_SECONDS = 2.0
 _WORKER_DATA = {}
 
 
-def _hold_data(data):
-    """A training worker's initializer: the training data, sent once per worker, not with every piece."""
+def _start_training_worker(data):
+    """A training worker's initializer: one torch thread for its whole life (switching the count for
+    every piece would rebuild the thread pool), and the training data, sent once, not with every piece."""
+    torch.set_num_threads(1)
     _WORKER_DATA["data"] = data
 
 
@@ -139,17 +142,16 @@ def _train_piece(cfg, job, snap, seconds_so_far, piece_seconds):
     snapshot, seconds trained)."""
     s, fp_id, seed, val_idx, pt, meta_p, desc = job
     t0 = time.time()
-    with _one_thread("cpu"):
-        run = StateTraining(cfg, _WORKER_DATA["data"], seed, "cpu", val_idx)
-        if snap is not None:
-            run.restore(snap)
+    run = StateTraining(cfg, _WORKER_DATA["data"], seed, "cpu", val_idx)
+    if snap is not None:
+        run.restore(snap)
+    run.run_epoch()
+    while not run.done and time.time() - t0 < piece_seconds:
         run.run_epoch()
-        while not run.done and time.time() - t0 < piece_seconds:
-            run.run_epoch()
-        seconds = seconds_so_far + time.time() - t0
-        if run.done:
-            return "done", _commit(fp_id, seed, cfg, *run.result(), seconds, pt, meta_p)
-        return "more", run.snapshot(), seconds
+    seconds = seconds_so_far + time.time() - t0
+    if run.done:
+        return "done", _commit(fp_id, seed, cfg, *run.result(), seconds, pt, meta_p)
+    return "more", run.snapshot(), seconds
 
 
 def _train_in_pieces(pool, jobs, cfg, workers, progress, piece_seconds=PIECE_SECONDS):
@@ -193,7 +195,7 @@ def _train_many(jobs, cfg, data, device, workers, progress):
         return done
     log.info("training %d states in %d worker processes (one CPU thread each)", len(jobs), workers)
     try:
-        with worker_pool(workers, setup=(_hold_data, data)) as pool:
+        with worker_pool(workers, setup=(_start_training_worker, data)) as pool:
             try:
                 return _train_in_pieces(pool, jobs, cfg, workers, progress)
             except BaseException:  # one state failed (e.g. diverged): do not start the others
