@@ -288,9 +288,10 @@ def _piece_setup(lr_schedule="auto"):
 
 @pytest.mark.parametrize("lr_schedule", ["auto", "plateau"])
 def test_a_state_trained_in_pieces_has_the_bits_of_one_trained_in_one_go(lr_schedule):
-    """StateTraining.snapshot() -> pickle -> restore() into a fresh StateTraining after every epoch
-    (as a state moves between training workers) trains the same bits and histories as train_state."""
-    import pickle
+    """StateTraining.snapshot() -> restore() into a fresh StateTraining after every epoch (as a state
+    moves between training workers; the next test sends it between processes) trains the same bits
+    and histories as train_state."""
+    import copy
 
     from utils.superres.train import StateTraining, train_state
     cfg, data = _piece_setup(lr_schedule)
@@ -298,13 +299,13 @@ def test_a_state_trained_in_pieces_has_the_bits_of_one_trained_in_one_go(lr_sche
     snap = None
     while True:
         run = StateTraining(cfg, data, 5, "cpu")
-        start = run.snapshot() if snap is None else pickle.loads(snap)
+        start = run.snapshot() if snap is None else snap
         torch.manual_seed(99)   # what the process ran in between must not matter
         run.restore(start)
         run.run_epoch()
         if run.done:
             break
-        snap = pickle.dumps(run.snapshot())
+        snap = copy.deepcopy(run.snapshot())
     got, info = run.result()
     assert info == want_info and info["epochs_run"] == 9
     assert all(torch.equal(got[k], want[k]) for k in want)
