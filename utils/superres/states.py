@@ -161,12 +161,11 @@ def _train_in_pieces(pool, jobs, cfg, workers, progress, piece_seconds=PIECE_SEC
     one state per worker, the longest state often came last and trained alone (her2st C2: 17.6 of
     its 41 s). Returns {s: record}."""
     waiting = {job[0]: (job, None, 0.0) for job in jobs}   # s -> (job, snapshot, seconds trained)
-    trained = dict.fromkeys(waiting, 0.0)
     running, done = {}, {}
     with tqdm(total=len(jobs), desc="states", unit="state", disable=not progress, leave=False) as bar:
         while waiting or running:
             while waiting and len(running) < workers:
-                s = min(waiting, key=lambda k: (trained[k], k))
+                s = min(waiting, key=lambda k: (waiting[k][2], k))
                 job, snap, secs = waiting.pop(s)
                 running[pool.submit(_train_piece, cfg, job, snap, secs, piece_seconds)] = job
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -179,7 +178,6 @@ def _train_in_pieces(pool, jobs, cfg, workers, progress, piece_seconds=PIECE_SEC
                     bar.update()
                 else:
                     waiting[job[0]] = (job, *rest)
-                    trained[job[0]] = rest[1]
     return done
 
 
