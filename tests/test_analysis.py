@@ -138,6 +138,21 @@ def test_functions_are_seeded_and_find_planted_structure():
     assert (a.obs[Key.CELL_TYPE].astype(str).to_numpy() == np.where(truth == 0, "A", "B")).mean() > 0.95
 
 
+def test_leiden_above_scanpys_exact_search_size():
+    """Above 8,192 observations scanpy searches neighbours with pynndescent, whose 0.7 release
+    returns a sparse array that scanpy 1.11 cannot read (AttributeError: no getnnz): --method leiden
+    failed on every section of a realistic size."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from utils.analysis.domains import EXACT_KNN_MAX_OBS, cluster
+    rng = np.random.default_rng(0)
+    truth = np.arange(EXACT_KNN_MAX_OBS + 100) % 2
+    ad = anndata.AnnData(np.zeros((len(truth), 1), np.float32))
+    ad.obsm["rep"] = (rng.normal(size=(len(truth), 5)) + 8.0 * truth[:, None]).astype(np.float32)
+    cluster(ad, method="leiden", resolution=0.1, rep="rep", seed=1)
+    assert adjusted_rand_score(truth, ad.obs[Key.DOMAIN]) > 0.99
+
+
 def test_missing_spatialdata_is_one_clear_error(monkeypatch):
     from utils.core.errors import InputError
     from utils.scverse.spatialdata import require_spatialdata

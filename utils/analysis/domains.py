@@ -13,6 +13,8 @@ log = logging.getLogger("trihrge")
 METHODS = ("kmeans", "leiden")
 PCA_KEY = "X_pca"
 SMOOTH_KEY = "X_pca_smooth"
+LEIDEN_NEIGHBOURS = 15
+EXACT_KNN_MAX_OBS = 8192   # scanpy.pp.neighbors searches exactly below this many observations
 
 
 def embed(adata, *, n_pcs: int = 30, seed: int = 0) -> None:
@@ -91,7 +93,8 @@ def cluster(adata, *, n_domains: int = 6, method: str = "kmeans", resolution: fl
         labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(adata.obsm[rep])
     else:
         import scanpy as sc
-        sc.pp.neighbors(adata, n_neighbors=15, use_rep=rep, random_state=seed)
+        sc.pp.neighbors(adata, n_neighbors=LEIDEN_NEIGHBOURS, use_rep=rep, random_state=seed,
+                        transformer=_approximate_knn(adata.n_obs, seed))
         sc.tl.leiden(adata, resolution=resolution, flavor="igraph", n_iterations=2, random_state=seed,
                      key_added="_leiden")
         labels = adata.obs.pop("_leiden").astype(int).to_numpy()
@@ -101,6 +104,23 @@ def cluster(adata, *, n_domains: int = 6, method: str = "kmeans", resolution: fl
     names = [str(i + 1) for i in range(len(sizes))]
     adata.obs[Key.DOMAIN] = pd.Categorical.from_codes(rank[labels], categories=names)
     log.info("%d domains (%s); sizes %s", len(names), method, ", ".join(str(int(s)) for s in np.sort(sizes)[::-1]))
+
+
+def _approximate_knn(n_obs: int, seed: int):
+    """None (scanpy's exact search) below scanpy's size for it; above, the pynndescent search scanpy
+    would make (UMAP's tree and iteration counts), returning a csr_matrix: pynndescent 0.7 returns a
+    sparse array, which scanpy 1.11's neighbour code cannot read ('csr_array' has no getnnz)."""
+    if n_obs < EXACT_KNN_MAX_OBS:
+        return None
+    import scipy.sparse as sp
+    from pynndescent import PyNNDescentTransformer
+
+    class MatrixOutput(PyNNDescentTransformer):
+        def fit_transform(self, X, y=None, **kwargs):
+            return sp.csr_matrix(super().fit_transform(X, y, **kwargs))
+
+    return MatrixOutput(n_neighbors=LEIDEN_NEIGHBOURS, metric="euclidean", random_state=seed,
+                        n_trees=min(64, 5 + round(n_obs ** 0.5 / 20.0)), n_iters=max(5, round(np.log2(n_obs))))
 
 
 def markers(adata, *, n_top: int = 10, groupby: str = Key.DOMAIN) -> pd.DataFrame:
