@@ -4,6 +4,7 @@ and silent losses (gene maps overwriting each other, names a TSV cannot hold, de
 absurd footprints)."""
 import json
 import logging
+from pathlib import Path
 
 import anndata
 import cv2
@@ -291,6 +292,16 @@ def _features_is_a_file(d):
     return ["--force"]
 
 
+def _feature_nan(d):
+    """NaN at one tissue super-pixel of micro.npy (where the spots' windows or inference read it)."""
+    mask = cv2.imread(str(d / "mask.png"), cv2.IMREAD_GRAYSCALE) > 127
+    rows, cols = np.nonzero(mask)
+    m = np.load(d / "features" / "micro.npy")
+    m[rows[len(rows) // 2], cols[len(cols) // 2], 0] = np.nan
+    np.save(d / "features" / "micro.npy", m)
+    return ["--force"]
+
+
 DAMAGED = [
     ("spots-x-nan", "HISTEX.py", _h5ad("spots.h5ad", _set_first("x", np.nan)), ["spots.h5ad", "obs 'x'", "get_HR.py"]),
     ("spots-negative-count", "HISTEX.py", _h5ad("spots.h5ad", _negative_count), ["spots.h5ad", "X holds", "get_HR.py"]),
@@ -298,6 +309,7 @@ DAMAGED = [
     ("calibration-radius-text", "get_HR.py", _calibration("radius_px", "big"), ["calibration.json", "radius_px", "image_calibration.py"]),
     ("calibration-scale-negative", "HISTEX.py", _calibration("scale", -1), ["calibration.json", "scale", "image_calibration.py"]),
     ("features-dir-is-a-file", "Histology_Extractor.py", _features_is_a_file, ["features", "is a file where a directory", "delete it"]),
+    ("features-nan", "HISTEX.py", _feature_nan, ["micro.npy", "NaN or infinite values (first at super-pixel", "Histology_Extractor.py"]),
     ("features-json-dims-text", "HISTEX.py", _features_json(lambda m: {**m, "dims": "x"}), ["features.json", "Histology_Extractor.py"]),
     ("features-json-grid-short", "HISTEX.py", _features_json(lambda m: {**m, "grid_shape": [3]}), ["features.json", "Histology_Extractor.py"]),
     ("features-json-null", "HISTEX.py", lambda d: (d / "features" / "features.json").write_text("null") and ["--force"],
@@ -330,6 +342,21 @@ def test_damaged_manifest_never_blocks_the_stage_that_writes_it(demo_upstream, t
     r = run_script("get_HR.py", d, "--n-genes", 40, "-q")
     assert r.returncode == 0, r.stderr
     assert json.loads((d / "manifests" / "get_HR.json").read_text())["stage"] == "get_HR"
+
+
+def test_out_where_no_folder_can_be_made(tmp_path):
+    """--out under a file, or where the file system refuses a folder (/proc), is refused when the
+    options are read, not by a traceback after training; a new nested folder is accepted, untouched."""
+    import argparse
+
+    from utils.core.cli import output_directory
+    (tmp_path / "f").write_text("x")
+    for bad, fragment in [(tmp_path / "f", "is not a directory"), (tmp_path / "f" / "x", "is not a directory"),
+                          *([("/proc/trihrge-out", "no folder can be made in /proc")] if Path("/proc/self").exists() else [])]:
+        with pytest.raises(argparse.ArgumentTypeError, match=fragment):
+            output_directory(str(bad))
+    assert output_directory(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
 def test_h5ad_without_x(tmp_path, raw):

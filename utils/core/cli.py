@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -85,10 +86,20 @@ PROBABILITY = Number(float, lo=0, hi=1)
 
 
 def output_directory(text: str) -> Path:
-    """A directory to write into: refused at once when the path is a file."""
+    """A directory to write into: refused at once when the path (or the nearest of its folders that
+    exists) is a file, or when no folder can be made there (no permission, a read-only or virtual file
+    system such as /proc: found by making and removing an empty one, not after hours of training)."""
     p = Path(text).expanduser()
-    if p.exists() and not p.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory; give a folder for the outputs")
+    base = p
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {base} exists and is not a directory; give a folder for the outputs")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=base))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: no folder can be made in {base} ({e.strerror or e}); "
+                                         f"give a writable place for the outputs") from None
     return p
 
 
