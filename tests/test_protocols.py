@@ -61,3 +61,24 @@ def test_sparse_leave_out_hides_one_in_five_seeded(tmp_path):
                                                   "array_y": np.repeat(np.arange(6), 6).tolist()}))
     assert make("sparse-leave-out", src, tmp_path / "sp") == (28, 8)
     assert json.loads((tmp_path / "sp" / "protocol.json").read_text())["protocol"] == "sparse-leave-out"
+
+
+def test_bad_folders_and_options_are_one_line(tmp_path):
+    """score on a run outside a protocol folder, on a run without super-res.h5ad, and make into a place
+    where nothing can be written: one error line each (they were tracebacks)."""
+    import pytest
+
+    from utils.core.errors import InputError
+    from utils.evaluation.protocols import main
+    run = tmp_path / "plain" / "results" / "trihrge"
+    run.mkdir(parents=True)
+    with pytest.raises(InputError, match="not a protocol folder"):
+        main(["score", str(run)])
+    (tmp_path / "plain" / "protocol.json").write_text("{}")
+    with pytest.raises(InputError, match="damaged protocol folder"):
+        main(["score", str(run)])
+    with pytest.raises(InputError, match="must be a whole number at least 1"):
+        main(["score", str(run), "--n-genes", "0"])
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="is not a directory"):
+        main(["make", "leave-out", str(tmp_path), "--directory", str(tmp_path / "f" / "p")])

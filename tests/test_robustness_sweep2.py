@@ -344,19 +344,41 @@ def test_damaged_manifest_never_blocks_the_stage_that_writes_it(demo_upstream, t
     assert json.loads((d / "manifests" / "get_HR.json").read_text())["stage"] == "get_HR"
 
 
-def test_out_where_no_folder_can_be_made(tmp_path):
-    """--out under a file, or where the file system refuses a folder (/proc), is refused when the
-    options are read, not by a traceback after training; a new nested folder is accepted, untouched."""
+def test_out_where_nothing_can_be_written(tmp_path):
+    """HISTEX.py --out or utils.cohort --summary under a file, or where the file system refuses a
+    folder (/proc), is refused when the options are read, not by a traceback after the work; a new
+    nested folder is accepted, and nothing is left behind."""
     import argparse
 
-    from utils.core.cli import output_directory
+    from utils.core.cli import output_directory, output_file
     (tmp_path / "f").write_text("x")
-    for bad, fragment in [(tmp_path / "f", "is not a directory"), (tmp_path / "f" / "x", "is not a directory"),
-                          *([("/proc/trihrge-out", "no folder can be made in /proc")] if Path("/proc/self").exists() else [])]:
-        with pytest.raises(argparse.ArgumentTypeError, match=fragment):
-            output_directory(str(bad))
+    proc = [("/proc/trihrge-out", "nothing can be written in /proc")] if Path("/proc/self").exists() else []
+    for check in (output_directory, output_file):
+        for bad, fragment in [(tmp_path / "f" / "x", "is not a directory"), *proc]:
+            with pytest.raises(argparse.ArgumentTypeError, match=fragment):
+                check(str(bad))
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a directory"):
+        output_directory(str(tmp_path / "f"))
+    with pytest.raises(argparse.ArgumentTypeError, match="is a directory; give a file name"):
+        output_file(str(tmp_path))
     assert output_directory(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
+    assert output_file(str(tmp_path / "a" / "s.json")) == tmp_path / "a" / "s.json"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_score_refuses_a_truth_it_cannot_use(demo_upstream, tmp_path):
+    """utils.score --truth: a file that is not AnnData, or AnnData without the super-pixel of each
+    observation (spots.h5ad), is one line naming it (both were tracebacks)."""
+    from utils.core.errors import InputError
+    from utils.evaluation.score import score_run
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "super-res.h5ad").write_bytes((demo_upstream / "truth" / "super.h5ad").read_bytes())  # has row/col
+    (tmp_path / "w.h5ad").write_bytes(b"garbage")
+    for truth, fragment in [(tmp_path / "w.h5ad", "cannot be read as AnnData"),
+                            (demo_upstream / "spots.h5ad", "obs 'row' is missing")]:
+        with pytest.raises(InputError, match=fragment):
+            score_run(run, truth)
 
 
 def test_h5ad_without_x(tmp_path, raw):

@@ -1,13 +1,12 @@
 """`make demo`: simulate the built-in demo tissue (once) and run the five stages on it, each as its
 own command exactly as a user would, then say where the outputs are."""
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .core.cli import HelpFormatter
+from .core.cli import SEED, Parser, output_directory, run
 from .core.manifest import SCRIPTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,11 +40,11 @@ def write_demo_markers(directory) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Run the whole TriHRGE pipeline on the built-in demo tissue.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--directory", type=Path, default=Path("demo/medium"), help="where the demo data and outputs go")
+    p = Parser(prog="python -m utils.demo", description="Run the whole TriHRGE pipeline on the built-in demo tissue.")
+    p.add_argument("--directory", type=output_directory, default=Path("demo/medium"),
+                   help="where the demo data and outputs go")
     p.add_argument("--size", default="medium", choices=["small", "medium", "large"], help="demo tissue size")
-    p.add_argument("--seed", type=int, default=0, help="simulation seed")
+    p.add_argument("--seed", type=SEED, default=0, help="simulation seed")
     args = p.parse_args(argv)
     d = args.directory
     d.mkdir(parents=True, exist_ok=True)
@@ -83,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

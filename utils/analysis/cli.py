@@ -11,6 +11,7 @@ from pathlib import Path
 from ..core import layout as L
 from ..core.cli import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, add_seed, run, setup_logging, text_file
 from ..core.errors import InputError
+from ..core.h5ad_io import read_anndata
 from ..core.stage import Stage
 from ..report import write_report
 from ..report.page import source_fingerprint
@@ -71,18 +72,13 @@ def _data_directory(run_dir: Path, given):
 
 def read_run(run_dir: Path, name: str):
     """The run's AnnData, with the scverse spatial layout this analysis draws on."""
-    import anndata
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: {'is not a directory' if run_dir.exists() else 'not found'}; give a run "
                          f"directory written by HISTEX.py (DIR/{L.RESULTS_DIR}/<run>)")
     p = run_dir / name
     if not p.is_file():
         raise InputError(f"{p}: not found; run HISTEX.py on the data directory first (it writes {name})")
-    try:
-        ad = anndata.read_h5ad(p)
-    except Exception as e:  # h5py/anndata raise many types for truncated files
-        raise InputError(f"{p}: cannot be read as AnnData ({type(e).__name__}; truncated or damaged); rerun "
-                         f"HISTEX.py") from None
+    ad = read_anndata(p, "rerun HISTEX.py")
     if Key.SPATIAL not in ad.obsm or library_of(ad) is None or ad.n_obs < 2 or ad.n_vars < 2:
         raise InputError(f"{p}: has no obsm/uns 'spatial' (written by an older HISTEX.py) or fewer than 2 "
                          f"observations/genes; rerun HISTEX.py")

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..core.cli import POSITIVE_INT, Parser, setup_logging, text_file
+from ..core.cli import POSITIVE_INT, Parser, output_file, setup_logging, text_file
 from ..core.errors import InputError
 from ..core.manifest import STAGES
 from . import runner
@@ -105,7 +105,7 @@ def build_parser() -> Parser:
     p.add_argument("--jobs", "-j", type=POSITIVE_INT, default=1,
                    help="sections processed at the same time; with N > 1 each stage gets OMP_NUM_THREADS = "
                         "the CPUs this process may use / N, unless OMP_NUM_THREADS is set (default: 1)")
-    p.add_argument("--summary", type=Path, default=DEFAULT_SUMMARY, metavar="PATH",
+    p.add_argument("--summary", type=output_file, default=DEFAULT_SUMMARY, metavar="PATH",
                    help="where the JSON summary goes (one entry per section: status, stages run, seconds, the "
                         f"failing stage, its exit code and error line); its path is printed at the end (default: "
                         f"{DEFAULT_SUMMARY} in the current directory)")

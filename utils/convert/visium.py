@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..core.errors import InputError
 from ..core.geometry import superpixel_grid_shape
+from ..core.h5ad_io import read_anndata
 from ..core.stage import Stage
 from .affine import lattice_pixel_size
 from .constants import SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM
@@ -321,17 +322,13 @@ def _integer_counts(X):
 
 
 def convert_h5ad(args):
-    import anndata
     from scipy import sparse
     path = Path(args.source)
     if not path.is_file():
         raise InputError(f"{path}: not found; give a .h5ad file of a Visium data set (e.g. written by "
                          f"scanpy.read_visium(...).write_h5ad)")
     image, image_name, hw = open_target_image(args.image)
-    try:
-        ad = anndata.read_h5ad(path)
-    except Exception as e:
-        raise InputError(f"{path}: cannot be read as AnnData ({type(e).__name__}); write it with write_h5ad") from None
+    ad = read_anndata(path, "write it with write_h5ad", damaged=False)
     if args.spatial_key not in ad.obsm:
         raise InputError(f"{path}: no obsm['{args.spatial_key}'] (obsm holds {', '.join(ad.obsm.keys()) or 'nothing'}); "
                          f"store the spot centres in full-resolution pixels (x = column, y = row) there, as "

@@ -87,10 +87,25 @@ PROBABILITY = Number(float, lo=0, hi=1)
 
 def output_directory(text: str) -> Path:
     """A directory to write into: refused at once when the path (or the nearest of its folders that
-    exists) is a file, or when no folder can be made there (no permission, a read-only or virtual file
-    system such as /proc: found by making and removing an empty one, not after hours of training)."""
+    exists) is a file, or when nothing can be written there (no permission, a read-only or virtual file
+    system such as /proc: found by making and removing an empty folder, not after hours of training)."""
     p = Path(text).expanduser()
-    base = p
+    _check_writable(text, p)
+    return p
+
+
+def output_file(text: str) -> Path:
+    """A file to write (a summary, a table): refused at once when it is a directory or when nothing can
+    be written in its folder (as output_directory)."""
+    p = Path(text).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory; give a file name")
+    _check_writable(text, p.parent)
+    return p
+
+
+def _check_writable(text: str, folder: Path) -> None:
+    base = folder
     while not base.exists() and base != base.parent:
         base = base.parent
     if not base.is_dir():
@@ -98,9 +113,8 @@ def output_directory(text: str) -> Path:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=base))
     except OSError as e:
-        raise argparse.ArgumentTypeError(f"{text}: no folder can be made in {base} ({e.strerror or e}); "
+        raise argparse.ArgumentTypeError(f"{text}: nothing can be written in {base} ({e.strerror or e}); "
                                          f"give a writable place for the outputs") from None
-    return p
 
 
 def text_file(text: str) -> Path:

@@ -186,13 +186,8 @@ def load_calibrated_spots(directory):
 
 
 def read_h5ad(artifact: Artifact, directory):
-    import anndata
-    p = artifact.existing(directory)
-    try:
-        return anndata.read_h5ad(p)
-    except Exception as e:  # h5py/anndata raise many types for truncated or foreign files
-        raise artifact.damaged(directory, f"cannot be read as AnnData ({type(e).__name__}; truncated or "
-                                          f"damaged)") from None
+    from .h5ad_io import read_anndata
+    return read_anndata(artifact.existing(directory), artifact.fix(directory))
 
 
 def _check_values(artifact: Artifact, directory, ad) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .h5ad_io import read_anndata
 from .layout import RAW_COUNTS as COUNTS_NAMES
 from .layout import RAW_IMAGES as IMAGE_NAMES  # noqa: F401  (re-exported: the names the readers look for)
 from .layout import RAW_LOCS as LOCS_NAMES
@@ -191,12 +192,7 @@ def read_counts(directory):
 
 
 def _read_counts_h5ad(path):
-    import anndata
-    try:
-        ad = anndata.read_h5ad(path)
-    except Exception as e:  # h5py/anndata raise many types for corrupt files
-        raise InputError(f"{path}: cannot be read as AnnData ({type(e).__name__}); write it with anndata's "
-                         f"write_h5ad") from None
+    ad = read_anndata(path, "write it with anndata's write_h5ad", damaged=False)
     X = ad.layers["counts"] if "counts" in ad.layers else (ad.raw.X if ad.raw is not None else ad.X)
     genes = ad.raw.var_names if ("counts" not in ad.layers and ad.raw is not None) else ad.var_names
     if X is None:

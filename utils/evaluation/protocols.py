@@ -12,7 +12,6 @@ to score at: the hidden ones, or the original ones) and DST/protocol.json. `scor
 super-pixel predictions over every held-out spot's footprint and reports, per gene, Pearson r
 across held-out spots with the measured counts (the 100 most variable genes), next to the
 nearest-training-spot baseline."""
-import argparse
 import json
 import os
 import shutil
@@ -24,9 +23,11 @@ from scipy.spatial import cKDTree
 
 from ..core import geometry as geo
 from ..core.atomic import StagedOutputs
-from ..core.cli import HelpFormatter, setup_logging
+from ..core.cli import POSITIVE_INT, HelpFormatter, Parser, output_directory, setup_logging
 from ..core.errors import InputError
+from ..core.h5ad_io import read_anndata
 from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, find_one, match_spots, read_counts, read_locs
+from ..core.text_io import require_file
 from .metrics import pearson_per_gene
 
 
@@ -121,18 +122,25 @@ class HeldOut:
 
     def __init__(self, directory, n_genes=100):
         d = Path(directory)
-        self.protocol = json.loads((d / "protocol.json").read_text())
-        self.calib = json.loads((d / "calibration.json").read_text())
-        self.counts = pd.read_csv(d / "heldout" / "cnts.tsv.gz", sep="\t", index_col=0)
-        self.locs = pd.read_csv(d / "heldout" / "locs-raw.tsv", sep="\t", index_col=0)
-        self.train_counts = pd.read_csv(d / "cnts.tsv.gz", sep="\t", index_col=0)
-        self.train_locs = pd.read_csv(d / "locs-raw.tsv", sep="\t", index_col=0)
+        if not (d / "protocol.json").is_file():
+            raise InputError(f"{d}: not a protocol folder (no protocol.json); score runs made in DST/results/<run> "
+                             f"of a folder written by `python -m utils.protocols make ... --directory DST`")
+        try:
+            self.protocol = json.loads((d / "protocol.json").read_text())
+            self.calib = json.loads((d / "calibration.json").read_text())
+            self.counts = pd.read_csv(d / "heldout" / "cnts.tsv.gz", sep="\t", index_col=0)
+            self.locs = pd.read_csv(d / "heldout" / "locs-raw.tsv", sep="\t", index_col=0)
+            self.train_counts = pd.read_csv(d / "cnts.tsv.gz", sep="\t", index_col=0)
+            self.train_locs = pd.read_csv(d / "locs-raw.tsv", sep="\t", index_col=0)
+        except (OSError, ValueError, EOFError) as e:  # missing, truncated, not JSON / TSV
+            raise InputError(f"{d}: damaged protocol folder ({type(e).__name__}: {e}); write it again with "
+                             f"`python -m utils.protocols make` and rerun the five stages") from None
         self.n_genes, self.genes = n_genes, None
 
     def predicted(self, run_dir):
         """(held-out spots, genes) float64: a run's super-pixel counts summed over each held-out footprint."""
-        import anndata
-        sr = anndata.read_h5ad(Path(run_dir) / "super-res.h5ad")
+        p = require_file(Path(run_dir) / "super-res.h5ad", fix="give run directories written by HISTEX.py (DST/results/<run>)")
+        sr = read_anndata(p, "rerun HISTEX.py")
         if self.genes is None:
             common = [g for g in sr.var_names if g in self.counts.columns]
             self.genes = list(self.counts[common].var().sort_values(ascending=False).index[:self.n_genes])
@@ -171,17 +179,17 @@ def score(run_dirs, n_genes=100):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(prog="python -m utils.protocols", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make", help="write a protocol folder from a raw-layout folder", formatter_class=HelpFormatter)
     m.add_argument("protocol", choices=["leave-out", "sparse-leave-out", "coarsen"],
                    help="leave-out: hide every other spot (checkerboard); sparse-leave-out: hide a seeded random 1 in "
                         f"{SPARSE_HIDDEN} (the run keeps a nearly full lattice); coarsen: sum 2 x 2 blocks of spots")
     m.add_argument("source", type=Path, help="raw-layout folder with section.json (array_x, array_y)")
-    m.add_argument("--directory", type=Path, required=True, help="the protocol folder to write")
+    m.add_argument("--directory", type=output_directory, required=True, help="the protocol folder to write")
     s = sub.add_parser("score", help="score runs made on a protocol folder", formatter_class=HelpFormatter)
     s.add_argument("runs", nargs="+", type=Path, help="run directories DST/results/<model>")
-    s.add_argument("--n-genes", type=int, default=100, help="most variable held-out genes to score")
+    s.add_argument("--n-genes", type=POSITIVE_INT, default=100, help="most variable held-out genes to score")
     a = p.parse_args(argv)
     setup_logging(True)
     if a.cmd == "make":

@@ -2,14 +2,13 @@
 
 Per gene, prediction and truth are min-max scaled inside the truth mask, then Pearson r, SSIM
 (data_range 1) and RMSE; medians and means over genes. Several runs print one comparison table."""
-import argparse
 from pathlib import Path
 
-import anndata
 import numpy as np
 
-from ..core.cli import HelpFormatter, setup_logging
+from ..core.cli import Parser, setup_logging
 from ..core.errors import InputError
+from ..core.h5ad_io import read_anndata
 from .metrics import align_to_truth, score_maps
 
 
@@ -30,11 +29,25 @@ def score_run(run_dir, truth_path=None):
     truth_path = Path(truth_path) if truth_path else run_dir.parent.parent / "truth" / "super.h5ad"
     if not truth_path.is_file():
         raise InputError(f"{truth_path}: no truth to score against; pass --truth PATH (a super.h5ad with obs row/col)")
-    sr = anndata.read_h5ad(sr_p)
+    sr = _with_grid_positions(sr_p, "rerun HISTEX.py")
+    truth = _with_grid_positions(truth_path, "pass --truth a super.h5ad with one observation per super-pixel "
+                                             "(obs row/col), as the simulator and the converters' --truth write")
     m = score_arrays(sr.obs["row"].to_numpy(np.int64), sr.obs["col"].to_numpy(np.int64), np.asarray(sr.X),
-                     list(sr.var_names), anndata.read_h5ad(truth_path))
+                     list(sr.var_names), truth)
     m["model"] = sr.uns.get("model", run_dir.name)
     return m
+
+
+def _with_grid_positions(path, fix):
+    """The AnnData at path, whose obs hold each observation's super-pixel (row, col): whole numbers >= 0."""
+    ad = read_anndata(path, fix)
+    for key in ("row", "col"):
+        v = ad.obs[key].to_numpy() if key in ad.obs else None
+        if v is None or not np.issubdtype(v.dtype, np.number) or not np.isfinite(v).all() or (v < 0).any() \
+                or (v != np.round(v)).any():
+            raise InputError(f"{path}: obs '{key}' {'is missing' if v is None else 'is not whole numbers >= 0'} "
+                             f"(the super-pixel of each observation); {fix}")
+    return ad
 
 
 def format_table(results):
@@ -48,7 +61,7 @@ def format_table(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(prog="python -m utils.score", description=__doc__)
     p.add_argument("runs", nargs="+", type=Path, help="run directories (each holds super-res.h5ad)")
     p.add_argument("--truth", type=Path, default=None,
                    help="truth super.h5ad (default: DIR/truth/super.h5ad for a run in DIR/results/<model>)")
