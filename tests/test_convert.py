@@ -263,6 +263,8 @@ def test_visium_user_errors(tmp_path):
     assert_user_error(p, "filtered_feature_bc_matrix.h5", "hdf5")
     p = convert_cli("visium", outs, "--directory", tmp_path / "raw")
     assert_user_error(p, "--image")
+    p = convert_cli("visium", outs, "--directory", image / "raw", "--image", image)   # under a file
+    assert_user_error(p, "--directory", "is not a directory")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ share.
 import textwrap
 from pathlib import Path
 
-from ..core.cli import POSITIVE, SEED, HelpFormatter, Parser, setup_logging
+from ..core.cli import POSITIVE, SEED, HelpFormatter, Parser, output_directory, setup_logging
 
 DESCRIPTION = __doc__.split("\n\n")[0] + """
 
@@ -35,7 +35,7 @@ def _skip_image_check(p):
 
 
 def _common(p, image_help, matrix=True):
-    p.add_argument("--directory", "-d", required=True, type=Path,
+    p.add_argument("--directory", "-d", required=True, type=output_directory,
                    help="output folder for the raw layout (created if missing); files of an earlier conversion are "
                         "replaced, raw-layout files of another data set make it refuse")
     p.add_argument("--image", type=Path, required=True, help=image_help)
