@@ -86,8 +86,9 @@ def read_alignment(path):
     if vals.size == 6:
         vals = np.concatenate([vals, [0.0, 0.0, 1.0]])
     if vals.size != 9 or not np.isfinite(vals).all():
-        raise InputError(f"{path}: expected a 3 x 3 matrix (9 numbers), found {vals.size}; give the transformation "
-                         f"matrix CSV exported by Xenium Explorer")
+        found = f"{vals.size}" + ("" if np.isfinite(vals).all() else f", {int((~np.isfinite(vals)).sum())} not finite")
+        raise InputError(f"{path}: expected a 3 x 3 matrix (9 finite numbers), found {found}; give the "
+                         f"transformation matrix CSV exported by Xenium Explorer")
     M = vals.reshape(3, 3)
     if not np.allclose(M[2], [0, 0, 1], atol=1e-6):
         if abs(M[2, 2]) > 0 and np.allclose(M[2, :2], 0, atol=1e-9):
