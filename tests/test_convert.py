@@ -265,6 +265,11 @@ def test_visium_user_errors(tmp_path):
     assert_user_error(p, "--image")
     p = convert_cli("visium", outs, "--directory", image / "raw", "--image", image)   # under a file
     assert_user_error(p, "--directory", "is not a directory")
+    sf = outs / "spatial" / "scalefactors_json.json"
+    for bad in ('"65"', "-5", "true"):   # text used to be a traceback
+        sf.write_text(json.dumps({"spot_diameter_fullres": json.loads(bad)}))
+        p = convert_cli("visium", outs, "--directory", tmp_path / "raw", "--image", image)
+        assert_user_error(p, "scalefactors_json.json", "spot_diameter_fullres", "not a positive number")
 
 
 # ----------------------------------------------------------------------------------------------------

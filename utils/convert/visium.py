@@ -102,6 +102,9 @@ def read_positions(spatial):
     return out, path
 
 
+SCALE_FACTORS_READ = ("spot_diameter_fullres", "tissue_hires_scalef", "bin_size_um", "microns_per_pixel")
+
+
 def read_scalefactors(spatial):
     path = Path(spatial) / "scalefactors_json.json"
     if not path.is_file():
@@ -110,6 +113,11 @@ def read_scalefactors(spatial):
     sf = read_json(path, "scale factors (scalefactors_json.json)")
     if not isinstance(sf, dict):
         raise InputError(f"{path}: expected a JSON object of scale factors; give the file written by Space Ranger")
+    for key in SCALE_FACTORS_READ:
+        v = sf.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise InputError(f"{path}: {key} is {v!r}, not a positive number; give the file written by Space Ranger, "
+                             f"unchanged")
     return sf, path
 
 
