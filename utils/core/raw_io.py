@@ -223,7 +223,7 @@ def validate_counts(path, ids, genes, X):
                          f"give raw (non-negative integer) UMI counts")
     if not np.all(X == np.round(X)):
         bad = np.argwhere(X != np.round(X))[0]
-        raise InputError(f"{path}: non-integer count {X[bad[0], bad[1]]} (spot {ids[bad[0]]}, gene "
+        raise InputError(f"{path}: non-integer count {float(X[bad[0], bad[1]]):.6g} (spot {ids[bad[0]]}, gene "
                          f"{genes[bad[1]]}); give raw UMI counts, not normalised or log values")
     if X.sum() == 0:
         raise InputError(f"{path}: every count is zero; give the raw UMI counts of the section")
