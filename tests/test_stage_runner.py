@@ -242,6 +242,7 @@ BAD_OPTIONS = [
     ("HISTEX.py", ["--threads", "-1"]), ("HISTEX.py", ["--dropout", "1.5"]), ("HISTEX.py", ["--weight-decay", "-1"]),
     ("HISTEX.py", ["--sigma", "-1"]), ("HISTEX.py", ["--epochs", "inf"]), ("HISTEX.py", ["--seed", "-1"]),
     ("HISTEX.py", ["--d-model", "30", "--heads", "4"]), ("HISTEX.py", ["--token-mask", "2"]),
+    ("HISTEX.py", ["--loss", "poisson", "--residual"]),
     ("HISTEX.py", ["--val-fraction", "0.5"]), ("HISTEX.py", ["--stride", "-1"]), ("HISTEX.py", ["--fusion", "mix"]),
     ("HISTEX.py", ["--precision", "fp16"]), ("Histology_Extractor.py", ["--precision", "half"]),
     ("Histology_Extractor.py", ["--shifts", "0"]), ("Histology_Extractor.py", ["--batch-size", "0"]),

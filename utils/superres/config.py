@@ -114,6 +114,10 @@ class HistexConfig:
                 raise InputError(f"{_option(name)} {getattr(self, name)}: choose {', '.join(choices)}")
         if self.d_model % self.heads:
             raise InputError(f"--d-model {self.d_model}: must be a multiple of --heads {self.heads}")
+        if self.loss == "poisson" and self.residual and self.model_class.trainable:
+            # the deviance takes the log of the prediction; --residual predicts a signed correction
+            raise InputError("--loss poisson needs a positive prediction, and --residual predicts a signed "
+                             "correction to the interpolation: use one of them (--loss mse with --residual)")
         return self
 
     @property
