@@ -395,3 +395,11 @@ def test_stain_backbone_says_it_runs_on_cpu(caplog):
     with caplog.at_level(logging.WARNING, logger="trihrge"):
         enc = build_encoder("stain", device="cuda")
     assert enc.device == "cpu" and "runs on the CPU" in caplog.text
+
+
+def test_unknown_gene_names_suggest_the_likely_one():
+    """--plot-genes, --gene-list and --gene-set name the gene a typo or another case most likely meant."""
+    from utils.core.raw_io import unknown_names
+    known = ["ERBB2", "HK_01", "MUCL1", "Actb"]
+    assert unknown_names(["hk_01", "ERB2", "ZZZ9", "ACTB"], known) == "hk_01 (HK_01?), ERB2 (ERBB2?), ZZZ9, ..."
+    assert unknown_names(["ACTB"], known) == "ACTB (Actb?)"

@@ -5,6 +5,7 @@ import logging
 import re
 
 from ..core.errors import InputError
+from ..core.raw_io import unknown_names
 from ..core.text_io import read_text
 from ..scverse.keys import Key
 
@@ -70,7 +71,7 @@ def require_genes(sets: dict, genes, *, source: str) -> None:
     for name, members in sets.items():
         unknown = [g for g in members if g not in known]
         if unknown:
-            raise InputError(f"{source}: gene set {name}: {', '.join(unknown[:5])} not among the {len(known)} "
+            raise InputError(f"{source}: gene set {name}: {unknown_names(unknown, genes, 5)} not among the {len(known)} "
                              f"predicted genes (see the run's super-res.h5ad var_names / DIR/genes.tsv); check "
                              f"the spelling or drop the gene")
 

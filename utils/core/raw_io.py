@@ -163,6 +163,20 @@ def examples(items, k=3):
     return s + (", ..." if len(items) > k else "")
 
 
+def unknown_names(unknown, known, k=3) -> str:
+    """The first k names not found, for a message, each with the known name it most likely meant:
+    the same name in another case (gene symbols differ in case between species and references), else
+    a close spelling (difflib), e.g. "hk_01 (HK_01?), ERB2 (ERBB2?)"."""
+    import difflib
+    unknown, known = [str(n) for n in unknown], [str(n) for n in known]
+    by_case = {n.lower(): n for n in known}
+    out = []
+    for name in unknown[:k]:
+        hit = by_case.get(name.lower()) or next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None)
+        out.append(f"{name} ({hit}?)" if hit else name)
+    return ", ".join(out) + (", ..." if len(unknown) > k else "")
+
+
 def read_counts(directory):
     """(spot_ids, genes, X float32 dense spots x genes) from cnts.* ; raw integer counts are required."""
     path = find_one(directory, COUNTS_NAMES, "spot count matrix (cnts.tsv)")

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.raw_io import unknown_names
 from ..core.text_io import read_text
 
 DEFAULT_N_GENES = 1000
@@ -27,7 +28,7 @@ def select_genes(X, genes, n_genes=None, gene_list=None, counts_path="cnts"):
         missing = [g for g in wanted if g not in pos]
         if missing:
             raise InputError(f"{path}: {len(missing)} listed gene(s) are not in {counts_path} "
-                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); fix the names or drop them")
+                             f"({unknown_names(missing, genes)}); fix the names or drop them")
         idx = np.array(list(dict.fromkeys(pos[g] for g in wanted)), dtype=np.int64)
         flat = [genes[i] for i in idx if var[i] == 0]
         if len(flat) == len(idx):

@@ -28,6 +28,7 @@ from ..core.device import available_cpus, resolve_device
 from ..core.distributed import current
 from ..core.errors import InputError
 from ..core.malloc import keep_freed_memory
+from ..core.raw_io import unknown_names
 from ..core.stage import rank_stage
 from ..report import write_report
 from ..scverse.keys import Key
@@ -130,7 +131,7 @@ def _read_inputs(directory, config) -> _SpotInputs:
     plot_genes = config.plot_genes or genes[:4]
     unknown = [g for g in plot_genes if g not in genes]
     if unknown:
-        raise InputError(f"--plot-genes: {', '.join(unknown[:3])} not among the {len(genes)} selected genes "
+        raise InputError(f"--plot-genes: {unknown_names(unknown, genes)} not among the {len(genes)} selected genes "
                          f"(see {L.GENES.path(directory)})")
     mask = L.load_mask(directory, calib)
     rows, cols = tissue_index(mask)
