@@ -86,7 +86,8 @@ def read_alignment(path):
     if vals.size == 6:
         vals = np.concatenate([vals, [0.0, 0.0, 1.0]])
     if vals.size != 9 or not np.isfinite(vals).all():
-        found = f"{vals.size}" + ("" if np.isfinite(vals).all() else f", {int((~np.isfinite(vals)).sum())} not finite")
+        n_bad = int((~np.isfinite(vals)).sum())
+        found = f"{vals.size}" + (f", {n_bad} not finite" if n_bad else "")
         raise InputError(f"{path}: expected a 3 x 3 matrix (9 finite numbers), found {found}; give the "
                          f"transformation matrix CSV exported by Xenium Explorer")
     M = vals.reshape(3, 3)

@@ -170,11 +170,11 @@ def unknown_names(unknown, known, k=3) -> str:
     import difflib
     unknown, known = [str(n) for n in unknown], [str(n) for n in known]
     by_case = {n.lower(): n for n in known}
-    out = []
-    for name in unknown[:k]:
+
+    def likely(name):
         hit = by_case.get(name.lower()) or next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None)
-        out.append(f"{name} ({hit}?)" if hit else name)
-    return ", ".join(out) + (", ..." if len(unknown) > k else "")
+        return f"{name} ({hit}?)" if hit else name
+    return examples([likely(n) for n in unknown[:k]] + unknown[k:], k)   # only the k shown are looked up
 
 
 def read_counts(directory):
