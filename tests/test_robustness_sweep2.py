@@ -101,14 +101,25 @@ def _crlf(name):
     return lambda d: (d / name).write_bytes((d / name).read_text().replace("\n", "\r\n").encode())
 
 
-ACCEPTED = [("bom", [_bom(n) for n in ("pixel-size-raw.txt", "radius-raw.txt", "locs-raw.tsv", "cnts.tsv")],
+def _r_write_table(name):
+    """As R's write.table(df, sep="\t") writes it: every name quoted, and no name for the row names."""
+    def f(d):
+        rows = [line.split("\t") for line in (d / name).read_text().splitlines()]
+        quoted = lambda fields: "\t".join(f'"{v}"' for v in fields)  # noqa: E731
+        (d / name).write_text("\n".join([quoted(rows[0][1:])] + [quoted(r[:1]) + "\t" + "\t".join(r[1:])
+                                                                   for r in rows[1:]]) + "\n")
+    return f
+
+
+ACCEPTED = [("r-write-table", [_r_write_table(n) for n in ("locs-raw.tsv", "cnts.tsv")], _gene_list(b"G1\nG2\n")),
+            ("bom", [_bom(n) for n in ("pixel-size-raw.txt", "radius-raw.txt", "locs-raw.tsv", "cnts.tsv")],
              _gene_list("\ufeffG1\nG2\n".encode())),
             ("crlf", [_crlf(n) for n in ("pixel-size-raw.txt", "radius-raw.txt", "locs-raw.tsv", "cnts.tsv")],
              _gene_list(b"G1\r\nG2\r\n"))]
 
 
 @pytest.mark.parametrize("row,mutators,gene_list", ACCEPTED, ids=[r[0] for r in ACCEPTED])
-def test_bom_and_crlf_are_read_like_plain_utf8(raw, tmp_path, row, mutators, gene_list):
+def test_unusual_but_valid_tables_are_read_like_plain_ones(raw, tmp_path, row, mutators, gene_list):
     d = copy_demo(raw, tmp_path / "d")
     for m in mutators:
         m(d)

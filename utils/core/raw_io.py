@@ -1,7 +1,9 @@
 """Finding and reading the raw inputs of the data contract (iStar's raw layout and its variants).
 
 Every reader validates what it reads and raises InputError naming the file, the problem and the fix."""
+import csv
 import gzip
+import itertools
 import re
 from pathlib import Path
 
@@ -92,15 +94,30 @@ def _sep_for(path):
     return "," if ".csv" in name else "\t"
 
 
-def _raw_header(path):
-    """Column names exactly as written (pandas renames duplicates to NAME.1)."""
+def _first_rows(path, n=2):
+    """The first n rows, fields exactly as written (pandas renames duplicates to NAME.1)."""
     opener = gzip.open if str(path).lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
-            line = f.readline().rstrip("\r\n")
-    except (OSError, EOFError):
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="") as f:
+            return [[c.strip() for c in row] for row in itertools.islice(csv.reader(f, delimiter=_sep_for(path)), n)]
+    except (OSError, EOFError, csv.Error):
         return []
-    return [c.strip().strip('"') for c in line.split(_sep_for(path))]
+
+
+def _unnamed_id_column(rows) -> bool:
+    """R's write.table (row.names=TRUE) leaves the id column unnamed: its header is one field short."""
+    return len(rows) == 2 and len(rows[1]) == len(rows[0]) + 1
+
+
+def _unique(names):
+    """Names with pandas' suffixes for repeats (NAME.1), so that read_csv takes them; the duplicate
+    check reads the names as written."""
+    seen = {}
+    out = []
+    for n in names:
+        out.append(f"{n}.{seen[n]}" if n in seen else n)
+        seen[n] = seen.get(n, 0) + 1
+    return out
 
 
 def _is_id_name(name) -> bool:
@@ -116,11 +133,13 @@ def _read_table(path):
     """A raw table; the columns that may hold ids are read as text, so that ids such as
     0.1 / 0.10 / 000 / NA stay distinct strings (pandas would coerce them to numbers or NaN)."""
     check_encoding(path)
-    header = _raw_header(path)
+    rows = _first_rows(path)
+    unnamed = _unnamed_id_column(rows)
+    header = (["spot"] if unnamed else []) + (rows[0] if rows else [])
     as_text = {i: str for i, name in enumerate(header) if _read_as_text(i, name)}
     try:
         df = pd.read_csv(path, sep=_sep_for(path), index_col=None, low_memory=False, encoding="utf-8-sig",
-                         converters=as_text)
+                         converters=as_text, header=0, names=_unique(header) if unnamed else None)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, gzip.BadGzipFile,
             EOFError, OSError) as e:
         if isinstance(e, pd.errors.EmptyDataError):
