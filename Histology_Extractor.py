@@ -32,7 +32,7 @@ meso.npy, macro.npy, extra.npy (float16, grid_rows x grid_cols x channels), feat
 and manifests/Histology_Extractor.json. The Hugging Face token is never written or logged."""
 
 
-def main(argv=None):
+def build_parser():
     p = make_parser("Stage 3 of TriHRGE: histology features for every 8 um super-pixel at three scales "
                     "(the super-pixel, its 112 um tile, a 448 um context) plus mean colour and position.",
                     epilog=EPILOG)
@@ -55,7 +55,11 @@ def main(argv=None):
                    help="extra keyword arguments for timm.create_model with --backbone timm:NAME")
     # random weights, for benchmarks and tests only (hidden from --help)
     p.add_argument("--random-init", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     token = args.login or os.environ.get("HF_TOKEN") or None
     if not token:

@@ -6,7 +6,7 @@ from utils.core.cli import Number, check_directory, make_parser, run, setup_logg
 PIXEL_SIZE = Number(float, lo=0.5, hi=0.5, note="the super-pixel grid is 16 px = 8 um at 0.5 um/px")
 
 
-def main(argv=None):
+def build_parser():
     p = make_parser(
         "Stage 1 of TriHRGE: rescale he-raw.* to the working resolution (default 0.5 um/px), pad it with "
         "white to a multiple of 224 px, and scale the spot locations and radius the same way.",
@@ -16,7 +16,11 @@ def main(argv=None):
                "manifests/image_calibration.json.")
     p.add_argument("--pixel-size", type=PIXEL_SIZE, default=0.5,
                    help="target pixel size in um/px; only 0.5 is supported (16 px = 8 um super-pixels)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     from utils.stages.image_calibration import calibrate
     calibrate(check_directory(args.directory), pixel_size_um=args.pixel_size, force=args.force)

@@ -5,7 +5,7 @@ from utils.histology.tissue_mask import DEFAULT_FILL_HOLES_UM2, DEFAULT_MIN_REGI
 from utils.stages.masking_non_tissue import BACKGROUNDS, OD_THRESHOLD, TEXTURE_THRESHOLD
 
 
-def main(argv=None):
+def build_parser():
     p = make_parser(
         "Find the tissue on the calibrated H&E: a super-pixel is tissue when its colour absorbs (optical "
         "density relative to the glass) and its 16 x 16 px are textured (cells, fibres), so blank glass, "
@@ -40,7 +40,11 @@ def main(argv=None):
                    help="light: bright-field H&E on light glass; dark: inverted / dark-field image (inverted "
                         "before masking); auto: decided from whether the smooth background is brighter than "
                         "the textured tissue")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     from utils.stages.masking_non_tissue import mask_tissue
     mask_tissue(check_directory(args.directory), threshold=args.threshold, min_region_um2=args.min_region_um2,

@@ -4,8 +4,12 @@ exit codes, glob and list-file expansion, torchrun rank shares; and manifest.out
 Most tests replace the stage scripts by a small `python -c` stage (FAKE_STAGE) that writes one
 output and a real manifest, so they take seconds; one runs the real five stages on tiny data."""
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -201,3 +205,111 @@ def test_real_stages_on_a_tiny_section(tmp_path):
     assert (d / "results" / "interp" / "super-res.h5ad").is_file()
     rc, summary = cohort(tmp_path, d, *args)
     assert rc == 0 and statuses(summary) == ["skipped"]
+
+
+def test_a_literal_path_with_glob_characters_is_taken_as_written(tmp_path):
+    odd, plain = make_sections(tmp_path, "sec[a]", "seca")
+    assert collect_sections([str(odd)]) == [odd]
+    assert collect_sections([str(tmp_path / "sec[ab]")]) == [plain]     # not a directory: a pattern
+    (tmp_path / "L[1]").mkdir()
+    inner, = make_sections(tmp_path / "L[1]", "x")
+    make_sections(tmp_path / "L1", "y")
+    listing = tmp_path / "L[1]" / "list.txt"
+    listing.write_text("*\n")    # relative to the list's folder, whose name is not a pattern
+    assert collect_sections([], from_file=listing) == [inner]
+    listing.write_text("# nothing\n\n")
+    with pytest.raises(InputError, match="list.txt: lists no section"):
+        collect_sections([], from_file=listing)
+
+
+@pytest.mark.parametrize("stage_args, fragment", [
+    ("HISTEX=--dir /elsewhere", "leave out --directory (/elsewhere)"),
+    ("HISTEX=--dir=/elsewhere", "leave out --directory"),
+    ("HISTEX=-d/elsewhere", "leave out --directory"),
+    ("HISTEX=--epochs 0", "--stage-args HISTEX: argument --epochs"),
+    ("HISTEX=--out {tmp}/shared", "--out"),
+    ("Histology_Extractor=--login hf_secret", "export HF_TOKEN"),
+    ("get_HR=--help", "python get_HR.py --help")])
+def test_stage_options_are_checked_before_anything_runs(tmp_path, fake_stages, capsys, stage_args, fragment):
+    s1, s2 = make_sections(tmp_path / "data", "s1", "s2")
+    with pytest.raises(InputError, match=re.escape(fragment)) as e:
+        cli.main([str(s1), str(s2), "--stage-args", stage_args.format(tmp=tmp_path),
+                  "--summary", str(tmp_path / "sum.json")])
+    assert "hf_secret" not in str(e.value) + capsys.readouterr().out
+    assert runs(s1) == [] and not (s1 / "logs").exists() and not (tmp_path / "sum.json").exists()
+
+
+def test_stages_list_and_summary_path_are_checked(tmp_path, fake_stages):
+    s1, = make_sections(tmp_path / "data", "s1")
+    with pytest.raises(InputError, match="names no stage"):
+        cli.main([str(s1), "--stages", ","])
+    counts = s1 / "cnts.tsv"
+    counts.write_text("spot\tG1\n")
+    with pytest.raises(InputError, match="is not a cohort summary"):
+        cli.main([str(s1), "--summary", str(counts)])
+    assert counts.read_text() == "spot\tG1\n" and runs(s1) == []
+    rc, _ = cohort(tmp_path, s1)
+    rc, _ = cohort(tmp_path, s1)    # its own summary is replaced
+    assert rc == 0
+
+
+def test_a_section_in_use_is_refused_without_touching_its_log(tmp_path, fake_stages):
+    from utils.core.stage import DirectoryLock
+    s1, = make_sections(tmp_path / "data", "s1")
+    (s1 / "logs").mkdir()
+    log = s1 / "logs" / "cohort-image_calibration.log"
+    log.write_text("$ the run that holds the lock\n")
+    lock = DirectoryLock(s1, "image_calibration").acquire()
+    try:
+        rc, summary = cohort(tmp_path, s1)
+    finally:
+        lock.release()
+    assert rc == 1 and "in use by image_calibration" in summary["sections"][0]["error"]
+    assert log.read_text() == "$ the run that holds the lock\n" and runs(s1) == []
+
+
+# a stage that waits to be stopped: as the real ones, it ends with the cohort (end_with_launcher)
+SLOW_STAGE = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + """
+import time
+from pathlib import Path
+from utils.core.workers import end_with_launcher
+end_with_launcher()
+d, stage = Path(sys.argv[1]), sys.argv[2]
+(d / ("started-" + stage)).touch()
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    (d / ("interrupted-" + stage)).touch()
+    sys.exit(130)
+"""
+SLOW_COHORT = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + """
+from utils.cohort import cli, runner
+runner.stage_command = lambda plan, d: [sys.executable, "-c", sys.argv[1], str(d), plan.stage]
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _wait_for(paths, seconds=60):
+    t0 = time.monotonic()
+    while not all(p.exists() for p in paths):
+        assert time.monotonic() - t0 < seconds, f"waited {seconds} s for {paths}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("jobs, sig", [(1, signal.SIGINT), (2, signal.SIGINT), (1, signal.SIGKILL)])
+def test_stopping_the_cohort_stops_its_stages(tmp_path, jobs, sig):
+    """SIGINT to the cohort alone (not its process group): each running stage gets one SIGINT, no
+    further stage starts, exit 130 with one line. SIGKILL: the stages still stop (they are not left
+    running as orphans that write into DIR later)."""
+    sections = make_sections(tmp_path / "data", "s1", "s2")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_COHORT, SLOW_STAGE, *map(str, sections), "-j", str(jobs),
+                             "--summary", str(tmp_path / "sum.json"), "-q"], cwd=REPO, stderr=subprocess.PIPE,
+                            text=True)
+    started = [d / "started-image_calibration" for d in sections[:jobs]]
+    _wait_for(started)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    _wait_for([d / "interrupted-image_calibration" for d in sections[:jobs]])
+    assert not list(tmp_path.glob("data/*/started-get_HR"))
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and err.strip().startswith("interrupted:") and len(err.splitlines()) == 1

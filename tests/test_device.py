@@ -56,7 +56,7 @@ def test_affinity_smaller_than_quota(tmp_path, monkeypatch):
     assert device.available_cpus(root=root, environ={}) == 2
 
 
-@pytest.mark.parametrize("omp, expected", [("3", 3), ("16", 16), (" 4 ", 4), ("4,2", 4),
+@pytest.mark.parametrize("omp, expected", [("3", 3), ("6", 6), ("16", 8), ("999", 8), (" 4 ", 4), ("4,2", 4),
                                            ("0", 2), ("-2", 2), ("four", 2), ("", 2), ("2.5", 2)])
 def test_omp_num_threads_wins_when_a_positive_integer(tmp_path, eight_cpus, omp, expected):
     root = fake_root(tmp_path, "0::/\n", {"cpu.max": "200000 100000"})

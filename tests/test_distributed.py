@@ -135,6 +135,36 @@ def test_world_from_the_environment():
             world_from_env(env)
 
 
+def test_a_stray_world_size_is_one_error_line(tmp_path):
+    """WORLD_SIZE left in the environment without torchrun: one line, not a traceback or a hang."""
+    e = dict(os.environ, WORLD_SIZE="2", RANK="0")
+    e.pop("MASTER_ADDR", None)
+    r = subprocess.run([sys.executable, str(REPO / "HISTEX.py"), "--directory", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, env=e, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "WORLD_SIZE=2 is set but MASTER_ADDR" in r.stderr and "torchrun" in r.stderr
+
+
+def test_ranks_started_by_hand_that_never_meet_give_up(monkeypatch):
+    """Rank 0 of 2 started by hand (no torchrun agent), the other rank never comes: rank 0 waits
+    JOIN_TIMEOUT, not the 24 h of TIMEOUT; a port in use is one line too."""
+    import datetime
+    import socket
+
+    from utils.core import distributed
+    monkeypatch.setattr(distributed, "JOIN_TIMEOUT", datetime.timedelta(seconds=2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        s.listen()
+        with pytest.raises(InputError, match="cannot join the other processes"):
+            distributed.launch(env)       # the port is taken
+    with pytest.raises(InputError, match="cannot join the other processes .*1/2"):
+        distributed.launch(env)
+    assert distributed.current().size == 1
+
+
 def test_shares_of_the_work():
     worlds = [World(r, 3, 3) for r in range(3)]
     assert [w.strided(range(7)) for w in worlds] == [[0, 3, 6], [1, 4], [2, 5]]

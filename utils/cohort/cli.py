@@ -1,11 +1,13 @@
 """python -m utils.cohort: the five stages over many sections (README, "Cohorts")."""
 import argparse
+import importlib.util
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from ..core import manifest as mf
 from ..core.cli import POSITIVE_INT, Parser, output_file, setup_logging, text_file
 from ..core.errors import InputError
 from ..core.manifest import STAGES
@@ -68,14 +70,55 @@ def parse_stage_args(items: Sequence[str]) -> dict:
             out[key] = tuple(shlex.split(text))
         except ValueError as e:
             raise InputError(f"--stage-args {item!r}: cannot split the options ({e}); check the quotes") from None
-        if any(a in ("--directory", "-d") or a.startswith("--directory=") for a in out[key]):
-            raise InputError(f"--stage-args {item!r}: leave out --directory; the cohort passes each section's own")
     return out
+
+
+SECTION = "<each section>"   # the --directory the options are checked with
+
+
+def stage_parser(stage: str):
+    """The argparse parser of a stage's script (its build_parser()), named as the script."""
+    if str(runner.REPO) not in sys.path:
+        sys.path.insert(0, str(runner.REPO))
+    script = runner.REPO / mf.script_of(stage)
+    spec = importlib.util.spec_from_file_location(f"_cohort_{stage}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.build_parser()
+    parser.prog = script.name
+    return parser
+
+
+def check_stage_options(plans, *, n_sections: int) -> None:
+    """Each stage's options read by the stage's own parser before anything runs: a bad value is one
+    error now, not one failure per section later. They may not name a directory (in any spelling
+    argparse takes, e.g. --dir=X), nor one --out for several sections (each would overwrite it)."""
+    for plan in plans:
+        if not plan.args:
+            continue
+        try:
+            ns = stage_parser(plan.stage).parse_args(["--directory", SECTION, *plan.args])
+        except InputError as e:
+            raise InputError(f"--stage-args {plan.stage}: {e}") from None
+        except SystemExit:   # --help, --version
+            raise InputError(f"--stage-args {plan.stage}: only options that run the stage; for its help, run "
+                             f"python {plan.script} --help") from None
+        if getattr(ns, "login", None):   # the options go into each section's log and the summary
+            raise InputError(f"--stage-args {plan.stage}: leave out --login (the cohort writes the options into "
+                             f"DIR/logs and the summary); export HF_TOKEN instead, which the stages read")
+        if str(ns.directory) != SECTION:
+            raise InputError(f"--stage-args {plan.stage}: leave out --directory ({ns.directory}); the cohort passes "
+                             f"each section's own")
+        if getattr(ns, "out", None) is not None and n_sections > 1:
+            raise InputError(f"--stage-args {plan.stage}: --out {ns.out} would take the outputs of all {n_sections} "
+                             f"sections in turn; leave it out (each section writes under its own DIR/results)")
 
 
 def build_plans(stages: str | None, stage_args: dict) -> list:
     """The StagePlans in pipeline order: every stage, or those of --stages."""
-    keys = list(STAGES) if not stages else [stage_key(s) for s in stages.split(",") if s.strip()]
+    keys = list(STAGES) if stages is None else [stage_key(s) for s in stages.split(",") if s.strip()]
+    if not keys:
+        raise InputError(f"--stages {stages!r}: names no stage; give a comma-separated list of {', '.join(STAGES)}")
     ignored = [k for k in stage_args if k not in keys]
     if ignored:
         raise InputError(f"--stage-args {ignored[0]}: that stage is not among --stages {stages}")
@@ -114,17 +157,33 @@ def build_parser() -> Parser:
     return p
 
 
+def check_summary_path(out: Path) -> None:
+    """A summary replaces a previous summary, never another file (e.g. a section's cnts.tsv)."""
+    if out.is_dir():
+        raise InputError(f"--summary {out}: is a directory; give a file name, e.g. {out / DEFAULT_SUMMARY}")
+    if out.exists() and not runner.is_summary(out):
+        raise InputError(f"--summary {out}: exists and is not a cohort summary; give another path (it would be "
+                         f"replaced)")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     plans = build_plans(args.stages, parse_stage_args(args.stage_args))
-    mine, rank, world = rank_share(collect_sections(args.sections, from_file=args.from_file))
+    sections = collect_sections(args.sections, from_file=args.from_file)
+    check_stage_options(plans, n_sections=len(sections))
+    mine, rank, world = rank_share(sections)
     out = runner.summary_path(args.summary, rank=rank, world=world)
-    if out.is_dir():
-        raise InputError(f"--summary {out}: is a directory; give a file name, e.g. {out / DEFAULT_SUMMARY}")
+    check_summary_path(out)
     t0 = time.monotonic()
-    results = runner.run_cohort(mine, plans, jobs=args.jobs, rerun=args.rerun, command=runner.stage_command,
-                                env=runner.stage_environment(jobs=args.jobs))
+    try:
+        results = runner.run_cohort(mine, plans, jobs=args.jobs, rerun=args.rerun, command=runner.stage_command,
+                                    env=runner.stage_environment(jobs=args.jobs))
+    except KeyboardInterrupt:
+        print("interrupted: the stages that were running stopped and keep their previous artifacts, the ones that "
+              "had finished keep their new ones; rerun the same command to go on (current stages are skipped)",
+              file=sys.stderr)
+        return 130
     summary = runner.summary_dict(results, plans, rank=rank, world=world, seconds=time.monotonic() - t0)
     print(runner.format_table(results))
     c = summary["counts"]

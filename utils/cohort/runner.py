@@ -4,11 +4,14 @@ Each stage runs as its own process, exactly as a user runs it (`python SCRIPT --
 [options]`), with its output in DIR/logs/cohort-<stage>.log. A stage is skipped when its manifest
 shows its artifacts current (utils.core.manifest.out_of_date) and the options asked for it are the
 ones it last ran with; a section stops at its first failing stage and the other sections go on."""
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -18,6 +21,8 @@ from typing import Callable, Mapping, Sequence
 from ..core import manifest as mf
 from ..core.atomic import StagedOutputs
 from ..core.device import available_cpus
+from ..core.stage import DirectoryLock
+from ..core.workers import END_WITH_PARENT
 
 log = logging.getLogger("trihrge")
 
@@ -128,16 +133,58 @@ def error_line(log_text: str) -> str:
     return (errors or lines or ["(no output)"])[-1]
 
 
+# The stage processes running now. Each runs in its own process group, so a Ctrl-C at the terminal
+# reaches only the cohort, which passes one SIGINT to each (a stage cleans up on the first; a second
+# one could interrupt that), and each ends with the cohort (END_WITH_PARENT: SIGINT when it dies).
+_RUNNING: set = set()
+_RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+STOP_GRACE_SECONDS = 120
+
+
+def interrupt_stages() -> None:
+    """SIGINT to every running stage, then wait for each to clean up (SIGKILL after the grace)."""
+    _STOPPING.set()
+    with _RUNNING_LOCK:
+        procs = list(_RUNNING)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_stage(directory: Path, plan: StagePlan, *, command: Callable = stage_command, env: Mapping | None = None):
-    """Run one stage on one section, its output in its log file; (exit code, error line or "")."""
+    """Run one stage on one section, its output in its log file; (exit code, error line or "").
+    A section another process works on is refused before its log is opened (that log is the other
+    run's)."""
+    busy = DirectoryLock.holder_message(directory)
+    if busy:
+        return 2, f"error: {busy}"
     path = stage_log(directory, plan)
     cmd = command(plan, directory)
     path.parent.mkdir(exist_ok=True)
+    env = dict(os.environ if env is None else env, **{END_WITH_PARENT: str(os.getpid())})
     with open(path, "w", encoding="utf-8") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         # in the cohort's own working directory, so relative paths in --stage-args mean what they say
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                process_group=0)
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            interrupt_stages()
+            raise
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     return rc, (error_line(path.read_text(encoding="utf-8", errors="replace")) if rc else "")
 
 
@@ -149,6 +196,8 @@ def run_section(directory: Path, plans: Sequence[StagePlan], *, rerun: bool = Fa
     t0 = time.monotonic()
     result = SectionResult(str(directory), "skipped")
     for plan in plans:
+        if _STOPPING.is_set():   # interrupted: start nothing more
+            break
         if not rerun and is_current(directory, plan):
             log.info("%s: %s is current, skipped", directory, plan.script)
             continue
@@ -158,7 +207,11 @@ def run_section(directory: Path, plans: Sequence[StagePlan], *, rerun: bool = Fa
             if rc == 0:
                 remember_options(directory, plan)
         except OSError as e:  # the log or the record cannot be written (a read-only or full DIR)
-            rc, error = -1, f"error: {e.filename or directory}: {e.strerror or e}"
+            rc, error = 2, (f"error: {e.filename or directory}: {e.strerror or e}; the cohort keeps each stage's "
+                            f"log in {Path(directory) / LOG_DIR}: make that a writable folder")
+        if rc and _STOPPING.is_set():   # stopped by the interruption, which the cohort reports once
+            result.status, result.failed_stage, result.exit_code = "failed", plan.stage, rc
+            break
         if rc:
             log.warning("%s: %s failed (exit %d): %s (log: %s)", directory, plan.script, rc, error,
                         stage_log(directory, plan))
@@ -175,11 +228,15 @@ def run_cohort(sections: Sequence[Path], plans: Sequence[StagePlan], *, jobs: in
     """Every section through the stages, `jobs` sections at a time; results in the order given."""
     def one(directory):
         return run_section(directory, plans, rerun=rerun, command=command, env=env)
+    _STOPPING.clear()
     if jobs <= 1:
         return [one(d) for d in sections]
     pool = ThreadPoolExecutor(jobs)  # the stages are processes: threads only wait on them
     try:
         return list(pool.map(one, sections))
+    except KeyboardInterrupt:
+        interrupt_stages()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after Ctrl-C, start no further section
 
@@ -199,6 +256,15 @@ def summary_dict(results: Sequence[SectionResult], plans: Sequence[StagePlan], *
     return {"rank": rank, "world_size": world, "seconds": round(seconds, 1), "counts": counts,
             "stages": [{"stage": p.stage, "args": list(p.args)} for p in plans],
             "sections": [asdict(r) for r in results]}
+
+
+def is_summary(path: Path) -> bool:
+    """Whether the file is a summary this command wrote (one it may replace)."""
+    try:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"counts", "sections", "stages"} <= set(summary)
 
 
 def write_summary(path: Path, summary: dict) -> Path:

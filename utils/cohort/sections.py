@@ -17,12 +17,15 @@ def expand_one(text: str, *, base: Path = Path(".")) -> list[Path]:
     """The directories named by one path or glob pattern (relative ones under `base`), as absolute
     paths (the stages may run elsewhere; symbolic links are kept as given).
 
-    A pattern is expanded here (so it may be quoted against the shell) and keeps the directories
-    it matches, sorted; a pattern that matches no directory, or a path that is not a directory, is
-    an InputError."""
+    A directory that exists as written is taken as it is, even with [ ] * ? in its name; otherwise
+    a pattern is expanded here (so it may be quoted against the shell; `base` is never read as a
+    pattern) and keeps the directories it matches, sorted. A pattern that matches no directory, or a
+    path that is not a directory, is an InputError."""
     path = (base / Path(text).expanduser()).absolute()
-    if GLOB_CHARS & set(text):
-        found = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_dir())
+    if GLOB_CHARS & set(text) and not path.is_dir():
+        relative = Path(text).expanduser()
+        pattern = str(relative) if relative.is_absolute() else os.path.join(glob.escape(str(base.absolute())), text)
+        found = sorted(Path(p).absolute() for p in glob.glob(pattern) if Path(p).is_dir())
         if not found:
             raise InputError(f"{text}: the pattern matches no directory; check the pattern (quote it so that the "
                              f"shell leaves it to this command) or the current directory")
@@ -42,6 +45,9 @@ def read_list_file(path: Path) -> list[Path]:
     for line in lines:
         if line and not line.startswith("#"):
             out += expand_one(line, base=Path(path).parent)
+    if not out:
+        raise InputError(f"{path}: lists no section directory (only blank or # lines); write one directory "
+                         f"or glob pattern a line")
     return out
 
 

@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from .errors import InputError, Stopped
+from .workers import end_with_launcher
 
 log = logging.getLogger("trihrge")
 
@@ -174,6 +175,7 @@ def run(main, argv=None, *, distributed: bool = False):
     cleaned up and printed the line."""
     world, code = None, 1
     try:
+        end_with_launcher()
         world = _launch() if distributed else None
         code = _main(main, argv, world) or 0
     except InputError as e:

@@ -52,7 +52,7 @@ def autocast(device: str, precision: str):
 
 def available_cpus(*, root: Path = Path("/"), environ: Mapping = os.environ) -> int:
     """How many CPUs this process should compute on: OMP_NUM_THREADS when it is a positive integer
-    (the user's explicit choice), else the fewer of the CPUs in its affinity mask (taskset, SLURM's
+    (the user's explicit choice, even above the cgroup quota; at most the CPUs of its affinity mask), else the fewer of the CPUs in its affinity mask (taskset, SLURM's
     --cpus-per-task) and its cgroup CPU quota rounded up (docker --cpus, Kubernetes limits), at
     least 1. Not the machine's core count: torch's default of every core made training 10-20 x
     slower on a node shared with other jobs.
@@ -64,11 +64,11 @@ def available_cpus(*, root: Path = Path("/"), environ: Mapping = os.environ) -> 
     environ : Mapping
         The environment read for OMP_NUM_THREADS.
     """
+    cpus = _affinity_cpus()
     omp = _omp_threads(environ.get("OMP_NUM_THREADS", ""))
     if omp:
-        return omp
+        return min(omp, cpus)   # more threads than the CPUs it may run on only contend for them
     quota = cgroup_cpu_quota(root=root)
-    cpus = _affinity_cpus()
     return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
 
 

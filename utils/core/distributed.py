@@ -31,6 +31,7 @@ from .errors import InputError, Stopped
 # A rank waits at a synchronisation point for the slowest one, which may train states for hours; a
 # rank that dies is noticed by torchrun, which stops the others, so this only bounds a real hang.
 TIMEOUT = datetime.timedelta(hours=24)
+JOIN_TIMEOUT = datetime.timedelta(minutes=10)   # processes started by hand: how long rank 0 waits for the rest
 EXCHANGE_ROWS = 16384       # rows per message of the row exchange (bounds its memory)
 
 
@@ -193,6 +194,19 @@ def world_from_env(environ: Mapping = os.environ) -> World:
     return World(rank, size, max(1, _env_int(environ, "LOCAL_WORLD_SIZE", size)) if size > 1 else 1)
 
 
+def _own_store(world: World, environ: Mapping) -> dict:
+    """Under torchrun the ranks have met already (its agent's store). Started some other way, with
+    the variables set by hand, rank 0 waits JOIN_TIMEOUT for the others to connect instead of the
+    24 h of TIMEOUT (a lone process with a stray WORLD_SIZE would otherwise wait that long)."""
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return {}
+    import torch.distributed as dist
+    store = dist.TCPStore(environ["MASTER_ADDR"].strip(), _env_int(environ, "MASTER_PORT", 0), world.size,
+                          is_master=world.leader, timeout=JOIN_TIMEOUT, wait_for_workers=True)
+    store.set_timeout(TIMEOUT)
+    return {"store": store, "rank": world.rank, "world_size": world.size}
+
+
 def _env_int(environ: Mapping, name: str, default: int) -> int:
     text = environ.get(name, "").strip()
     if not text:
@@ -210,13 +224,24 @@ def launch(environ: Mapping = os.environ) -> World:
     world = world_from_env(environ)
     if world.size == 1 or _WORLD.size > 1:
         return _WORLD
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k, "").strip()]
+    if missing:  # a WORLD_SIZE left in the environment, not torchrun (which sets all of them)
+        raise InputError(f"WORLD_SIZE={world.size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the processes "
+                         f"with torchrun (README, 'Many GPUs and clusters'), or unset WORLD_SIZE and RANK to run "
+                         f"in one process")
     import torch
     import torch.distributed as dist
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, timeout=TIMEOUT)
+    try:
+        dist.init_process_group(backend, timeout=TIMEOUT, **_own_store(world, environ))
+    except (dist.DistNetworkError, dist.DistStoreError) as e:
+        where = f"{environ.get('MASTER_ADDR')}:{environ.get('MASTER_PORT')}"
+        raise InputError(f"RANK={world.rank}, WORLD_SIZE={world.size}: cannot join the other processes at {where} "
+                         f"({str(e).strip().splitlines()[0][:160]}); start all of them with torchrun (README, 'Many "
+                         f"GPUs and clusters'), or unset WORLD_SIZE and RANK to run in one process") from None
     if not world.leader:  # one log for the run: the other ranks report warnings only
         logging.getLogger("trihrge").setLevel(logging.WARNING)
     _WORLD = world

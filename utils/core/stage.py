@@ -40,11 +40,34 @@ class DirectoryLock:
         self.holder = holder
         self._fd = None
 
-    def _holder_of(self, fd) -> dict:
+    @staticmethod
+    def _holder_of(fd) -> dict:
         try:
-            return json.loads(os.pread(fd, 4096, 0) or b"{}")
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
         except (OSError, ValueError):
             return {}
+        return holder if isinstance(holder, dict) else {}
+
+    @staticmethod
+    def _busy_message(directory: Path, holder: dict) -> str:
+        return (f"{directory}: in use by {holder.get('stage', 'another TriHRGE process')} (pid "
+                f"{holder.get('pid', '?')}, since {holder.get('started', '?')}); wait until it has finished (or "
+                f"stop it), then rerun")
+
+    @classmethod
+    def holder_message(cls, directory: Path) -> str | None:
+        """The refusal acquire() would give now, without taking the lock; None when it is free."""
+        try:
+            fd = os.open(Path(directory) / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return cls._busy_message(Path(directory), cls._holder_of(fd))
+        finally:
+            os.close(fd)   # also lets go of the shared lock
 
     def acquire(self) -> "DirectoryLock":
         while True:
@@ -58,9 +81,7 @@ class DirectoryLock:
             except BlockingIOError:
                 h = self._holder_of(fd)
                 os.close(fd)
-                raise InputError(f"{self.path.parent}: in use by {h.get('stage', 'another TriHRGE process')} "
-                                 f"(pid {h.get('pid', '?')}, since {h.get('started', '?')}); wait until it has "
-                                 f"finished (or stop it), then rerun") from None
+                raise InputError(self._busy_message(self.path.parent, h)) from None
             try:  # the previous holder may have removed the file between our open and our flock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from .malloc import keep_freed_memory, libc_function
 
 PR_SET_PDEATHSIG = 1   # prctl option (linux/prctl.h): a signal for this process when its parent ends
+END_WITH_PARENT = "TRIHRGE_END_WITH_PARENT"   # a command started with this pid in it stops when that process ends
 
 
 def thread_map(fn, items, *, threads: int | None = None) -> list:
@@ -38,17 +39,25 @@ def _start_worker(parent: int, setup: tuple | None = None):
         setup[0](setup[1])
 
 
-def end_with_parent(parent: int, poll_seconds: float = 1.0):
-    """SIGKILL this process when `parent` ends: Linux's PR_SET_PDEATHSIG, elsewhere a daemon thread
+def end_with_parent(parent: int, poll_seconds: float = 1.0, sig: int = signal.SIGKILL):
+    """Send this process `sig` when `parent` ends: Linux's PR_SET_PDEATHSIG, elsewhere a daemon thread
     that checks the parent every poll_seconds; at once if the parent has already gone."""
     prctl = libc_function("prctl")  # Linux only
-    if prctl is None or prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
-        threading.Thread(target=_watch_parent, args=(parent, poll_seconds), daemon=True).start()
+    if prctl is None or prctl(PR_SET_PDEATHSIG, int(sig)) != 0:
+        threading.Thread(target=_watch_parent, args=(parent, poll_seconds, sig), daemon=True).start()
     if os.getppid() != parent:  # it ended before the request took hold
-        os._exit(1)
+        os.kill(os.getpid(), sig)
 
 
-def _watch_parent(parent, poll_seconds):
+def end_with_launcher(environ=os.environ) -> None:
+    """A command that utils.cohort started (END_WITH_PARENT set to the cohort's pid) gets SIGINT, and
+    so cleans up as after a Ctrl-C, when the cohort ends: killed, or stopped by torchrun."""
+    parent = environ.pop(END_WITH_PARENT, "")   # for this process only, not for the ones it starts
+    if parent.isdigit() and int(parent) == os.getppid():
+        end_with_parent(int(parent), sig=signal.SIGINT)
+
+
+def _watch_parent(parent, poll_seconds, sig):
     while os.getppid() == parent:
         time.sleep(poll_seconds)
-    os._exit(1)
+    os.kill(os.getpid(), sig)
