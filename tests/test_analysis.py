@@ -159,3 +159,69 @@ def test_missing_spatialdata_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "spatialdata", None)      # import fails as if not installed
     with pytest.raises(InputError, match="spatialdata package is not installed"):
         require_spatialdata()
+
+
+def _damaged_run(run_dir, dst, edit):
+    import shutil
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("analysis", "states"))
+    ad = anndata.read_h5ad(dst / "super-res.h5ad")
+    edit(ad)
+    ad.write_h5ad(dst / "super-res.h5ad")
+    return dst
+
+
+def _set_obs(key, value):
+    def edit(ad):
+        v = ad.obs[key].astype(str if isinstance(value, str) else float).to_numpy()
+        v[0] = value
+        ad.obs[key] = v
+    return edit
+
+
+def _nan_in_x(ad):
+    X = np.asarray(ad.X).copy()
+    X[3, 1] = np.nan
+    ad.X = X
+
+
+@pytest.mark.parametrize("edit, fragment", [(_set_obs("row", "7"), "obs 'row' is not whole numbers"),
+                                            (_set_obs("row", np.nan), "obs 'row' is not whole numbers"),
+                                            (_set_obs("col", 1e12), "beyond the H&E image"),
+                                            (_nan_in_x, "X holds 1 NaN or infinite value")],
+                         ids=["row-text", "row-nan", "col-huge", "x-nan"])
+def test_a_damaged_super_res_is_one_line_for_analysis_and_score(interp_run, tmp_path, edit, fragment):  # noqa: F811
+    """They were tracebacks (TypeError, a 669 TiB allocation, sklearn's NaN check), and score took
+    the NaN without a word."""
+    d, run_dir = interp_run
+    bad = _damaged_run(run_dir, tmp_path / "bad", edit)
+    before = snapshot(bad)
+    assert_user_error(analyse(bad), fragment)
+    r = subprocess.run([sys.executable, "-m", "utils.score", str(bad), "--truth", str(d / "truth" / "super.h5ad")],
+                       cwd=REPO, capture_output=True, text=True)
+    if "beyond" in fragment:    # a super-pixel off the truth's grid is never scored: score works
+        assert r.returncode == 0, r.stderr
+    else:
+        assert_user_error(r, fragment)
+    assert snapshot(bad) == before
+
+
+def test_leiden_refuses_a_resolution_that_splits_every_observation():
+    from utils.analysis.domains import MAX_DOMAINS, cluster
+    from utils.core.errors import InputError
+    rng = np.random.default_rng(0)
+    ad = anndata.AnnData(np.zeros((400, 1), np.float32))
+    ad.obsm["rep"] = rng.normal(size=(400, 5)).astype(np.float32)
+    with pytest.raises(InputError, match=f"more than the {MAX_DOMAINS} a map can show"):
+        cluster(ad, method="leiden", resolution=1e308, rep="rep", seed=1)
+
+
+@pytest.mark.parametrize("n_genes", [20, 50, 100, 250, 300, 1000, 2000, 18000])
+def test_control_bins_leave_the_most_expressed_gene_company(n_genes):
+    """scanpy.tl.score_genes found no control for a set of the single most expressed of 300 genes
+    (its last expression bin held that gene alone): the bins are chosen so that it never does."""
+    from utils.analysis.genesets import control_bins, score
+    rng = np.random.default_rng(0)
+    ad = anndata.AnnData(np.log1p(rng.poisson(np.linspace(0.1, 50, n_genes), size=(60, n_genes))).astype(np.float32))
+    ad.var_names = [f"G{i}" for i in range(n_genes)]
+    score(ad, genes=[f"G{n_genes - 1}"], key="top")
+    assert np.isfinite(ad.obs["top"]).all() and 2 <= control_bins(n_genes) <= 25

@@ -414,3 +414,19 @@ def test_unknown_gene_names_suggest_the_likely_one():
     known = ["ERBB2", "HK_01", "MUCL1", "Actb"]
     assert unknown_names(["hk_01", "ERB2", "ZZZ9", "ACTB"], known) == "hk_01 (HK_01?), ERB2 (ERBB2?), ZZZ9, ..."
     assert unknown_names(["ACTB"], known) == "ACTB (Actb?)"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["-m", "utils.protocols", "make", "coarsen", "SRC", "--directory", ""], "argument --directory: '': an empty path"),
+    (["-m", "utils.score", "RUN", "--truth", ""], "argument --truth: '': an empty path"),
+    (["-m", "utils.cohort", "SRC", "--summary", "out/"], "out/: names a folder; give a file name"),
+    ([str(Path(__file__).resolve().parents[1] / "HISTEX.py"), "--directory", " "],
+     "argument --directory/-d: ' ': an empty path")])
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(tmp_path, argv, fragment):
+    """Path('') is '.': `protocols make ... --directory ''` wrote a protocol folder into the current one."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert_user_error(r, fragment)
+    assert list(tmp_path.iterdir()) == []

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from ..core import layout as L
-from ..core.cli import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, add_seed, run, setup_logging, text_file
+from ..core.cli import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, add_seed, path_arg, run, setup_logging, text_file
 from ..core.errors import InputError
-from ..core.h5ad_io import read_anndata
+from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
 from ..core.stage import Stage
 from ..report import write_report
 from ..report.page import source_fingerprint
@@ -20,7 +20,7 @@ from ..scverse.spatial import library_of
 from .celltypes import PANELS, panel_table, report_missing, score_cell_types
 from .domains import METHODS, cluster, embed, markers, smooth
 from .genesets import parse_gene_set, read_gene_table, require_genes, score_gene_sets
-from .maps import label_map, palette, score_map
+from .maps import frame, label_map, palette, score_map
 from .preprocess import normalise_log
 
 log = logging.getLogger("trihrge")
@@ -30,11 +30,11 @@ UNASSIGNED_COLOUR = "#bbbbbb"
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m utils.analysis", description=__doc__)
-    p.add_argument("run_dir", type=Path, help="a run directory written by HISTEX.py (DIR/results/<run>)")
+    p.add_argument("run_dir", type=path_arg, help="a run directory written by HISTEX.py (DIR/results/<run>)")
     p.add_argument("--input", choices=list(INPUTS), default="superpixels",
                    help="analyse the super-pixels (super-res.h5ad, into analysis/) or the spots (spots-pred.h5ad, "
                         "into analysis-spots/)")
-    p.add_argument("--directory", "-d", type=Path, default=None,
+    p.add_argument("--directory", "-d", type=path_arg, default=None,
                    help="the data directory of the run, for the report's H&E and mask overlay (default: RUN_DIR/../.. "
                         "when it holds calibration.json)")
     p.add_argument("--n-domains", type=Number(int, lo=2, hi=50), default=6, help="number of k-means domains")
@@ -82,7 +82,24 @@ def read_run(run_dir: Path, name: str):
     if Key.SPATIAL not in ad.obsm or library_of(ad) is None or ad.n_obs < 2 or ad.n_vars < 2:
         raise InputError(f"{p}: has no obsm/uns 'spatial' (written by an older HISTEX.py) or fewer than 2 "
                          f"observations/genes; rerun HISTEX.py")
+    if "row" in ad.obs or "col" in ad.obs:   # super-pixels, drawn as a raster of the section's grid
+        check_grid_positions(ad, p, "rerun HISTEX.py")
+        _check_inside_image(ad, p)
+    check_finite_values(ad, p, "rerun HISTEX.py")
     return ad
+
+
+def _check_inside_image(ad, path) -> None:
+    """Every super-pixel lies on the H&E the run stores (a damaged row/col would ask for a raster of
+    terabytes)."""
+    try:
+        img, f, size = frame(ad)
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: uns 'spatial' lacks its hires image or scale factors; rerun HISTEX.py") from None
+    extent = (ad.obs["row"].max() + 1) * size * f, (ad.obs["col"].max() + 1) * size * f
+    if extent[0] > img.shape[0] * 1.01 + size * f or extent[1] > img.shape[1] * 1.01 + size * f:
+        raise InputError(f"{path}: obs row/col reach beyond the H&E image the run stores (super-pixel "
+                         f"{int(ad.obs['row'].max())}, {int(ad.obs['col'].max())}); rerun HISTEX.py")
 
 
 def _panel(option: str, genes):
@@ -92,8 +109,8 @@ def _panel(option: str, genes):
     if option in PANELS:
         return PANELS[option], f"built-in {option} panel"
     path = Path(option).expanduser()
-    if not path.exists() and path.suffix == "" and len(path.parts) == 1:
-        raise InputError(f"--markers {option}: neither a built-in panel ({', '.join([*PANELS, 'none'])}) nor a file; "
+    if not option.strip() or (not path.exists() and path.suffix == "" and len(path.parts) == 1):
+        raise InputError(f"--markers {option!r}: neither a built-in panel ({', '.join([*PANELS, 'none'])}) nor a file; "
                          f"give one of those or the path of a cell_type<TAB>gene table")
     panel = read_gene_table(path, what="marker table")
     if not panel_table(panel, genes)["predicted"].any():

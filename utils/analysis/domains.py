@@ -2,10 +2,12 @@
 clustered by k-means (scikit-learn) or Leiden (scanpy, igraph); marker genes per domain by
 scanpy.tl.rank_genes_groups."""
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
 
+from ..core.errors import InputError
 from ..scverse.keys import Key
 
 log = logging.getLogger("trihrge")
@@ -14,6 +16,7 @@ METHODS = ("kmeans", "leiden")
 PCA_KEY = "X_pca"
 SMOOTH_KEY = "X_pca_smooth"
 LEIDEN_NEIGHBOURS = 15
+MAX_DOMAINS = 200   # more cannot be told apart on a map; Leiden at an absurd resolution gives one per super-pixel
 EXACT_KNN_MAX_OBS = 8192   # scanpy.pp.neighbors searches exactly below this many observations
 
 
@@ -90,7 +93,13 @@ def cluster(adata, *, n_domains: int = 6, method: str = "kmeans", resolution: fl
     if method == "kmeans":
         from sklearn.cluster import KMeans
         k = min(n_domains, adata.n_obs)
-        labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(adata.obsm[rep])
+        from sklearn.exceptions import ConvergenceWarning
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(adata.obsm[rep])
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):   # fewer distinct points than k
+            log.warning("k-means found fewer than %d distinct points in the embedding, so some domains are "
+                        "empty or split at random; a narrower --smooth (or fewer --n-domains) gives real ones", k)
     else:
         import scanpy as sc
         sc.pp.neighbors(adata, n_neighbors=LEIDEN_NEIGHBOURS, use_rep=rep, random_state=seed,
@@ -98,6 +107,9 @@ def cluster(adata, *, n_domains: int = 6, method: str = "kmeans", resolution: fl
         sc.tl.leiden(adata, resolution=resolution, flavor="igraph", n_iterations=2, random_state=seed,
                      key_added="_leiden")
         labels = adata.obs.pop("_leiden").astype(int).to_numpy()
+        if labels.max() + 1 > MAX_DOMAINS:
+            raise InputError(f"--resolution {resolution:g}: Leiden found {labels.max() + 1} domains, more than the "
+                             f"{MAX_DOMAINS} a map can show; lower --resolution (higher gives more domains)")
     sizes = np.bincount(labels)
     rank = np.empty_like(sizes)
     rank[np.argsort(-sizes, kind="stable")] = np.arange(len(sizes))
@@ -140,8 +152,10 @@ def markers(adata, *, n_top: int = 10, groupby: str = Key.DOMAIN) -> pd.DataFram
     groups = [g for g, n in adata.obs[groupby].value_counts().items() if n >= 2]
     if len(groups) < 2:
         return pd.DataFrame(columns=[groupby, "rank", "gene", "score", "log2_fold_change", "p_adjusted"])
-    sc.tl.rank_genes_groups(adata, groupby, groups=groups, method="t-test", n_genes=min(n_top, adata.n_vars),
-                            key_added=Key.MARKERS)
+    with warnings.catch_warnings():   # scanpy builds its tables a column at a time: pandas warns per group
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        sc.tl.rank_genes_groups(adata, groupby, groups=groups, method="t-test", n_genes=min(n_top, adata.n_vars),
+                                key_added=Key.MARKERS)
     df = sc.get.rank_genes_groups_df(adata, group=None, key=Key.MARKERS)
     df = df.rename(columns={"group": groupby, "names": "gene", "scores": "score", "logfoldchanges": "log2_fold_change",
                             "pvals_adj": "p_adjusted"})

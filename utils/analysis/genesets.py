@@ -15,10 +15,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")   # also a file name and an
 _HEADER_FIRST = {"set", "gene_set", "name", "cell_type", "cell type", "celltype", "type"}
 
 
-def _check_name(name: str, where: str) -> str:
+def _check_name(name: str, where: str = "") -> str:
     if not _NAME.match(name):
-        raise InputError(f"{where}: {name!r} is not a usable set name; use letters, digits and _ . + - "
-                         f"(it names an obs column and a file)")
+        raise InputError(f"{where + ': ' if where else ''}{name!r} is not a usable set name; use letters, digits "
+                         f"and _ . + - (it names an obs column and a file)")
     return name
 
 
@@ -30,7 +30,7 @@ def parse_gene_set(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=GENE1,GENE2,... (for example "
                                          f"TLS=CXCL13,CCL19,CCL21,MS4A1)")
     try:
-        return _check_name(name.strip(), "--gene-set"), list(dict.fromkeys(names))
+        return _check_name(name.strip()), list(dict.fromkeys(names))   # argparse names the option
     except InputError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -91,9 +91,25 @@ def score(adata, *, genes, key: str, seed: int = 0) -> None:
         Random state of the control-gene draw.
     """
     import scanpy as sc
-    # scanpy's 25 expression bins, fewer for small panels so that every bin holds control genes
-    sc.tl.score_genes(adata, list(genes), score_name=key, random_state=seed, ctrl_size=min(50, adata.n_vars),
-                      n_bins=min(25, max(2, adata.n_vars // 10)))
+    try:
+        sc.tl.score_genes(adata, list(genes), score_name=key, random_state=seed, ctrl_size=min(50, adata.n_vars),
+                          n_bins=control_bins(adata.n_vars))
+    except RuntimeError as e:   # "No control genes found in any cut"
+        raise InputError(f"{key}: scanpy found no control genes of the same expression as the set's ({e}); "
+                         f"add genes expressed at other levels to the set") from None
+
+
+def control_bins(n_genes: int, most: int = 25) -> int:
+    """scanpy's 25 expression bins, fewer for small panels so that every bin holds control genes.
+    scanpy cuts the genes' expression ranks into runs of round(n / (bins - 1)); the last run (the
+    most expressed genes) holds only the remainder, a single gene for 300 genes in 25 bins, and a set
+    of just that gene then has no control. So the bins are cut to give the last run half a bin."""
+    start = min(most, max(2, n_genes // 10))
+    for bins in [*range(start, 1, -1), *range(start + 1, min(most, n_genes // 2) + 1)]:   # fewer first
+        per_bin = int(round(n_genes / (bins - 1)))
+        if n_genes - (n_genes // per_bin) * per_bin + 1 >= max(2, per_bin // 2):
+            return bins
+    return start
 
 
 def score_gene_sets(adata, *, sets: dict, seed: int = 0) -> list:

@@ -18,7 +18,7 @@ def palette(n: int) -> list:
     return [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["hsv"](np.linspace(0, 1, n, endpoint=False))]
 
 
-def _frame(adata):
+def frame(adata):
     """(hires H&E, he-raw px -> hires px factor, super-pixel side or spot diameter in he-raw px)."""
     sp = adata.uns[Key.SPATIAL][library_of(adata)]
     f = sp[Key.SCALEFACTORS]
@@ -27,7 +27,7 @@ def _frame(adata):
 
 def _draw(ax, adata, values, **style):
     """Values (float, NaN = nothing) per observation onto ax, in hires pixels."""
-    img, f, size = _frame(adata)
+    img, f, size = frame(adata)
     ax.imshow(img, alpha=0.25)
     if "row" in adata.obs and "col" in adata.obs:   # super-pixels: a raster of squares
         rows, cols = adata.obs["row"].to_numpy(), adata.obs["col"].to_numpy()
@@ -45,7 +45,7 @@ def _figure(adata, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    img, _, _ = _frame(adata)
+    img, _, _ = frame(adata)
     h, w = img.shape[:2]
     fig, ax = plt.subplots(1, 2, figsize=(13, 6 * h / w + 0.8), dpi=100)
     ax[0].imshow(img)

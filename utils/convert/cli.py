@@ -13,9 +13,8 @@ xenium.py; tables.py, tenx_matrix.py, he_image.py, affine.py, raw_layout.py and 
 share.
 """
 import textwrap
-from pathlib import Path
 
-from ..core.cli import POSITIVE, SEED, HelpFormatter, Parser, output_directory, setup_logging
+from ..core.cli import POSITIVE, SEED, HelpFormatter, Parser, output_directory, path_arg, setup_logging
 
 DESCRIPTION = __doc__.split("\n\n")[0] + """
 
@@ -38,7 +37,7 @@ def _common(p, image_help, matrix=True):
     p.add_argument("--directory", "-d", required=True, type=output_directory,
                    help="output folder for the raw layout (created if missing); files of an earlier conversion are "
                         "replaced, raw-layout files of another data set make it refuse")
-    p.add_argument("--image", type=Path, required=True, help=image_help)
+    p.add_argument("--image", type=path_arg, required=True, help=image_help)
     p.add_argument("--pixel-size", type=POSITIVE, default=None, metavar="UM",
                    help="um per pixel of --image, overriding the value derived from the data (see the command's "
                         "description for how it is derived)")
@@ -49,7 +48,7 @@ def _common(p, image_help, matrix=True):
                    help="cnts.tsv.gz (dense, iStar-compatible) or cnts.h5ad (sparse); auto picks tsv up to "
                         "20 million spot x gene values")
     if matrix:
-        p.add_argument("--matrix", type=Path, default=None,
+        p.add_argument("--matrix", type=path_arg, default=None,
                        help="feature-barcode matrix to read instead of the one found in SOURCE (.h5 or a Matrix "
                             "Market folder)")
     p.add_argument("--tissue", default="", help="free-text tissue description recorded in section.json")
@@ -80,7 +79,7 @@ def build_parser():
                     "the spot positions on the 100 um hexagonal array (array_row/array_col), which needs no scale "
                     "factor; spot_diameter_fullres is only cross-checked (Space Ranger documents it as a theoretical "
                     "65 um spot). radius-raw.txt = 27.5 um / pixel size."))
-    v.add_argument("source", type=Path, help="Space Ranger outs/ folder (holding spatial/ and the matrix)")
+    v.add_argument("source", type=path_arg, help="Space Ranger outs/ folder (holding spatial/ and the matrix)")
     _common(v, FULLRES)
     v.add_argument("--spot-diameter-um", type=POSITIVE, default=55.0,
                    help="physical spot diameter written as radius-raw.txt (Visium: 55)")
@@ -93,7 +92,7 @@ def build_parser():
                     "centre; truth/super.h5ad, truth/mask.png), and pseudo-Visium spots (55 um, 100 um hexagonal "
                     "lattice) summed from it become cnts/locs-raw.\n\nPixel size: microns_per_pixel of "
                     "spatial/scalefactors_json.json, cross-checked against the bin lattice."))
-    h.add_argument("source", type=Path, help="Space Ranger outs/ folder (holding binned_outputs/), or a "
+    h.add_argument("source", type=path_arg, help="Space Ranger outs/ folder (holding binned_outputs/), or a "
                                              "binned_outputs/square_NNNum folder")
     _common(h, FULLRES)
     h.add_argument("--bin-size", type=int, choices=[8, 2], default=8,
@@ -115,11 +114,11 @@ def build_parser():
                     "pixels by its inverse, and the H&E pixel size is 0.2125 * sqrt(|det|) um/px. If your file maps "
                     "the other way or into microns, use --invert-alignment / --alignment-units microns (the converter "
                     "checks that cells land on the image and names the reading that fits)."))
-    x.add_argument("source", type=Path, help="Xenium output folder (holding experiment.xenium, cells.parquet, "
+    x.add_argument("source", type=path_arg, help="Xenium output folder (holding experiment.xenium, cells.parquet, "
                                              "cell_feature_matrix.h5, cell_boundaries.parquet)")
     _common(x, "the post-Xenium H&E image of the same section (TIFF/OME-TIFF, JPEG or PNG), the one the alignment "
                "was made for")
-    x.add_argument("--alignment", type=Path, required=True,
+    x.add_argument("--alignment", type=path_arg, required=True,
                    help="alignment CSV from Xenium Explorer: the 3 x 3 transformation matrix (H&E px -> Xenium px), "
                         "or a keypoints CSV with columns fixedX, fixedY (Xenium px), alignmentX, alignmentY (H&E px)")
     x.add_argument("--invert-alignment", action="store_true",
@@ -129,7 +128,7 @@ def build_parser():
                         "Explorer's matrix and keypoints exports) or microns")
     x.add_argument("--xenium-pixel-size", type=POSITIVE, default=None, metavar="UM",
                    help="um per Xenium morphology pixel (default: pixel_size of SOURCE/experiment.xenium, else 0.2125)")
-    x.add_argument("--boundaries", type=Path, default=None,
+    x.add_argument("--boundaries", type=path_arg, default=None,
                    help="cell boundary table to use instead of SOURCE/cell_boundaries.parquet")
     x.add_argument("--assign", choices=["auto", "boundaries", "centroids"], default="auto",
                    help="split cells over super-pixels by boundary overlap, or put each wholly at its centroid; auto "
@@ -148,7 +147,7 @@ def build_parser():
                     "Pixel size: affine fit on obs array_row/array_col when present, else the nearest-neighbour "
                     "spacing of a hexagonal lattice (100 um), else spot_diameter_fullres / 65 um from "
                     "uns['spatial'][library]['scalefactors']."))
-    a.add_argument("source", type=Path, help="the .h5ad file")
+    a.add_argument("source", type=path_arg, help="the .h5ad file")
     _common(a, FULLRES, matrix=False)
     a.add_argument("--spatial-key", default="spatial", help="obsm key of the spot centres in full-resolution pixels")
     a.add_argument("--library-id", default=None, help="library in uns['spatial'] when it holds several")

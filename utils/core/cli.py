@@ -86,11 +86,18 @@ NON_NEGATIVE = Number(float, lo=0)
 PROBABILITY = Number(float, lo=0, hi=1)
 
 
+def path_arg(text: str) -> Path:
+    """A path from the command line; an empty one is refused (Path('') would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty path; give a file or folder")
+    return Path(text).expanduser()
+
+
 def output_directory(text: str) -> Path:
     """A directory to write into: refused at once when the path (or the nearest of its folders that
     exists) is a file, or when nothing can be written there (no permission, a read-only or virtual file
     system such as /proc: found by making and removing an empty folder, not after hours of training)."""
-    p = Path(text).expanduser()
+    p = path_arg(text)
     _check_writable(text, p)
     return p
 
@@ -98,7 +105,9 @@ def output_directory(text: str) -> Path:
 def output_file(text: str) -> Path:
     """A file to write (a summary, a table): refused at once when it is a directory or when nothing can
     be written in its folder (as output_directory)."""
-    p = Path(text).expanduser()
+    p = path_arg(text)
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text}: names a folder; give a file name")
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a directory; give a file name")
     _check_writable(text, p.parent)
@@ -119,7 +128,7 @@ def _check_writable(text: str, folder: Path) -> None:
 
 
 def text_file(text: str) -> Path:
-    p = Path(text).expanduser()
+    p = path_arg(text)
     if not p.is_file():
         raise argparse.ArgumentTypeError(f"{text}: {'is a directory, not a file' if p.is_dir() else 'not found'}")
     return p
@@ -130,7 +139,7 @@ def text_file(text: str) -> Path:
 def make_parser(description: str, epilog: str = None) -> Parser:
     """The parser of a stage script, with the options every stage shares."""
     p = Parser(description=description, epilog=epilog)
-    p.add_argument("--directory", "-d", required=True, type=Path,
+    p.add_argument("--directory", "-d", required=True, type=path_arg,
                    help="data directory in the raw layout (he-raw.*, pixel-size-raw.txt, cnts.*, "
                         "locs-raw.*, radius-raw.txt); every stage reads and writes its artifacts here")
     p.add_argument("--force", action="store_true",

@@ -14,3 +14,27 @@ def read_anndata(path, fix: str, *, damaged: bool = True):
     except Exception as e:  # h5py/anndata raise many types for truncated or foreign files
         why = f"{type(e).__name__}; truncated or damaged" if damaged else type(e).__name__
         raise InputError(f"{path}: cannot be read as AnnData ({why}); {fix}") from None
+
+
+def check_grid_positions(ad, path, fix: str) -> None:
+    """obs row/col, each observation's super-pixel, must be whole numbers >= 0."""
+    import numpy as np
+    for key in ("row", "col"):
+        v = ad.obs[key].to_numpy() if key in ad.obs else None
+        if v is None or not np.issubdtype(v.dtype, np.number) or not np.isfinite(v).all() or (v < 0).any() \
+                or (v != np.round(v)).any():
+            raise InputError(f"{path}: obs '{key}' {'is missing' if v is None else 'is not whole numbers >= 0'} "
+                             f"(the super-pixel of each observation); {fix}")
+
+
+def check_finite_values(ad, path, fix: str, rows_per_chunk: int = 16384) -> None:
+    """X holds no NaN or infinity (checked in row chunks: no full-size temporary)."""
+    import numpy as np
+    X = ad.X
+    if hasattr(X, "data"):   # sparse: only the stored values
+        bad = int((~np.isfinite(X.data)).sum())
+    else:
+        bad = sum(int((~np.isfinite(np.asarray(X[i:i + rows_per_chunk]))).sum())
+                  for i in range(0, ad.n_obs, rows_per_chunk))
+    if bad:
+        raise InputError(f"{path}: X holds {bad} NaN or infinite value(s); {fix}")

@@ -80,8 +80,10 @@ def align_to_truth(pred_rows, pred_cols, pred_X, pred_genes, truth):
     gi = np.array([gpos[g] for g in genes], dtype=np.int64)
     t_rows = truth.obs["row"].to_numpy().astype(np.int64)
     t_cols = truth.obs["col"].to_numpy().astype(np.int64)
-    lookup = np.full((int(max(pred_rows.max(), t_rows.max())) + 1, int(max(pred_cols.max(), t_cols.max())) + 1), -1)
-    lookup[pred_rows, pred_cols] = np.arange(len(pred_rows))
+    # on the truth's grid only: predicted super-pixels beyond it are never scored
+    lookup = np.full((int(t_rows.max()) + 1, int(t_cols.max()) + 1), -1)
+    on = (pred_rows < lookup.shape[0]) & (pred_cols < lookup.shape[1])
+    lookup[pred_rows[on], pred_cols[on]] = np.flatnonzero(on)
     pos = lookup[t_rows, t_cols]
     T = truth.X if genes == list(truth.var_names) else truth[:, genes].X
     T = SparseColumns(T) if hasattr(T, "tocsc") else np.asarray(T)

@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 
 from ..core import geometry as geo
 from ..core.atomic import StagedOutputs
-from ..core.cli import POSITIVE_INT, HelpFormatter, Parser, output_directory, setup_logging
+from ..core.cli import POSITIVE_INT, HelpFormatter, Parser, output_directory, path_arg, setup_logging
 from ..core.errors import InputError
 from ..core.h5ad_io import read_anndata
 from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, find_one, match_spots, read_counts, read_locs
@@ -185,10 +185,10 @@ def main(argv=None):
     m.add_argument("protocol", choices=["leave-out", "sparse-leave-out", "coarsen"],
                    help="leave-out: hide every other spot (checkerboard); sparse-leave-out: hide a seeded random 1 in "
                         f"{SPARSE_HIDDEN} (the run keeps a nearly full lattice); coarsen: sum 2 x 2 blocks of spots")
-    m.add_argument("source", type=Path, help="raw-layout folder with section.json (array_x, array_y)")
+    m.add_argument("source", type=path_arg, help="raw-layout folder with section.json (array_x, array_y)")
     m.add_argument("--directory", type=output_directory, required=True, help="the protocol folder to write")
     s = sub.add_parser("score", help="score runs made on a protocol folder", formatter_class=HelpFormatter)
-    s.add_argument("runs", nargs="+", type=Path, help="run directories DST/results/<model>")
+    s.add_argument("runs", nargs="+", type=path_arg, help="run directories DST/results/<model>")
     s.add_argument("--n-genes", type=POSITIVE_INT, default=100, help="most variable held-out genes to score")
     a = p.parse_args(argv)
     setup_logging(True)

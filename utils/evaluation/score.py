@@ -2,20 +2,28 @@
 
 Per gene, prediction and truth are min-max scaled inside the truth mask, then Pearson r, SSIM
 (data_range 1) and RMSE; medians and means over genes. Several runs print one comparison table."""
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from ..core.cli import Parser, setup_logging
+from ..core.cli import Parser, path_arg, setup_logging
 from ..core.errors import InputError
-from ..core.h5ad_io import read_anndata
+from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
+from ..core.raw_io import examples
 from .metrics import align_to_truth, score_maps
+
+log = logging.getLogger("trihrge")
 
 
 def score_arrays(rows, cols, X, genes, truth, threads=None):
     P, T, t_rows, t_cols, g, coverage = align_to_truth(rows, cols, X, genes, truth)
     if not g:
         raise InputError("the prediction and the truth share no gene; score runs made on the same data set")
+    if len(g) < len(genes):
+        missing = [x for x in genes if x not in set(g)]
+        log.warning("%d of the %d predicted genes have no truth (%s); scored over the other %d",
+                    len(missing), len(genes), examples(missing), len(g))
     m = score_maps(P, T, t_rows, t_cols, g, threads=threads)
     m["truth_coverage"] = coverage
     return m
@@ -39,14 +47,10 @@ def score_run(run_dir, truth_path=None):
 
 
 def _with_grid_positions(path, fix):
-    """The AnnData at path, whose obs hold each observation's super-pixel (row, col): whole numbers >= 0."""
+    """The AnnData at path, whose obs hold each observation's super-pixel (row, col), with finite X."""
     ad = read_anndata(path, fix)
-    for key in ("row", "col"):
-        v = ad.obs[key].to_numpy() if key in ad.obs else None
-        if v is None or not np.issubdtype(v.dtype, np.number) or not np.isfinite(v).all() or (v < 0).any() \
-                or (v != np.round(v)).any():
-            raise InputError(f"{path}: obs '{key}' {'is missing' if v is None else 'is not whole numbers >= 0'} "
-                             f"(the super-pixel of each observation); {fix}")
+    check_grid_positions(ad, path, fix)
+    check_finite_values(ad, path, fix)
     return ad
 
 
@@ -62,8 +66,8 @@ def format_table(results):
 
 def main(argv=None):
     p = Parser(prog="python -m utils.score", description=__doc__)
-    p.add_argument("runs", nargs="+", type=Path, help="run directories (each holds super-res.h5ad)")
-    p.add_argument("--truth", type=Path, default=None,
+    p.add_argument("runs", nargs="+", type=path_arg, help="run directories (each holds super-res.h5ad)")
+    p.add_argument("--truth", type=path_arg, default=None,
                    help="truth super.h5ad (default: DIR/truth/super.h5ad for a run in DIR/results/<model>)")
     p.add_argument("--write", action="store_true", help="also write metrics.json into each run directory")
     args = p.parse_args(argv)

@@ -4,10 +4,13 @@ import base64
 import html
 import io
 import json
+import logging
 from pathlib import Path
 
 from ..core import layout as L
 from ..scverse.keys import File, Key
+
+log = logging.getLogger("trihrge")
 
 IMAGE_MAX_PX = 1400        # long side of an embedded image
 JPEG_QUALITY = 85
@@ -62,11 +65,21 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except ValueError:
+def _json(path: Path, *, expected: bool = False):
+    """A JSON object the report shows; missing or damaged: None, and the log says so when the file is
+    damaged or `expected` (the page then goes without that section, and the reader should know why)."""
+    if not path.is_file():
+        if expected:
+            log.warning("%s: not found; the report goes without what it holds (rerun HISTEX.py)", path)
         return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        log.warning("%s: damaged (not a JSON object); the report goes without what it holds (rerun HISTEX.py)", path)
+        return None
+    return value
 
 
 def _hires_he(sr_path: Path):
@@ -197,7 +210,7 @@ def write_report(out, run_dir, *, directory=None) -> Path:
     """
     run_dir = Path(run_dir)
     locate = _locator(out)
-    run = _json(locate(run_dir / L.RUN_JSON))
+    run = _json(locate(run_dir / L.RUN_JSON), expected=True)
     metrics = _json(locate(run_dir / L.METRICS))
     name = html.escape(str((run or {}).get("model", run_dir.name)))
     body = (_tissue(locate, run_dir, directory) + _training(locate, run_dir, run) + _gene_maps(locate, run_dir)
