@@ -67,9 +67,8 @@ def main(argv=None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from utils.histology.backbones import parse_timm_kwargs
     from utils.stages.histology_extractor import extract_features
-    backbone = args.backbone or ("uni" if (args.weights or args.login) else "stain")
     timm_kwargs = parse_timm_kwargs(args.timm_kwargs)
-    extract_features(check_directory(args.directory), backbone=backbone, weights=args.weights, token=token,
+    extract_features(check_directory(args.directory), backbone=args.backbone, weights=args.weights, token=token,
                      shifts=args.shifts, batch_size=args.batch_size, device=args.device, precision=args.precision,
                      band_rows=args.band_rows, timm_kwargs=timm_kwargs,
                      random_init=args.random_init, force=args.force, quiet=args.quiet)

@@ -6,6 +6,7 @@ filtering, user errors, truth/spot conservation, and that the converted folders 
 import gzip
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,41 @@ def test_h5ad_scanpy_visium_object(tmp_path, visium):
     p = convert_cli("h5ad", src, "--directory", tmp_path / "raw4", "--image", image)
     assert_user_error(p, "visium.h5ad", "no count matrix")
     assert not (tmp_path / "raw4").exists() or not any((tmp_path / "raw4").iterdir())
+
+
+def test_h5ad_scale_factors_are_checked(tmp_path, visium):
+    """uns['spatial'] scale factors as text or negative were a traceback or taken (as row 113 for
+    Space Ranger's JSON)."""
+    d0, outs, image, t = visium
+    pos = t["pos"].loc[t["barcodes"]]
+    ad = anndata.AnnData(X=sparse.csr_matrix(t["X"][:, :10]), obs=pd.DataFrame(index=t["barcodes"]),
+                         var=pd.DataFrame(index=[f"G{j}" for j in range(10)]))
+    ad.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
+    src = tmp_path / "v.h5ad"
+    for value, fragment in (("abc", "spot_diameter_fullres is 'abc', not a positive number"),
+                            (-65.0, "spot_diameter_fullres is -65.0")):
+        ad.uns["spatial"] = {"lib1": {"scalefactors": {"spot_diameter_fullres": value}}}
+        ad.write_h5ad(src)
+        p = convert_cli("h5ad", src, "--directory", tmp_path / "raw", "--image", image)
+        assert_user_error(p, "uns['spatial']['lib1']['scalefactors']", fragment)
+    ad.uns["spatial"] = {"lib1": "oops"}
+    ad.write_h5ad(src)
+    assert_user_error(convert_cli("h5ad", src, "--directory", tmp_path / "raw", "--image", image),
+                      "uns['spatial']['lib1'] is a str")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_an_image_given_as_a_relative_symbolic_link(tmp_path, visium):
+    """--image-mode hardlink (the default) linked the symbolic link itself, which then pointed nowhere:
+    a traceback and an empty DIR left behind."""
+    d0, outs, image, t = visium
+    here = tmp_path / "images"
+    here.mkdir()
+    os.link(image, here / "real image.tif")
+    (here / "link.tif").symlink_to("real image.tif")
+    d = tmp_path / "raw"
+    assert convert("visium", outs, "--directory", d, "--image", here / "link.tif") == 0
+    assert not (d / "he-raw.tif").is_symlink() and os.path.samefile(d / "he-raw.tif", image)
 
 
 @pytest.mark.parametrize("where", ["gene", "spot"])

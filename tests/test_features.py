@@ -307,6 +307,52 @@ def test_stain_rejects_weights_and_bad_options(tmp_path, capsys):
     assert code == 2 and "timm has no architecture" in err
     code, err = _cli(["-d", d, "--backbone", "timm:resnet18"], capsys)
     assert code == 2 and "--weights" in err
+    code, err = _cli(["-d", d, "--backbone", ""], capsys)          # was: the stain backbone, silently
+    assert code == 2 and "--backbone '': unknown backbone" in err
+    code, err = _cli(["-d", d, "--timm-kwargs", '{"init_values": 1e-5}'], capsys)   # was: run, and recorded
+    assert code == 2 and "the stain backbone has no network" in err
+
+
+TINY = ["--backbone", "timm:vit_tiny_patch16_224", "--device", "cpu", "--shifts", "1", "--batch-size", "8"]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ('{"patch_size": 0}', "ZeroDivisionError"), ('{"embed_dim": 7}', "AssertionError"),
+    ('{"in_chans": 1}', "the network fails on a tile (RuntimeError"), ('{"init_values": "x"}', "TypeError"),
+    ('{"init_values": NaN}', "NaN is not a number")])
+def test_timm_kwargs_timm_cannot_use_are_one_line(tmp_path, capsys, kwargs, fragment):
+    """timm reports bad settings as many exception types (and torch over several lines): tracebacks."""
+    d = _calibrated(tmp_path / "d", _white(300, 300))
+    code, err = _cli(["-d", d, *TINY, "--random-init", "--timm-kwargs", kwargs], capsys)
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (d / FEATURES_DIR).exists()
+
+
+def test_damaged_or_unusual_checkpoints(tmp_path, capsys):
+    """NaN weights and integer tensors are refused by name; a safetensors file in capitals or under
+    another suffix, and a state dict with a non-tensor entry, load; a folder is named as one."""
+    import torch
+    from safetensors.torch import save_file
+
+    from utils.histology.backbones import load_state_dict
+    d = _calibrated(tmp_path / "d", _white(300, 300))
+    sd = _tiny_state_dict(tmp_path / "w.bin").state_dict()
+    bad = dict(sd, **{"patch_embed.proj.weight": torch.full_like(sd["patch_embed.proj.weight"], float("nan"))})
+    torch.save(bad, tmp_path / "nan.bin")
+    save_file(dict(sd, cls_token=sd["cls_token"].long()), str(tmp_path / "int.safetensors"))
+    for weights, fragment in (("nan.bin", "tensor patch_embed.proj.weight holds NaN"),
+                              ("int.safetensors", "1 tensors not of a float type (e.g. cls_token torch.int64)")):
+        code, err = _cli(["-d", d, *TINY, "--weights", tmp_path / weights], capsys)
+        assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "folder").mkdir()
+    code, err = _cli(["-d", d, *TINY, "--weights", tmp_path / "folder"], capsys)
+    assert code == 2 and "is a directory" in err
+    save_file(sd, str(tmp_path / "UPPER.SAFETENSORS"))
+    save_file(sd, str(tmp_path / "named.bin"))
+    torch.save(dict(sd, version=1), tmp_path / "versioned.bin")
+    for name in ("UPPER.SAFETENSORS", "named.bin", "versioned.bin"):
+        got = load_state_dict(tmp_path / name)
+        assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
 
 
 # ---------------------------------------------------------------------------------------------

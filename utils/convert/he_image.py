@@ -85,7 +85,7 @@ def place_image(out, src, final, mode):
         return
     if mode == "hardlink":
         try:
-            os.link(src, tmp)
+            os.link(os.path.realpath(src), tmp)   # the image itself, not a (relative) symbolic link to it
             return
         except OSError as e:
             log.info("cannot hard-link %s (%s); copying it", src, e.strerror or e)

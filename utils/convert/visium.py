@@ -12,6 +12,8 @@ The spot radius written is always the physical one: 27.5 um / pixel size.
 """
 import logging
 import math
+import numbers
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -111,14 +113,19 @@ def read_scalefactors(spatial):
         log.warning("%s: not found; the pixel size comes from the spot lattice alone", path)
         return {}, path
     sf = read_json(path, "scale factors (scalefactors_json.json)")
-    if not isinstance(sf, dict):
-        raise InputError(f"{path}: expected a JSON object of scale factors; give the file written by Space Ranger")
+    return check_scalefactors(sf, path, "give the file written by Space Ranger, unchanged"), path
+
+
+def check_scalefactors(sf, where, fix: str) -> dict:
+    """The scale factors this converter reads must be positive numbers (a JSON file or an h5ad's uns)."""
+    if not isinstance(sf, Mapping):
+        raise InputError(f"{where}: expected a mapping of scale factors, found {type(sf).__name__}; {fix}")
     for key in SCALE_FACTORS_READ:
         v = sf.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
-            raise InputError(f"{path}: {key} is {v!r}, not a positive number; give the file written by Space Ranger, "
-                             f"unchanged")
-    return sf, path
+        if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)
+                              or not math.isfinite(v) or v <= 0):
+            raise InputError(f"{where}: {key} is {v!r}, not a positive number; {fix}")
+    return dict(sf)
 
 
 def check_same_image(spatial, sf, hw, image, skip):
@@ -351,7 +358,12 @@ def convert_h5ad(args):
         lib = args.library_id or (libs[0] if len(libs) == 1 else None)
         if lib is None or lib not in spatial_uns:
             raise InputError(f"{path}: uns['spatial'] holds libraries {', '.join(libs)}; choose one with --library-id")
-        sf = dict(spatial_uns[lib].get("scalefactors", {}))
+        where = f"{path}: uns['spatial']['{lib}']"
+        if not isinstance(spatial_uns[lib], Mapping):
+            raise InputError(f"{where} is a {type(spatial_uns[lib]).__name__}, not a library (images, scalefactors); "
+                             f"store it as scanpy.read_visium does, or remove uns['spatial']")
+        sf = check_scalefactors(spatial_uns[lib].get("scalefactors", {}), f"{where}['scalefactors']",
+                                "store the scale factors as Space Ranger wrote them (or remove them)")
 
     # counts: layers['counts'] > X > raw.X, whichever holds raw integers
     if "counts" in ad.layers:

@@ -98,6 +98,9 @@ def resolve_weights(backbone, weights=None, token=None, random_init=False):
                             token_given=token_given)
     if weights is not None:
         p = Path(weights).expanduser()
+        if p.is_dir():
+            raise InputError(f"{p}: is a directory; pass --weights the checkpoint file inside it (pytorch_model.bin, "
+                             f".pth or .safetensors)")
         if not p.is_file():
             raise InputError(f"{p}: weights file not found; pass --weights the path of a pytorch_model.bin / .pth / "
                              f".safetensors checkpoint" + (f" ({access_help(backbone)})" if backbone in HUB_MODELS else ""))
@@ -149,7 +152,7 @@ def load_state_dict(path):
     """A flat {name: tensor} from a checkpoint file; InputError (one line) for anything else."""
     import torch
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
         try:
             from safetensors.torch import load_file
             sd = load_file(str(path), device="cpu")
@@ -172,7 +175,9 @@ def load_state_dict(path):
             if inner is None:
                 break
             sd = inner
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if isinstance(sd, dict) and any(isinstance(v, torch.Tensor) for v in sd.values()):
+        sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}   # e.g. a "version": 1 entry
+    if not isinstance(sd, dict) or not sd:
         raise InputError(f"{path}: does not hold a state dict of tensors; give the checkpoint file of the model "
                          f"(pytorch_model.bin or .safetensors)")
     keys = list(sd)
@@ -180,7 +185,21 @@ def load_state_dict(path):
         if all(k.startswith(prefix) for k in keys):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
             keys = list(sd)
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise InputError(f"{path}: tensor {bad} holds NaN or infinite values; the checkpoint is damaged, download it "
+                         f"again")
     return sd
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file whatever its name: 8 bytes of header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+    except OSError:
+        return False
 
 
 def _resolve_layer_names(kwargs):
@@ -216,9 +235,11 @@ def compare_state_dicts(expected, sd):
     missing = [k for k in exp if k not in got]
     unexpected = [k for k in got if k not in exp and not k.startswith(("head.", "fc.", "classifier.", "head_dist."))]
     shapes = [f"{k} {got[k]} vs {exp[k]}" for k in exp if k in got and got[k] != exp[k]]
-    if not (missing or unexpected or shapes):
+    types = [f"{k} {sd[k].dtype}" for k in exp if k in got and expected[k].is_floating_point()
+             and not sd[k].is_floating_point()]
+    if not (missing or unexpected or shapes or types):
         return None
-    parts = []
+    parts = [f"{len(types)} tensors not of a float type (e.g. {types[0]})"] if types else []
     if shapes:
         parts.append(f"{len(shapes)} tensors of another shape (e.g. {shapes[0]})")
     if missing:
@@ -375,8 +396,9 @@ def build_tile_model(backbone, weights_source, device="cpu", precision="fp32", t
     if model is None:
         try:
             model = create(kwargs)
-        except TypeError as e:
-            raise InputError(f"{where}: timm cannot build {arch} with {sorted(kwargs)} ({e}); fix --timm-kwargs") from None
+        except Exception as e:   # timm reports bad settings as TypeError, ValueError, AssertionError, ...
+            raise InputError(f"{where}: timm cannot build {arch} with {sorted(kwargs)} ({_first_line(e)}); fix "
+                             f"--timm-kwargs") from None
     if sd is not None:
         problem = compare_state_dicts(model.state_dict(), sd)
         if problem:
@@ -391,15 +413,27 @@ def build_tile_model(backbone, weights_source, device="cpu", precision="fp32", t
         model = model.float()
         log.info("loaded %d tensors from %s", len(sd), weights_source.description)
     model = model.to(device)
-    return TileModel(model, arch if kind == "timm" else f"{kind} ({arch})", device, precision)
+    try:   # its first forward pass: a white tile
+        return TileModel(model, arch if kind == "timm" else f"{kind} ({arch})", device, precision)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{where}: the network fails on a tile ({_first_line(e)}); fix --timm-kwargs") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def parse_timm_kwargs(text):
     if not text:
         return {}
+    def not_a_number(name):
+        raise ValueError(f"{name} is not a number timm can use")
     try:
-        kw = json.loads(text)
-    except json.JSONDecodeError as e:
+        kw = json.loads(text, parse_constant=not_a_number)
+    except ValueError as e:   # JSONDecodeError is one
         raise InputError(f"--timm-kwargs: not valid JSON ({e}); e.g. --timm-kwargs '{{\"init_values\": 1e-5}}'") from None
     if not isinstance(kw, dict):
         raise InputError("--timm-kwargs: must be a JSON object, e.g. '{\"init_values\": 1e-5}'")

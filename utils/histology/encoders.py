@@ -198,6 +198,9 @@ def build_encoder(backbone: str, *, weights_source=None, device: str = "auto", p
                      "nothing to shift", shifts)
         if device not in ("auto", "cpu"):
             log.warning("--device %s: the stain backbone runs on the CPU (NumPy/OpenCV filters); using cpu", device)
+        if timm_kwargs:   # they would go into the manifest as if they had shaped the features
+            raise InputError(f"--timm-kwargs: the {backbone} backbone has no network; leave it out, or give a tile "
+                             f"backbone (--backbone timm:NAME, uni, uni2-h)")
         return StainEncoder(band_rows=band_rows, nuclei=backbone.strip() == "stain-nuclei")
     if weights_source is None:
         raise InputError(f"--backbone {backbone}: needs weights (--weights PATH or --login TOKEN)")

@@ -72,7 +72,8 @@ def extract_features(directory, *, backbone=None, weights=None, token=None, shif
     from ..core.cli import POSITIVE_INT
     d = Path(directory)
     t_start = time.perf_counter()
-    backbone = backbone or ("uni" if (weights is not None or token) else "stain")
+    if backbone is None:
+        backbone = "uni" if (weights is not None or token) else "stain"
     for option, v in (("--shifts", shifts), ("--batch-size", batch_size), ("--band-rows", band_rows)):
         if v is not None:
             POSITIVE_INT.check(option, v)
