@@ -297,6 +297,19 @@ def test_uni_without_weights_or_token_fails_fast(tmp_path):
     assert_user_error(proc, "nope.bin", "not found")
 
 
+def test_a_token_without_a_network_fails_fast_and_is_never_printed(tmp_path):
+    """huggingface_hub retried five times (24 s, 24 log lines) before its error; one connection
+    attempt to the hub's host now says at once that it cannot be reached."""
+    d = _calibrated(tmp_path / "d", _white(300, 300))
+    t0 = time.perf_counter()
+    proc = run_script("Histology_Extractor.py", d, "--login", "hf_FAKEtoken123",
+                      env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+                           "HTTPS_PROXY": "", "ALL_PROXY": ""}, timeout=60)
+    assert time.perf_counter() - t0 < 20
+    assert_user_error(proc, "hub MahmoodLab/UNI: the hub cannot be reached (127.0.0.1")
+    assert "hf_FAKEtoken123" not in proc.stdout + proc.stderr
+
+
 def test_stain_rejects_weights_and_bad_options(tmp_path, capsys):
     d = _calibrated(tmp_path / "d", _white(300, 300))
     code, err = _cli(["-d", d, "--backbone", "stain", "--random-init"], capsys)

@@ -124,6 +124,9 @@ def resolve_weights(backbone, weights=None, token=None, random_init=False):
             raise InputError(access_help(backbone)) from None
         log.info("using %s from the local Hugging Face cache", repo)
         return WeightSource("hub-cache", path=Path(path), description=f"hub {repo} (local cache)", token_given=False)
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise InputError(f"hub {repo}: the hub cannot be reached ({unreachable}); {access_help(backbone)}")
     log.info("downloading %s/%s from the Hugging Face hub (token given: yes)", repo, fname)
     try:
         path = hf_hub_download(repo, fname, token=token)
@@ -140,6 +143,24 @@ def resolve_weights(backbone, weights=None, token=None, random_init=False):
             why = f"the download failed ({name})"
         raise InputError(f"hub {repo}: {why}; {access_help(backbone)}") from None
     return WeightSource("hub", path=Path(path), description=f"hub {repo}", token_given=True)
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub's host cannot be connected to, or None. Without a network huggingface_hub retries
+    five times (24 s, 24 log lines) before failing; one connection attempt says so at once. Behind a
+    proxy (HTTPS_PROXY, ALL_PROXY) only huggingface_hub can tell, so nothing is checked."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
