@@ -225,3 +225,29 @@ def test_control_bins_leave_the_most_expressed_gene_company(n_genes):
     ad.var_names = [f"G{i}" for i in range(n_genes)]
     score(ad, genes=[f"G{n_genes - 1}"], key="top")
     assert np.isfinite(ad.obs["top"]).all() and 2 <= control_bins(n_genes) <= 25
+
+
+def test_a_run_in_use_is_refused_before_it_is_read(interp_run, tmp_path):  # noqa: F811
+    """analysis and score --write lock DIR before they read the run (a HISTEX.py rerun replacing it
+    in between gave an analysis of the old maps recorded as of the new ones); a run written with
+    HISTEX.py --out elsewhere is locked as a folder of its own."""
+    from utils.core.stage import DirectoryLock
+    d, run_dir = interp_run
+    before = snapshot(run_dir)
+    lock = DirectoryLock(d, "HISTEX.py").acquire()
+    try:
+        assert_user_error(analyse(run_dir), "in use by HISTEX.py")
+        r = subprocess.run([sys.executable, "-m", "utils.score", "--write", str(run_dir)], cwd=REPO,
+                           capture_output=True, text=True)
+        assert_user_error(r, "in use by HISTEX.py")
+    finally:
+        lock.release()
+    assert snapshot(run_dir) == before
+    import shutil
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(run_dir, elsewhere, ignore=shutil.ignore_patterns("analysis", "states"))
+    lock = DirectoryLock(elsewhere, "HISTEX.py").acquire()
+    try:
+        assert_user_error(analyse(elsewhere, "--directory", d), "in use by HISTEX.py")
+    finally:
+        lock.release()

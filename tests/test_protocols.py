@@ -82,3 +82,26 @@ def test_bad_folders_and_options_are_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(InputError, match="is not a directory"):
         main(["make", "leave-out", str(tmp_path), "--directory", str(tmp_path / "f" / "p")])
+
+
+def test_make_into_another_data_folder_is_refused_and_a_killed_make_is_swept(tmp_path):
+    """make into a pipeline DIR replaced its raw inputs and added a second count file; temporaries of
+    a killed make stayed for good (it did not run in the stage runner)."""
+    import pytest
+
+    from utils.core.errors import InputError
+    xy = square_lattice(4, 4, 250.0, origin=(300, 300))
+    src = write_raw_dir(tmp_path / "src", xy, pixel_size=0.5, n_genes=8)
+    (src / "section.json").write_text(json.dumps({"array_x": np.tile(np.arange(4), 4).tolist(),
+                                                  "array_y": np.repeat(np.arange(4), 4).tolist()}))
+    other = write_raw_dir(tmp_path / "other", xy, pixel_size=0.5, n_genes=8)
+    before = sorted(p.name for p in other.iterdir())
+    with pytest.raises(InputError, match="is not a protocol folder"):
+        make("leave-out", src, other)
+    assert sorted(p.name for p in other.iterdir()) == before
+    d = tmp_path / "lo"
+    make("leave-out", src, d)
+    stale = d / ".trihrge-tmp-999999999-cnts.tsv.gz"     # a dead process's temporary
+    stale.write_text("half")
+    make("coarsen", src, d)                                # an earlier protocol folder may be rewritten
+    assert not stale.exists() and json.loads((d / "protocol.json").read_text())["protocol"] == "coarsen"

@@ -421,12 +421,33 @@ def test_unknown_gene_names_suggest_the_likely_one():
     (["-m", "utils.score", "RUN", "--truth", ""], "argument --truth: '': an empty path"),
     (["-m", "utils.cohort", "SRC", "--summary", "out/"], "out/: names a folder; give a file name"),
     ([str(Path(__file__).resolve().parents[1] / "HISTEX.py"), "--directory", " "],
-     "argument --directory/-d: ' ': an empty path")])
+     "argument --directory/-d: ' ': an empty path"),
+    (["-m", "utils.score", "x" * 300], "longer than the file system allows")])
 def test_an_empty_path_is_refused_not_taken_as_the_current_folder(tmp_path, argv, fragment):
-    """Path('') is '.': `protocols make ... --directory ''` wrote a protocol folder into the current one."""
+    """Path('') is '.': `protocols make ... --directory ''` wrote a protocol folder into the current one.
+    A name longer than NAME_MAX was an OSError traceback wherever it was first used."""
     import subprocess
     import sys
     r = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True,
                        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert_user_error(r, fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_histex_locks_an_out_folder_outside_dir(demo_upstream, tmp_path):
+    """Two HISTEX.py runs on two DIRs with one --out wrote into the same run folder at once (one
+    loaded the other's trained states); that folder is now locked too, and one made only for the
+    lock is removed again when the run fails."""
+    from utils.core.stage import DirectoryLock
+    d = copy_demo(demo_upstream, tmp_path / "d")
+    out = tmp_path / "shared" / "run"
+    out.mkdir(parents=True)
+    lock = DirectoryLock(out, "HISTEX.py").acquire()
+    try:
+        assert_user_error(run_script("HISTEX.py", d, *FAST, "--out", out), "in use by HISTEX.py")
+    finally:
+        lock.release()
+    (d / "features" / "micro.npy").unlink()     # fails after the lock is taken
+    fresh = tmp_path / "fresh" / "run"
+    assert_user_error(run_script("HISTEX.py", d, *FAST, "--out", fresh), "micro.npy")
+    assert not (tmp_path / "fresh").exists()

@@ -1,13 +1,13 @@
 """`make demo`: simulate the built-in demo tissue (once) and run the five stages on it, each as its
 own command exactly as a user would, then say where the outputs are."""
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .core.cli import SEED, Parser, output_directory, run
 from .core.manifest import SCRIPTS
+from .core.workers import run_child
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MARKERS = "demo-markers.tsv"
@@ -63,7 +63,7 @@ def main(argv=None):
         if name.startswith("utils.analysis"):
             write_demo_markers(d)
         t = time.time()
-        rc = subprocess.call(cmd, cwd=REPO)
+        rc = run_child(cmd, cwd=REPO)   # it ends with the demo, and a Ctrl-C stops it cleanly
         print(f"    {name}: {'ok' if rc == 0 else 'FAILED (exit %d)' % rc} in {time.time() - t:.1f} s", flush=True)
         if rc != 0:
             print(f"demo stopped at {name}; the artifacts so far are in {d}", file=sys.stderr)

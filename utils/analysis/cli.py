@@ -5,6 +5,7 @@ analysis-spots/) and rewrites RUN_DIR/report.html, all staged and committed toge
 killed run changes nothing). Bad input is one `error:` line, exit 2, before anything is computed."""
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from ..core import layout as L
 from ..core.cli import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, add_seed, path_arg, run, setup_logging, text_file
 from ..core.errors import InputError
 from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
-from ..core.stage import Stage
+from ..core.stage import run_folder_stage
 from ..report import write_report
 from ..report.page import source_fingerprint
 from ..scverse.keys import File, Key
@@ -66,15 +67,21 @@ def _data_directory(run_dir: Path, given):
     if given is not None:
         L.CALIBRATION.existing(given)
         return Path(given)
-    d = run_dir.resolve().parent.parent
-    return d if L.CALIBRATION.path(d).is_file() else None
+    return L.data_directory_of(run_dir)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: {'is not a directory' if run_dir.exists() else 'not found'}; give a run "
+                         f"directory written by HISTEX.py (DIR/{L.RESULTS_DIR}/<run>)")
+    if not os.access(run_dir, os.W_OK | os.X_OK):   # before anything is computed
+        raise InputError(f"{run_dir}: cannot be written (no permission or a read-only file system); the analysis "
+                         f"writes its outputs there: make it writable, or copy the run folder")
 
 
 def read_run(run_dir: Path, name: str):
     """The run's AnnData, with the scverse spatial layout this analysis draws on."""
-    if not run_dir.is_dir():
-        raise InputError(f"{run_dir}: {'is not a directory' if run_dir.exists() else 'not found'}; give a run "
-                         f"directory written by HISTEX.py (DIR/{L.RESULTS_DIR}/<run>)")
+    _check_run_dir(run_dir)
     p = run_dir / name
     if not p.is_file():
         raise InputError(f"{p}: not found; run HISTEX.py on the data directory first (it writes {name})")
@@ -192,20 +199,26 @@ def main(argv=None) -> int:
         require_spatialdata()
     name, sub = INPUTS[args.input]
     run_dir = Path(args.run_dir)
+    _check_run_dir(run_dir)
     directory = _data_directory(run_dir, args.directory)
-    ad = read_run(run_dir, name)
-    genes = list(ad.var_names)
-    panel, panel_used = _panel(args.markers, genes)
-    sets = _gene_sets(args, genes)
-    table = None
-    if panel is not None:
-        table = panel_table(panel, genes)
-        report_missing(table, source=panel_used)
-        if not table["predicted"].any():     # the built-in panel on a run without those genes
-            log.warning("%s: no marker is predicted by this run; no cell typing", panel_used)
-            panel = table = None
     t0 = time.time()
-    with Stage("analysis", directory or run_dir, manifest=False, sweep=(run_dir,)) as st:
+    # the lock first: a HISTEX.py rerun must not replace the input between reading and writing
+    with run_folder_stage("analysis", run_dir, directory) as st:
+        ad = read_run(run_dir, name)
+        genes = list(ad.var_names)
+        panel, panel_used = _panel(args.markers, genes)
+        sets = _gene_sets(args, genes)
+        table = None
+        if panel is not None:
+            table = panel_table(panel, genes)
+            report_missing(table, source=panel_used)
+            if not table["predicted"].any():     # the built-in panel on a run without those genes
+                log.warning("%s: no marker is predicted by this run; no cell typing", panel_used)
+                panel = table = None
+        # analysis.h5ad (and the SpatialData copy) hold about what the input holds: a disk that cannot
+        # take it is refused now, not by HDF5 part-way through a write
+        size = (run_dir / name).stat().st_size * (2 if args.export == "spatialdata" else 1)
+        st.require_space(size, f"{sub}/", where=run_dir)
         log.info("%s: %d observations x %d genes", run_dir / name, ad.n_obs, ad.n_vars)
         summary = analyse(ad, args=args, panel=panel, sets=sets)
         summary.update(input=name, source=source_fingerprint(run_dir / name), parameters={k: str(v) for k, v in vars(args).items()}, markers=panel_used,

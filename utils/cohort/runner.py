@@ -4,11 +4,9 @@ Each stage runs as its own process, exactly as a user runs it (`python SCRIPT --
 [options]`), with its output in DIR/logs/cohort-<stage>.log. A stage is skipped when its manifest
 shows its artifacts current (utils.core.manifest.out_of_date) and the options asked for it are the
 ones it last ran with; a section stops at its first failing stage and the other sections go on."""
-import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +20,7 @@ from ..core import manifest as mf
 from ..core.atomic import StagedOutputs
 from ..core.device import available_cpus
 from ..core.stage import DirectoryLock
-from ..core.workers import END_WITH_PARENT
+from ..core.workers import interrupt_children, run_child
 
 log = logging.getLogger("trihrge")
 
@@ -133,29 +131,12 @@ def error_line(log_text: str) -> str:
     return (errors or lines or ["(no output)"])[-1]
 
 
-# The stage processes running now. Each runs in its own process group, so a Ctrl-C at the terminal
-# reaches only the cohort, which passes one SIGINT to each (a stage cleans up on the first; a second
-# one could interrupt that), and each ends with the cohort (END_WITH_PARENT: SIGINT when it dies).
-_RUNNING: set = set()
-_RUNNING_LOCK = threading.Lock()
-_STOPPING = threading.Event()
-STOP_GRACE_SECONDS = 120
+_STOPPING = threading.Event()   # set when the cohort is interrupted: no further stage starts
 
 
 def interrupt_stages() -> None:
-    """SIGINT to every running stage, then wait for each to clean up (SIGKILL after the grace)."""
     _STOPPING.set()
-    with _RUNNING_LOCK:
-        procs = list(_RUNNING)
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-    for proc in procs:
-        try:
-            proc.wait(STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    interrupt_children()
 
 
 def run_stage(directory: Path, plan: StagePlan, *, command: Callable = stage_command, env: Mapping | None = None):
@@ -168,23 +149,15 @@ def run_stage(directory: Path, plan: StagePlan, *, command: Callable = stage_com
     path = stage_log(directory, plan)
     cmd = command(plan, directory)
     path.parent.mkdir(exist_ok=True)
-    env = dict(os.environ if env is None else env, **{END_WITH_PARENT: str(os.getpid())})
     with open(path, "w", encoding="utf-8") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         # in the cohort's own working directory, so relative paths in --stage-args mean what they say
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                process_group=0)
-        with _RUNNING_LOCK:
-            _RUNNING.add(proc)
         try:
-            rc = proc.wait()
+            rc = run_child(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         except KeyboardInterrupt:
-            interrupt_stages()
+            _STOPPING.set()
             raise
-        finally:
-            with _RUNNING_LOCK:
-                _RUNNING.discard(proc)
     return rc, (error_line(path.read_text(encoding="utf-8", errors="replace")) if rc else "")
 
 

@@ -86,11 +86,19 @@ NON_NEGATIVE = Number(float, lo=0)
 PROBABILITY = Number(float, lo=0, hi=1)
 
 
+NAME_MAX, PATH_MAX = 255, 4096   # Linux's limits (bytes), the same on every common file system
+
+
 def path_arg(text: str) -> Path:
     """A path from the command line; an empty one is refused (Path('') would be the current folder)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"{text!r}: an empty path; give a file or folder")
-    return Path(text).expanduser()
+    path = Path(text).expanduser()
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > NAME_MAX or len(os.fsencode(str(path))) > PATH_MAX:   # every use would be Errno 36
+        raise argparse.ArgumentTypeError(f"{text[:60]}...: longer than the file system allows ({NAME_MAX} bytes a "
+                                         f"name, {PATH_MAX} a path); give a shorter path")
+    return path
 
 
 def output_directory(text: str) -> Path:

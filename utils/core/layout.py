@@ -93,6 +93,12 @@ TRUTH_SIMULATION = Artifact("truth/simulation.json")
 
 # --- loaders ------------------------------------------------------------------------------------------
 
+def data_directory_of(run_dir) -> Path | None:
+    """The data directory of a run folder DIR/results/<run>; None for a run written elsewhere (--out)."""
+    d = Path(run_dir).resolve().parent.parent
+    return d if CALIBRATION.path(d).is_file() else None
+
+
 def read_json(artifact: Artifact, directory, keys=()) -> dict:
     """A JSON object artifact holding at least `keys`."""
     p = artifact.existing(directory)

@@ -119,7 +119,7 @@ class Stage:
     run's business (HISTEX's --out outside DIR)."""
 
     def __init__(self, stage: str, directory: Path, *, force: bool = False, manifest: bool = True,
-                 sweep: tuple = ()):
+                 sweep: tuple = (), lock_also: tuple = ()):
         self.stage = stage
         self.directory = Path(directory)
         self.force = force
@@ -129,21 +129,38 @@ class Stage:
         self.inputs: list = []
         self.parameters: dict = {}
         self._scratch: list = []
-        self._lock = DirectoryLock(self.directory, mf.STAGES[stage][0] if stage in mf.STAGES else stage)
+        holder = mf.STAGES[stage][0] if stage in mf.STAGES else stage
+        self._lock = DirectoryLock(self.directory, holder)
+        # folders outside DIR written too (HISTEX --out elsewhere): locked as well, made if missing
+        self._more_locks = [DirectoryLock(Path(d), holder) for d in lock_also]
+        self._made: list = []
 
     # --- entry ------------------------------------------------------------------------------
     def __enter__(self) -> "Stage":
         self._lock.acquire()
         try:
+            for lock in self._more_locks:
+                folder = lock.path.parent
+                self._made += [p for p in (folder, *folder.parents) if not p.exists()]   # deepest first
+                folder.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
             for d in (self.directory, *self.sweep):
                 if d.is_dir():
                     remove_stale_temporaries(d)
             if self.write_manifest:
                 mf.check_upstream(self.directory, self.stage, force=self.force, log=log)
         except BaseException:
-            self._lock.release()
+            self._release()
             raise
         return self
+
+    def _release(self) -> None:
+        for lock in self._more_locks:
+            lock.release()
+        for d in self._made:   # folders made only to be locked, left empty by a failure
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self._lock.release()
 
     def record(self, inputs, parameters: dict) -> None:
         """The inputs (files) and parameters that go into the manifest; logs what changed since the
@@ -187,7 +204,7 @@ class Stage:
         finally:
             for p in self._scratch:
                 remove(p)
-            self._lock.release()
+            self._release()
         if exc is None:
             return False
         if is_disk_full(exc):
@@ -206,6 +223,18 @@ class Stage:
             m = mf.build_manifest(self.directory, self.stage, self.parameters, self.inputs, staged)
             self.out.write_json(mf.manifest_path(self.directory, self.stage), m)
         self.out.commit()  # the manifest is the last rename: it never describes outputs not in place
+
+
+def run_folder_stage(stage: str, run_dir: Path, directory: Path | None) -> Stage:
+    """The Stage of a command that writes into a HISTEX run folder (analysis, score --write): it locks
+    the data directory (HISTEX holds that lock while it writes the run) and the run folder when that
+    lies outside it (HISTEX --out elsewhere locks that folder too); without a data directory, the run
+    folder alone."""
+    run_dir = Path(run_dir)
+    if directory is None:
+        return Stage(stage, run_dir, manifest=False, sweep=(run_dir,))
+    inside = Path(directory).resolve() in run_dir.resolve().parents
+    return Stage(stage, directory, manifest=False, sweep=(run_dir,), lock_also=() if inside else (run_dir,))
 
 
 def rank_stage(stage: str, directory: Path, **options):

@@ -3,9 +3,11 @@ GIL (numpy, OpenCV), and worker processes: spawned (safe with OpenMP and CUDA, u
 thresholds fixed (core.malloc), and ending with the process that started them: a HISTEX.py killed
 with SIGKILL used to leave its training workers running as orphans for minutes, which then wrote
 their states into DIR after its lock was gone (tests/test_robustness.py)."""
+import contextlib
 import multiprocessing
 import os
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -61,3 +63,44 @@ def _watch_parent(parent, poll_seconds, sig):
     while os.getppid() == parent:
         time.sleep(poll_seconds)
     os.kill(os.getpid(), sig)
+
+
+# Commands this process runs to their end (the cohort's stages, the demo's steps). Each runs in its
+# own process group, so a Ctrl-C at the terminal reaches only this process, which passes one SIGINT
+# on (a command cleans up on the first; a second could interrupt that), and each ends with this
+# process (END_WITH_PARENT): none is left writing into DIR as an orphan.
+_CHILDREN: set = set()
+_CHILDREN_LOCK = threading.Lock()
+STOP_GRACE_SECONDS = 120
+
+
+def run_child(cmd, *, env=None, **popen) -> int:
+    """Run a command to its end and return its exit code; interrupted (KeyboardInterrupt), stop every
+    running child cleanly first (interrupt_children)."""
+    env = dict(os.environ if env is None else env, **{END_WITH_PARENT: str(os.getpid())})
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, process_group=0, **popen)
+    with _CHILDREN_LOCK:
+        _CHILDREN.add(proc)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        interrupt_children()
+        raise
+    finally:
+        with _CHILDREN_LOCK:
+            _CHILDREN.discard(proc)
+
+
+def interrupt_children() -> None:
+    """SIGINT to every running child, then wait for each to clean up (SIGKILL after the grace)."""
+    with _CHILDREN_LOCK:
+        procs = list(_CHILDREN)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -22,11 +22,11 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from ..core import geometry as geo
-from ..core.atomic import StagedOutputs
 from ..core.cli import POSITIVE_INT, HelpFormatter, Parser, output_directory, path_arg, setup_logging
 from ..core.errors import InputError
 from ..core.h5ad_io import read_anndata
 from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, find_one, match_spots, read_counts, read_locs
+from ..core.stage import Stage
 from ..core.text_io import require_file
 from .metrics import pearson_per_gene
 
@@ -88,11 +88,29 @@ def make(kind, src, dst):
         h_ids, h_X, h_xy = ids, X, xy
     else:
         raise InputError(f"unknown protocol {kind!r}; use leave-out, sparse-leave-out or coarsen")
-    dst.mkdir(parents=True, exist_ok=True)
-    if (dst.resolve() == src.resolve()):
+    if dst.exists() and dst.resolve() == src.resolve():
         raise InputError(f"{dst}: must differ from the source folder")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / "protocol.json").is_file():
+        raise InputError(f"{dst}: holds other files and is not a protocol folder (no protocol.json); give a new or "
+                         f"empty folder, or one written by python -m utils.protocols make")
     image = find_one(src, IMAGE_NAMES, "H&E image")
-    with StagedOutputs() as out:
+    made = not dst.exists()
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        _write(dst, image, kind, src, genes, (t_ids, t_X, t_xy, t_r), (h_ids, h_X, h_xy), radius)
+    except BaseException:
+        if made and not any(dst.iterdir()):   # nothing was written: leave no empty folder behind
+            dst.rmdir()
+        raise
+    return len(t_ids), len(h_ids)
+
+
+def _write(dst, image, kind, src, genes, train, heldout, radius):
+    """The protocol folder's files, inside the stage runner (lock, sweep, disk, one commit)."""
+    (t_ids, t_X, t_xy, t_r), (h_ids, h_X, h_xy) = train, heldout
+    with Stage("protocols", dst, manifest=False, sweep=(dst / "heldout",)) as st:
+        st.require_space(image.stat().st_size + 8 * (t_X.size + h_X.size), image.name)
+        out = st.out
         img_out = dst / image.name
         if not img_out.exists():
             tmp = out.path(img_out)
@@ -112,7 +130,6 @@ def make(kind, src, dst):
         out.write_json(dst / "protocol.json", {"protocol": kind, "source": str(src), "train_spots": int(len(t_ids)),
                                                "heldout_spots": int(len(h_ids)), "radius_raw_px": radius,
                                                "train_radius_raw_px": t_r})
-    return len(t_ids), len(h_ids)
 
 
 class HeldOut:

@@ -10,7 +10,9 @@ import numpy as np
 from ..core.cli import Parser, path_arg, setup_logging
 from ..core.errors import InputError
 from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
+from ..core.layout import METRICS, data_directory_of
 from ..core.raw_io import examples
+from ..core.stage import run_folder_stage
 from .metrics import align_to_truth, score_maps
 
 log = logging.getLogger("trihrge")
@@ -29,11 +31,16 @@ def score_arrays(rows, cols, X, genes, truth, threads=None):
     return m
 
 
-def score_run(run_dir, truth_path=None):
-    run_dir = Path(run_dir)
-    sr_p = run_dir / "super-res.h5ad"
+def _super_res(run_dir: Path) -> Path:
+    sr_p = Path(run_dir) / "super-res.h5ad"
     if not sr_p.is_file():
         raise InputError(f"{sr_p}: not found; give a run directory written by HISTEX.py (DIR/results/<model>)")
+    return sr_p
+
+
+def score_run(run_dir, truth_path=None):
+    run_dir = Path(run_dir)
+    sr_p = _super_res(run_dir)
     truth_path = Path(truth_path) if truth_path else run_dir.parent.parent / "truth" / "super.h5ad"
     if not truth_path.is_file():
         raise InputError(f"{truth_path}: no truth to score against; pass --truth PATH (a super.h5ad with obs row/col)")
@@ -74,11 +81,13 @@ def main(argv=None):
     setup_logging(True)
     results = []
     for r in args.runs:
-        m = score_run(r, args.truth)
-        if args.write:
-            from ..core.atomic import StagedOutputs
-            with StagedOutputs() as out:
-                out.write_json(r / "metrics.json", m)
+        if args.write:   # locked as the analysis is, read and written under the lock (a HISTEX rerun waits)
+            _super_res(r)
+            with run_folder_stage("score", r, data_directory_of(r)) as st:
+                m = score_run(r, args.truth)
+                st.out.write_json(r / METRICS, m)
+        else:
+            m = score_run(r, args.truth)
         results.append((str(r.name), m))
     print(format_table(results))
     return 0

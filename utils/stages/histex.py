@@ -328,7 +328,8 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
     out_dir = Path(config.out) if config.out else directory / L.RESULTS_DIR / config.run_name
     leader = current().leader
     progress = progress and leader
-    with rank_stage(STAGE, directory, force=force, sweep=(out_dir,)) as st:
+    outside = Path(directory).resolve() not in out_dir.resolve().parents
+    with rank_stage(STAGE, directory, force=force, sweep=(out_dir,), lock_also=(out_dir,) if outside else ()) as st:
         inp = _read_inputs(directory, config)
         inputs = [a.path(directory) for a in (L.SPOTS, L.HR_SPOTS, L.MASK, L.CALIBRATION)]
         if config.model_class.trainable:
