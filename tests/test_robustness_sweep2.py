@@ -451,3 +451,31 @@ def test_histex_locks_an_out_folder_outside_dir(demo_upstream, tmp_path):
     fresh = tmp_path / "fresh" / "run"
     assert_user_error(run_script("HISTEX.py", d, *FAST, "--out", fresh), "micro.npy")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_spot_of_millions_of_counts_gives_finite_maps(demo_upstream, tmp_path):
+    """The stack's scratch map was float16 (largest value 65504): one gene at 1e7 counts in one spot
+    left NaN in super-res.h5ad, with exit 0."""
+    d = copy_demo(demo_upstream, tmp_path / "d")
+    counts = pd.read_csv(d / "cnts.tsv", sep="\t", dtype={0: str})
+    counts.iloc[0, 1] = 10_000_000
+    counts.to_csv(d / "cnts.tsv", sep="\t", index=False)
+    assert run_script("get_HR.py", d, "-q").returncode == 0
+    r = run_script("HISTEX.py", d, *FAST)
+    assert r.returncode == 0, r.stderr[-2000:]
+    X = np.asarray(anndata.read_h5ad(d / "results" / "trihrge" / "super-res.h5ad").X)
+    assert np.isfinite(X).all() and X.max() > 65504 / 4
+
+
+def test_a_rerun_removes_the_outputs_it_does_not_make(demo_upstream, tmp_path):
+    """genes-accuracy.tsv of a cross-fitted run stayed (and filled the report) after a rerun without
+    cross-fitting; loss.png of a trained run stayed after an interp run into the same --out."""
+    d = copy_demo(demo_upstream, tmp_path / "d")
+    run = d / "results" / "trihrge"
+    assert run_script("HISTEX.py", d, *FAST).returncode == 0
+    assert (run / "genes-accuracy.tsv").is_file() and (run / "loss.png").is_file()
+    r = run_script("HISTEX.py", d, *FAST[:2], "--n-states", "1", "--threads", "1", "--fusion", "none", "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (run / "genes-accuracy.tsv").exists() and "cross-validated" not in (run / "report.html").read_text()
+    r = run_script("HISTEX.py", d, "--model", "interp", "--out", run, "-q")
+    assert r.returncode == 0 and not (run / "loss.png").exists()

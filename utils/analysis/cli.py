@@ -86,9 +86,11 @@ def read_run(run_dir: Path, name: str):
     if not p.is_file():
         raise InputError(f"{p}: not found; run HISTEX.py on the data directory first (it writes {name})")
     ad = read_anndata(p, "rerun HISTEX.py")
-    if Key.SPATIAL not in ad.obsm or library_of(ad) is None or ad.n_obs < 2 or ad.n_vars < 2:
-        raise InputError(f"{p}: has no obsm/uns 'spatial' (written by an older HISTEX.py) or fewer than 2 "
-                         f"observations/genes; rerun HISTEX.py")
+    if Key.SPATIAL not in ad.obsm or library_of(ad) is None:
+        raise InputError(f"{p}: has no obsm/uns 'spatial' (written by an older HISTEX.py); rerun HISTEX.py")
+    if ad.n_obs < 2 or ad.n_vars < 2:
+        raise InputError(f"{p}: {ad.n_obs} observation(s) x {ad.n_vars} gene(s); domains and cell types need at "
+                         f"least 2 of each (a run of one gene: select more genes with get_HR.py, then rerun HISTEX.py)")
     if "row" in ad.obs or "col" in ad.obs:   # super-pixels, drawn as a raster of the section's grid
         check_grid_positions(ad, p, "rerun HISTEX.py")
         _check_inside_image(ad, p)

@@ -71,6 +71,7 @@ class StagedOutputs:
 
     def __init__(self):
         self._pending = []  # (tmp, final)
+        self._discarded = []  # finals of an earlier run that this one does not write: removed on commit
 
     def path(self, final: Path) -> Path:
         final = Path(final)
@@ -101,6 +102,15 @@ class StagedOutputs:
         """The temporary that `final` is being written to, None when it is not staged yet."""
         return next((tmp for tmp, f in self._pending if f == Path(final)), None)
 
+    def discard(self, final: Path) -> None:
+        """Remove `final` when the outputs are committed (an output of an earlier run that this run
+        does not make, so that nothing reads it as this run's)."""
+        self._discarded.append(Path(final))
+
+    @property
+    def discarded(self):
+        return list(self._discarded)
+
     @property
     def pending(self):
         """(temporary, final) pairs not yet committed."""
@@ -123,12 +133,14 @@ class StagedOutputs:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-        self._pending = []
+        for final in self._discarded:
+            remove(final)
+        self._pending, self._discarded = [], []
 
     def abort(self):
         for tmp, _ in self._pending:
             remove(tmp)
-        self._pending = []
+        self._pending, self._discarded = [], []
 
     def __enter__(self):
         return self

@@ -24,11 +24,15 @@ td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}.note{color:#555;f
 
 
 def _locator(out):
-    """final path -> where the file is now: its staged temporary (also inside a staged folder), or itself."""
+    """final path -> where the file is now: its staged temporary (also inside a staged folder), or itself
+    (a path that does not exist for a file the commit removes)."""
     pending = [(Path(tmp), Path(final)) for tmp, final in (out.pending if out is not None else [])]
+    gone = set(out.discarded) if out is not None else set()
 
     def locate(p: Path) -> Path:
         p = Path(p)
+        if p in gone:   # an earlier run's file this run removes: as if absent
+            return p.parent / ".trihrge-discarded" / p.name
         for tmp, final in pending:
             if p == final:
                 return tmp

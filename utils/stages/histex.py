@@ -222,9 +222,14 @@ def _image_map(st, out_dir, inp, config, sr, oof, before):
     consistency), taken before the local consistency changes sr; None otherwise."""
     if config.fusion != "stack" or oof is None or not config.model_class.trainable:
         return None
-    # float16: the map is only mixed into the float32 one; half of the 0.5 GB it added on the large demo
-    image = _scratch_memmap(st.scratch(out_dir / "image-map.npy"), sr.shape, np.float16)
+    # float16: the map is only mixed into the float32 one; half of the 0.5 GB it added on the large demo.
+    # Its largest value is 65504: a map or spot counts beyond a quarter of that (a spot of a million
+    # counts) take float32, or the stack's map would hold inf and then NaN
     scale = global_rescale_factors(inp.counts, before)
+    peak = max(float(np.max(np.max([sr[s].max(axis=0) for s in row_chunks(*sr.shape)], axis=0) * scale)),
+               float(inp.counts.max()))   # the stack's map mixes in the interpolation: a spot's count bounds it
+    dtype = np.float16 if peak < float(np.finfo(np.float16).max) / 4 else np.float32
+    image = _scratch_memmap(st.scratch(out_dir / "image-map.npy"), sr.shape, dtype)
     for s in row_chunks(*sr.shape):
         cast_into(image[s], sr[s] * scale)
     return image
@@ -254,8 +259,9 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, kernel, image=None)
     trainable = config.model_class.trainable
     if oof is None and trainable:
         if config.fusion != "none":
-            log.info("fusion: none (the blend is chosen on the out-of-fold predictions of cross-fitting, which "
-                     "this run has not: --no-cross-fit, --val-fraction 0, one state or too few spots)")
+            log.warning("--fusion %s: not applied, the model's map is written as it is (the fusion is chosen on "
+                        "the out-of-fold predictions of cross-fitting, which this run has not: --no-cross-fit, "
+                        "--val-fraction 0, one state or too few spots)", config.fusion)
         return None, None, None, None
     ref = _reference_oof(inp, config)
     if oof is None:
@@ -431,6 +437,9 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
         metrics = score_arrays(inp.rows, inp.cols, sr, inp.genes, L.read_h5ad(L.TRUTH, directory), threads=threads)
         metrics["model"] = run["model"]
         out.write_json(out_dir / L.METRICS, metrics)
+    for optional in (L.GENES_ACCURACY, L.LOSS_PLOT, L.METRICS):   # an earlier run's, not of these maps
+        if not out.staged(out_dir / optional):
+            out.discard(out_dir / optional)
     out.write_json(out_dir / L.RUN_JSON, {**run, "seconds": time.time() - t_start})
     write_report(out, out_dir, directory=directory)
     return metrics
