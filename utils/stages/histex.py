@@ -138,6 +138,7 @@ def _read_inputs(directory, config) -> _SpotInputs:
     if len(rows) == 0:
         raise L.MASK.damaged(directory, "no tissue in the mask (perhaps rerun it with a lower --threshold)")
     fp, fp_size = tissue_footprints(spots.obs[["x", "y"]].to_numpy(np.float64), float(spots.uns["radius_px"]), mask)
+    _warn_thin_footprints(directory, fp, fp_size)
     if fp.nnz == 0:
         raise InputError(f"{L.MASK.path(directory)}: no spot footprint overlaps the tissue mask; check the mask "
                          f"({L.MASK_OVERLAY.name}) and the spot coordinates")
@@ -211,6 +212,21 @@ def _add_interpolation(sr, kernel, per_sp, offset):
     interpolated counts, clipped at 0; in place, by row chunks."""
     for s, interp in interpolation_chunks(kernel, per_sp):
         sr[s] = np.maximum(sr[s] + interp - offset, 0)
+
+
+THIN_FOOTPRINT = 0.25   # share of a spot's footprint on the mask below which its count crowds into few super-pixels
+
+
+def _warn_thin_footprints(directory, fp, fp_size) -> None:
+    """A mask that misses most of the spots' footprints puts each spot's whole count on its few
+    tissue super-pixels (the maps run many times too high there): say so, as masking does."""
+    on_tissue = np.diff(fp.indptr) / np.maximum(np.asarray(fp_size), 1)
+    thin = int((on_tissue < THIN_FOOTPRINT).sum())
+    if thin > len(on_tissue) / 2 and current().leader:   # once per run under torchrun
+        log.warning("%d of %d spots have under %d%% of their footprint on the tissue mask: each spot's count goes "
+                    "to those few super-pixels, so the maps run high there; look at %s and rerun "
+                    "masking_non_tissue.py with a lower --threshold if the mask misses tissue", thin, len(on_tissue),
+                    100 * THIN_FOOTPRINT, L.MASK_OVERLAY.path(directory))
 
 
 def _reference_oof(inp, config):
