@@ -234,18 +234,23 @@ def test_a_run_in_use_is_refused_before_it_is_read(interp_run, tmp_path):  # noq
     from utils.core.stage import DirectoryLock
     d, run_dir = interp_run
     before = snapshot(run_dir)
-    lock = DirectoryLock(d, "HISTEX.py").acquire()
-    try:
-        assert_user_error(analyse(run_dir), "in use by HISTEX.py")
-        r = subprocess.run([sys.executable, "-m", "utils.score", "--write", str(run_dir)], cwd=REPO,
-                           capture_output=True, text=True)
-        assert_user_error(r, "in use by HISTEX.py")
-    finally:
-        lock.release()
-    assert snapshot(run_dir) == before
     import shutil
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(run_dir, elsewhere, ignore=shutil.ignore_patterns("analysis", "states"))
+    free = snapshot(elsewhere)
+    lock = DirectoryLock(d, "HISTEX.py").acquire()
+    try:
+        assert_user_error(analyse(run_dir), "in use by HISTEX.py")
+        r = subprocess.run([sys.executable, "-m", "utils.score", "--write", str(elsewhere), str(run_dir), "--truth",
+                            str(d / "truth" / "super.h5ad")], cwd=REPO, capture_output=True, text=True)
+        assert_user_error(r, "in use by HISTEX.py")     # and the free run's metrics were not written first
+    finally:
+        lock.release()
+    assert snapshot(run_dir) == before and snapshot(elsewhere) == free
+    other = tmp_path / "other-dir"
+    other.mkdir()
+    shutil.copy(d / "calibration.json", other)
+    assert_user_error(analyse(run_dir, "--directory", other), f"belongs to {d.resolve()}")
     lock = DirectoryLock(elsewhere, "HISTEX.py").acquire()
     try:
         assert_user_error(analyse(elsewhere, "--directory", d), "in use by HISTEX.py")

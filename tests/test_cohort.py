@@ -161,12 +161,17 @@ def test_globs_list_files_and_duplicates(tmp_path, monkeypatch):
 
 def test_ranks_take_every_nth_section(tmp_path, fake_stages, monkeypatch):
     sections = [f"s{i}" for i in range(7)]
-    assert rank_share(sections, environ={"RANK": "1", "WORLD_SIZE": "3"}) == (["s1", "s4"], 1, 3)
+    torchrun = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert rank_share(sections, environ={"RANK": "1", "WORLD_SIZE": "3", **torchrun}) == (["s1", "s4"], 1, 3)
     assert rank_share(sections, environ={}) == (sections, 0, 1)
     for env in ({"RANK": "3", "WORLD_SIZE": "3"}, {"RANK": "x", "WORLD_SIZE": "2"}):
         with pytest.raises(InputError):
-            rank_share(sections, environ=env)
+            rank_share(sections, environ={**env, **torchrun})
+    with pytest.raises(InputError, match="WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT are not"):
+        rank_share(sections, environ={"RANK": "0", "WORLD_SIZE": "2"})   # a stray variable: half the work
     dirs = make_sections(tmp_path / "data", "s0", "s1", "s2")
+    for k, v in torchrun.items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     rc = cli.main([str(d) for d in dirs] + ["--summary", str(tmp_path / "sum.json"), "-q"])
@@ -273,10 +278,12 @@ SLOW_STAGE = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + """
 import time
 from pathlib import Path
 from utils.core.workers import end_with_launcher
-end_with_launcher()
 d, stage = Path(sys.argv[1]), sys.argv[2]
-(d / ("started-" + stage)).touch()
+(d / ("spawned-" + stage)).touch()
 try:
+    time.sleep(float(sys.argv[3]))   # the real stages import torch first
+    end_with_launcher()
+    (d / ("started-" + stage)).touch()
     time.sleep(120)
 except KeyboardInterrupt:
     (d / ("interrupted-" + stage)).touch()
@@ -284,8 +291,8 @@ except KeyboardInterrupt:
 """
 SLOW_COHORT = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + """
 from utils.cohort import cli, runner
-runner.stage_command = lambda plan, d: [sys.executable, "-c", sys.argv[1], str(d), plan.stage]
-sys.exit(cli.main(sys.argv[2:]))
+runner.stage_command = lambda plan, d: [sys.executable, "-c", sys.argv[1], str(d), plan.stage, sys.argv[2]]
+sys.exit(cli.main(sys.argv[3:]))
 """
 
 
@@ -296,17 +303,20 @@ def _wait_for(paths, seconds=60):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("jobs, sig", [(1, signal.SIGINT), (2, signal.SIGINT), (1, signal.SIGKILL)])
-def test_stopping_the_cohort_stops_its_stages(tmp_path, jobs, sig):
+@pytest.mark.parametrize("jobs, sig, case", [(1, signal.SIGINT, ""), (2, signal.SIGINT, ""), (1, signal.SIGKILL, ""),
+                                             (1, signal.SIGKILL, "early"), (1, signal.SIGKILL, "sigint-ignored")])
+def test_stopping_the_cohort_stops_its_stages(tmp_path, jobs, sig, case):
     """SIGINT to the cohort alone (not its process group): each running stage gets one SIGINT, no
     further stage starts, exit 130 with one line. SIGKILL: the stages still stop (they are not left
-    running as orphans that write into DIR later)."""
+    running as orphans that write into DIR later), also when the cohort dies while a stage still
+    imports, and when the cohort was started with SIGINT ignored (`cmd &` in a script)."""
     sections = make_sections(tmp_path / "data", "s1", "s2")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_COHORT, SLOW_STAGE, *map(str, sections), "-j", str(jobs),
-                             "--summary", str(tmp_path / "sum.json"), "-q"], cwd=REPO, stderr=subprocess.PIPE,
-                            text=True)
-    started = [d / "started-image_calibration" for d in sections[:jobs]]
-    _wait_for(started)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if case == "sigint-ignored" else None
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_COHORT, SLOW_STAGE, "2" if case == "early" else "0",
+                             *map(str, sections), "-j", str(jobs), "--summary", str(tmp_path / "sum.json"), "-q"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+    marker = "spawned" if case == "early" else "started"
+    _wait_for([d / f"{marker}-image_calibration" for d in sections[:jobs]])
     os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     _wait_for([d / "interrupted-image_calibration" for d in sections[:jobs]])

@@ -52,7 +52,17 @@ def _transpose_counts(d):
 
 
 # (id, stage, mutate -> extra args or None, fragments of the one error line)
+def _extra_value(name, value):
+    def f(d):
+        lines = (d / name).read_text().splitlines()
+        (d / name).write_text("\n".join(lines[:1] + [line + "\t" + value for line in lines[1:]]) + "\n")
+    return f
+
+
 REFUSED = [
+    ("locs-unnamed-extra-column", "image_calibration.py", _extra_value("locs-raw.tsv", "1000"),
+     ["locs-raw.tsv", "has 4 fields, the header 3"]),
+    ("counts-trailing-tab", "get_HR.py", _extra_value("cnts.tsv", ""), ["cnts.tsv", "(a trailing tab or comma?)"]),
     ("pixel-size-utf16", "image_calibration.py", _recode("pixel-size-raw.txt", "utf-16"), ["pixel-size-raw.txt", "UTF-16", "save it as UTF-8"]),
     ("locs-utf16", "image_calibration.py", _recode("locs-raw.tsv", "utf-16"), ["locs-raw.tsv", "UTF-16", "UTF-8"]),
     ("counts-utf16", "get_HR.py", _recode("cnts.tsv", "utf-16"), ["cnts.tsv", "UTF-16", "UTF-8"]),
@@ -111,7 +121,18 @@ def _r_write_table(name):
     return f
 
 
-ACCEPTED = [("r-write-table", [_r_write_table(n) for n in ("locs-raw.tsv", "cnts.tsv")], _gene_list(b"G1\nG2\n")),
+def _r_row_numbers(name):
+    """R's write.table of a data frame with a spot column: quoted names, row numbers 1, 2, ... first."""
+    def f(d):
+        rows = [line.split("\t") for line in (d / name).read_text().splitlines()]
+        (d / name).write_text("\n".join(["\t".join(f'"{v}"' for v in rows[0])]
+                                        + [f'"{i}"\t"{r[0]}"\t' + "\t".join(r[1:]) for i, r in enumerate(rows[1:], 1)])
+                              + "\n")
+    return f
+
+
+ACCEPTED = [("r-row-numbers", [_r_row_numbers(n) for n in ("locs-raw.tsv", "cnts.tsv")], _gene_list(b"G1\nG2\n")),
+            ("r-write-table", [_r_write_table(n) for n in ("locs-raw.tsv", "cnts.tsv")], _gene_list(b"G1\nG2\n")),
             ("bom", [_bom(n) for n in ("pixel-size-raw.txt", "radius-raw.txt", "locs-raw.tsv", "cnts.tsv")],
              _gene_list("\ufeffG1\nG2\n".encode())),
             ("crlf", [_crlf(n) for n in ("pixel-size-raw.txt", "radius-raw.txt", "locs-raw.tsv", "cnts.tsv")],
@@ -447,6 +468,8 @@ def test_histex_locks_an_out_folder_outside_dir(demo_upstream, tmp_path):
         assert_user_error(run_script("HISTEX.py", d, *FAST, "--out", out), "in use by HISTEX.py")
     finally:
         lock.release()
+    r = run_script("HISTEX.py", d, *FAST, "--model", "interp", "--out", d)   # DIR itself: one lock, not two
+    assert r.returncode == 0 and (d / "super-res.h5ad").is_file(), r.stderr[-2000:]
     (d / "features" / "micro.npy").unlink()     # fails after the lock is taken
     fresh = tmp_path / "fresh" / "run"
     assert_user_error(run_script("HISTEX.py", d, *FAST, "--out", fresh), "micro.npy")

@@ -64,10 +64,14 @@ def build_parser() -> Parser:
 
 
 def _data_directory(run_dir: Path, given):
-    if given is not None:
-        L.CALIBRATION.existing(given)
-        return Path(given)
-    return L.data_directory_of(run_dir)
+    own = L.data_directory_of(run_dir)
+    if given is None:
+        return own
+    L.CALIBRATION.existing(given)
+    if own is not None and own != Path(given).resolve():   # its H&E and mask would be another section's
+        raise InputError(f"--directory {given}: the run {run_dir} belongs to {own}; leave --directory out (it is "
+                         f"only needed for a run written elsewhere with HISTEX.py --out)")
+    return Path(given)
 
 
 def _check_run_dir(run_dir: Path) -> None:

@@ -68,8 +68,11 @@ def parse_stage_args(items: Sequence[str]) -> dict:
             raise InputError(f"--stage-args: {key} given twice; put all options of a stage in one --stage-args")
         try:
             out[key] = tuple(shlex.split(text))
-        except ValueError as e:
-            raise InputError(f"--stage-args {item!r}: cannot split the options ({e}); check the quotes") from None
+        except ValueError as e:   # the options are not echoed: they may hold a token
+            raise InputError(f"--stage-args {key}: cannot split the options ({e}); check the quotes") from None
+        if any(len(a.split("=")[0]) >= 5 and "--login".startswith(a.split("=")[0]) for a in out[key]):
+            raise InputError(f"--stage-args {key}: leave out --login (the cohort writes the options into DIR/logs "
+                             f"and the summary); export HF_TOKEN instead, which the stages read")
     return out
 
 
@@ -103,9 +106,6 @@ def check_stage_options(plans, *, n_sections: int) -> None:
         except SystemExit:   # --help, --version
             raise InputError(f"--stage-args {plan.stage}: only options that run the stage; for its help, run "
                              f"python {plan.script} --help") from None
-        if getattr(ns, "login", None):   # the options go into each section's log and the summary
-            raise InputError(f"--stage-args {plan.stage}: leave out --login (the cohort writes the options into "
-                             f"DIR/logs and the summary); export HF_TOKEN instead, which the stages read")
         if str(ns.directory) != SECTION:
             raise InputError(f"--stage-args {plan.stage}: leave out --directory ({ns.directory}); the cohort passes "
                              f"each section's own")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..core.distributed import world_from_env
+from ..core.distributed import check_launcher, world_from_env
 from ..core.errors import InputError
 from ..core.text_io import read_text
 
@@ -72,4 +72,5 @@ def rank_share(sections: Sequence[Path], *, environ: Mapping = os.environ) -> tu
     ranks run independently: no process group (utils.core.distributed.world_from_env only reads
     the variables)."""
     world = world_from_env(environ)
+    check_launcher(world, environ)   # a stray WORLD_SIZE would leave the other ranks' sections undone
     return world.strided(sections), world.rank, world.size

@@ -194,6 +194,16 @@ def world_from_env(environ: Mapping = os.environ) -> World:
     return World(rank, size, max(1, _env_int(environ, "LOCAL_WORLD_SIZE", size)) if size > 1 else 1)
 
 
+def check_launcher(world: World, environ: Mapping = os.environ) -> None:
+    """Several processes (WORLD_SIZE > 1) need the rendezvous torchrun sets up with them; a WORLD_SIZE
+    left in the environment without it would make this process one of N that never come."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k, "").strip()]
+    if world.size > 1 and missing:
+        raise InputError(f"WORLD_SIZE={world.size} is set but {' and '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not: start the processes with torchrun (README, "
+                         f"'Many GPUs and clusters'), or unset WORLD_SIZE and RANK to run in one process")
+
+
 def _own_store(world: World, environ: Mapping) -> dict:
     """Under torchrun the ranks have met already (its agent's store). Started some other way, with
     the variables set by hand, rank 0 waits JOIN_TIMEOUT for the others to connect instead of the
@@ -224,11 +234,7 @@ def launch(environ: Mapping = os.environ) -> World:
     world = world_from_env(environ)
     if world.size == 1 or _WORLD.size > 1:
         return _WORLD
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(k, "").strip()]
-    if missing:  # a WORLD_SIZE left in the environment, not torchrun (which sets all of them)
-        raise InputError(f"WORLD_SIZE={world.size} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the processes "
-                         f"with torchrun (README, 'Many GPUs and clusters'), or unset WORLD_SIZE and RANK to run "
-                         f"in one process")
+    check_launcher(world, environ)
     import torch
     import torch.distributed as dist
     backend = "gloo"

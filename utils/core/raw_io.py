@@ -105,8 +105,11 @@ def _first_rows(path, n=2):
 
 
 def _unnamed_id_column(rows) -> bool:
-    """R's write.table (row.names=TRUE) leaves the id column unnamed: its header is one field short."""
-    return len(rows) == 2 and len(rows[1]) == len(rows[0]) + 1
+    """R's write.table (row.names=TRUE) leaves the id column unnamed: its header is one field short.
+    Not so when the header names an id column (R's row numbers before a barcode column: pandas makes
+    them the index) or when the extra field is an empty last one (a trailing tab)."""
+    return (len(rows) == 2 and len(rows[1]) == len(rows[0]) + 1 and rows[1][-1] != ""
+            and not any(_is_id_name(name) for name in rows[0]))
 
 
 def _unique(names):
@@ -135,6 +138,11 @@ def _read_table(path):
     check_encoding(path)
     rows = _first_rows(path)
     unnamed = _unnamed_id_column(rows)
+    r_row_numbers = len(rows) == 2 and len(rows[1]) == len(rows[0]) + 1 and rows[1][0].isdigit()  # pandas' index
+    if len(rows) == 2 and len(rows[1]) != len(rows[0]) and not (unnamed or r_row_numbers):   # columns would shift
+        raise InputError(f"{path}: the first line below the header has {len(rows[1])} fields, the header "
+                         f"{len(rows[0])}{' (a trailing tab or comma?)' if rows[1][-1] == '' else ''}; write one "
+                         f"name in the header for every column")
     header = (["spot"] if unnamed else []) + (rows[0] if rows else [])
     as_text = {i: str for i, name in enumerate(header) if _read_as_text(i, name)}
     try:

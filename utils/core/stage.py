@@ -227,14 +227,12 @@ class Stage:
 
 def run_folder_stage(stage: str, run_dir: Path, directory: Path | None) -> Stage:
     """The Stage of a command that writes into a HISTEX run folder (analysis, score --write): it locks
-    the data directory (HISTEX holds that lock while it writes the run) and the run folder when that
-    lies outside it (HISTEX --out elsewhere locks that folder too); without a data directory, the run
-    folder alone."""
+    the data directory and the run folder, as HISTEX does while it writes the run (a run folder may be
+    reached from more than one DIR with --out); without a data directory, the run folder alone."""
     run_dir = Path(run_dir)
-    if directory is None:
+    if directory is None or Path(directory).resolve() == run_dir.resolve():
         return Stage(stage, run_dir, manifest=False, sweep=(run_dir,))
-    inside = Path(directory).resolve() in run_dir.resolve().parents
-    return Stage(stage, directory, manifest=False, sweep=(run_dir,), lock_also=() if inside else (run_dir,))
+    return Stage(stage, directory, manifest=False, sweep=(run_dir,), lock_also=(run_dir,))
 
 
 def rank_stage(stage: str, directory: Path, **options):

@@ -55,8 +55,11 @@ def end_with_launcher(environ=os.environ) -> None:
     """A command that utils.cohort started (END_WITH_PARENT set to the cohort's pid) gets SIGINT, and
     so cleans up as after a Ctrl-C, when the cohort ends: killed, or stopped by torchrun."""
     parent = environ.pop(END_WITH_PARENT, "")   # for this process only, not for the ones it starts
-    if parent.isdigit() and int(parent) == os.getppid():
-        end_with_parent(int(parent), sig=signal.SIGINT)
+    if not parent.isdigit():
+        return
+    # started in the background by a script (`cmd &`), the cohort and so this process ignore SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    end_with_parent(int(parent), sig=signal.SIGINT)   # at once if the launcher died during the imports
 
 
 def _watch_parent(parent, poll_seconds, sig):

@@ -12,7 +12,7 @@ from ..core.errors import InputError
 from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
 from ..core.layout import METRICS, data_directory_of
 from ..core.raw_io import examples
-from ..core.stage import run_folder_stage
+from ..core.stage import DirectoryLock, run_folder_stage
 from .metrics import align_to_truth, score_maps
 
 log = logging.getLogger("trihrge")
@@ -80,9 +80,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     setup_logging(True)
     results = []
+    if args.write:   # every run checked first: an error writes no run's metrics.json
+        for r in args.runs:
+            _super_res(r)
+            busy = next(filter(None, map(DirectoryLock.holder_message, (r, data_directory_of(r) or r))), None)
+            if busy:
+                raise InputError(busy)
     for r in args.runs:
         if args.write:   # locked as the analysis is, read and written under the lock (a HISTEX rerun waits)
-            _super_res(r)
             with run_folder_stage("score", r, data_directory_of(r)) as st:
                 m = score_run(r, args.truth)
                 st.out.write_json(r / METRICS, m)

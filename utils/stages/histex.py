@@ -275,9 +275,11 @@ def _fuse_and_measure(inp, config, sr, oof, before, sigma_c, kernel, image=None)
     trainable = config.model_class.trainable
     if oof is None and trainable:
         if config.fusion != "none":
-            log.warning("--fusion %s: not applied, the model's map is written as it is (the fusion is chosen on "
-                        "the out-of-fold predictions of cross-fitting, which this run has not: --no-cross-fit, "
-                        "--val-fraction 0, one state or too few spots)", config.fusion)
+            # a warning when asked for, a note when it is only the default
+            (log.warning if config.fusion != HistexConfig.fusion else log.info)(
+                "--fusion %s: not applied, the model's map is written as it is (the fusion is chosen on the "
+                "out-of-fold predictions of cross-fitting, which this run has not: --no-cross-fit, --val-fraction "
+                "0, one state or too few spots)", config.fusion)
         return None, None, None, None
     ref = _reference_oof(inp, config)
     if oof is None:
@@ -350,8 +352,9 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
     out_dir = Path(config.out) if config.out else directory / L.RESULTS_DIR / config.run_name
     leader = current().leader
     progress = progress and leader
-    outside = Path(directory).resolve() not in out_dir.resolve().parents
-    with rank_stage(STAGE, directory, force=force, sweep=(out_dir,), lock_also=(out_dir,) if outside else ()) as st:
+    # the run folder is locked too: another DIR's run (--out) or an analysis may name the same folder
+    own = () if out_dir.resolve() == Path(directory).resolve() else (out_dir,)
+    with rank_stage(STAGE, directory, force=force, sweep=(out_dir,), lock_also=own) as st:
         inp = _read_inputs(directory, config)
         inputs = [a.path(directory) for a in (L.SPOTS, L.HR_SPOTS, L.MASK, L.CALIBRATION)]
         if config.model_class.trainable:
