@@ -293,10 +293,10 @@ def test_directory_without_write_permission(raw, tmp_path, monkeypatch, capsys):
 # interruption, reruns, determinism
 
 def _public(snap):
-    """Artifact names, without the temporaries and the lock file a killed stage leaves (the next run
-    sweeps them and takes the lock over)."""
+    """Artifact names, without the temporaries and the lock files a killed stage leaves (DIR's and its
+    run folder's; the next run sweeps them and takes the locks over)."""
     return {k: v for k, v in snap.items()
-            if k != ".trihrge.lock" and not any(part.startswith(".trihrge-tmp") for part in Path(k).parts)}
+            if Path(k).name != ".trihrge.lock" and not any(part.startswith(".trihrge-tmp") for part in Path(k).parts)}
 
 
 def _start(cmd, log):
