@@ -84,8 +84,8 @@ def _check_run_dir(run_dir: Path) -> None:
 
 
 def read_run(run_dir: Path, name: str):
-    """The run's AnnData, with the scverse spatial layout this analysis draws on."""
-    _check_run_dir(run_dir)
+    """The run's AnnData, with the scverse spatial layout this analysis draws on (run_dir checked
+    by _check_run_dir)."""
     p = run_dir / name
     if not p.is_file():
         raise InputError(f"{p}: not found; run HISTEX.py on the data directory first (it writes {name})")

@@ -52,9 +52,9 @@ def autocast(device: str, precision: str):
 
 def available_cpus(*, root: Path = Path("/"), environ: Mapping = os.environ) -> int:
     """How many CPUs this process should compute on: OMP_NUM_THREADS when it is a positive integer
-    (the user's explicit choice, even above the cgroup quota; at most the CPUs of its affinity mask), else the fewer of the CPUs in its affinity mask (taskset, SLURM's
-    --cpus-per-task) and its cgroup CPU quota rounded up (docker --cpus, Kubernetes limits), at
-    least 1. Not the machine's core count: torch's default of every core made training 10-20 x
+    (the user's explicit choice, even above the cgroup quota; at most the CPUs of its affinity mask),
+    else the fewer of the CPUs in its affinity mask (taskset, SLURM's --cpus-per-task) and its cgroup
+    CPU quota rounded up (docker --cpus, Kubernetes limits), at least 1. Not the machine's core count: torch's default of every core made training 10-20 x
     slower on a node shared with other jobs.
 
     Parameters

@@ -27,14 +27,15 @@ def check_grid_positions(ad, path, fix: str) -> None:
                              f"(the super-pixel of each observation); {fix}")
 
 
-def check_finite_values(ad, path, fix: str, rows_per_chunk: int = 16384) -> None:
+def check_finite_values(ad, path, fix: str) -> None:
     """X holds no NaN or infinity (checked in row chunks: no full-size temporary)."""
     import numpy as np
+
+    from .chunks import row_chunks
     X = ad.X
     if hasattr(X, "data"):   # sparse: only the stored values
         bad = int((~np.isfinite(X.data)).sum())
     else:
-        bad = sum(int((~np.isfinite(np.asarray(X[i:i + rows_per_chunk]))).sum())
-                  for i in range(0, ad.n_obs, rows_per_chunk))
+        bad = sum(int((~np.isfinite(np.asarray(X[s]))).sum()) for s in row_chunks(*X.shape))
     if bad:
         raise InputError(f"{path}: X holds {bad} NaN or infinite value(s); {fix}")

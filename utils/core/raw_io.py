@@ -104,12 +104,20 @@ def _first_rows(path, n=2):
         return []
 
 
-def _unnamed_id_column(rows) -> bool:
-    """R's write.table (row.names=TRUE) leaves the id column unnamed: its header is one field short.
-    Not so when the header names an id column (R's row numbers before a barcode column: pandas makes
-    them the index) or when the extra field is an empty last one (a trailing tab)."""
-    return (len(rows) == 2 and len(rows[1]) == len(rows[0]) + 1 and rows[1][-1] != ""
-            and not any(_is_id_name(name) for name in rows[0]))
+def _header(path, rows) -> tuple[list, bool]:
+    """(the column names, whether the file leaves the first one unnamed) from the first two rows.
+    The data rows may be one field longer than the header only as R's write.table writes them: with
+    row.names=TRUE the id column is unnamed (named 'spot' here), or R's row numbers come before a named
+    id column (pandas makes them the index). Any other difference would shift the columns."""
+    header = rows[0] if rows else []
+    one_more = len(rows) == 2 and len(rows[1]) == len(header) + 1
+    if one_more and rows[1][-1] != "" and not any(_is_id_name(name) for name in header):
+        return ["spot", *header], True
+    if len(rows) == 2 and len(rows[1]) != len(header) and not (one_more and rows[1][0].isdigit()):
+        raise InputError(f"{path}: the first line below the header has {len(rows[1])} fields, the header "
+                         f"{len(header)}{' (a trailing tab or comma?)' if rows[1][-1] == '' else ''}; write one "
+                         f"name in the header for every column")
+    return header, False
 
 
 def _unique(names):
@@ -136,14 +144,7 @@ def _read_table(path):
     """A raw table; the columns that may hold ids are read as text, so that ids such as
     0.1 / 0.10 / 000 / NA stay distinct strings (pandas would coerce them to numbers or NaN)."""
     check_encoding(path)
-    rows = _first_rows(path)
-    unnamed = _unnamed_id_column(rows)
-    r_row_numbers = len(rows) == 2 and len(rows[1]) == len(rows[0]) + 1 and rows[1][0].isdigit()  # pandas' index
-    if len(rows) == 2 and len(rows[1]) != len(rows[0]) and not (unnamed or r_row_numbers):   # columns would shift
-        raise InputError(f"{path}: the first line below the header has {len(rows[1])} fields, the header "
-                         f"{len(rows[0])}{' (a trailing tab or comma?)' if rows[1][-1] == '' else ''}; write one "
-                         f"name in the header for every column")
-    header = (["spot"] if unnamed else []) + (rows[0] if rows else [])
+    header, unnamed = _header(path, _first_rows(path))
     as_text = {i: str for i, name in enumerate(header) if _read_as_text(i, name)}
     try:
         df = pd.read_csv(path, sep=_sep_for(path), index_col=None, low_memory=False, encoding="utf-8-sig",

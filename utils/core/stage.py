@@ -229,10 +229,20 @@ def run_folder_stage(stage: str, run_dir: Path, directory: Path | None) -> Stage
     """The Stage of a command that writes into a HISTEX run folder (analysis, score --write): it locks
     the data directory and the run folder, as HISTEX does while it writes the run (a run folder may be
     reached from more than one DIR with --out); without a data directory, the run folder alone."""
+    first, *also = _run_folder_locks(run_dir, directory)
+    return Stage(stage, first, manifest=False, sweep=(Path(run_dir),), lock_also=tuple(also))
+
+
+def run_folder_in_use(run_dir: Path, directory: Path | None) -> str | None:
+    """The refusal run_folder_stage would give now (another process holds one of its locks), or None."""
+    return next(filter(None, map(DirectoryLock.holder_message, _run_folder_locks(run_dir, directory))), None)
+
+
+def _run_folder_locks(run_dir: Path, directory: Path | None) -> list:
     run_dir = Path(run_dir)
     if directory is None or Path(directory).resolve() == run_dir.resolve():
-        return Stage(stage, run_dir, manifest=False, sweep=(run_dir,))
-    return Stage(stage, directory, manifest=False, sweep=(run_dir,), lock_also=(run_dir,))
+        return [run_dir]
+    return [Path(directory), run_dir]
 
 
 def rank_stage(stage: str, directory: Path, **options):

@@ -12,7 +12,7 @@ from ..core.errors import InputError
 from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
 from ..core.layout import METRICS, data_directory_of
 from ..core.raw_io import examples
-from ..core.stage import DirectoryLock, run_folder_stage
+from ..core.stage import run_folder_in_use, run_folder_stage
 from .metrics import align_to_truth, score_maps
 
 log = logging.getLogger("trihrge")
@@ -83,7 +83,7 @@ def main(argv=None):
     if args.write:   # every run checked first: an error writes no run's metrics.json
         for r in args.runs:
             _super_res(r)
-            busy = next(filter(None, map(DirectoryLock.holder_message, (r, data_directory_of(r) or r))), None)
+            busy = run_folder_in_use(r, data_directory_of(r))
             if busy:
                 raise InputError(busy)
     for r in args.runs:
