@@ -2,7 +2,6 @@
 """Stage 5: train the TriHRGE network (or a baseline) and write the super-resolution maps."""
 import argparse
 
-from models import MODELS
 from utils.core.cli import add_device, add_seed, check_directory, make_parser, output_directory, run, setup_logging
 from utils.superres.config import CHOICES, VALIDATORS, HistexConfig
 
@@ -11,6 +10,7 @@ V = VALIDATORS    # the same checks whether values come from here or from code
 
 
 def build_parser():
+    from models import MODELS  # imports torch: here, so that a Ctrl-C meanwhile gets run()'s one line
     p = make_parser(
         "Stage 5 of TriHRGE: train the network on the measured spots (the mean prediction over each spot's "
         "footprint must match its scaled counts), predict every tissue super-pixel, map the predictions back to "

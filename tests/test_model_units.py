@@ -451,6 +451,12 @@ def test_opt_in_parts_name_the_run_and_keep_older_states_valid():
     assert mlp.run_name == "mlp-resid-std" and mlp.ignored_options == ["--gene-tokens", "--no-linear-head"]
     interp = HistexConfig(model="interp", residual=True, standardize_features=True, no_macro=True)
     assert interp.run_name == "interp" and interp.ignored_options == ["--no-macro", "--residual", "--standardize-features"]
+    # training and network settings too: a model without weights trains nothing, an MLP has no heads
+    assert HistexConfig(model="interp", epochs=3, cross_fit=False, lr=0.01).ignored_options == [
+        "--epochs", "--no-cross-fit", "--lr"]
+    assert HistexConfig(model="mlp", heads=8, epochs=3).ignored_options == ["--heads"]
+    assert HistexConfig(token_mask=0.2).ignored_options == ["--token-mask"]      # without gene tokens
+    assert HistexConfig(token_mask=0.2, gene_tokens=True, heads=8).ignored_options == []
     # with gene tokens the window always has attention: --window-attention changes nothing
     assert HistexConfig(gene_tokens=True, window_attention=True).run_name == "trihrge-tokens"
     default = HistexConfig().model_config({"micro": 3}, 5, 3)

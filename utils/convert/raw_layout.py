@@ -16,7 +16,8 @@ from .tables import check_plain_names
 
 
 def prepare_directory(directory, image_name, counts_name, writes_truth):
-    """Create DIR; refuse when it already holds raw-layout files of another data set that ours would not replace."""
+    """Check DIR (it may not exist yet: the converter's Stage(create=True) makes it); refuse when it already
+    holds raw-layout files of another data set that ours would not replace."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory}: exists and is not a directory; pass a folder for --directory")
@@ -28,9 +29,9 @@ def prepare_directory(directory, image_name, counts_name, writes_truth):
         if others:
             raise InputError(f"{directory}: already holds {', '.join(others)} of another data set, which would sit "
                              f"beside the converted files; remove them or pass an empty or new folder for --directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise InputError(f"{directory}: no write permission; make it writable or pass another --directory")
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing}: no write permission; make it writable or pass another --directory")
     return directory
 
 

@@ -216,7 +216,7 @@ def convert_visium(args):
     section = section_record("10x Visium (Space Ranger)", "10x Visium: 55 um spots on a 100 um hexagonal lattice",
                              args.tissue, sel, M.genes, pos.loc[sel, "array_col"], pos.loc[sel, "array_row"],
                              conversion)
-    with Stage("convert", directory, manifest=False) as st:
+    with Stage("convert", directory, manifest=False, create=True) as st:
         out = st.out
         write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=sel, genes=M.genes, X=X, x=x, y=y, radius_raw=radius_raw,
@@ -312,7 +312,7 @@ def convert_visium_hd(args):
                              "pseudo-Visium: 55 um spots on a 100 um hexagonal lattice, summed from 8 um truth "
                              f"built from Visium HD {bin_size} um bins", args.tissue, spots["ids"], M.genes,
                              spots["array_col"], spots["array_row"], conversion)
-    with Stage("convert", directory, manifest=False) as st:
+    with Stage("convert", directory, manifest=False, create=True) as st:
         out = st.out
         write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=spots["ids"], genes=M.genes, X=spots["counts"], x=spots["x"],
@@ -444,7 +444,7 @@ def convert_h5ad(args):
                   "scalefactors": {k: float(v) for k, v in sf.items() if np.isscalar(v)}}
     section = section_record("AnnData (scanpy Visium object)", "10x Visium: 55 um spots on a 100 um hexagonal lattice",
                              args.tissue, ids, genes, ax, ay, conversion)
-    with Stage("convert", directory, manifest=False) as st:
+    with Stage("convert", directory, manifest=False, create=True) as st:
         out = st.out
         write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=ids, genes=genes, X=X, x=x, y=y, radius_raw=radius_raw,

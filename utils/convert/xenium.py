@@ -405,7 +405,7 @@ def convert_xenium(args):
     check_plain_names(cell_ids.astype(str), args.source, "cell id")
     cells_out = pd.DataFrame({"cell_id": cell_ids.astype(str), "x": np.round(cx, 3), "y": np.round(cy, 3),
                               "total_counts": np.asarray(X.sum(1)).ravel()})
-    with Stage("convert", directory, manifest=False) as st:
+    with Stage("convert", directory, manifest=False, create=True) as st:
         out = st.out
         write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
                          pixel_size=ps, ids=spots["ids"], genes=Mx.genes, X=spots["counts"], x=spots["x"],

@@ -116,10 +116,12 @@ class Stage:
 
     stage: the key in utils.core.manifest.STAGES (for a converter: a label for the lock).
     force: use stale upstream artifacts (logged). sweep: further folders whose temporaries are this
-    run's business (HISTEX's --out outside DIR)."""
+    run's business (HISTEX's --out outside DIR). create: make DIR when it is missing (a converter's
+    new folder); a folder made here, for DIR or lock_also, is removed again when a failed run leaves
+    it empty."""
 
     def __init__(self, stage: str, directory: Path, *, force: bool = False, manifest: bool = True,
-                 sweep: tuple = (), lock_also: tuple = ()):
+                 sweep: tuple = (), lock_also: tuple = (), create: bool = False):
         self.stage = stage
         self.directory = Path(directory)
         self.force = force
@@ -134,15 +136,16 @@ class Stage:
         # folders outside DIR written too (HISTEX --out elsewhere): locked as well, made if missing
         self._more_locks = [DirectoryLock(Path(d), holder) for d in lock_also]
         self._made: list = []
+        self._create = create
 
     # --- entry ------------------------------------------------------------------------------
     def __enter__(self) -> "Stage":
-        self._lock.acquire()
         try:
+            if self._create:
+                self._make(self.directory)
+            self._lock.acquire()
             for lock in self._more_locks:
-                folder = lock.path.parent
-                self._made += [p for p in (folder, *folder.parents) if not p.exists()]   # deepest first
-                folder.mkdir(parents=True, exist_ok=True)
+                self._make(lock.path.parent)
                 lock.acquire()
             for d in (self.directory, *self.sweep):
                 if d.is_dir():
@@ -154,13 +157,20 @@ class Stage:
             raise
         return self
 
+    def _make(self, folder: Path) -> None:
+        self._made += [p for p in (folder, *folder.parents) if not p.exists()]   # deepest first
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{e.filename or folder}: cannot be created ({e.strerror or e}); pass a folder in a "
+                             f"place you can write to") from None
+
     def _release(self) -> None:
-        for lock in self._more_locks:
+        for lock in (*self._more_locks, self._lock):
             lock.release()
-        for d in self._made:   # folders made only to be locked, left empty by a failure
+        for d in self._made:   # folders this run made, left empty by a failure
             with contextlib.suppress(OSError):
                 d.rmdir()
-        self._lock.release()
 
     def record(self, inputs, parameters: dict) -> None:
         """The inputs (files) and parameters that go into the manifest; logs what changed since the

@@ -94,21 +94,14 @@ def make(kind, src, dst):
         raise InputError(f"{dst}: holds other files and is not a protocol folder (no protocol.json); give a new or "
                          f"empty folder, or one written by python -m utils.protocols make")
     image = find_one(src, IMAGE_NAMES, "H&E image")
-    made = not dst.exists()
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        _write(dst, image, kind, src, genes, (t_ids, t_X, t_xy, t_r), (h_ids, h_X, h_xy), radius)
-    except BaseException:
-        if made and not any(dst.iterdir()):   # nothing was written: leave no empty folder behind
-            dst.rmdir()
-        raise
+    _write(dst, image, kind, src, genes, (t_ids, t_X, t_xy, t_r), (h_ids, h_X, h_xy), radius)
     return len(t_ids), len(h_ids)
 
 
 def _write(dst, image, kind, src, genes, train, heldout, radius):
     """The protocol folder's files, inside the stage runner (lock, sweep, disk, one commit)."""
     (t_ids, t_X, t_xy, t_r), (h_ids, h_X, h_xy) = train, heldout
-    with Stage("protocols", dst, manifest=False, sweep=(dst / "heldout",)) as st:
+    with Stage("protocols", dst, manifest=False, sweep=(dst / "heldout",), create=True) as st:
         st.require_space(image.stat().st_size + 8 * (t_X.size + h_X.size), image.name)
         out = st.out
         img_out = dst / image.name

@@ -33,6 +33,14 @@ RUN_NAME_TAGS = (("no_macro", "nomacro"), ("no_multiscale", "micro"), ("gene_tok
                  ("standardize_features", "std"))
 # of those, the settings of what a trainable model reads (the rest change its options(config))
 INPUT_FLAGS = ("no_macro", "no_multiscale", "standardize_features")
+# the settings of training, which a model without weights (interp) ignores
+TRAINING = ("epochs", "n_states", "val_fraction", "cross_fit", "patience", "lr", "lr_schedule", "weight_decay",
+            "batch_size", "loss", "precision", "retrain")
+# the settings of the gene tokens, read only by a network that has them
+TOKEN_SETTINGS = ("k_tokens", "token_mask")
+# what ignored_options looks at: those, the tags and the network's settings (each changes options(config) or not)
+CHECKED_FOR_USE = (*TRAINING, *TOKEN_SETTINGS, *(flag for flag, _ in RUN_NAME_TAGS),
+                   "d_model", "heads", "depth", "dropout", "head_hidden")
 
 
 @dataclass
@@ -135,16 +143,20 @@ class HistexConfig:
 
     @property
     def ignored_options(self) -> list:
-        """The RUN_NAME_TAGS options that are on but change nothing for this model, e.g. --gene-tokens
-        of --model mlp, --residual of --model interp: neither an input a trainable model reads nor one
-        of its options(config)."""
+        """The options set away from their defaults that change nothing for this model, e.g.
+        --gene-tokens or --heads of --model mlp, --epochs or --residual of --model interp: a flag or
+        setting that is neither read by a trainable model (INPUT_FLAGS, TRAINING) nor one of its
+        options(config)."""
         cls = self.model_class
 
-        def changes(flag):
-            if flag in INPUT_FLAGS:
+        def changes(name, default):
+            if name in INPUT_FLAGS or name in TRAINING:
                 return cls.trainable
-            return cls.options(self) != cls.options(replace(self, **{flag: False}))
-        return [_option(flag) for flag, _ in RUN_NAME_TAGS if getattr(self, flag) and not changes(flag)]
+            if name in TOKEN_SETTINGS:
+                return cls.options(self).get("use_gene_tokens", False)
+            return cls.options(self) != cls.options(replace(self, **{name: default}))
+        return [_option(f.name, f.default) for f in fields(self) if f.name in CHECKED_FOR_USE
+                and getattr(self, f.name) != f.default and not changes(f.name, f.default)]
 
     @property
     def scales(self) -> list:
@@ -200,5 +212,6 @@ def precision_of(model_cfg: dict) -> str:
     return model_cfg.get("precision", "fp32")
 
 
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _option(name: str, default=False) -> str:
+    """The command-line spelling of a setting: --no-cross-fit for cross_fit, whose default is on."""
+    return ("--no-" if default is True else "--") + name.replace("_", "-")
