@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ..core.chunks import row_chunks
 from ..core.errors import InputError
 from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
 from .constants import TSV_LIMIT
@@ -46,10 +47,9 @@ def _write_counts_tsv_gz(path, ids, genes, X, rows_per_chunk=2000):
     X = sparse.csr_matrix(X)
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
         gz.write(("spot\t" + "\t".join(genes) + "\n").encode())
-        for i in range(0, X.shape[0], rows_per_chunk):
-            block = pd.DataFrame(X[i:i + rows_per_chunk].toarray(), columns=list(genes))
-            block.insert(0, "spot", list(ids[i:i + rows_per_chunk]))
-            gz.write(block.to_csv(sep="\t", index=False, header=False).encode())
+        for rows in row_chunks(X.shape[0], len(genes), rows_per_chunk):
+            block = pd.DataFrame(X[rows].toarray(), index=pd.Index(list(ids[rows])), columns=list(genes))
+            gz.write(block.to_csv(sep="\t", header=False).encode())
 
 
 def _write_counts_h5ad(path, ids, genes, X, gene_ids=None):

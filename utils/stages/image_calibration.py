@@ -12,6 +12,7 @@ import pandas as pd
 from ..core import geometry as geo
 from ..core import layout as L
 from ..core.atomic import rgb_tiff_memmap
+from ..core.chunks import row_chunks
 from ..core.errors import InputError
 from ..core.image_io import read_rgb, write_png
 from ..core.raw_io import IMAGE_NAMES, find_one, read_locs, read_pixel_size, read_radius
@@ -36,11 +37,9 @@ def superpixel_means(img, rows_per_chunk=64):
     sp = geo.SUPER_PIXEL_PX
     H, W = img.shape[0] // sp, img.shape[1] // sp
     out = np.empty((H, W, 3), dtype=np.uint8)
-    for r0 in range(0, H, rows_per_chunk):
-        r1 = min(H, r0 + rows_per_chunk)
-        block = np.asarray(img[r0 * sp:r1 * sp, :W * sp], dtype=np.float32)
-        block = block.reshape(r1 - r0, sp, W, sp, 3).mean(axis=(1, 3))
-        out[r0:r1] = np.round(block).astype(np.uint8)
+    for rows in row_chunks(H, W, rows_per_chunk):
+        block = np.asarray(img[rows.start * sp:rows.stop * sp, :W * sp], dtype=np.float32)
+        out[rows] = np.round(block.reshape(-1, sp, W, sp, 3).mean(axis=(1, 3))).astype(np.uint8)
     return out
 
 
@@ -49,11 +48,10 @@ def write_padded_tiff(path, scaled, padded_shape, rows_per_chunk=2048):
     ph, pw = padded_shape
     h, w = scaled.shape[:2]
     mm = rgb_tiff_memmap(path, ph, pw)
-    for r0 in range(0, ph, rows_per_chunk):
-        r1 = min(ph, r0 + rows_per_chunk)
-        mm[r0:r1] = 255
-        if r0 < h:
-            mm[r0:min(r1, h), :w] = scaled[r0:min(r1, h)]
+    for rows in row_chunks(ph, pw, rows_per_chunk):
+        mm[rows] = 255
+        if rows.start < h:
+            mm[rows.start:min(rows.stop, h), :w] = scaled[rows.start:min(rows.stop, h)]
     mm.flush()
     return mm
 
