@@ -166,7 +166,7 @@ def main(argv=None):
     elif args.command == "xenium":
         from .xenium import convert_xenium as convert
     else:
-        from .visium import convert_h5ad as convert
+        from .h5ad import convert_h5ad as convert
     convert(args)
     return 0
 

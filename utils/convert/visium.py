@@ -1,4 +1,4 @@
-"""Space Ranger (Visium, Visium HD) and scanpy/AnnData Visium objects -> the raw layout.
+"""Space Ranger (Visium, Visium HD) output -> the raw layout (an AnnData Visium object: utils/convert/h5ad.py).
 
 Pixel size of the full-resolution image:
 - Visium: from the spot lattice itself. Every spot has array coordinates (array_col steps of 2 are 100 um
@@ -21,13 +21,12 @@ import pandas as pd
 
 from ..core.errors import InputError
 from ..core.geometry import superpixel_grid_shape
-from ..core.h5ad_io import read_anndata
 from ..core.stage import Stage
 from .affine import lattice_pixel_size
 from .constants import SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM
 from .he_image import check_inside, check_pixel_size, image_shape, open_target_image
 from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
-from .tables import decode, make_unique, numeric, read_json, read_table, require_columns
+from .tables import decode, numeric, read_json, read_table, require_columns
 from .tenx_matrix import find_matrix, read_10x_matrix
 from .truth_layout import aggregate_to_superpixels, make_pseudo_spots, section_record, superpixel_of, write_truth
 
@@ -143,7 +142,7 @@ def check_same_image(spatial, sf, hw, image, skip):
                          f"Ranger (or add --skip-image-check if you are sure it is the same image, e.g. re-saved)")
 
 
-def _compare_spot_diameter(sf, ps, sf_path):
+def compare_spot_diameter(sf, ps, sf_path):
     sdf = sf.get("spot_diameter_fullres")
     if not sdf:
         return None
@@ -177,7 +176,7 @@ def visium_pixel_size(pos, sf, override, pos_path, sf_path, image):
                              f"size of the full-resolution image with --pixel-size")
     ps = check_pixel_size(ps, image, how)
     log.info("pixel size %.6g um/px (%s)", ps, how)
-    report["spot_diameter_fullres_um"] = _compare_spot_diameter(sf, ps, sf_path)
+    report["spot_diameter_fullres_um"] = compare_spot_diameter(sf, ps, sf_path)
     return ps, how, report
 
 
@@ -327,127 +326,3 @@ def convert_visium_hd(args):
 
 # ----------------------------------------------------------------------------------------------------
 # AnnData (scanpy Visium object)
-
-
-def _integer_counts(X):
-    if X is None:
-        return False
-    data = X.data if hasattr(X, "data") and hasattr(X, "indptr") else np.asarray(X)
-    return data.size == 0 or (np.all(np.isfinite(data)) and np.all(data == np.round(data)) and data.min() >= 0)
-
-
-def convert_h5ad(args):
-    from scipy import sparse
-    path = Path(args.source)
-    if not path.is_file():
-        raise InputError(f"{path}: not found; give a .h5ad file of a Visium data set (e.g. written by "
-                         f"scanpy.read_visium(...).write_h5ad)")
-    image, image_name, hw = open_target_image(args.image)
-    ad = read_anndata(path, "write it with write_h5ad", damaged=False)
-    if args.spatial_key not in ad.obsm:
-        raise InputError(f"{path}: no obsm['{args.spatial_key}'] (obsm holds {', '.join(ad.obsm.keys()) or 'nothing'}); "
-                         f"store the spot centres in full-resolution pixels (x = column, y = row) there, as "
-                         f"scanpy.read_visium does, or name the key with --spatial-key")
-    xy = np.asarray(ad.obsm[args.spatial_key], dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy[:, :2]).all():
-        raise InputError(f"{path}: obsm['{args.spatial_key}'] must be an (n, 2) array of finite x, y pixel positions")
-    sf = {}
-    spatial_uns = ad.uns.get("spatial", {}) if hasattr(ad.uns, "get") else {}
-    if spatial_uns:
-        libs = list(spatial_uns.keys())
-        lib = args.library_id or (libs[0] if len(libs) == 1 else None)
-        if lib is None or lib not in spatial_uns:
-            raise InputError(f"{path}: uns['spatial'] holds libraries {', '.join(libs)}; choose one with --library-id")
-        where = f"{path}: uns['spatial']['{lib}']"
-        if not isinstance(spatial_uns[lib], Mapping):
-            raise InputError(f"{where} is a {type(spatial_uns[lib]).__name__}, not a library (images, scalefactors); "
-                             f"store it as scanpy.read_visium does, or remove uns['spatial']")
-        sf = check_scalefactors(spatial_uns[lib].get("scalefactors", {}), f"{where}['scalefactors']",
-                                "store the scale factors as Space Ranger wrote them (or remove them)")
-
-    # counts: layers['counts'] > X > raw.X, whichever holds raw integers
-    if "counts" in ad.layers:
-        X, genes, source_counts = ad.layers["counts"], ad.var_names, "layers['counts']"
-        var = ad.var
-    elif _integer_counts(ad.X):
-        X, genes, source_counts, var = ad.X, ad.var_names, "X", ad.var
-    elif ad.raw is not None and _integer_counts(ad.raw.X):
-        X, genes, source_counts, var = ad.raw.X, ad.raw.var_names, "raw.X", ad.raw.var
-    elif ad.X is None and ad.raw is None:
-        raise InputError(f"{path}: the AnnData holds no count matrix (no X, layers['counts'] or raw); store the raw "
-                         f"UMI counts in X or layers['counts'] before write_h5ad")
-    else:
-        raise InputError(f"{path}: no raw integer counts (X is normalised and there is no layers['counts'] or raw); "
-                         f"save the raw UMI counts in layers['counts'] before write_h5ad")
-    if not _integer_counts(X):
-        raise InputError(f"{path}: {source_counts} holds non-integer or negative values; give raw UMI counts")
-    X = sparse.csr_matrix(X).astype(np.int64)
-    if "feature_types" in var.columns:
-        keep = np.flatnonzero(var["feature_types"].astype(str).to_numpy() == "Gene Expression")
-        if keep.size == 0:
-            raise InputError(f"{path}: no 'Gene Expression' feature in var['feature_types']")
-        X, genes = X[:, keep], genes[keep]
-        var = var.iloc[keep]
-    genes = make_unique(genes, path)
-    gene_ids = var["gene_ids"].astype(str).to_numpy() if "gene_ids" in var.columns else None
-    ids = pd.Index(ad.obs_names.astype(str))
-    sel = np.ones(ad.n_obs, bool)
-    if "in_tissue" in ad.obs.columns:
-        sel = pd.to_numeric(ad.obs["in_tissue"], errors="coerce").to_numpy() == 1
-        if (~sel).any():
-            log.info("dropped %d of %d spots not under tissue (obs['in_tissue'] = 0)", int((~sel).sum()), ad.n_obs)
-
-    # pixel size: --pixel-size > array lattice > nearest-neighbour spacing (100 um) > spot_diameter_fullres / 65
-    report = {}
-    if args.pixel_size:
-        ps, how = float(args.pixel_size), "given with --pixel-size"
-    else:
-        ps = None
-        if {"array_row", "array_col"} <= set(ad.obs.columns):
-            ps, report = lattice_pixel_size(ad.obs["array_col"].to_numpy(float), ad.obs["array_row"].to_numpy(float),
-                                            xy[:, 0], xy[:, 1], COL_STEP, ROW_STEP, path, "spot")
-            how = f"affine fit of obsm['{args.spatial_key}'] on obs array_row/array_col (100 um hexagonal array)"
-        if ps is None:
-            from ..spots.lattice import describe_lattice
-            lat = describe_lattice(xy[:, :2])
-            if lat["kind"] == "hexagonal":
-                ps = VISIUM_SPOT_SPACING_UM / lat["spacing_px"]
-                how = f"nearest-neighbour spacing {lat['spacing_px']:.2f} px = 100 um (hexagonal lattice)"
-                report = lat
-            elif sf.get("spot_diameter_fullres"):
-                ps = SPACERANGER_SPOT_DIAMETER_UM / float(sf["spot_diameter_fullres"])
-                how = "spot_diameter_fullres / 65 um"
-            else:
-                raise InputError(f"{path}: the spot positions are not a hexagonal Visium lattice and there are no "
-                                 f"array coordinates or scale factors; give the pixel size with --pixel-size")
-    ps = check_pixel_size(ps, image, how)
-    log.info("pixel size %.6g um/px (%s)", ps, how)
-    report["spot_diameter_fullres_um"] = _compare_spot_diameter(sf, ps, path)
-
-    x, y = xy[sel, 0], xy[sel, 1]
-    ids, X = ids[sel], X[np.flatnonzero(sel)]
-    inside = check_inside(image, hw, x, y, "spots")
-    ids, X, x, y = ids[inside], X[np.flatnonzero(inside)], x[inside], y[inside]
-    if ids.duplicated().any():
-        raise InputError(f"{path}: duplicated obs names ({', '.join(ids[ids.duplicated()][:3])}); make them unique")
-    if len(ids) < 3:
-        raise InputError(f"{path}: only {len(ids)} spot(s) under tissue inside the image; at least 3 are needed")
-    radius_raw = args.spot_diameter_um / 2 / ps
-    counts_name = counts_name_for(args.counts_format, len(ids), len(genes))
-    directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=False)
-    ax = ad.obs["array_col"].to_numpy()[sel][inside] if "array_col" in ad.obs.columns else []
-    ay = ad.obs["array_row"].to_numpy()[sel][inside] if "array_row" in ad.obs.columns else []
-    conversion = {"converter": "python -m utils.convert h5ad", "source": str(path.resolve()),
-                  "image": str(image.resolve()), "counts_from": source_counts, "pixel_size_um": ps,
-                  "pixel_size_from": how, "lattice": {k: v for k, v in report.items() if np.isscalar(v) or v is None},
-                  "spot_diameter_um": args.spot_diameter_um,
-                  "scalefactors": {k: float(v) for k, v in sf.items() if np.isscalar(v)}}
-    section = section_record("AnnData (scanpy Visium object)", "10x Visium: 55 um spots on a 100 um hexagonal lattice",
-                             args.tissue, ids, genes, ax, ay, conversion)
-    with Stage("convert", directory, manifest=False, create=True) as st:
-        out = st.out
-        write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
-                         pixel_size=ps, ids=ids, genes=genes, X=X, x=x, y=y, radius_raw=radius_raw,
-                         section=section, counts_name=counts_name, gene_ids=gene_ids)
-    log.info("wrote %s: %d spots x %d genes at %.5g um/px", directory, len(ids), len(genes), ps)
-    return {"directory": str(directory), "spots": len(ids), "genes": len(genes), "pixel_size": ps}
