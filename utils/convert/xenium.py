@@ -310,16 +310,10 @@ def convert_xenium(args):
     if args.image is None or args.alignment is None:
         raise InputError("xenium needs --image (the post-Xenium H&E) and --alignment (the matrix CSV Xenium Explorer "
                          "exports after aligning that H&E); see python -m utils.convert xenium --help")
+    sub = _raster_steps(args.raster_um)
     image, image_name, hw = open_target_image(args.image)
     xpx, xpx_how = _xenium_pixel_size(source, args.xenium_pixel_size)
-    cells, cells_path = _read_cells(source)
-    Mx = read_10x_matrix(find_matrix(source, MATRIX_NAMES, args.matrix, "cell-feature matrix"))
-    missing = Mx.barcodes[~Mx.barcodes.isin(cells.index)]
-    if len(missing):
-        raise InputError(f"{Mx.path}: {len(missing)} cells have no centroid in {cells_path.name} "
-                         f"({', '.join(missing[:3])}); give the matrix and cell table of the same run")
-    cells = cells.loc[Mx.barcodes]
-
+    cells, Mx = _cells_of_matrix(source, args.matrix)
     M, kind = read_alignment(args.alignment)
     um_to_px, ps, how, frac = resolve_alignment(args.alignment, M, kind, args.invert_alignment, args.alignment_units,
                                                 xpx, cells.x.to_numpy(), cells.y.to_numpy(), hw, image)
@@ -335,55 +329,12 @@ def convert_xenium(args):
         log.warning("%d of %d cells (%.1f%%) fall outside the H&E and are dropped", int((~on_image).sum()), len(cx),
                     100 * (1 - frac))
     keep = np.flatnonzero(on_image)
-    cell_ids = cells.index[keep]
-    cx, cy = cx[keep], cy[keep]
-    X = Mx.X[keep]
+    cell_ids, cx, cy, X = cells.index[keep], cx[keep], cy[keep], Mx.X[keep]
+    check_plain_names(cell_ids.astype(str), args.source, "cell id")
     grid_shape = superpixel_grid_shape(hw, ps)
-    R, C = grid_shape
-
-    # pieces: (cell, super-pixel key, fraction)
-    sub = int(round(SUPER_PIXEL_UM / args.raster_um))
-    if sub < 1 or abs(sub * args.raster_um - SUPER_PIXEL_UM) > 1e-6:
-        raise InputError(f"--raster-um {args.raster_um}: must divide 8 um (e.g. 0.25, 0.5, 1, 2)")
-    centroid_cells = np.arange(len(keep))
-    pieces = []
-    boundaries, b_path = (None, None)
-    if args.assign != "centroids":
-        boundaries, b_path = _read_boundaries(source, args.boundaries)
-        if boundaries is None and args.assign == "boundaries":
-            raise InputError(f"{source}/{BOUNDARY_NAMES[0]}: not found, but --assign boundaries asks for it; give the "
-                             f"cell boundaries or use --assign centroids")
-    if boundaries is not None:
-        pos = boundaries["ids"].get_indexer(cell_ids)
-        have = np.flatnonzero(pos >= 0)
-        sel = pos[have]
-        starts, ends = boundaries["starts"][sel], boundaries["ends"][sel]
-        # vertices of the selected cells: Xenium um -> H&E px -> image um -> sub-pixels
-        vx_px, vy_px = apply(um_to_px, boundaries["x"], boundaries["y"])
-        f = ps / args.raster_um
-        p_idx, p_key, p_n, empty = rasterise_cells(vx_px * f, vy_px * f, starts, ends, grid_shape, sub)
-        pieces.append((have[p_idx], p_key, p_n))
-        has_piece = np.zeros(len(keep), bool)
-        has_piece[have[p_idx]] = True
-        centroid_cells = np.flatnonzero(~has_piece)
-        log.info("%s: %d cells split over super-pixels by boundary overlap (%.2f super-pixels per cell); %d by "
-                 "centroid (no boundary or no area)", b_path.name, int(has_piece.sum()),
-                 len(p_idx) / max(1, int(has_piece.sum())), len(centroid_cells))
-    else:
-        log.info("assigning all %d cells by centroid", len(keep))
-    if len(centroid_cells):
-        r = np.floor(cy[centroid_cells] * ps / SUPER_PIXEL_UM).astype(np.int64)
-        c = np.floor(cx[centroid_cells] * ps / SUPER_PIXEL_UM).astype(np.int64)
-        pieces.append((centroid_cells, r * C + c, np.ones(len(centroid_cells))))
-    p_cell = np.concatenate([p[0] for p in pieces])
-    p_key = np.concatenate([p[1] for p in pieces])
-    p_n = np.concatenate([p[2] for p in pieces])
-    order = np.lexsort((p_key, p_cell))
-    p_cell, p_key, p_n = p_cell[order], p_key[order], p_n[order]
-    per_cell = np.bincount(p_cell, weights=p_n, minlength=len(keep))
-    p_frac = p_n / per_cell[p_cell]
-    uk, truth = split_counts(X, p_cell, p_key, p_frac, args.seed)
-    rows, cols = uk // C, uk % C
+    assigned = _cell_pieces(args, source, cell_ids, cx, cy, um_to_px, ps, grid_shape, sub)
+    uk, truth = split_counts(X, *assigned["pieces"], args.seed)
+    rows, cols = uk // grid_shape[1], uk % grid_shape[1]
     log.info("truth: %d super-pixels x %d genes, %d counts (cells on the image: %d)", len(uk), truth.shape[1],
              int(truth.sum()), int(X.sum()))
 
@@ -396,13 +347,12 @@ def convert_xenium(args):
                   "alignment_units": args.alignment_units, "xenium_pixel_size_um": xpx,
                   "um_to_image_px": um_to_px.tolist(), "pixel_size_um": ps, "pixel_size_from": how,
                   "cells": int(len(keep)), "cells_off_image": int((~on_image).sum()),
-                  "assign": "boundaries" if boundaries is not None else "centroids", "raster_um": args.raster_um,
-                  "cells_by_centroid": int(len(centroid_cells)), "seed": int(args.seed)}
+                  "assign": assigned["assign"], "raster_um": args.raster_um,
+                  "cells_by_centroid": assigned["by_centroid"], "seed": int(args.seed)}
     section = section_record("10x Xenium (Xenium Onboard Analysis)",
                              "pseudo-Visium: 55 um spots on a 100 um hexagonal lattice, summed from 8 um truth built "
                              "from Xenium cells", args.tissue, spots["ids"], Mx.genes, spots["array_col"],
                              spots["array_row"], conversion)
-    check_plain_names(cell_ids.astype(str), args.source, "cell id")
     cells_out = pd.DataFrame({"cell_id": cell_ids.astype(str), "x": np.round(cx, 3), "y": np.round(cy, 3),
                               "total_counts": np.asarray(X.sum(1)).ravel()})
     with Stage("convert", directory, manifest=False, create=True) as st:
@@ -418,3 +368,65 @@ def convert_xenium(args):
              len(spots["ids"]), len(uk), len(Mx.genes), len(keep))
     return {"directory": str(directory), "spots": len(spots["ids"]), "superpixels": len(uk), "pixel_size": ps,
             "cells": len(keep)}
+
+
+def _raster_steps(raster_um: float) -> int:
+    """Sub-pixels per super-pixel side of the boundary raster; --raster-um must divide 8 um."""
+    sub = int(round(SUPER_PIXEL_UM / raster_um))
+    if sub < 1 or abs(sub * raster_um - SUPER_PIXEL_UM) > 1e-6:
+        raise InputError(f"--raster-um {raster_um}: must divide 8 um (e.g. 0.25, 0.5, 1, 2)")
+    return sub
+
+
+def _cells_of_matrix(source, matrix):
+    """The cell-feature matrix and its cells' centroids (a DataFrame in the matrix's cell order)."""
+    cells, cells_path = _read_cells(source)
+    Mx = read_10x_matrix(find_matrix(source, MATRIX_NAMES, matrix, "cell-feature matrix"))
+    missing = Mx.barcodes[~Mx.barcodes.isin(cells.index)]
+    if len(missing):
+        raise InputError(f"{Mx.path}: {len(missing)} cells have no centroid in {cells_path.name} "
+                         f"({', '.join(missing[:3])}); give the matrix and cell table of the same run")
+    return cells.loc[Mx.barcodes], Mx
+
+
+def _cell_pieces(args, source, cell_ids, cx, cy, um_to_px, ps, grid_shape, sub) -> dict:
+    """Each cell's share of the super-pixels it covers: pieces = (cell, super-pixel key, fraction),
+    sorted by cell and key; by boundary overlap where --assign and the boundaries allow, else the
+    super-pixel under the centroid. Also how the cells were assigned, for section.json."""
+    n, C = len(cell_ids), grid_shape[1]
+    centroid_cells = np.arange(n)
+    pieces = []
+    boundaries = None
+    if args.assign != "centroids":
+        boundaries, b_path = _read_boundaries(source, args.boundaries)
+        if boundaries is None and args.assign == "boundaries":
+            raise InputError(f"{source}/{BOUNDARY_NAMES[0]}: not found, but --assign boundaries asks for it; give the "
+                             f"cell boundaries or use --assign centroids")
+    if boundaries is not None:
+        pos = boundaries["ids"].get_indexer(cell_ids)
+        have = np.flatnonzero(pos >= 0)
+        sel = pos[have]
+        # vertices of the selected cells: Xenium um -> H&E px -> image um -> sub-pixels
+        vx_px, vy_px = apply(um_to_px, boundaries["x"], boundaries["y"])
+        f = ps / args.raster_um
+        p_idx, p_key, p_n, _ = rasterise_cells(vx_px * f, vy_px * f, boundaries["starts"][sel],
+                                               boundaries["ends"][sel], grid_shape, sub)
+        pieces.append((have[p_idx], p_key, p_n))
+        has_piece = np.zeros(n, bool)
+        has_piece[have[p_idx]] = True
+        centroid_cells = np.flatnonzero(~has_piece)
+        log.info("%s: %d cells split over super-pixels by boundary overlap (%.2f super-pixels per cell); %d by "
+                 "centroid (no boundary or no area)", b_path.name, int(has_piece.sum()),
+                 len(p_idx) / max(1, int(has_piece.sum())), len(centroid_cells))
+    else:
+        log.info("assigning all %d cells by centroid", n)
+    if len(centroid_cells):
+        r = np.floor(cy[centroid_cells] * ps / SUPER_PIXEL_UM).astype(np.int64)
+        c = np.floor(cx[centroid_cells] * ps / SUPER_PIXEL_UM).astype(np.int64)
+        pieces.append((centroid_cells, r * C + c, np.ones(len(centroid_cells))))
+    p_cell, p_key, p_n = (np.concatenate([p[k] for p in pieces]) for k in range(3))
+    order = np.lexsort((p_key, p_cell))
+    p_cell, p_key, p_n = p_cell[order], p_key[order], p_n[order]
+    per_cell = np.bincount(p_cell, weights=p_n, minlength=n)
+    return {"pieces": (p_cell, p_key, p_n / per_cell[p_cell]), "by_centroid": int(len(centroid_cells)),
+            "assign": "boundaries" if boundaries is not None else "centroids"}
