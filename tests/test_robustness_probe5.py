@@ -1,8 +1,11 @@
 """The fifth robustness probe's fixes (docs/ROBUSTNESS.md rows 158 on), one test each."""
 import errno
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -37,3 +40,107 @@ def test_a_folder_the_stage_made_is_removed_when_the_run_fails(tmp_path):
     with Stage("convert", target, manifest=False, create=True) as st:
         st.out.write_text(target / "a.txt", "x")
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]   # a success keeps it, lock file gone
+
+
+# --- H&E images: read by content, a TIFF's largest image, its colour tags, float ranges --------------
+
+def _rgb(h=48, w=64):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_a_tiff_whose_first_image_is_a_thumbnail_is_read_at_full_resolution(tmp_path):
+    import tifffile
+
+    from utils.core.image_io import read_rgb
+    full = _rgb(120, 160)
+    with tifffile.TiffWriter(tmp_path / "scan.tif") as tw:
+        tw.write(full[::8, ::8], photometric="rgb", subfiletype=1)   # a reduced-resolution thumbnail first
+        tw.write(full, photometric="rgb")
+    np.testing.assert_array_equal(read_rgb(tmp_path / "scan.tif"), full)
+
+
+def test_tiff_colours_follow_photometric_and_extra_samples(tmp_path):
+    import tifffile
+
+    from utils.core.image_io import read_rgb
+    rgb = _rgb()
+    grey = rgb[..., 0]
+    cases = {}
+    palette = np.zeros((3, 256), np.uint16)
+    palette[:, :] = np.arange(256)[::-1] * 257   # index i shows as grey 255 - i
+    cases["palette"] = (dict(data=grey, photometric="palette", colormap=palette), np.repeat(255 - grey[..., None], 3, 2))
+    cases["miniswhite"] = (dict(data=grey, photometric="miniswhite"), np.repeat(255 - grey[..., None], 3, 2))
+    cmyk = np.concatenate([255 - rgb, np.zeros_like(grey)[..., None]], axis=2)   # K = 0: the colour is 255 - CMY
+    cases["cmyk"] = (dict(data=cmyk, photometric="separated"), rgb)
+    rgbx = np.concatenate([rgb, np.zeros_like(grey)[..., None]], axis=2)   # an unspecified 4th sample, all 0
+    cases["unspecified"] = (dict(data=rgbx, photometric="rgb", extrasamples=["unspecified"]), rgb)
+    alpha = np.full_like(grey, 128)
+    premultiplied = np.concatenate([np.round(rgb * (128 / 255)).astype(np.uint8), alpha[..., None]], axis=2)
+    white = np.round(rgb * (128 / 255) + 255 * (1 - 128 / 255))
+    cases["associated"] = (dict(data=premultiplied, photometric="rgb", extrasamples=["assocalpha"]), white)
+    for name, (kw, expected) in cases.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", **kw)
+        got = read_rgb(tmp_path / f"{name}.tif").astype(int)
+        assert np.abs(got - expected).max() <= 1, name
+
+
+@pytest.mark.parametrize("case", ["overshoot", "inf", "nan"])
+def test_float_images_scale_from_their_finite_values(tmp_path, case):
+    import tifffile
+
+    from utils.core.image_io import read_rgb
+    rgb = _rgb()
+    f = rgb.astype(np.float32) / 255
+    if case == "overshoot":
+        f[0, 0] = 1.02   # resampling leaves values a little above 1
+    f[1, 1] = {"overshoot": f[1, 1], "inf": np.inf, "nan": np.nan}[case]
+    tifffile.imwrite(tmp_path / "f.tif", f, photometric="rgb")
+    got = read_rgb(tmp_path / "f.tif").astype(int)
+    assert np.abs(got - rgb)[2:].max() <= 1
+    if case != "overshoot":
+        assert (got[1, 1] == 255).all()   # read as glass, not as dense tissue
+
+
+def test_images_are_read_by_content_whatever_their_name(tmp_path):
+    from PIL import Image
+
+    from utils.convert.he_image import image_target_name
+    from utils.core.image_io import read_rgb
+    rgb = _rgb()
+    Image.fromarray(rgb).save(tmp_path / "png.png")
+    (tmp_path / "png.png").rename(tmp_path / "scan.jpg")
+    np.testing.assert_array_equal(read_rgb(tmp_path / "scan.jpg"), rgb)
+    Image.fromarray(rgb).save(tmp_path / "j.jpg", quality=95)
+    (tmp_path / "j.jpg").rename(tmp_path / "scan.tif")
+    assert read_rgb(tmp_path / "scan.tif").shape == rgb.shape
+    assert image_target_name(tmp_path / "scan.jpg") == "he-raw.png"
+    assert image_target_name(tmp_path / "scan.tif") == "he-raw.jpg"
+
+
+def test_png_artifacts_in_a_folder_whose_name_is_not_utf8(tmp_path):
+    from utils.core.image_io import read_png, write_png
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/lat\xe9in"))   # OpenCV's own file functions crashed here
+    folder.mkdir()
+    rgb = _rgb()
+    write_png(folder / "a.png", rgb)
+    np.testing.assert_array_equal(read_png(folder / "a.png"), rgb)
+
+
+def test_a_misnamed_image_is_named_in_the_message(tmp_path):
+    from utils.core.errors import InputError
+    from utils.core.raw_io import IMAGE_NAMES, find_one
+    (tmp_path / "he-raw.TIF").write_bytes(b"II*\x00")
+    with pytest.raises(InputError, match="he-raw.TIF is there: rename it"):
+        find_one(tmp_path, IMAGE_NAMES, "H&E image")
+
+
+def test_a_tiff_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    import tifffile
+
+    from utils.core import image_io
+    from utils.core.errors import InputError
+    tifffile.imwrite(tmp_path / "big.tif", _rgb(), photometric="rgb")
+    monkeypatch.setattr(image_io, "available_memory", lambda: 1000)
+    with pytest.raises(InputError, match="needs about .* of memory"):
+        image_io.read_rgb(tmp_path / "big.tif")

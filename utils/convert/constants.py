@@ -16,6 +16,5 @@ DOWNSCALED_IMAGES = {
     "aligned_tissue_image": "a Space Ranger QC image (the CytAssist/microscope registration checkerboard)",
     "cytassist_image": "the CytAssist instrument image (about 3,000 px, eosin only)",
 }
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 OME_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.btf")
-OTHER_SUFFIXES = {".jpg": "he-raw.jpg", ".jpeg": "he-raw.jpg", ".png": "he-raw.png"}
+CONTENT_NAMES = {"JPEG": "he-raw.jpg", "PNG": "he-raw.png"}   # by the file's content (image_io.sniff_format)

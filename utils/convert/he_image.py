@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.image_io import open_pil
+from ..core.image_io import image_size, sniff_format
 from ..core.raw_io import PIXEL_SIZE_RANGE_UM
 from ..core.text_io import require_file
-from .constants import DOWNSCALED_IMAGES, OME_SUFFIXES, OTHER_SUFFIXES, TIFF_SUFFIXES
+from .constants import CONTENT_NAMES, DOWNSCALED_IMAGES, OME_SUFFIXES
 
 log = logging.getLogger("trihrge")
 
@@ -27,18 +27,18 @@ def refuse_downscaled(path):
 
 
 def image_target_name(path):
-    """he-raw.<ext> for an input image (TIFF kept as TIFF, OME-TIFF as OME-TIFF)."""
-    name = Path(path).name.lower()
-    if name.endswith(OME_SUFFIXES):
-        return "he-raw.ome.tif"
-    if name.endswith(TIFF_SUFFIXES):
-        return "he-raw.tif"
-    suffix = Path(name).suffix
-    if suffix in OTHER_SUFFIXES:
-        return OTHER_SUFFIXES[suffix]
-    raise InputError(f"{path}: unsupported image format {suffix or '(no extension)'}; give the H&E as TIFF/OME-TIFF "
-                     f"(.tif, .tiff, .btf), JPEG or PNG (convert other whole-slide formats to TIFF first, e.g. with "
-                     f"vips or QuPath)")
+    """he-raw.<ext> for an input image, by its content (a PNG saved as .jpg is placed as he-raw.png):
+    TIFF kept as TIFF, OME-TIFF as OME-TIFF."""
+    path = require_file(path, fix="pass the full-resolution H&E image file with --image")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty; copy the H&E image again")
+    kind = sniff_format(path)
+    if kind == "TIFF":
+        return "he-raw.ome.tif" if path.name.lower().endswith(OME_SUFFIXES) else "he-raw.tif"
+    if kind in CONTENT_NAMES:
+        return CONTENT_NAMES[kind]
+    raise InputError(f"{path}: unsupported image format ({kind}); give the H&E as TIFF/OME-TIFF (.tif, .tiff, .btf), "
+                     f"JPEG or PNG (convert other whole-slide formats to TIFF first, e.g. with vips or QuPath)")
 
 
 def open_target_image(path):
@@ -51,21 +51,8 @@ def open_target_image(path):
 def image_shape(path):
     """(height, width) of an image from its header, without decoding the pixels."""
     path = require_file(path, fix="pass the full-resolution H&E image file with --image")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: the file is empty; copy the H&E image again")
-    name = path.name.lower()
     try:
-        if name.endswith(TIFF_SUFFIXES + OME_SUFFIXES):
-            import tifffile
-            with tifffile.TiffFile(path) as tf:
-                s = tf.series[0]
-                axes, shape = s.axes, s.shape
-            if "Y" not in axes or "X" not in axes:
-                raise ValueError(f"axes {axes}")
-            return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
-        with open_pil(path) as im:
-            w, h = im.size
-        return int(h), int(w)
+        return image_size(path)
     except InputError:
         raise
     except Exception as e:  # readers raise many types for damaged files

@@ -135,11 +135,17 @@ def check_same_image(spatial, sf, hw, image, skip):
         return
     h2, w2 = image_shape(hires)
     eh, ew = hw[0] * float(s), hw[1] * float(s)
-    if abs(eh - h2) > 0.01 * h2 + 2 or abs(ew - w2) > 0.01 * w2 + 2:
+    def close(a, b):
+        return abs(a - b) <= 0.01 * b + 2
+    if not (close(eh, h2) and close(ew, w2)):
+        # the sizes swapped: the same scan turned by 90 degrees (e.g. by an EXIF/TIFF orientation tag applied
+        # by one program and not by the other)
+        turned = (" (it matches turned by 90 degrees: save the image with its pixels the way Space Ranger "
+                  "read them, without an orientation tag)" if close(eh, w2) and close(ew, h2) else "")
         raise InputError(f"{image}: {hw[1]} x {hw[0]} px, but Space Ranger's tissue_hires_image.png ({w2} x {h2} px, "
                          f"tissue_hires_scalef {float(s):.6g}) was made from a {w2 / float(s):.0f} x "
-                         f"{h2 / float(s):.0f} px image; pass with --image the full-resolution image given to Space "
-                         f"Ranger (or add --skip-image-check if you are sure it is the same image, e.g. re-saved)")
+                         f"{h2 / float(s):.0f} px image{turned}; pass with --image the full-resolution image given to "
+                         f"Space Ranger (or add --skip-image-check if you are sure it is the same image, e.g. re-saved)")
 
 
 def compare_spot_diameter(sf, ps, sf_path):

@@ -1,4 +1,9 @@
-"""Reading H&E images of any common kind as 8-bit RGB; PNG artifacts in and out."""
+"""Reading H&E images of any common kind as 8-bit RGB; PNG artifacts in and out.
+
+The reader follows the file's content, not its name (a PNG saved as .jpg, a JPEG as .tif). A TIFF's
+colours follow its Photometric and ExtraSamples tags (palette, CMYK, min-is-white, premultiplied or
+unspecified extra samples), and of a TIFF holding several images the largest is read: slide scanners
+store thumbnail, macro and label images beside the full-resolution one."""
 import logging
 import os
 from pathlib import Path
@@ -8,6 +13,48 @@ import numpy as np
 from .errors import InputError
 
 log = logging.getLogger("trihrge")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def sniff_format(path) -> str:
+    """'TIFF', 'JPEG', 'PNG' from the first bytes, else Pillow's name for the format (or 'unknown')."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] in TIFF_MAGIC:
+        return "TIFF"
+    if head[:2] == b"\xff\xd8":
+        return "JPEG"
+    if head[:4] == b"\x89PNG":
+        return "PNG"
+    try:
+        with open_pil(path) as im:
+            return im.format or "unknown"
+    except Exception:  # Pillow raises several types for what it cannot identify
+        return "unknown"
+
+
+def read_rgb(path):
+    """Read an H&E image (JPEG/PNG/TIFF/OME-TIFF; RGB, RGBA, grey, palette, CMYK, 16 bit, float) as uint8 (H, W, 3)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty; copy the H&E image again")
+    img = _read_tiff(path) if sniff_format(path) == "TIFF" else _read_pil(path)
+    return _to_rgb8(img, path)
+
+
+def image_size(path) -> tuple:
+    """(height, width) of an image from its header, without decoding the pixels (a TIFF's largest image)."""
+    path = Path(path)
+    if sniff_format(path) == "TIFF":
+        import tifffile
+        with tifffile.TiffFile(path) as tf:
+            series, axes = _main_series(tf, path)
+            _log_orientation(path, _tiff_orientation(series))
+            return tuple(int(series.shape[axes.index(a)]) for a in "YX")
+    with open_pil(path) as im:
+        _log_orientation(path, im.getexif().get(0x0112))
+        return int(im.size[1]), int(im.size[0])
+
 
 def _to_rgb8(img, path):
     """Any array an image reader returns -> uint8 (H, W, 3), with a log line for each conversion."""
@@ -21,8 +68,7 @@ def _to_rgb8(img, path):
         raise InputError(f"{path}: unsupported image layout {img.shape}; give a 2-D RGB, RGBA or greyscale image")
     if img.dtype != np.uint8:
         if np.issubdtype(img.dtype, np.floating):
-            hi = float(np.nanmax(img)) if img.size else 1.0
-            scale = 255.0 if hi <= 1.0 else (255.0 / hi if hi > 255 else 1.0)
+            scale = _float_scale(img, path)
         else:
             # scale by the bit depth the values use (8/10/12/14/16/32 bit), not by the image maximum,
             # so that colours keep their meaning
@@ -30,7 +76,8 @@ def _to_rgb8(img, path):
             bits = next(b for b in (8, 10, 12, 14, 16, 32, 64) if hi < 2 ** b)
             scale = 255.0 / (2 ** bits - 1)
         log.info("%s: %s image converted to 8 bit (scaled by %.5g)", path.name, img.dtype, scale)
-        img = np.clip(np.nan_to_num(img.astype(np.float32) * scale), 0, 255).round().astype(np.uint8)
+        img = np.clip(np.nan_to_num(img.astype(np.float32) * scale, nan=255.0, posinf=255.0, neginf=0.0),
+                      0, 255).round().astype(np.uint8)
     if img.ndim == 2:
         log.info("%s: greyscale image converted to RGB", path.name)
         return np.repeat(img[:, :, None], 3, axis=2)
@@ -47,6 +94,18 @@ def _to_rgb8(img, path):
         a = img[:, :, 3:4].astype(np.float32) / 255.0
         return np.clip(rgb * a + 255.0 * (1.0 - a), 0, 255).round().astype(np.uint8)
     return np.ascontiguousarray(img)
+
+
+def _float_scale(img, path) -> float:
+    """The factor to 0-255 of a float image, from its finite values: [0, 1] (a slight overshoot
+    allowed, as resampling leaves it), [0, 255], or its own maximum. NaN and infinity read as white
+    (glass) rather than as black (dense tissue)."""
+    finite = np.isfinite(img)
+    if not finite.all():
+        log.warning("%s: %d pixels are NaN or infinite; they are read as white (glass)", path.name,
+                    int(finite.size - np.count_nonzero(finite)))
+    hi = float(np.max(img, where=finite, initial=-np.inf)) if finite.any() else 1.0
+    return 255.0 if hi <= 1.5 else (1.0 if hi <= 255 else 255.0 / hi)
 
 
 _ORIENTATION = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped", 5: "transposed",
@@ -74,10 +133,10 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _check_size(path, width, height):
-    """Refuse an image whose decoded RGB would not fit in memory (decoding is the only way to read a
-    JPEG/PNG; a tiled TIFF is memory-mapped instead)."""
-    need = width * height * 3 * 2  # the decoded image and one converted copy
+def _check_size(path, width, height, bytes_per_pixel=6):
+    """Refuse an image whose decoded pixels would not fit in memory (default: 8-bit RGB and one
+    converted copy)."""
+    need = width * height * bytes_per_pixel
     free = available_memory()
     if need > free:
         raise InputError(f"{path}: a {width} x {height} px image needs about {need / 2 ** 30:.1f} GiB of memory to "
@@ -93,12 +152,16 @@ def open_pil(path):
 
 
 def _read_pil(path):
-    """JPEG/PNG through Pillow: truncation is decided by decoding (a complete JPEG followed by a
-    camera's trailer is valid), and OpenCV's 2^30-pixel limit does not apply (memory is checked)."""
+    """JPEG/PNG (and what else Pillow reads) through Pillow: truncation is decided by decoding (a
+    complete JPEG followed by a camera's trailer is valid), and OpenCV's 2^30-pixel limit does not
+    apply (memory is checked)."""
     try:
         with open_pil(path) as im:
             _check_size(path, *im.size)
             _log_orientation(path, im.getexif().get(0x0112))
+            if im.info.get("icc_profile"):
+                log.info("%s: its embedded ICC colour profile is not applied (the pixel values are read as they "
+                         "are, as the 10x software and scanpy read them)", path.name)
             im.load()
             if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
                 im = im.convert("RGBA" if ("transparency" in im.info or im.mode == "PA") else "RGB")
@@ -106,53 +169,141 @@ def _read_pil(path):
     except InputError:
         raise
     except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError for damaged files
+        if (bits := _jpeg_precision(path)) not in (None, 8):
+            raise InputError(f"{path}: a {bits}-bit JPEG, which cannot be decoded here; save the image as 16-bit "
+                             f"TIFF or PNG") from None
         what = "truncated or damaged" if "truncated" in str(e) or isinstance(e, OSError) else "damaged"
         raise InputError(f"{path}: cannot be decoded as an image ({what}: {str(e)[:80]}); give a complete JPEG, "
                          f"PNG or TIFF file (copy the complete file again)") from None
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to decode it; save it as a (tiled) TIFF, or free memory") from None
+
+
+def _jpeg_precision(path):
+    """Bits per sample of a JPEG from its first frame header (SOF0-3), or None."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head[:2] != b"\xff\xd8":
+        return None
+    at = min((i for i in (head.find(b"\xff" + bytes([m])) for m in range(0xC0, 0xC4)) if i > 0), default=-1)
+    return head[at + 4] if 0 < at < len(head) - 4 else None
 
 
 def _read_tiff(path):
     import tifffile
     try:
         with tifffile.TiffFile(path) as tf:
-            series = tf.series[0]  # level 0 of a pyramid is the full resolution
-            tag = tf.pages[0].tags.get("Orientation")
-            _log_orientation(path, int(tag.value) if tag is not None else None)
-            return series.asarray()
+            series, axes = _main_series(tf, path)
+            page = series.keyframe
+            _log_orientation(path, _tiff_orientation(series))
+            h, w = (int(series.shape[axes.index(a)]) for a in "YX")
+            samples = int(np.prod(series.shape)) // (h * w)
+            # decoded, a float32 copy when not 8 bit, and the RGB result
+            _check_size(path, w, h, samples * (series.dtype.itemsize + (4 if series.dtype != np.uint8 else 0)) + 3)
+            img = _channels_last(series.asarray(), axes, path)
+            # channels as pages (OME 'C' axis): each page's tags describe one plane, the planes are R, G, B(, A)
+            return img if img.ndim == 3 and "S" not in axes else _tiff_colours(img, page, path)
+    except InputError:
+        raise
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to read it; free memory, or save the image as 8-bit RGB") from None
     except Exception as e:  # tifffile raises many types for damaged files
         raise InputError(f"{path}: cannot be read as TIFF ({type(e).__name__}: {str(e)[:100]}); "
                          f"check that the file is complete") from None
 
 
-def read_rgb(path):
-    """Read an H&E image (JPEG/PNG/TIFF/OME-TIFF; RGB, RGBA, grey, 16 bit, float) as uint8 (H, W, 3)."""
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: the file is empty; copy the H&E image again")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-    if path.name.lower().endswith((".jpg", ".jpeg")) and head[:2] != b"\xff\xd8":
-        raise InputError(f"{path}: not a JPEG file (bad header); give the H&E image as JPEG, PNG or TIFF "
-                         f"with the matching extension")
-    img = _read_tiff(path) if is_tiff or path.name.lower().endswith((".tif", ".tiff")) else _read_pil(path)
-    return _to_rgb8(img, path)
+def _main_series(tf, path):
+    """The full-resolution image of a TIFF and its axes: the largest series (level 0 of a pyramid)."""
+    def area(series):
+        return int(np.prod([n for n, a in zip(series.shape, series.axes) if a in "YX"]))
+    candidates = [s for s in tf.series if "Y" in s.axes and "X" in s.axes]
+    if not candidates:
+        raise InputError(f"{path}: no 2-D image in this TIFF (axes {', '.join(s.axes for s in tf.series)}); "
+                         f"give the H&E as an RGB TIFF, JPEG or PNG")
+    series = max(candidates, key=area)   # the first of equal ones
+    if series is not tf.series[0]:
+        log.info("%s: read image %d of %d (%s), the largest; the file's first image is smaller (a thumbnail, "
+                 "macro or label image)", path.name, tf.series.index(series) + 1, len(tf.series),
+                 " x ".join(str(series.shape[series.axes.index(a)]) for a in "XY"))
+    return series, series.axes
+
+
+def _tiff_orientation(series):
+    tag = series.keyframe.tags.get("Orientation")
+    return int(tag.value) if tag is not None else None
+
+
+def _channels_last(img, axes, path):
+    """(Y, X) or (Y, X, samples) from a TIFF series' array; other axes must have one entry."""
+    channel = "S" if "S" in axes else ("C" if "C" in axes and img.shape[axes.index("C")] in (3, 4) else None)
+    keep = [axes.index("Y"), axes.index("X")] + ([axes.index(channel)] if channel else [])
+    others = [i for i in range(img.ndim) if i not in keep]
+    if any(img.shape[i] != 1 for i in others):
+        raise InputError(f"{path}: unsupported image layout {img.shape} (axes {axes}); give a 2-D RGB, RGBA or "
+                         f"greyscale image (one plane, not a stack)")
+    return np.transpose(img, keep + others).reshape([img.shape[i] for i in keep])
+
+
+def _tiff_colours(img, page, path):
+    """A TIFF's samples as grey, RGB or RGB + straight alpha, by its Photometric and ExtraSamples tags."""
+    from tifffile import EXTRASAMPLE, PHOTOMETRIC
+    kind = page.photometric
+    if kind == PHOTOMETRIC.PALETTE:
+        cmap = np.asarray(page.colormap)
+        cmap = np.round(cmap / 257.0) if cmap.max() > 255 else cmap   # 16-bit entries, as the format says
+        log.info("%s: palette image converted to RGB", path.name)
+        return cmap.astype(np.uint8).T[img if img.ndim == 2 else img[..., 0]]
+    # YCbCr: tifffile decodes it to RGB (JPEG-compressed TIFFs, whole-slide scans)
+    colour = {PHOTOMETRIC.MINISWHITE: 1, PHOTOMETRIC.MINISBLACK: 1, PHOTOMETRIC.RGB: 3, PHOTOMETRIC.YCBCR: 3,
+              PHOTOMETRIC.SEPARATED: 4}.get(kind)
+    if colour is None:
+        raise InputError(f"{path}: a TIFF of photometric {kind.name}, which is not read here; save the image "
+                         f"as RGB (or greyscale)")
+    planes = img[..., None] if img.ndim == 2 else img
+    # an extra sample without its ExtraSamples entry (OpenCV writes none) is taken as alpha, as before the tag
+    n_extra = max(0, planes.shape[-1] - colour)
+    extra = (list(page.extrasamples or ()) + [EXTRASAMPLE.UNASSALPHA] * n_extra)[:n_extra]
+    alpha = next((colour + i for i, e in enumerate(extra) if e in (EXTRASAMPLE.ASSOCALPHA, EXTRASAMPLE.UNASSALPHA)),
+                 None)
+    if len(extra) > (alpha is not None):
+        log.info("%s: %d extra samples that are not alpha are ignored", path.name, len(extra) - (alpha is not None))
+    full = 2.0 ** page.bitspersample - 1 if planes.dtype.kind in "ui" else 1.0
+    values = planes[..., :colour]
+    if kind == PHOTOMETRIC.MINISWHITE:
+        log.info("%s: min-is-white image inverted", path.name)
+        values = (full - values.astype(np.float32)) / full
+    elif kind == PHOTOMETRIC.SEPARATED:
+        log.info("%s: CMYK image converted to RGB", path.name)
+        cmyk = values.astype(np.float32) / full
+        values = (1 - cmyk[..., :3]) * (1 - cmyk[..., 3:4])
+    if alpha is None:
+        return values if values.ndim == 2 or values.shape[-1] > 1 else values[..., 0]
+    a = planes[..., alpha:alpha + 1].astype(np.float32) / full
+    v = values.astype(np.float32) / (full if values.dtype.kind in "ui" else 1.0)
+    if extra[alpha - colour] == EXTRASAMPLE.ASSOCALPHA:   # premultiplied: back to straight colour
+        v = np.divide(v, a, out=np.zeros_like(v), where=a > 0).clip(0, 1)
+    return np.concatenate([v, a], axis=-1)
 
 
 def write_png(path, rgb_or_grey):
-    """PNG via OpenCV (RGB input)."""
+    """PNG via OpenCV (RGB input), the file written by Python: OpenCV's own file functions crash on a
+    path that is not UTF-8."""
     import cv2
     a = np.asarray(rgb_or_grey)
     if a.ndim == 3:
         a = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(str(path), a):
-        raise OSError(f"could not write {path}")
+    ok, data = cv2.imencode(".png", a)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    with open(path, "wb") as f:
+        f.write(data.tobytes())
 
 
 def read_png(path, grey=False, fix="write it again"):
     """An 8-bit PNG artifact as RGB (or grey); `fix` says how to rewrite a damaged one."""
     import cv2
-    a = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+    data = np.fromfile(path, np.uint8) if Path(path).is_file() else np.zeros(0, np.uint8)
+    a = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR) if data.size else None
     if a is None:
         raise InputError(f"{path}: cannot be read as an image (truncated or damaged); {fix}")
     return a if grey else cv2.cvtColor(a, cv2.COLOR_BGR2RGB)

@@ -29,8 +29,12 @@ def find_one(directory, names, what):
         if not p.is_file():
             raise InputError(f"{p}: is a directory, not a file; put the {what} there as a file")
     if not found:
-        raise InputError(f"{directory}/{names[0]}: {what} not found (looked for {', '.join(names)}); "
-                         f"put it there in the raw layout described in the README (section 'Inputs')")
+        stems = {n.split(".")[0].lower() for n in names}   # he-raw.TIF, he-raw.webp: the file meant, misnamed
+        near = sorted(p.name for p in directory.iterdir() if p.name.split(".")[0].lower() in stems) \
+            if directory.is_dir() else []
+        hint = (f"{', '.join(near)} is there: rename it to one of those names (a format not listed: convert it "
+                f"to TIFF)" if near else "put it there in the raw layout described in the README (section 'Inputs')")
+        raise InputError(f"{directory}/{names[0]}: {what} not found (looked for {', '.join(names)}); {hint}")
     if len(found) > 1:
         raise InputError(f"{found[0]}: several candidates for the {what} ({', '.join(p.name for p in found)}); "
                          f"keep exactly one of them in {directory}")
