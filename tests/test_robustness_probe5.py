@@ -144,3 +144,15 @@ def test_a_tiff_too_large_for_memory_is_refused_before_reading(tmp_path, monkeyp
     monkeypatch.setattr(image_io, "available_memory", lambda: 1000)
     with pytest.raises(InputError, match="needs about .* of memory"):
         image_io.read_rgb(tmp_path / "big.tif")
+
+
+def test_a_directory_where_an_output_file_goes_is_refused_before_anything_is_committed(raw, tmp_path):
+    import shutil
+
+    from conftest import assert_user_error, run_script, snapshot
+    d = tmp_path / "d"
+    shutil.copytree(raw, d)
+    (d / "radius.txt" / "keep").mkdir(parents=True)
+    before = snapshot(d)
+    assert_user_error(run_script("image_calibration.py", d), "radius.txt: is a directory", "remove or rename")
+    assert snapshot(d) == before   # he.tif, locs.tsv, manifests/ were committed before the failing rename

@@ -121,9 +121,13 @@ class StagedOutputs:
         return [f for _, f in self._pending]
 
     def commit(self):
-        for tmp, _ in self._pending:
+        for tmp, final in self._pending:
             if not tmp.exists():
                 raise RuntimeError(f"internal error: staged output {tmp} was never written")
+            # checked before the first rename: os.replace would fail there, halfway through the commit
+            if final.is_dir() and not final.is_symlink() and not tmp.is_dir():
+                raise InputError(f"{final}: is a directory where this file is to be written; remove or rename "
+                                 f"that directory and rerun (nothing was changed)")
         for tmp, final in self._pending:
             if tmp.is_dir() and final.exists():
                 # a directory cannot replace a non-empty one: move the old one aside first
