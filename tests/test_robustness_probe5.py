@@ -1,4 +1,5 @@
 """The fifth robustness probe's fixes (docs/ROBUSTNESS.md rows 158 on), one test each."""
+import argparse
 import errno
 import os
 import subprocess
@@ -156,3 +157,26 @@ def test_a_directory_where_an_output_file_goes_is_refused_before_anything_is_com
     before = snapshot(d)
     assert_user_error(run_script("image_calibration.py", d), "radius.txt: is a directory", "remove or rename")
     assert snapshot(d) == before   # he.tif, locs.tsv, manifests/ were committed before the failing rename
+
+
+def test_long_gene_and_gene_set_names_give_short_file_names():
+    from utils.analysis.genesets import parse_gene_set
+    from utils.superres.outputs import map_file_names
+    names = map_file_names(["A" * 300, "基因" * 90, "A" * 299 + "B", "CD3E"])
+    assert len(set(names.values())) == 4 and names["CD3E"] == "CD3E.png"
+    assert max(len(v.encode()) for v in names.values()) < 255   # Errno 36 after training, before
+    with pytest.raises(argparse.ArgumentTypeError, match="at most 100"):
+        parse_gene_set("S" * 260 + "=CD3E,CD4")
+
+
+def test_the_maps_h5ad_holds_no_creation_time(tmp_path):
+    import time
+
+    from utils.superres.outputs import h5ad_x_memmap
+    for name in ("a.h5ad", "b.h5ad"):
+        m = h5ad_x_memmap(tmp_path / name, (10, 4))
+        m[:] = 1.5
+        m.flush()
+        del m
+        time.sleep(1.1)   # HDF5 stores times in seconds
+    assert (tmp_path / "a.h5ad").read_bytes() == (tmp_path / "b.h5ad").read_bytes()

@@ -12,13 +12,14 @@ from ..scverse.keys import Key
 log = logging.getLogger("trihrge")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")   # also a file name and an obs column
+MAX_NAME = 100   # gene-set-<name>.png: file names end at 255 bytes
 _HEADER_FIRST = {"set", "gene_set", "name", "cell_type", "cell type", "celltype", "type"}
 
-
 def _check_name(name: str, where: str = "") -> str:
-    if not _NAME.match(name):
-        raise InputError(f"{where + ': ' if where else ''}{name!r} is not a usable set name; use letters, digits "
-                         f"and _ . + - (it names an obs column and a file)")
+    if not _NAME.match(name) or len(name) > MAX_NAME:
+        raise InputError(f"{where + ': ' if where else ''}{name[:40]!r}{'...' if len(name) > 40 else ''} is not a "
+                         f"usable set name; use at most {MAX_NAME} letters, digits and _ . + - (it names an obs "
+                         f"column and a file)")
     return name
 
 

@@ -57,6 +57,7 @@ def h5ad_x_memmap(path, shape) -> np.memmap:
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)   # an address now, so it can be mapped
         dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)     # no zeros written: every value is computed
+        dcpl.set_obj_track_times(False)                  # no creation time: reruns give the same bytes
         dsid = h5py.h5d.create(f.id, b"X", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple(tuple(shape)), dcpl=dcpl)
         offset = dsid.get_offset()
         X = h5py.Dataset(dsid)
@@ -160,13 +161,18 @@ def write_gene_maps(out_dir, he_small, rows, cols, X, genes, gene_names):
     return written
 
 
+MAP_NAME_BYTES = 120
+
+
 def map_file_names(genes) -> dict:
     """A distinct, portable PNG name per gene. A name that is unsafe for file systems (HLA/A, HLA?A) or
     that would collide with another, also ignoring case (macOS, Windows), gets a short hash of the
-    gene name appended, so that HLA/A, HLA_A and HLA?A never overwrite each other."""
+    gene name appended, so that HLA/A, HLA_A and HLA?A never overwrite each other. A name is cut to
+    MAP_NAME_BYTES (file names end at 255 bytes; 90 CJK characters are 270) and then hashed too."""
     import hashlib
     safe = {g: "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(g)).strip(".") or "gene"
             for g in genes}
+    safe = {g: v.encode()[:MAP_NAME_BYTES].decode(errors="ignore") for g, v in safe.items()}
     folded = pd.Series([v.lower() for v in safe.values()])
     clash = set(folded[folded.duplicated(keep=False)])
     out = {}
