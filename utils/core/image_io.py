@@ -39,7 +39,7 @@ def read_rgb(path):
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty; copy the H&E image again")
     img = _read_tiff(path) if sniff_format(path) == "TIFF" else _read_pil(path)
-    return _to_rgb8(img, path)
+    return to_rgb8(img, path)
 
 
 def image_size(path) -> tuple:
@@ -56,7 +56,7 @@ def image_size(path) -> tuple:
         return int(im.size[1]), int(im.size[0])
 
 
-def _to_rgb8(img, path):
+def to_rgb8(img, path):
     """Any array an image reader returns -> uint8 (H, W, 3), with a log line for each conversion."""
     img = np.asarray(img)
     while img.ndim > 3 and img.shape[0] == 1:  # singleton leading axes (TIFF series); never squeeze pixels

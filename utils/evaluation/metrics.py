@@ -44,30 +44,40 @@ def _minmax_rows(v):
     return np.where(span > 0, (v - lo) / np.where(span > 0, span, 1.0), 0.0)
 
 
-def score_maps(pred, truth, rows, cols, genes, *, threads: int | None = None):
+def score_maps(pred, truth, rows, cols, genes, *, threads: int | None = None, with_ssim: bool = True):
     """pred, truth: (n, G) values at the mask super-pixels (rows, cols). Returns dict of per-gene
     lists and their median/mean. Genes in chunks of 16 MB of contiguous (genes, n) float64 copies
     (core.chunks: larger chunks were mostly page faults), the chunks on `threads` threads (default:
-    the CPUs available; OpenCV and numpy's loops release the GIL)."""
+    the CPUs available; OpenCV and numpy's loops release the GIL). with_ssim=False: SSIM is NaN (a
+    region thinner than its window, see ssim_fits)."""
     chunks = row_chunks(len(genes), len(rows), itemsize=8)
-    parts = thread_map(lambda g: _score_genes(pred[:, g], truth[:, g], rows, cols), chunks, threads=threads)
+    parts = thread_map(lambda g: _score_genes(pred[:, g], truth[:, g], rows, cols, with_ssim), chunks, threads=threads)
     out = {m: [v for part in parts for v in part[m]] for m in ("pearson", "ssim", "rmse")}
     summary = {m: {"median": float(np.median(v)), "mean": float(np.mean(v))} for m, v in out.items()}
     return {"genes": list(map(str, genes)), "per_gene": out, "summary": summary, "n_superpixels": int(len(rows))}
 
 
-def _score_genes(pred, truth, rows, cols):
+def extent(rows, cols) -> tuple:
+    """(rows, cols) of the raster that spans the super-pixels (rows, cols): what the scoring allocates."""
+    return int(np.ptp(rows)) + 1, int(np.ptp(cols)) + 1
+
+
+def ssim_fits(rows, cols) -> bool:
+    """Whether the raster of the super-pixels (rows, cols) holds at least one SSIM window."""
+    return min(extent(rows, cols)) >= SSIM_WINDOW
+
+
+def _score_genes(pred, truth, rows, cols, with_ssim=True):
     """{metric: per-gene list} of score_maps for the genes (columns) of pred and truth."""
-    r0, c0 = rows.min(), cols.min()
-    rr, cc = rows - r0, cols - c0
-    P, T = np.zeros((rr.max() + 1, cc.max() + 1)), np.zeros((rr.max() + 1, cc.max() + 1))
+    rr, cc = rows - rows.min(), cols - cols.min()
+    P, T = np.zeros(extent(rows, cols)), np.zeros(extent(rows, cols))
     p = _minmax_rows(np.asarray(pred, dtype=np.float64).T.copy())
     t = _minmax_rows(np.asarray(truth, dtype=np.float64).T.copy())
     out = {"pearson": pearson_per_gene(p, t, axis=1).tolist(), "ssim": [],
            "rmse": np.sqrt(np.mean((p - t) ** 2, axis=1)).tolist()}
     for pg, tg in zip(p, t):
         P[rr, cc], T[rr, cc] = pg, tg
-        out["ssim"].append(ssim(P, T))
+        out["ssim"].append(ssim(P, T) if with_ssim else float("nan"))
     return out
 
 
@@ -80,11 +90,13 @@ def align_to_truth(pred_rows, pred_cols, pred_X, pred_genes, truth):
     gi = np.array([gpos[g] for g in genes], dtype=np.int64)
     t_rows = truth.obs["row"].to_numpy().astype(np.int64)
     t_cols = truth.obs["col"].to_numpy().astype(np.int64)
-    # on the truth's grid only: predicted super-pixels beyond it are never scored
-    lookup = np.full((int(t_rows.max()) + 1, int(t_cols.max()) + 1), -1)
-    on = (pred_rows < lookup.shape[0]) & (pred_cols < lookup.shape[1])
-    lookup[pred_rows[on], pred_cols[on]] = np.flatnonzero(on)
-    pos = lookup[t_rows, t_cols]
+    # over the truth's extent only: predicted super-pixels beyond it are never scored
+    r0, c0 = t_rows.min(), t_cols.min()
+    lookup = np.full(extent(t_rows, t_cols), -1)
+    pr, pc = np.asarray(pred_rows, np.int64) - r0, np.asarray(pred_cols, np.int64) - c0
+    on = (pr >= 0) & (pc >= 0) & (pr < lookup.shape[0]) & (pc < lookup.shape[1])
+    lookup[pr[on], pc[on]] = np.flatnonzero(on)
+    pos = lookup[t_rows - r0, t_cols - c0]
     T = truth.X if genes == list(truth.var_names) else truth[:, genes].X
     T = SparseColumns(T) if hasattr(T, "tocsc") else np.asarray(T)
     return OnTruth(pred_X, pos, gi), T, t_rows, t_cols, genes, float((pos >= 0).mean())
@@ -123,10 +135,12 @@ class OnTruth(_WholeColumns):
     map was 537 MB of fresh pages (np.asarray makes one)."""
 
     def __init__(self, X, pos, gi):
-        self.X, self.at, self.lacks, self.gi = X, np.maximum(pos, 0), pos < 0, gi
+        sparse = hasattr(X, "tocsc")   # a sparse map (a super-res.h5ad rewritten by scanpy): by CSC columns
+        self.X, self.dense = (X.tocsc(), lambda a: a.toarray()) if sparse else (X, np.asarray)
+        self.at, self.lacks, self.gi = np.maximum(pos, 0), pos < 0, gi
         self.shape = (len(pos), len(gi))
 
     def columns(self, g):
-        out = np.asarray(self.X[:, self.gi[g]], dtype=np.float32)[self.at]   # columns, then rows: one pass
+        out = self.dense(self.X[:, self.gi[g]]).astype(np.float32, copy=False)[self.at]   # columns, then rows
         out[self.lacks] = 0.0
         return out

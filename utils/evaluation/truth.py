@@ -5,15 +5,18 @@ and the 10x converters (utils/convert/truth_layout.py):
   rows shifted, as on Visium), placed by the seed;
 - pseudo_visium_spots: the spots of that lattice whose centre super-pixel holds truth, with counts = the sum of
   the truth over utils.geometry.footprint of each spot;
-- write_truth_h5ad: truth/super.h5ad (one observation per super-pixel) and truth/mask.png.
+- write_truth_h5ad: truth/super.h5ad (one observation per super-pixel) and truth/mask.png;
+- read_truth: a truth checked for what scoring needs (utils/evaluation/score.py).
 """
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ..core.errors import InputError
 from ..core.geometry import (
     SUPER_PIXEL_PX,
     SUPER_PIXEL_UM,
@@ -129,3 +132,45 @@ def write_truth_h5ad(out, directory, X, rows, cols, genes, pixel_size, image_hw,
     mask[rows, cols] = 255
     write_png(out.path(tdir / "mask.png"), mask)
     return grid_shape
+
+
+# a truth's observations may fill as little as 1 / SPREAD_MAX of the raster the scoring draws them on (a
+# section in a corner of its grid) before a row/col is taken for damaged: the raster of one 1e9 row was 1.4 TiB
+SPREAD_MAX, RASTER_FREE = 100, 2 ** 24
+
+
+def read_truth(path, fix: str):
+    """The AnnData at path as a truth to score against: observations, an X of finite values, obs
+    row/col of whole super-pixels (core.h5ad_io.check_grid_positions) close enough together to be
+    drawn, one observation per super-pixel, unique gene names; else InputError naming path (fix: what
+    to do about a file that is not such a truth)."""
+    from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
+    from ..core.raw_io import examples
+    with warnings.catch_warnings():   # duplicated gene names: refused below, in one line
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        ad = read_anndata(path, fix)
+    if ad.n_obs == 0 or ad.X is None:
+        raise InputError(f"{path}: {'has no observations' if ad.n_obs == 0 else 'has no X (expression matrix)'}; {fix}")
+    check_grid_positions(ad, path, fix)
+    check_finite_values(ad, path, fix)
+    if ad.var_names.duplicated().any():
+        dup = ad.var_names[ad.var_names.duplicated()].unique()
+        raise InputError(f"{path}: duplicated gene names ({examples(dup)}); make the gene names unique (sum or rename "
+                         f"the duplicates)")
+    at = ad.obs[["row", "col"]].astype(np.int64)
+    twice = at[at.duplicated()]
+    if len(twice):
+        r, c = twice.iloc[0]
+        raise InputError(f"{path}: {len(twice)} observation(s) on a super-pixel that already has one (e.g. row {r}, col "
+                         f"{c}); give one observation per 8 um super-pixel (sum the observations of each)")
+    _check_spread(at["row"].to_numpy(), at["col"].to_numpy(), path)
+    return ad
+
+
+def _check_spread(rows, cols, path) -> None:
+    from .metrics import extent
+    h, w = extent(rows, cols)
+    if h * w > max(SPREAD_MAX * len(rows), RASTER_FREE):
+        raise InputError(f"{path}: its {len(rows)} observations spread over {h} x {w} super-pixels (obs row "
+                         f"{rows.min()}-{rows.max()}, col {cols.min()}-{cols.max()}): a damaged row/col, or positions "
+                         f"in another unit; give each observation's 8 um super-pixel (row, col) of this section")

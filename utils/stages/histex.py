@@ -451,9 +451,10 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
     if histories:
         write_loss_plot(out.path(out_dir / L.LOSS_PLOT), histories)
     metrics = None
-    if L.TRUTH.path(directory).is_file():
-        from ..evaluation.score import score_arrays
-        metrics = score_arrays(inp.rows, inp.cols, sr, inp.genes, L.read_h5ad(L.TRUTH, directory), threads=threads)
+    if L.TRUTH.path(directory).is_file():   # a truth it cannot use is a warning: the run is kept
+        from ..evaluation.score import score_data_directory_truth
+        metrics = score_data_directory_truth(inp.rows, inp.cols, sr, inp.genes, L.TRUTH.path(directory), threads=threads)
+    if metrics:
         metrics["model"] = run["model"]
         out.write_json(out_dir / L.METRICS, metrics)
     for optional in (L.GENES_ACCURACY, L.LOSS_PLOT, L.METRICS):   # an earlier run's, not of these maps
