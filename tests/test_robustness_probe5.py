@@ -180,3 +180,12 @@ def test_the_maps_h5ad_holds_no_creation_time(tmp_path):
         del m
         time.sleep(1.1)   # HDF5 stores times in seconds
     assert (tmp_path / "a.h5ad").read_bytes() == (tmp_path / "b.h5ad").read_bytes()
+
+
+def test_a_batch_size_above_the_spot_count_is_said(demo_upstream, tmp_path):
+    from conftest import run_script
+    from test_robustness import FAST
+    p = run_script("HISTEX.py", demo_upstream, "--batch-size", "100000", "--epochs", "1", "--out", tmp_path / "run",
+                   *FAST[2:])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--batch-size 100000 is not below the" in p.stderr

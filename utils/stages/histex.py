@@ -372,6 +372,9 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         if config.ignored_options:
             log.warning("--model %s ignores %s: the run is the same without", config.model,
                         " ".join(config.ignored_options))
+        if config.model_class.trainable and config.batch_size >= inp.spots.n_obs:
+            log.warning("--batch-size %d is not below the %d spots: every epoch is one batch of all a state's "
+                        "training spots (0: n / 16, at most 32)", config.batch_size, inp.spots.n_obs)
         # super-pixel x spot kernel weights per width, built once when needed (interp, blend, local consistency)
         kernel_at = functools.cache(lambda s: superpixel_kernel(inp.rows, inp.cols, inp.xy, s * inp.spacing_px))
 
