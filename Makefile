@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= demo/medium
+DEMO_DIR ?= demo/$(DEMO_SIZE)
 DEMO_SIZE ?= medium
 DEMO_SEED ?= 0
 

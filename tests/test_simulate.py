@@ -153,7 +153,7 @@ def test_files_parse_and_agree(sim):
     assert regions.shape == tuple(ad.uns["grid_shape"]) and colour.shape == regions.shape + (3,)
     meta = json.loads((sim / "truth" / "simulation.json").read_text())
     assert regions.max() < len(meta["regions"])
-    assert meta["seed"] == 3 and meta["size"] == "small" and meta["raw_pixel_size_um"] == PX
+    assert meta["seed"] == 3 and meta["size"] == "custom" and meta["raw_pixel_size_um"] == PX   # --extent-mm
     assert sorted(sum(meta["gene_groups"].values(), [])) == sorted(genes)
     for name, prog in meta["programmes"].items():
         assert prog["genes"] and all(g.startswith(name + "_") for g in prog["genes"])

@@ -5,9 +5,12 @@ import sys
 import time
 from pathlib import Path
 
+from .core import layout as L
 from .core.cli import SEED, Parser, output_directory, run
+from .core.errors import InputError
 from .core.manifest import SCRIPTS
 from .core.workers import run_child
+from .simulate.constants import DEFAULT_N_GENES, DEFAULT_PIXEL_SIZE_UM, RAW_FILES, SIZES_MM
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MARKERS = "demo-markers.tsv"
@@ -22,32 +25,53 @@ DEMO_STAGES = [
 ]
 
 
-def _simulated_with(directory, size, seed):
-    p = Path(directory) / "truth" / "simulation.json"
-    if not p.is_file() or not (Path(directory) / "cnts.tsv").is_file():
+def _simulated_with(directory, size, seed) -> bool:
+    """DIR holds a complete simulation as the demo makes it (this size and seed, the simulator's defaults);
+    else the demo simulates again, which also replaces a damaged record."""
+    try:
+        meta = L.read_json(L.TRUTH_SIMULATION, directory, keys=("size", "seed", "n_genes", "raw_pixel_size_um"))
+    except InputError:
         return False
-    meta = json.loads(p.read_text())
-    return meta.get("size") == size and meta.get("seed") == seed
+    files = (*RAW_FILES, L.TRUTH.name)
+    return (all((Path(directory) / f).is_file() for f in files) and meta["size"] == size and meta["seed"] == seed
+            and meta["n_genes"] == DEFAULT_N_GENES and meta["raw_pixel_size_um"] == DEFAULT_PIXEL_SIZE_UM)
+
+
+def _marker_genes(directory) -> dict:
+    """{cell type: its marker genes} of truth/simulation.json."""
+    markers = L.read_json(L.TRUTH_SIMULATION, directory, keys=("marker_genes",))["marker_genes"]
+    if not (isinstance(markers, dict) and all(isinstance(g, list) for g in markers.values())):
+        raise L.TRUTH_SIMULATION.damaged(directory, "damaged: marker_genes is not {cell type: [genes]}")
+    return markers
 
 
 def write_demo_markers(directory) -> Path:
     """DIR/demo-markers.tsv: the simulator's marker genes per cell type (truth/simulation.json), for
     `python -m utils.analysis --markers`; written when the analysis step runs (after the simulation)."""
     p = Path(directory) / DEMO_MARKERS
-    markers = json.loads((Path(directory) / "truth" / "simulation.json").read_text())["marker_genes"]
+    markers = _marker_genes(directory)
     p.write_text("cell_type\tgene\n" + "".join(f"{t}\t{g}\n" for t, genes in markers.items() for g in genes))
     return p
 
 
+def _check_markers_path(directory) -> None:
+    """The marker table is written after every stage ran: a folder in its place is refused before them."""
+    p = Path(directory) / DEMO_MARKERS
+    if p.exists() and not p.is_file():
+        raise InputError(f"{p}: is a directory, not a file; the demo writes the simulator's marker genes there, so "
+                         f"move it away and rerun")
+
+
 def main(argv=None):
     p = Parser(prog="python -m utils.demo", description="Run the whole TriHRGE pipeline on the built-in demo tissue.")
-    p.add_argument("--directory", type=output_directory, default=Path("demo/medium"),
-                   help="where the demo data and outputs go")
-    p.add_argument("--size", default="medium", choices=["small", "medium", "large"], help="demo tissue size")
+    p.add_argument("--directory", type=output_directory, default=None,
+                   help="where the demo data and outputs go (default: demo/SIZE)")
+    p.add_argument("--size", default="medium", choices=list(SIZES_MM), help="demo tissue size")
     p.add_argument("--seed", type=SEED, default=0, help="simulation seed")
     args = p.parse_args(argv)
-    d = args.directory
-    d.mkdir(parents=True, exist_ok=True)
+    # absolute: the steps run in the repository, wherever the demo was started
+    d = (args.directory or Path("demo") / args.size).absolute()
+    _check_markers_path(d)
     t0 = time.time()
     steps = []
     if not _simulated_with(d, args.size, args.seed):

@@ -42,7 +42,7 @@ def counts_name_for(fmt, n_spots, n_genes):
     return "cnts.tsv.gz" if fmt == "tsv" else "cnts.h5ad"
 
 
-def _write_counts_tsv_gz(path, ids, genes, X, rows_per_chunk=2000):
+def write_counts_tsv_gz(path, ids, genes, X, rows_per_chunk=2000):
     """Dense TSV (spot, gene columns) gzipped with mtime 0 (byte-identical reruns), written in chunks."""
     X = sparse.csr_matrix(X)
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
@@ -75,7 +75,7 @@ def write_raw_layout(out, directory, *, source, image, image_name, image_mode, p
     if counts_name.endswith(".h5ad"):
         _write_counts_h5ad(out.path(directory / counts_name), ids, genes, X, gene_ids)
     else:
-        _write_counts_tsv_gz(out.path(directory / counts_name), ids, genes, X)
+        write_counts_tsv_gz(out.path(directory / counts_name), ids, genes, X)
     locs = pd.DataFrame({"spot": ids, "x": np.asarray(x, np.float64), "y": np.asarray(y, np.float64)})
     locs.to_csv(out.path(directory / "locs-raw.tsv"), sep="\t", index=False, float_format="%.4f")
     out.write_text(directory / "section.json", json.dumps(section) + "\n")

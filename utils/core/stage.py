@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from . import manifest as mf
-from .atomic import StagedOutputs, is_disk_full, remove, remove_stale_temporaries, tmp_path_for
+from .atomic import TMP_MARKER, StagedOutputs, is_disk_full, remove, remove_stale_temporaries, tmp_path_for
 from .distributed import current
 from .errors import InputError
 
@@ -233,6 +233,12 @@ class Stage:
             m = mf.build_manifest(self.directory, self.stage, self.parameters, self.inputs, staged)
             self.out.write_json(mf.manifest_path(self.directory, self.stage), m)
         self.out.commit()  # the manifest is the last rename: it never describes outputs not in place
+
+
+def user_entries(folder: Path) -> list:
+    """The names in folder other than a stage's lock and temporaries (what a killed run leaves): whether
+    a folder holds someone's files."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name != LOCK_NAME and not p.name.startswith(TMP_MARKER))
 
 
 def run_folder_stage(stage: str, run_dir: Path, directory: Path | None) -> Stage:

@@ -10,45 +10,94 @@ coordinates in section.json (ST square lattice or Visium hexagonal):
 `make` writes DST in the raw layout with the training spots only, plus DST/heldout/ (the spots
 to score at: the hidden ones, or the original ones) and DST/protocol.json. `score` sums each run's
 super-pixel predictions over every held-out spot's footprint and reports, per gene, Pearson r
-across held-out spots with the measured counts (the 100 most variable genes), next to the
-nearest-training-spot baseline."""
+across held-out spots with the measured counts (the 100 most variable genes that all the folder's
+runs predict), next to the nearest-training-spot baseline. Runs of several protocol folders are each
+scored at their own folder's spots (same-named runs are labelled folder/run); a run made before its
+folder was written again is refused as stale."""
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from scipy.spatial import cKDTree
 
+from ..convert.raw_layout import write_counts_tsv_gz
 from ..core import geometry as geo
+from ..core import layout as L
+from ..core import manifest as mf
 from ..core.cli import POSITIVE_INT, HelpFormatter, Parser, output_directory, path_arg, setup_logging
 from ..core.errors import InputError
-from ..core.h5ad_io import read_anndata
-from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, find_one, match_spots, read_counts, read_locs
-from ..core.stage import Stage
-from ..core.text_io import require_file
+from ..core.h5ad_io import check_grid_positions, read_anndata
+from ..core.raw_io import (
+    COUNTS_NAMES,
+    IMAGE_NAMES,
+    examples,
+    find_one,
+    match_spots,
+    read_counts,
+    read_locs,
+    read_pixel_size,
+    read_radius,
+)
+from ..core.stage import Stage, user_entries
+from ..core.text_io import read_text, require_file
+from ..scverse.keys import Key
 from .metrics import pearson_per_gene
+
+log = logging.getLogger("trihrge")
+
+PROTOCOLS = ("leave-out", "sparse-leave-out", "coarsen")
+SPARSE_HIDDEN = 5  # sparse-leave-out hides 1 spot in 5: a hidden spot's neighbours are mostly measured
+MIN_SPOTS = 3      # Pearson r across fewer held-out spots means nothing; get_HR needs 3 training spots
+MAKE_AGAIN = "write the folder again with `python -m utils.protocols make` and rerun the five stages"
+
+
+def _json_object(path, keys, fix):
+    """A JSON object holding `keys` (a user's or a protocol folder's small file), else one error line."""
+    try:
+        obj = json.loads(read_text(path, "JSON file"))
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: holds a JSON {type(obj).__name__}, not an object with {', '.join(keys)}; {fix}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise InputError(f"{path}: has no {', '.join(missing)}; {fix}")
+    return obj
 
 
 def _array_coords(src, n):
-    p = Path(src) / "section.json"
-    if not p.is_file():
+    """(array_x, array_y, the section record) of the n spots, from SRC/section.json."""
+    p = Path(src) / L.SECTION
+    fix = ("give the array coordinates of every spot in the row order of the counts, as "
+           '{"array_x": [...], "array_y": [...]} (whole numbers)')
+    if not p.exists():
         raise InputError(f"{p}: not found; the protocols need the array coordinates (array_x, array_y) of every spot")
-    sec = json.loads(p.read_text())
-    ax, ay = np.asarray(sec.get("array_x", []), int), np.asarray(sec.get("array_y", []), int)
-    if len(ax) != n or len(ay) != n:
-        raise InputError(f"{p}: array_x/array_y hold {len(ax)}/{len(ay)} values for {n} spots; "
-                         f"they must follow the row order of the counts")
-    return ax, ay, sec
+    sec = _json_object(p, ("array_x", "array_y"), fix)
+    return _whole_numbers(p, sec, "array_x", n, fix), _whole_numbers(p, sec, "array_y", n, fix), sec
+
+
+def _whole_numbers(path, sec, key, n, fix):
+    values = sec[key]
+    if not isinstance(values, list) or len(values) != n:
+        what = f"{len(values)} values" if isinstance(values, list) else f"a JSON {type(values).__name__}"
+        raise InputError(f"{path}: {key} holds {what} for {n} spots; {fix}")
+    bad = [i for i, v in enumerate(values)
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer()]
+    if bad:
+        raise InputError(f"{path}: {key} holds {len(bad)} value(s) that are not whole numbers (e.g. "
+                         f"{values[bad[0]]!r} for spot {bad[0] + 1}); {fix}")
+    return np.asarray(values, np.int64)
 
 
 def _is_hex(ax, ay):
     # Visium: array_x steps by 2 within a row and odd rows are shifted by 1
     return bool(np.all((ax + ay) % 2 == 0) and len(np.unique(ax % 2)) == 2)
-
-
-SPARSE_HIDDEN = 5  # sparse-leave-out hides 1 spot in 5: a hidden spot's neighbours are mostly measured
 
 
 def split(ax, ay, kind):
@@ -64,103 +113,170 @@ def split(ax, ay, kind):
     return None, (col // 2) * 100003 + (ay // 2)
 
 
-def make(kind, src, dst):
-    src, dst = Path(src), Path(dst)
+class Spots(NamedTuple):
+    ids: pd.Index
+    X: np.ndarray      # counts, spots x genes
+    xy: np.ndarray     # raw pixel centres
+    radius: float      # raw pixels
+
+
+class Source(NamedTuple):
+    spots: Spots
+    genes: pd.Index
+    ax: np.ndarray
+    ay: np.ndarray
+    pixel_size: float
+    image: Path
+
+
+def _read_source(src):
+    """The raw-layout folder a protocol is made from, through the readers stage 1-2 use."""
     ids, genes, X = read_counts(src)
     locs, locs_path = read_locs(src)
     locs = match_spots(ids, locs, find_one(src, COUNTS_NAMES, "counts"), locs_path)
-    ax, ay, sec = _array_coords(src, len(ids))
-    radius = float((src / "radius-raw.txt").read_text().split()[0])
-    xy = locs[["x", "y"]].to_numpy(float)
-    if kind in ("leave-out", "sparse-leave-out"):
-        train, _ = split(ax, ay, kind)
-        t_ids, t_X, t_xy, t_r = ids[train], X[train], xy[train], radius
-        h_ids, h_X, h_xy = ids[~train], X[~train], xy[~train]
-    elif kind == "coarsen":
-        _, block = split(ax, ay, kind)
-        uniq, inv = np.unique(block, return_inverse=True)
-        t_X = np.zeros((len(uniq), X.shape[1]), np.float32)
-        np.add.at(t_X, inv, X)
-        t_xy = np.stack([np.bincount(inv, xy[:, k]) / np.bincount(inv) for k in (0, 1)], 1)
-        t_ids = pd.Index([f"block{b}" for b in range(len(uniq))])
-        # one disk of twice the radius has the area of the four spots it sums
-        t_r = 2.0 * radius
-        h_ids, h_X, h_xy = ids, X, xy
-    else:
-        raise InputError(f"unknown protocol {kind!r}; use leave-out, sparse-leave-out or coarsen")
+    pixel_size = read_pixel_size(src)
+    radius = read_radius(src, pixel_size)
+    ax, ay, _ = _array_coords(src, len(ids))
+    same = pd.DataFrame({"x": ax, "y": ay}).duplicated(keep=False).to_numpy()
+    if same.any():
+        raise InputError(f"{Path(src) / L.SECTION}: {int(same.sum())} spots share array coordinates (e.g. "
+                         f"{examples(ids[same])} at array_x={ax[same][0]}, array_y={ay[same][0]}); every spot needs "
+                         f"its own (array_x, array_y), in the row order of the counts")
+    image = find_one(src, IMAGE_NAMES, "H&E image")
+    return Source(Spots(ids, X, locs[["x", "y"]].to_numpy(float), radius), genes, ax, ay, pixel_size, image)
+
+
+def _split_spots(kind, source):
+    """(training spots, held-out spots) of the protocol."""
+    s = source.spots
+    if kind != "coarsen":
+        train, _ = split(source.ax, source.ay, kind)
+        return tuple(Spots(s.ids[m], s.X[m], s.xy[m], s.radius) for m in (train, ~train))
+    _, block = split(source.ax, source.ay, kind)
+    uniq, inv = np.unique(block, return_inverse=True)
+    X = np.zeros((len(uniq), s.X.shape[1]), np.float64)
+    np.add.at(X, inv, s.X)
+    xy = np.stack([np.bincount(inv, s.xy[:, k]) / np.bincount(inv) for k in (0, 1)], 1)
+    # one disk of twice the radius has the area of the four spots it sums
+    return Spots(pd.Index([f"block{b}" for b in range(len(uniq))]), X, xy, 2.0 * s.radius), s
+
+
+def make(kind, src, dst):
+    src, dst = Path(src), Path(dst)
+    if kind not in PROTOCOLS:
+        raise InputError(f"unknown protocol {kind!r}; use {', '.join(PROTOCOLS)}")
     if dst.exists() and dst.resolve() == src.resolve():
         raise InputError(f"{dst}: must differ from the source folder")
-    if dst.is_dir() and any(dst.iterdir()) and not (dst / "protocol.json").is_file():
+    source = _read_source(src)
+    train, held = _split_spots(kind, source)
+    if min(len(train.ids), len(held.ids)) < MIN_SPOTS:
+        raise InputError(f"{src}: {kind} of its {len(source.spots.ids)} spots gives {len(train.ids)} training and "
+                         f"{len(held.ids)} held-out spots, and each needs at least {MIN_SPOTS} (to train; for a "
+                         f"Pearson r across held-out spots); give a larger section")
+    _write(dst, kind, src, source, train, held)
+    return len(train.ids), len(held.ids)
+
+
+def _refuse_foreign(dst):
+    """A folder of other files (not our lock or temporaries) is not made into a protocol folder."""
+    if user_entries(dst) and not (dst / "protocol.json").is_file():
         raise InputError(f"{dst}: holds other files and is not a protocol folder (no protocol.json); give a new or "
                          f"empty folder, or one written by python -m utils.protocols make")
-    image = find_one(src, IMAGE_NAMES, "H&E image")
-    _write(dst, image, kind, src, genes, (t_ids, t_X, t_xy, t_r), (h_ids, h_X, h_xy), radius)
-    return len(t_ids), len(h_ids)
 
 
-def _write(dst, image, kind, src, genes, train, heldout, radius):
+def _place_image(out, image, dst):
+    """The source's H&E as DST's only image: an earlier source's image (in any format) goes with the commit."""
+    final = dst / image.name
+    for name in IMAGE_NAMES:
+        if name != image.name and (dst / name).exists():
+            out.discard(dst / name)
+    if final.is_file() and os.path.samefile(image, final):
+        return   # already this very file (a hard link made by an earlier make)
+    tmp = out.path(final)
+    try:
+        os.link(image, tmp)
+    except OSError:
+        shutil.copyfile(image, tmp)
+
+
+def _write_spots(out, folder, spots, genes):
+    """cnts.tsv.gz (gzip without a time stamp: reruns are byte-identical) and locs-raw.tsv of some spots."""
+    X = sparse.csr_matrix(spots.X).astype(np.int64)
+    write_counts_tsv_gz(out.path(folder / "cnts.tsv.gz"), list(spots.ids), list(genes), X)
+    pd.DataFrame({"spot": spots.ids, "x": spots.xy[:, 0], "y": spots.xy[:, 1]}).to_csv(
+        out.path(folder / "locs-raw.tsv"), sep="\t", index=False)
+
+
+def _write(dst, kind, src, source, train, held):
     """The protocol folder's files, inside the stage runner (lock, sweep, disk, one commit)."""
-    (t_ids, t_X, t_xy, t_r), (h_ids, h_X, h_xy) = train, heldout
-    with Stage("protocols", dst, manifest=False, sweep=(dst / "heldout",), create=True) as st:
-        st.require_space(image.stat().st_size + 8 * (t_X.size + h_X.size), image.name)
-        out = st.out
-        img_out = dst / image.name
-        if not img_out.exists():
-            tmp = out.path(img_out)
-            try:
-                os.link(image, tmp)
-            except OSError:
-                shutil.copyfile(image, tmp)
-        out.write_text(dst / "pixel-size-raw.txt", (src / "pixel-size-raw.txt").read_text())
-        out.write_text(dst / "radius-raw.txt", f"{t_r:.6f}\n")
-        pd.DataFrame(t_X.astype(np.int64), index=pd.Index(t_ids, name="spot"), columns=genes).to_csv(
-            out.path(dst / "cnts.tsv.gz"), sep="\t", compression="gzip")
-        pd.DataFrame({"spot": t_ids, "x": t_xy[:, 0], "y": t_xy[:, 1]}).to_csv(out.path(dst / "locs-raw.tsv"), sep="\t", index=False)
-        pd.DataFrame(h_X.astype(np.int64), index=pd.Index(h_ids, name="spot"), columns=genes).to_csv(
-            out.path(dst / "heldout" / "cnts.tsv.gz"), sep="\t", compression="gzip")
-        pd.DataFrame({"spot": h_ids, "x": h_xy[:, 0], "y": h_xy[:, 1]}).to_csv(
-            out.path(dst / "heldout" / "locs-raw.tsv"), sep="\t", index=False)
-        out.write_json(dst / "protocol.json", {"protocol": kind, "source": str(src), "train_spots": int(len(t_ids)),
-                                               "heldout_spots": int(len(h_ids)), "radius_raw_px": radius,
-                                               "train_radius_raw_px": t_r})
+    with Stage("protocols", dst, manifest=False, create=True) as st:
+        _refuse_foreign(dst)   # after the lock and the sweep: a killed make's leftovers are not "other files"
+        st.require_space(source.image.stat().st_size + 8 * (train.X.size + held.X.size), source.image.name)
+        _place_image(st.out, source.image, dst)
+        st.out.write_text(dst / L.RAW_PIXEL_SIZE, f"{source.pixel_size:.8g}\n")
+        st.out.write_text(dst / L.RAW_RADIUS, f"{train.radius:.6f}\n")
+        _write_spots(st.out, dst, train, source.genes)
+        _write_spots(st.out, dst / "heldout", held, source.genes)
+        st.out.write_json(dst / "protocol.json", {
+            "protocol": kind, "source": str(src), "train_spots": int(len(train.ids)),
+            "heldout_spots": int(len(held.ids)), "radius_raw_px": held.radius, "train_radius_raw_px": train.radius})
+
+
+def _spot_table(path):
+    return pd.read_csv(path, sep="\t", index_col=0, dtype={0: str})   # spot ids stay text (0.10, 010)
 
 
 class HeldOut:
     """The held-out spots of a protocol folder: their counts, raw positions and footprints, and the
     training spots (for the nearest-spot baseline). The genes scored are the n_genes most variable
-    held-out genes that a run predicts (chosen at the first run read)."""
+    held-out genes that the runs predict (choose_genes; else at the first run read)."""
 
     def __init__(self, directory, n_genes=100):
-        d = Path(directory)
+        d = self.directory = Path(directory)
         if not (d / "protocol.json").is_file():
             raise InputError(f"{d}: not a protocol folder (no protocol.json); score runs made in DST/results/<run> "
                              f"of a folder written by `python -m utils.protocols make ... --directory DST`")
+        self.protocol = _json_object(d / "protocol.json", ("protocol", "radius_raw_px", "heldout_spots"),
+                                     f"a damaged protocol folder: {MAKE_AGAIN}")
         try:
-            self.protocol = json.loads((d / "protocol.json").read_text())
-            self.calib = json.loads((d / "calibration.json").read_text())
-            self.counts = pd.read_csv(d / "heldout" / "cnts.tsv.gz", sep="\t", index_col=0)
-            self.locs = pd.read_csv(d / "heldout" / "locs-raw.tsv", sep="\t", index_col=0)
-            self.train_counts = pd.read_csv(d / "cnts.tsv.gz", sep="\t", index_col=0)
-            self.train_locs = pd.read_csv(d / "locs-raw.tsv", sep="\t", index_col=0)
-        except (OSError, ValueError, EOFError) as e:  # missing, truncated, not JSON / TSV
-            raise InputError(f"{d}: damaged protocol folder ({type(e).__name__}: {e}); write it again with "
-                             f"`python -m utils.protocols make` and rerun the five stages") from None
+            self.counts = _spot_table(d / "heldout" / "cnts.tsv.gz")
+            self.locs = _spot_table(d / "heldout" / "locs-raw.tsv")
+            self.train_counts = _spot_table(d / "cnts.tsv.gz")
+            self.train_locs = _spot_table(d / "locs-raw.tsv")
+        except (OSError, ValueError, EOFError) as e:  # missing, truncated, not TSV
+            raise InputError(f"{d}: damaged protocol folder ({type(e).__name__}: {e}); {MAKE_AGAIN}") from None
+        self.calib = L.read_json(L.CALIBRATION, d, keys=("scale", "superpixel_grid"))
         self.n_genes, self.genes = n_genes, None
 
-    def predicted(self, run_dir):
-        """(held-out spots, genes) float64: a run's super-pixel counts summed over each held-out footprint."""
-        p = require_file(Path(run_dir) / "super-res.h5ad", fix="give run directories written by HISTEX.py (DST/results/<run>)")
+    def choose_genes(self, predicted_genes):
+        """Score the n_genes most variable held-out genes among those predicted."""
+        common = self.counts.columns[self.counts.columns.isin(predicted_genes)]
+        self.genes = list(self.counts[common].var().sort_values(ascending=False).index[:self.n_genes])
+
+    def footprint_sums(self, run_dir) -> pd.DataFrame:
+        """(held-out spots, genes) float64: a run's super-pixel counts summed over each held-out footprint,
+        for every gene of the run that the held-out counts have."""
+        p = require_file(Path(run_dir) / L.SUPER_RES, fix="give run directories written by HISTEX.py (DST/results/<run>)")
         sr = read_anndata(p, "rerun HISTEX.py")
-        if self.genes is None:
-            common = [g for g in sr.var_names if g in self.counts.columns]
-            self.genes = list(self.counts[common].var().sort_values(ascending=False).index[:self.n_genes])
-        gi = [list(sr.var_names).index(g) for g in self.genes]
+        check_grid_positions(sr, p, "rerun HISTEX.py")
+        genes = sr.var_names[sr.var_names.isin(self.counts.columns)]
+        if len(genes) == 0:
+            raise InputError(f"{p}: none of its genes is among the held-out genes of {self.directory}; score runs "
+                             f"made on this protocol folder")
         lookup = np.full(tuple(self.calib["superpixel_grid"]), -1)
         lookup[sr.obs["row"].to_numpy(), sr.obs["col"].to_numpy()] = np.arange(sr.n_obs)
         scale = self.calib["scale"]
         M = geo.footprint_matrix(self.locs[["x", "y"]].to_numpy() * scale, self.protocol["radius_raw_px"] * scale,
                                  lookup, sr.n_obs, dtype=np.float64)
-        return np.asarray(M @ np.asarray(sr.X, dtype=np.float64)[:, gi])
+        X = np.asarray(sr.X[:, sr.var_names.get_indexer(genes)], dtype=np.float64)
+        return pd.DataFrame(np.asarray(M @ X), index=self.locs.index, columns=genes)
+
+    def predicted(self, run_dir):
+        """(held-out spots, genes) float64: footprint_sums of the scored genes."""
+        sums = self.footprint_sums(run_dir)
+        if self.genes is None:
+            self.choose_genes(sums.columns)
+        return sums[self.genes].to_numpy()
 
     def measured(self):
         """(held-out spots, genes) float64 measured counts of the scored genes."""
@@ -171,28 +287,120 @@ class HeldOut:
         _, nn = cKDTree(self.train_locs[["x", "y"]].to_numpy()).query(self.locs[["x", "y"]].to_numpy())
         return self.train_counts[self.genes].to_numpy(float)[nn]
 
+    def check_current(self, run_dir):
+        """Refuse a run that this folder no longer matches (it was written again after the run), as HISTEX
+        refuses stale upstream artifacts: a stage's inputs changed since it ran, or the run was trained on
+        other spots than the folder's training spots now."""
+        d, run_dir = self.directory, Path(run_dir)
+        fix = f"rerun the five stages on {d} and HISTEX.py for {run_dir.name}, then score it again"
+        for stage in mf.upstream_closure("HISTEX"):
+            problems = mf.out_of_date(d, stage) if mf.manifest_path(d, stage).is_file() else []
+            if problems:
+                raise InputError(f"{problems[0]}; {fix}")
+        p = run_dir / L.SPOTS_PRED
+        if p.is_file() and not self._trained_here(read_anndata(p, "rerun HISTEX.py")):
+            raise InputError(f"{run_dir}: trained on other spots than the training spots of {d} now (the folder was "
+                             f"written again after the run), so the run is stale; {fix}")
+
+    def _trained_here(self, spots) -> bool:
+        """The run's measured spots are training spots of this folder, with the same counts."""
+        t = self.train_counts
+        if Key.MEASURED not in spots.layers or not (spots.obs_names.isin(t.index).all()
+                                                    and spots.var_names.isin(t.columns).all()):
+            return False
+        here = t.loc[spots.obs_names, spots.var_names].to_numpy(np.float64)
+        return bool(np.array_equal(np.asarray(spots.layers[Key.MEASURED], np.float64), here))
+
+
+def _folders(run_dirs) -> dict:
+    """{protocol folder: [its runs]} in the order given (a run named twice is scored once); each run
+    is scored at the held-out spots of its own folder, DST of DST/results/<run>."""
+    folders, seen = {}, set()
+    for r in map(Path, run_dirs):
+        if not r.is_dir():
+            raise InputError(f"{r}: {'not a directory' if r.exists() else 'not found'}; give run directories "
+                             f"written by HISTEX.py (DST/results/<run> of a protocol folder DST)")
+        if r.resolve() not in seen:
+            seen.add(r.resolve())
+            folders.setdefault(r.resolve().parent.parent, []).append(r)
+    return folders
+
+
+def _unique_labels(paths, ways) -> dict:
+    """{path: label} by the first way of naming that tells all the paths apart."""
+    for way in ways:
+        labels = {p: way(p) for p in paths}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {p: str(p) for p in paths}
+
+
+def _score_folder(held, runs, labels, baseline, log1p):
+    """(genes, {label: per-gene Pearson r}) of a folder's runs and the copy baseline (labelled `baseline`),
+    on genes all its runs predict: runs of other gene sets are compared on the same genes."""
+    f = np.log1p if log1p else (lambda v: v)
+    for r in runs:
+        held.check_current(r)
+    sums = {r: held.footprint_sums(r) for r in runs}
+    shared = [g for g in sums[runs[0]].columns if all(g in s.columns for s in sums.values())]
+    if not shared:
+        raise InputError(f"{held.directory}: its runs {examples(r.name for r in runs)} predict no gene in common; "
+                         f"score runs of the same gene set together")
+    if any(len(s.columns) > len(shared) for s in sums.values()):
+        log.warning("%s: the runs predict different genes; scoring the %d genes all of them predict",
+                    held.directory, len(shared))
+    held.choose_genes(shared)
+    results = {labels[r]: pearson_per_gene(f(sums[r][held.genes].to_numpy()), f(held.measured())) for r in runs}
+    results[baseline] = pearson_per_gene(f(held.nearest_spot()), f(held.measured()))
+    return held.genes, results
+
+
+def pearson_by_folder(run_dirs, n_genes=100, log1p=False) -> list:
+    """[(protocol folder, protocol record, genes, {label: per-gene Pearson r at its held-out spots})], one per
+    protocol folder of the runs, over the n_genes most variable held-out genes that all its runs predict.
+    A label is the run's name, or folder/name where names repeat; "nearest spot" is the copy baseline
+    ("nearest spot (folder)" with several folders). log1p: of log1p counts."""
+    folders = _folders(run_dirs)
+    runs = [r for rs in folders.values() for r in rs]
+    labels = _unique_labels(runs, (lambda r: r.name, lambda r: f"{r.resolve().parent.parent.name}/{r.name}"))
+    baseline = _unique_labels(list(folders), (lambda d: "nearest spot",) if len(folders) == 1 else
+                              (lambda d: f"nearest spot ({d.name})", lambda d: f"nearest spot ({d})"))
+    out = []
+    for d, rs in folders.items():
+        held = HeldOut(d, n_genes)
+        genes, results = _score_folder(held, rs, labels, baseline[d], log1p)
+        out.append((d, held.protocol, genes, results))
+    return out
+
+
+def _one_folder(scored):
+    if len(scored) > 1:
+        raise InputError(f"{scored[1][0]}: the runs come from {len(scored)} protocol folders; pass the runs of one "
+                         f"folder (python -m utils.protocols score takes several)")
+    return scored[0]
+
 
 def heldout_pearson(run_dirs, n_genes=100, log1p=False):
-    """(protocol record, genes, {run name or "nearest spot": per-gene Pearson r at the held-out
-    spots}) over the n_genes most variable held-out genes; log1p: of log1p counts."""
-    run_dirs = [Path(r) for r in run_dirs]
-    held = HeldOut(run_dirs[0].parent.parent, n_genes)
-    f = np.log1p if log1p else (lambda v: v)
-    results = {r.name: pearson_per_gene(f(held.predicted(r)), f(held.measured())) for r in run_dirs}
-    results["nearest spot"] = pearson_per_gene(f(held.nearest_spot()), f(held.measured()))
-    return held.protocol, held.genes, results
+    """(protocol record, genes, {label: per-gene Pearson r}) of runs of one protocol folder (pearson_by_folder)."""
+    _, proto, genes, results = _one_folder(pearson_by_folder(run_dirs, n_genes, log1p))
+    return proto, genes, results
+
+
+def _summary(results) -> dict:
+    return {k: {"median": float(np.median(v)), "mean": float(np.mean(v))} for k, v in results.items()}
 
 
 def score(run_dirs, n_genes=100):
+    """(protocol record, {label: median and mean per-gene r}) of runs of one protocol folder."""
     proto, _, results = heldout_pearson(run_dirs, n_genes)
-    return proto, {k: {"median": float(np.median(v)), "mean": float(np.mean(v))} for k, v in results.items()}
+    return proto, _summary(results)
 
 
 def main(argv=None):
     p = Parser(prog="python -m utils.protocols", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make", help="write a protocol folder from a raw-layout folder", formatter_class=HelpFormatter)
-    m.add_argument("protocol", choices=["leave-out", "sparse-leave-out", "coarsen"],
+    m.add_argument("protocol", choices=PROTOCOLS,
                    help="leave-out: hide every other spot (checkerboard); sparse-leave-out: hide a seeded random 1 in "
                         f"{SPARSE_HIDDEN} (the run keeps a nearly full lattice); coarsen: sum 2 x 2 blocks of spots")
     m.add_argument("source", type=path_arg, help="raw-layout folder with section.json (array_x, array_y)")
@@ -206,9 +414,11 @@ def main(argv=None):
         n_t, n_h = make(a.protocol, a.source, a.directory)
         print(f"{a.directory}: {n_t} training spots, {n_h} held-out spots; now run the five stages on it")
     else:
-        proto, res = score(a.runs, a.n_genes)
-        print(f"protocol {proto['protocol']}: Pearson r per gene across {proto['heldout_spots']} held-out spots")
-        for k, v in res.items():
-            print(f"  {k:24s} median {v['median']:.4f}  mean {v['mean']:.4f}")
+        scored = pearson_by_folder(a.runs, a.n_genes)
+        for folder, proto, genes, results in scored:
+            print(f"protocol {proto['protocol']}{f' ({folder})' if len(scored) > 1 else ''}: Pearson r per gene "
+                  f"({len(genes)} genes) across {proto['heldout_spots']} held-out spots")
+            for k, v in _summary(results).items():
+                print(f"  {k:24s} median {v['median']:.4f}  mean {v['mean']:.4f}")
     return 0
 

@@ -4,7 +4,11 @@ import numpy as np
 
 SIZES_MM = {"small": 1.5, "medium": 3.0, "large": 6.5}
 PIXEL_SIZE_RANGE_UM = (0.1, 1.0)
-MIN_GENES = 12
+DEFAULT_PIXEL_SIZE_UM = 0.3
+MIN_GENES, MAX_GENES = 12, 20000
+DEFAULT_N_GENES = 300
+RAW_FILES = ("he-raw.tif", "pixel-size-raw.txt", "cnts.tsv", "locs-raw.tsv", "radius-raw.txt", "section.json")
+CELLS_PER_CHUNK = 8192       # cells whose counts are drawn at once (each chunk has its own random stream)
 DENSE_LIMIT = 40_000_000     # super-pixels x genes above which truth X is written as CSR
 
 # region labels (truth/regions.png values)

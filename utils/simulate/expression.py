@@ -4,7 +4,17 @@ import math
 import numpy as np
 from tqdm import tqdm
 
-from .constants import CELL_TYPES, LIBRARY_SIZE, NB_DISPERSION, PROGRAMMES, T_EPI, T_TUM, TYPE_PREFIX, _rng
+from .constants import (
+    CELL_TYPES,
+    CELLS_PER_CHUNK,
+    LIBRARY_SIZE,
+    NB_DISPERSION,
+    PROGRAMMES,
+    T_EPI,
+    T_TUM,
+    TYPE_PREFIX,
+    _rng,
+)
 from .world import Field
 
 
@@ -86,20 +96,17 @@ def simulate_expression(cells, pieces, prof, loadings, prog_fields, tissue_index
         if m.any():
             mean_area[t] = area[m].mean()
     shape = 1.0 / NB_DISPERSION
-    chunk = 8192
     piece_t = tissue_index.ravel()[piece_sp]
     if np.any(piece_t < 0):
         raise RuntimeError("internal error: a cell overlaps a super-pixel outside the tissue mask")
-    for k, i0 in enumerate(tqdm(range(0, n, chunk), desc="expression", unit="chunk", disable=not progress)):
+    for k, i0 in enumerate(tqdm(range(0, n, CELLS_PER_CHUNK), desc="expression", unit="chunk", disable=not progress)):
         rng = _rng(seed, 6, k)
-        i1 = min(n, i0 + chunk)
+        i1 = min(n, i0 + CELLS_PER_CHUNK)
         sl = slice(i0, i1)
         types = cells.type[sl]
         lib = np.array(LIBRARY_SIZE)[types] * (area[sl] / mean_area[types]) * np.exp(rng.normal(0, 0.2, i1 - i0))
         F = np.stack([f.at(cells.x[sl], cells.y[sl]) for f in prog_fields], 1)
-        mu = lib[:, None] * prof[types] * np.exp(F @ loadings.T)
-        lam = rng.gamma(shape, mu / shape)
-        counts = rng.poisson(lam)
+        counts = _nb_counts(rng, lib, prof, types, F, loadings, shape)
         totals[sl] = counts.sum(1)
         gene_totals += counts.sum(0)
         # molecules -> pieces by inverse CDF on a cumulative array offset by the local cell index
@@ -118,8 +125,21 @@ def simulate_expression(cells, pieces, prof, loadings, prog_fields, tissue_index
             continue
         u = rng.random(mol_cell.size)
         piece = np.searchsorted(cumfrac, mol_cell + u, side="right")
-        t_idx = piece_t[p0 + piece]
-        t0, t1 = t_idx.min(), t_idx.max()
-        acc = np.bincount((t_idx - t0) * G + mol_gene, minlength=(t1 - t0 + 1) * G)
-        truth[t0:t1 + 1] += acc.reshape(-1, G).astype(np.float32)
+        # molecules counted per (super-pixel, gene) entry of truth: memory by molecules, not by the chunk's
+        # span of super-pixels x genes (a bincount over that span took GBs at 20000 genes)
+        entry, n_mol = np.unique(piece_t[p0 + piece] * G + mol_gene, return_counts=True)
+        truth.reshape(-1)[entry] += n_mol.astype(np.float32)   # a view: truth is C-contiguous
     return truth, totals, gene_totals
+
+
+def _nb_counts(rng, lib, prof, types, F, loadings, shape):
+    """Negative-binomial counts (cells x genes) of mean library x type profile x exp(programmes), with at
+    most two (cells x genes) arrays alive at a time: at 20000 genes each is 1.3 GB."""
+    mu = lib[:, None] * prof[types]
+    e = F @ loadings.T
+    mu *= np.exp(e, out=e)
+    del e
+    mu /= shape
+    lam = rng.gamma(shape, mu)
+    del mu
+    return rng.poisson(lam)

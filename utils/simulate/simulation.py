@@ -9,18 +9,23 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ..core import layout as L
 from ..core.errors import InputError
 from ..core.geometry import SUPER_PIXEL_UM, TARGET_PIXEL_SIZE_UM, superpixel_grid_shape
-from ..core.image_io import write_png
-from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
-from ..core.stage import Stage
+from ..core.image_io import available_memory, write_png
+from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES, examples
+from ..core.stage import Stage, user_entries
 from ..evaluation.truth import SPOT_DIAMETER_UM, SPOT_SPACING_UM, pseudo_visium_spots, write_truth_h5ad
 from .cells import adipocyte_geometry, cell_pieces, make_cells
 from .constants import (
     BG,
     CELL_TYPES,
+    CELLS_PER_CHUNK,
+    DEFAULT_N_GENES,
+    DEFAULT_PIXEL_SIZE_UM,
     DENSE_LIMIT,
     LIBRARY_SIZE,
+    MAX_GENES,
     MIN_GENES,
     NB_DISPERSION,
     PIXEL_SIZE_RANGE_UM,
@@ -56,8 +61,8 @@ def _check_options(size, seed, pixel_size, n_genes, extent_mm):
     if not (np.isfinite(pixel_size) and lo <= pixel_size <= hi):
         raise InputError(f"--pixel-size {pixel_size}: must be between {lo} and {hi} um/px (0.25-0.5 is typical of a "
                          f"20x/40x scan)")
-    if n_genes < MIN_GENES or n_genes > 20000:
-        raise InputError(f"--n-genes {n_genes}: must be between {MIN_GENES} and 20000")
+    if not MIN_GENES <= n_genes <= MAX_GENES:
+        raise InputError(f"--n-genes {n_genes}: must be between {MIN_GENES} and {MAX_GENES}")
     extent_mm = float(extent_mm) if extent_mm is not None else SIZES_MM[size]
     if not (0.3 <= extent_mm <= 10.0):
         raise InputError(f"--extent-mm {extent_mm}: must be between 0.3 and 10 mm")
@@ -65,16 +70,53 @@ def _check_options(size, seed, pixel_size, n_genes, extent_mm):
 
 
 def _check_directory(directory):
-    """A folder that holds nothing of another data set (the simulated files are replaced)."""
+    """DIR is new, empty or a previous simulation (whose files are replaced), so that no one's data set is
+    overwritten, and no other raw-layout file would sit beside the simulated ones."""
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory}: exists and is not a directory; pass a folder for --directory")
-    if directory.is_dir():
-        ours = {"he-raw.tif", "cnts.tsv", "locs-raw.tsv"}
-        others = [n for n in (*IMAGE_NAMES, *COUNTS_NAMES, *LOCS_NAMES) if n not in ours and (directory / n).exists()]
+    if not directory.is_dir():
+        return
+    if not L.TRUTH_SIMULATION.path(directory).is_file():   # only a killed simulation's lock and temporaries are ours
+        others = user_entries(directory)
         if others:
-            raise InputError(f"{directory}: already holds {', '.join(others)} of another data set, which would sit "
-                             f"beside the simulated files; pass an empty or new folder for --directory")
-    directory.mkdir(parents=True, exist_ok=True)
+            raise InputError(f"{directory}: holds {examples(others)} and no earlier simulation "
+                             f"({L.TRUTH_SIMULATION.name}), so it may be someone's data set; pass an empty or new "
+                             f"folder for --directory")
+        return
+    ours = {"he-raw.tif", "cnts.tsv", "locs-raw.tsv"}
+    others = [n for n in (*IMAGE_NAMES, *COUNTS_NAMES, *LOCS_NAMES) if n not in ours and (directory / n).exists()]
+    if others:
+        raise InputError(f"{directory}: already holds {', '.join(others)} of another data set, which would sit "
+                         f"beside the simulated files; pass an empty or new folder for --directory")
+
+
+# peak memory (fitted to the peak RSS of seed 0 at 300-12000 genes: small, medium, large at 300; within
+# -10%..+25%): per gene the dense truth (tissue super-pixels x genes, float32; the tissue covers 64-66% of the
+# super-pixel grid) and one chunk's (cells x genes) float64 array; plus the cells, the world and the libraries
+TISSUE_FRACTION_MAX = 0.7
+MEMORY_BASE = 400 * 2 ** 20
+MEMORY_PER_MM2 = 22 * 2 ** 20
+
+
+def memory_needed(extent_mm, pixel_size, n_genes):
+    """(bytes at the peak, bytes per gene) of a simulation."""
+    side = int(round(extent_mm * 1000.0 / pixel_size))
+    grid_rows, grid_cols = superpixel_grid_shape((side, side), pixel_size)
+    per_gene = 4 * TISSUE_FRACTION_MAX * grid_rows * grid_cols + 8 * CELLS_PER_CHUNK
+    return MEMORY_BASE + MEMORY_PER_MM2 * extent_mm ** 2 + n_genes * per_gene, per_gene
+
+
+def _check_memory(size_label, extent_mm, pixel_size, n_genes):
+    """Refuse up front a simulation that would not fit in memory (it would be killed after minutes)."""
+    need, per_gene = memory_needed(extent_mm, pixel_size, n_genes)
+    free = available_memory()
+    if need <= free:
+        return
+    fit = int((free - (need - n_genes * per_gene)) // per_gene)
+    fix = f"pass --n-genes {fit} or fewer" if fit >= MIN_GENES else "free memory"
+    raise InputError(f"--n-genes {n_genes}: a {size_label} section with {n_genes} genes needs about "
+                     f"{need / 2 ** 30:.1f} GiB of memory and only {free / 2 ** 30:.1f} GiB is available; {fix}, or "
+                     f"simulate a smaller --size")
 
 
 def _make_world(seed, extent):
@@ -116,10 +158,14 @@ def _expression(cells, pieces, mask, n_genes, seed, extent, progress):
     return (names, groups, prog_info), truth, cell_totals, gene_totals
 
 
-def simulate(directory, size="small", seed=0, pixel_size=0.3, n_genes=300, extent_mm=None, progress=True):
-    """Simulate one section into `directory` (raw layout + truth/). Returns a summary dict."""
+def simulate(directory, size="small", seed=0, pixel_size=DEFAULT_PIXEL_SIZE_UM, n_genes=DEFAULT_N_GENES,
+             extent_mm=None, progress=True):
+    """Simulate one section into `directory` (raw layout + truth/). Returns a summary dict. An extent_mm other
+    than the size's is recorded as size "custom" (it is another tissue)."""
     t_start = time.time()
     extent_mm = _check_options(size, seed, pixel_size, n_genes, extent_mm)
+    size = size if extent_mm == SIZES_MM[size] else "custom"
+    _check_memory(size, extent_mm, pixel_size, n_genes)
     directory = Path(directory)
     _check_directory(directory)
     px = float(pixel_size)
@@ -143,7 +189,7 @@ def simulate(directory, size="small", seed=0, pixel_size=0.3, n_genes=300, exten
 
     t = time.time()
     renderer = Renderer(world, cells, fibres, membranes, px, (H, W), seed)
-    with Stage("simulate", directory, manifest=False) as st:
+    with Stage("simulate", directory, manifest=False, create=True) as st:
         render_image(st.out.path(directory / "he-raw.tif"), renderer, progress)
         _write_raw(st.out, directory, px, spots, genes[0], n_genes)
         _write_truth(st.out, directory, truth, rows_idx, cols_idx, genes[0], genes[1], px, seed, size, (H, W),
