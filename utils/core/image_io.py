@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .chunks import row_chunks
 from .errors import InputError
 
 log = logging.getLogger("trihrge")
@@ -38,8 +39,10 @@ def read_rgb(path):
     path = Path(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty; copy the H&E image again")
-    img = _read_tiff(path) if sniff_format(path) == "TIFF" else _read_pil(path)
-    return to_rgb8(img, path)
+    if sniff_format(path) == "TIFF":
+        img, colours = _read_tiff(path)
+        return to_rgb8(img, path, colours)
+    return to_rgb8(_read_pil(path), path)
 
 
 def image_size(path) -> tuple:
@@ -56,9 +59,29 @@ def image_size(path) -> tuple:
         return int(im.size[1]), int(im.size[0])
 
 
-def to_rgb8(img, path):
-    """Any array an image reader returns -> uint8 (H, W, 3), with a log line for each conversion."""
-    img = np.asarray(img)
+def to_rgb8(img, path, colours=None):
+    """Any array an image reader returns -> uint8 (H, W, 3), converted in row bands (a 20,000 px
+    16-bit or RGBA scan is never copied whole in float32), one log line per conversion. colours:
+    the reader's function from a band of samples to grey, RGB or RGB + alpha (uint8, or floats in
+    [0, 1]); without it the samples are scaled by the bit depth they use, or a float image's range."""
+    img = _standard_layout(np.asarray(img), path)
+    if colours is None and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+        return np.ascontiguousarray(img)   # 8-bit RGB: nothing to convert, no copy
+    h, w = img.shape[:2]
+    scale = None if colours else _scale(img, path)
+    out, channels = np.empty((h, w, 3), np.uint8), 3
+    for rows in row_chunks(h, w * (img.shape[2] if img.ndim == 3 else 1)):
+        band = img[rows] if colours is None else colours(img[rows])
+        out[rows], channels = _band_rgb8(band, scale or (255.0 if band.dtype.kind == "f" else 1.0))
+    if channels in (1, 2):
+        log.info("%s: greyscale image converted to RGB", path.name)
+    if channels in (2, 4):
+        log.info("%s: the image's alpha composited onto white", path.name)
+    return out
+
+
+def _standard_layout(img, path):
+    """(H, W) or (H, W, channels) as views: singleton leading axes dropped, channels moved last."""
     while img.ndim > 3 and img.shape[0] == 1:  # singleton leading axes (TIFF series); never squeeze pixels
         img = img[0]
     if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
@@ -66,46 +89,49 @@ def to_rgb8(img, path):
         img = np.moveaxis(img, 0, -1)
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (1, 2, 3, 4)):
         raise InputError(f"{path}: unsupported image layout {img.shape}; give a 2-D RGB, RGBA or greyscale image")
-    if img.dtype != np.uint8:
-        if np.issubdtype(img.dtype, np.floating):
-            scale = _float_scale(img, path)
-        else:
-            # scale by the bit depth the values use (8/10/12/14/16/32 bit), not by the image maximum,
-            # so that colours keep their meaning
-            hi = int(img.max()) if img.size else 255
-            bits = next(b for b in (8, 10, 12, 14, 16, 32, 64) if hi < 2 ** b)
-            scale = 255.0 / (2 ** bits - 1)
-        log.info("%s: %s image converted to 8 bit (scaled by %.5g)", path.name, img.dtype, scale)
-        img = np.clip(np.nan_to_num(img.astype(np.float32) * scale, nan=255.0, posinf=255.0, neginf=0.0),
-                      0, 255).round().astype(np.uint8)
-    if img.ndim == 2:
-        log.info("%s: greyscale image converted to RGB", path.name)
-        return np.repeat(img[:, :, None], 3, axis=2)
-    c = img.shape[-1]
-    if c == 1:
-        log.info("%s: single-channel image converted to RGB", path.name)
-        return np.repeat(img, 3, axis=2)
-    if c == 2:  # grey + alpha
-        img = np.concatenate([np.repeat(img[:, :, :1], 3, axis=2), img[:, :, 1:]], axis=2)
-        c = 4
-    if c == 4:
-        log.info("%s: RGBA image composited onto white", path.name)
-        rgb = img[:, :, :3].astype(np.float32)
-        a = img[:, :, 3:4].astype(np.float32) / 255.0
-        return np.clip(rgb * a + 255.0 * (1.0 - a), 0, 255).round().astype(np.uint8)
-    return np.ascontiguousarray(img)
+    return img
+
+
+def _scale(img, path) -> float:
+    """The factor that brings the whole image's samples to 0-255: by the bit depth the values use
+    (8/10/12/14/16/32 bit, not the image maximum, so colours keep their meaning), or a float image's range."""
+    if img.dtype == np.uint8:
+        return 1.0
+    if np.issubdtype(img.dtype, np.floating):
+        scale = _float_scale(img, path)
+    else:
+        hi = int(img.max()) if img.size else 255
+        scale = 255.0 / (2 ** next(b for b in (8, 10, 12, 14, 16, 32, 64) if hi < 2 ** b) - 1)
+    log.info("%s: %s image converted to 8 bit (scaled by %.5g)", path.name, img.dtype, scale)
+    return scale
 
 
 def _float_scale(img, path) -> float:
-    """The factor to 0-255 of a float image, from its finite values: [0, 1] (a slight overshoot
-    allowed, as resampling leaves it), [0, 255], or its own maximum. NaN and infinity read as white
-    (glass) rather than as black (dense tissue)."""
-    finite = np.isfinite(img)
-    if not finite.all():
-        log.warning("%s: %d pixels are NaN or infinite; they are read as white (glass)", path.name,
-                    int(finite.size - np.count_nonzero(finite)))
-    hi = float(np.max(img, where=finite, initial=-np.inf)) if finite.any() else 1.0
+    """The factor to 0-255 of a float image, from its finite values (band by band): [0, 1] (a slight
+    overshoot allowed, as resampling leaves it), [0, 255], or its own maximum. NaN and infinity read
+    as white (glass) rather than as black (dense tissue)."""
+    hi, bad = -np.inf, 0
+    for rows in row_chunks(len(img), img[0].size):
+        finite = np.isfinite(img[rows])
+        bad += finite.size - int(np.count_nonzero(finite))
+        hi = max(hi, float(np.max(img[rows], where=finite, initial=-np.inf)))
+    if bad:
+        log.warning("%s: %d pixels are NaN or infinite; they are read as white (glass)", path.name, bad)
+    hi = 1.0 if hi == -np.inf else hi
     return 255.0 if hi <= 1.5 else (1.0 if hi <= 255 else 255.0 / hi)
+
+
+def _band_rgb8(band, scale):
+    """(uint8 (rows, W, 3), the band's channels): scaled, grey repeated, alpha composited onto white."""
+    if band.dtype != np.uint8 or scale != 1.0:
+        band = np.clip(np.nan_to_num(band.astype(np.float32) * scale, nan=255.0, posinf=255.0, neginf=0.0),
+                       0, 255).round().astype(np.uint8)
+    band = band[..., None] if band.ndim == 2 else band
+    c = band.shape[-1]
+    if c in (2, 4):
+        a = band[..., -1:].astype(np.float32) / 255.0
+        band = np.clip(band[..., :-1] * a + 255.0 * (1.0 - a), 0, 255).round().astype(np.uint8)
+    return (np.repeat(band, 3, axis=2) if band.shape[-1] == 1 else band), c
 
 
 _ORIENTATION = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped", 5: "transposed",
@@ -157,15 +183,16 @@ def _read_pil(path):
     apply (memory is checked)."""
     try:
         with open_pil(path) as im:
-            _check_size(path, *im.size)
+            mode = ("RGBA" if ("transparency" in im.info or im.mode == "PA") else "RGB") \
+                if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1") else None
+            # Pillow's own copy (4 bytes a pixel for colour or 32 bit), ours, and the RGB made from it
+            _check_size(path, *im.size, bytes_per_pixel=2 * (4 if len(im.getbands()) > 1 or im.mode[0] in "IF" else 1) + 3)
             _log_orientation(path, im.getexif().get(0x0112))
             if im.info.get("icc_profile"):
                 log.info("%s: its embedded ICC colour profile is not applied (the pixel values are read as they "
                          "are, as the 10x software and scanpy read them)", path.name)
             im.load()
-            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
-                im = im.convert("RGBA" if ("transparency" in im.info or im.mode == "PA") else "RGB")
-            return np.asarray(im)
+            return _pil_pixels(im, mode)
     except InputError:
         raise
     except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError for damaged files
@@ -177,6 +204,21 @@ def _read_pil(path):
                          f"PNG or TIFF file (copy the complete file again)") from None
     except MemoryError:
         raise InputError(f"{path}: not enough memory to decode it; save it as a (tiled) TIFF, or free memory") from None
+
+
+def _pil_pixels(im, mode):
+    """The loaded image's pixels as an array, copied (and converted to `mode`) in row bands: numpy's
+    view of a whole Pillow image goes through a bytes copy, twice the image at once."""
+    w, h = im.size
+
+    def band(r0, r1):
+        part = im.crop((0, r0, w, r1))
+        return np.asarray(part.convert(mode) if mode else part)
+    first = band(0, 1)
+    out = np.empty((h, w, *first.shape[2:]), first.dtype)
+    for rows in row_chunks(h, first[0].nbytes, itemsize=1):
+        out[rows] = band(rows.start, rows.stop)
+    return out
 
 
 def _jpeg_precision(path):
@@ -198,11 +240,10 @@ def _read_tiff(path):
             _log_orientation(path, _tiff_orientation(series))
             h, w = (int(series.shape[axes.index(a)]) for a in "YX")
             samples = int(np.prod(series.shape)) // (h * w)
-            # decoded, a float32 copy when not 8 bit, and the RGB result
-            _check_size(path, w, h, samples * (series.dtype.itemsize + (4 if series.dtype != np.uint8 else 0)) + 3)
+            _check_size(path, w, h, samples * series.dtype.itemsize + 3)   # decoded, and the RGB made in bands
             img = _channels_last(series.asarray(), axes, path)
             # channels as pages (OME 'C' axis): each page's tags describe one plane, the planes are R, G, B(, A)
-            return img if img.ndim == 3 and "S" not in axes else _tiff_colours(img, page, path)
+            return img, (None if img.ndim == 3 and "S" not in axes else _tiff_colours(img, page, path))
     except InputError:
         raise
     except MemoryError:
@@ -245,44 +286,50 @@ def _channels_last(img, axes, path):
 
 
 def _tiff_colours(img, page, path):
-    """A TIFF's samples as grey, RGB or RGB + straight alpha, by its Photometric and ExtraSamples tags."""
+    """The band function of to_rgb8 for a TIFF's samples, by its Photometric and ExtraSamples tags
+    (None: the samples are grey or RGB (+ alpha) as they are)."""
     from tifffile import EXTRASAMPLE, PHOTOMETRIC
     kind = page.photometric
     if kind == PHOTOMETRIC.PALETTE:
         cmap = np.asarray(page.colormap)
-        cmap = np.round(cmap / 257.0) if cmap.max() > 255 else cmap   # 16-bit entries, as the format says
+        cmap = (np.round(cmap / 257.0) if cmap.max() > 255 else cmap).astype(np.uint8).T   # 16-bit entries, as specified
         log.info("%s: palette image converted to RGB", path.name)
-        return cmap.astype(np.uint8).T[img if img.ndim == 2 else img[..., 0]]
+        return lambda band: cmap[band if band.ndim == 2 else band[..., 0]]
     # YCbCr: tifffile decodes it to RGB (JPEG-compressed TIFFs, whole-slide scans)
     colour = {PHOTOMETRIC.MINISWHITE: 1, PHOTOMETRIC.MINISBLACK: 1, PHOTOMETRIC.RGB: 3, PHOTOMETRIC.YCBCR: 3,
               PHOTOMETRIC.SEPARATED: 4}.get(kind)
     if colour is None:
         raise InputError(f"{path}: a TIFF of photometric {kind.name}, which is not read here; save the image "
                          f"as RGB (or greyscale)")
-    planes = img[..., None] if img.ndim == 2 else img
     # an extra sample without its ExtraSamples entry (OpenCV writes none) is taken as alpha, as before the tag
-    n_extra = max(0, planes.shape[-1] - colour)
+    n_extra = max(0, (img.shape[-1] if img.ndim == 3 else 1) - colour)
     extra = (list(page.extrasamples or ()) + [EXTRASAMPLE.UNASSALPHA] * n_extra)[:n_extra]
-    alpha = next((colour + i for i, e in enumerate(extra) if e in (EXTRASAMPLE.ASSOCALPHA, EXTRASAMPLE.UNASSALPHA)),
-                 None)
-    if len(extra) > (alpha is not None):
-        log.info("%s: %d extra samples that are not alpha are ignored", path.name, len(extra) - (alpha is not None))
-    full = 2.0 ** page.bitspersample - 1 if planes.dtype.kind in "ui" else 1.0
-    values = planes[..., :colour]
-    if kind == PHOTOMETRIC.MINISWHITE:
-        log.info("%s: min-is-white image inverted", path.name)
-        values = (full - values.astype(np.float32)) / full
-    elif kind == PHOTOMETRIC.SEPARATED:
-        log.info("%s: CMYK image converted to RGB", path.name)
-        cmyk = values.astype(np.float32) / full
-        values = (1 - cmyk[..., :3]) * (1 - cmyk[..., 3:4])
-    if alpha is None:
-        return values if values.ndim == 2 or values.shape[-1] > 1 else values[..., 0]
-    a = planes[..., alpha:alpha + 1].astype(np.float32) / full
-    v = values.astype(np.float32) / (full if values.dtype.kind in "ui" else 1.0)
-    if extra[alpha - colour] == EXTRASAMPLE.ASSOCALPHA:   # premultiplied: back to straight colour
-        v = np.divide(v, a, out=np.zeros_like(v), where=a > 0).clip(0, 1)
-    return np.concatenate([v, a], axis=-1)
+    alphas = [i for i, e in enumerate(extra) if e in (EXTRASAMPLE.ASSOCALPHA, EXTRASAMPLE.UNASSALPHA)]
+    alpha = colour + alphas[0] if alphas else None
+    if len(extra) > len(alphas[:1]):
+        log.info("%s: %d extra samples that are not alpha are ignored", path.name, len(extra) - len(alphas[:1]))
+    straight = alpha is None or extra[alpha - colour] == EXTRASAMPLE.UNASSALPHA
+    if kind in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR) and (
+            not extra or (len(extra) == 1 and alpha == colour and straight)):
+        return None
+    if kind in (PHOTOMETRIC.MINISWHITE, PHOTOMETRIC.SEPARATED):
+        log.info("%s: %s image converted", path.name, "min-is-white" if kind == PHOTOMETRIC.MINISWHITE else "CMYK")
+    full = 2.0 ** page.bitspersample - 1 if img.dtype.kind in "ui" else 1.0
+
+    def colours(band):
+        planes = band[..., None].astype(np.float32) / full if band.ndim == 2 else band.astype(np.float32) / full
+        v = planes[..., :colour]
+        if kind == PHOTOMETRIC.MINISWHITE:
+            v = 1.0 - v
+        elif kind == PHOTOMETRIC.SEPARATED:
+            v = (1.0 - v[..., :3]) * (1.0 - v[..., 3:4])
+        if alpha is None:
+            return v
+        a = planes[..., alpha:alpha + 1]
+        if not straight:   # premultiplied: back to straight colour
+            v = np.divide(v, a, out=np.zeros_like(v), where=a > 0).clip(0, 1)
+        return np.concatenate([v, a], axis=-1)
+    return colours
 
 
 def write_png(path, rgb_or_grey):
