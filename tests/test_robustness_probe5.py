@@ -189,3 +189,17 @@ def test_a_batch_size_above_the_spot_count_is_said(demo_upstream, tmp_path):
                    *FAST[2:])
     assert p.returncode == 0, p.stderr[-2000:]
     assert "--batch-size 100000 is not below the" in p.stderr
+
+
+def test_a_disk_too_small_for_the_maps_is_said_before_training(demo_upstream, tmp_path, monkeypatch):
+    import shutil
+
+    from utils.core.errors import InputError
+    from utils.stages import histex
+    from utils.superres.config import HistexConfig
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(p)._replace(free=4096))
+    monkeypatch.setattr(histex, "trained_states", lambda *a, **k: pytest.fail("trained on a full disk"))
+    config = HistexConfig.from_options({"epochs": 1, "n_states": 2, "threads": 1, "out": tmp_path / "run"})
+    with pytest.raises(InputError, match="the super-resolution maps needs about"):
+        histex.run_histex(demo_upstream, config, progress=False)

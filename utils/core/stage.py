@@ -189,7 +189,7 @@ class Stage:
             where = where.parent
         free = shutil.disk_usage(where).free
         if n_bytes * SPACE_MARGIN > free:
-            raise InputError(f"{where}: {what} needs about {_size(n_bytes)} of disk and only {_size(free)} is free; "
+            raise InputError(f"{where}: {what} needs about {_size(n_bytes * SPACE_MARGIN)} of disk and only {_size(free)} is free; "
                              f"free some space and rerun (the previous artifacts are replaced only once the new "
                              f"ones are complete)")
 

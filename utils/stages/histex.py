@@ -169,6 +169,11 @@ def _predict_trained(st, directory, out_dir, config, inp, device, progress, kern
     states predict a correction to the interpolation: trained against each spot's leave-one-out
     interpolation, added to the interpolated map (kernel()) and clipped at 0."""
     world = current()
+    shape = (len(inp.rows), len(inp.genes))
+    # stack: the image model's own map as well (only where the fusion is applied: with folds)
+    maps = 4 if config.fusion == "stack" and config.cv_folds else 3
+    if world.leader:   # before training: a disk too small for the maps is said before the states take minutes
+        st.require_space(maps * shape[0] * shape[1] * 4, "the super-resolution maps", where=out_dir)
     _, _, lo, hi, _ = spot_arrays(inp.spots)
     loo = _reference_oof(inp, config) if config.residual else None
     td = training_data(directory, config, inp.spots, inp.hr, inp.mask.shape,
@@ -184,10 +189,8 @@ def _predict_trained(st, directory, out_dir, config, inp, device, progress, kern
         (lo if loo is None else loo) + out_of_fold_scaled(models, folds, td.data, device,
                                                              precision=precision_of(td.cfg)) * (hi - lo)
     t_pred = time.time()
-    shape = (len(inp.rows), len(inp.genes))
     sr = None
     if world.leader:
-        maps = 4 if config.fusion == "stack" else 3   # stack: the image model's own map as well
         sr = _prediction_map(st, out_dir, shape, maps=maps, what="the super-resolution maps", compress=config.compress)
     predict_tissue(models, td.cfg, td.maps, td.tokens, inp.rows, inp.cols, device, batch=config.batch_windows,
                    progress=progress, out=sr, world=world, scaling=td.scaling)
