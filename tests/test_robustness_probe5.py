@@ -203,3 +203,59 @@ def test_a_disk_too_small_for_the_maps_is_said_before_training(demo_upstream, tm
     config = HistexConfig.from_options({"epochs": 1, "n_states": 2, "threads": 1, "out": tmp_path / "run"})
     with pytest.raises(InputError, match="the super-resolution maps needs about"):
         histex.run_histex(demo_upstream, config, progress=False)
+
+
+# --- files rewritten by scanpy / pandas ----------------------------------------------------------------
+
+def _grid_adata(rows, cols, X=None):
+    import anndata
+    import pandas as pd
+    X = np.ones((len(rows), 3), np.float32) if X is None else X
+    return anndata.AnnData(X=X, obs=pd.DataFrame({"row": rows, "col": cols}, index=[str(i) for i in range(len(rows))]))
+
+
+def test_grid_positions_as_float_or_category_are_read_and_shared_ones_refused(tmp_path):
+    import pandas as pd
+
+    from utils.core.errors import InputError
+    from utils.core.h5ad_io import check_grid_positions
+    ad = _grid_adata([0.0, 1.0, 2.0], [5.0, 5.0, 5.0])
+    ad.obs["col"] = ad.obs["col"].astype("category")
+    check_grid_positions(ad, tmp_path / "x.h5ad", "fix")
+    assert ad.obs["row"].dtype == np.int64 and ad.obs["col"].dtype == np.int64 and ad.obs["row"].max() == 2
+    twice = _grid_adata([0, 1, 1], [5, 6, 6])   # two sections concatenated
+    with pytest.raises(InputError, match="1 observation.* on a super-pixel that already has one"):
+        check_grid_positions(twice, tmp_path / "x.h5ad", "fix")
+    assert pd.api.types.is_integer_dtype(twice.obs["row"])
+
+
+def test_a_log_transformed_x_is_refused_and_a_sparse_x_analysed():
+    from scipy import sparse
+
+    from utils.analysis.preprocess import normalise_log
+    from utils.core.errors import InputError
+    from utils.core.h5ad_io import check_counts
+    ad = _grid_adata([0, 1], [0, 0], X=np.array([[1.0, 3.0], [2.0, 2.0]], np.float32))
+    ad.layers["counts"] = ad.X.copy()
+    ad.uns["log1p"] = {"base": None}   # what sc.pp.log1p leaves
+    with pytest.raises(InputError, match=r"X holds log-transformed values.*layers\['counts'\] back into X"):
+        check_counts(ad, "run/super-res.h5ad")
+    dense = _grid_adata([0, 1], [0, 0], X=np.array([[1.0, 3.0], [2.0, 2.0]], np.float32))
+    rewritten = _grid_adata([0, 1], [0, 0], X=sparse.csr_matrix(dense.X))
+    normalise_log(dense)
+    normalise_log(rewritten)
+    np.testing.assert_allclose(rewritten.X, dense.X)
+
+
+def test_the_mask_counts_only_the_spots_on_the_image(demo_upstream, tmp_path):
+    import json
+
+    from conftest import copy_demo, run_script
+    d = copy_demo(demo_upstream, tmp_path / "d")
+    locs = (d / "locs.tsv").read_text().rstrip("\n").splitlines()
+    n = len(locs) - 1
+    (d / "locs.tsv").write_text("\n".join([*locs, "far\t999999.0\t999999.0"]) + "\n")   # as a cropped image leaves
+    p = run_script("masking_non_tissue.py", d, "--force")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((d / "mask.json").read_text())["n_spots"] == n
+    assert f"1 of {n + 1} spot centres lie outside the image" in p.stderr

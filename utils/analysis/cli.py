@@ -12,7 +12,7 @@ from pathlib import Path
 from ..core import layout as L
 from ..core.cli import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, add_seed, path_arg, run, setup_logging, text_file
 from ..core.errors import InputError
-from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
+from ..core.h5ad_io import check_counts, check_finite_values, check_grid_positions, read_anndata
 from ..core.stage import run_folder_stage
 from ..report import write_report
 from ..report.page import source_fingerprint
@@ -98,6 +98,7 @@ def read_run(run_dir: Path, name: str):
     if "row" in ad.obs or "col" in ad.obs:   # super-pixels, drawn as a raster of the section's grid
         check_grid_positions(ad, p, "rerun HISTEX.py")
         _check_inside_image(ad, p)
+    check_counts(ad, p)
     check_finite_values(ad, p, "rerun HISTEX.py")
     return ad
 

@@ -19,6 +19,7 @@ def normalise_log(adata, *, target_sum: float = None) -> None:
         Total counts after normalisation; None for the median total over observations.
     """
     import scanpy as sc
-    adata.X = np.asarray(adata.X, dtype=np.float32)
+    X = adata.X   # a file rewritten by scanpy may hold a sparse X
+    adata.X = (X.toarray() if hasattr(X, "toarray") else np.asarray(X)).astype(np.float32, copy=False)
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)

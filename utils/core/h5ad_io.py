@@ -17,14 +17,32 @@ def read_anndata(path, fix: str, *, damaged: bool = True):
 
 
 def check_grid_positions(ad, path, fix: str) -> None:
-    """obs row/col, each observation's super-pixel, must be whole numbers >= 0."""
+    """obs row/col, each observation's super-pixel, must be whole numbers >= 0, one observation per
+    super-pixel; they are stored back as int64 (a file rewritten by pandas or scanpy may hold them as
+    float or category)."""
     import numpy as np
     for key in ("row", "col"):
-        v = ad.obs[key].to_numpy() if key in ad.obs else None
+        v = np.asarray(ad.obs[key].to_numpy()) if key in ad.obs else None
         if v is None or not np.issubdtype(v.dtype, np.number) or not np.isfinite(v).all() or (v < 0).any() \
                 or (v != np.round(v)).any():
             raise InputError(f"{path}: obs '{key}' {'is missing' if v is None else 'is not whole numbers >= 0'} "
                              f"(the super-pixel of each observation); {fix}")
+        ad.obs[key] = v.astype(np.int64)
+    at = ad.obs[["row", "col"]]
+    twice = at[at.duplicated()]
+    if len(twice):
+        r, c = twice.iloc[0]
+        raise InputError(f"{path}: {len(twice)} observation(s) on a super-pixel that already has one (e.g. row {r}, "
+                         f"col {c}; two sections concatenated?); give one observation per 8 um super-pixel")
+
+
+def check_counts(ad, path) -> None:
+    """X must hold the predicted counts: a run whose X scanpy log-transformed (uns['log1p'], the usual
+    normalize_total + log1p before write_h5ad) would be scored and analysed as counts, wrongly."""
+    if "log1p" in ad.uns:
+        where = "layers['counts'] back into X" if "counts" in ad.layers else "the counts back into X (rerun HISTEX.py)"
+        raise InputError(f"{path}: X holds log-transformed values (uns['log1p'] is set: scanpy's log1p); put {where} "
+                         f"and write the file again")
 
 
 def check_finite_values(ad, path, fix: str) -> None:

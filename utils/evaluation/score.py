@@ -9,7 +9,7 @@ import numpy as np
 
 from ..core.cli import Parser, path_arg, setup_logging
 from ..core.errors import InputError
-from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
+from ..core.h5ad_io import check_counts, check_finite_values, check_grid_positions, read_anndata
 from ..core.layout import METRICS, data_directory_of
 from ..core.raw_io import examples, unknown_names
 from ..core.stage import run_folder_in_use, run_folder_stage
@@ -115,6 +115,7 @@ def _with_grid_positions(path, fix):
     """The AnnData at path, whose obs hold each observation's super-pixel (row, col), with finite X."""
     ad = read_anndata(path, fix)
     check_grid_positions(ad, path, fix)
+    check_counts(ad, path)
     check_finite_values(ad, path, fix)
     return ad
 

@@ -157,13 +157,7 @@ def read_truth(path, fix: str):
         dup = ad.var_names[ad.var_names.duplicated()].unique()
         raise InputError(f"{path}: duplicated gene names ({examples(dup)}); make the gene names unique (sum or rename "
                          f"the duplicates)")
-    at = ad.obs[["row", "col"]].astype(np.int64)
-    twice = at[at.duplicated()]
-    if len(twice):
-        r, c = twice.iloc[0]
-        raise InputError(f"{path}: {len(twice)} observation(s) on a super-pixel that already has one (e.g. row {r}, col "
-                         f"{c}); give one observation per 8 um super-pixel (sum the observations of each)")
-    _check_spread(at["row"].to_numpy(), at["col"].to_numpy(), path)
+    _check_spread(ad.obs["row"].to_numpy(), ad.obs["col"].to_numpy(), path)
     return ad
 
 

@@ -56,6 +56,11 @@ def mask_tissue(directory, *, threshold=None, min_region_um2=tm.DEFAULT_MIN_REGI
         mask, info = tm.compute_mask(rgb, texture, valid, threshold=threshold, texture_threshold=texture_threshold,
                                      min_region_sp=min_region_um2 / tm.SUPER_PIXEL_UM2,
                                      fill_holes_sp=fill_holes_um2 / tm.SUPER_PIXEL_UM2, background=background)
+        on_image = tm.spots_inside(valid, locs)   # get_HR.py drops the others: they count for neither
+        if not on_image.all():
+            log.info("%d of %d spot centres lie outside the image; the mask's figures count the %d on it",
+                     int((~on_image).sum()), len(locs), int(on_image.sum()))
+            locs = locs[on_image]
         inside = _check_mask(directory, mask, info, locs, valid)
         summary = _summary(mask, info, valid, locs, inside, min_region_um2, fill_holes_um2)
         _report(directory, summary)
