@@ -259,3 +259,19 @@ def test_the_mask_counts_only_the_spots_on_the_image(demo_upstream, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((d / "mask.json").read_text())["n_spots"] == n
     assert f"1 of {n + 1} spot centres lie outside the image" in p.stderr
+
+
+def test_analysis_of_two_sections_concatenated_says_so(demo_upstream, tmp_path):
+    import anndata
+
+    from conftest import run_script
+    run = tmp_path / "run"
+    p = run_script("HISTEX.py", demo_upstream, "--model", "interp", "--out", run, "-q")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ad = anndata.read_h5ad(run / "super-res.h5ad")
+    two = anndata.concat({"s1": ad, "s2": ad}, label="library_id", index_unique="-", uns_merge="unique")
+    two.uns["spatial"] = {"s1": ad.uns["spatial"][next(iter(ad.uns["spatial"]))], "s2": {}}
+    two.write_h5ad(run / "super-res.h5ad")
+    p = subprocess.run([sys.executable, "-m", "utils.analysis", str(run), "--directory", str(demo_upstream)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "holds 2 sections (s1, s2 in uns['spatial']: concatenated?)" in p.stderr, p.stderr

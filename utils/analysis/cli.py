@@ -90,6 +90,10 @@ def read_run(run_dir: Path, name: str):
     if not p.is_file():
         raise InputError(f"{p}: not found; run HISTEX.py on the data directory first (it writes {name})")
     ad = read_anndata(p, "rerun HISTEX.py")
+    libraries = list(ad.uns.get(Key.SPATIAL, {}) or {})
+    if len(libraries) > 1:
+        raise InputError(f"{p}: holds {len(libraries)} sections ({', '.join(map(str, libraries[:3]))} in "
+                         f"uns['spatial']: concatenated?); analyse each section's own run folder")
     if Key.SPATIAL not in ad.obsm or library_of(ad) is None:
         raise InputError(f"{p}: has no obsm/uns 'spatial' (written by an older HISTEX.py); rerun HISTEX.py")
     if ad.n_obs < 2 or ad.n_vars < 2:
