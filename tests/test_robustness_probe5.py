@@ -263,7 +263,6 @@ def test_the_mask_counts_only_the_spots_on_the_image(demo_upstream, tmp_path):
 
 def test_analysis_of_two_sections_concatenated_says_so(demo_upstream, tmp_path):
     import anndata
-
     from conftest import run_script
     run = tmp_path / "run"
     p = run_script("HISTEX.py", demo_upstream, "--model", "interp", "--out", run, "-q")
