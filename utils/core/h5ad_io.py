@@ -36,6 +36,16 @@ def check_grid_positions(ad, path, fix: str) -> None:
                          f"col {c}; two sections concatenated?); give one observation per 8 um super-pixel")
 
 
+def read_maps(path, fix: str):
+    """A run's super-res.h5ad as scoring reads it: each observation's super-pixel (row, col), counts
+    (not log-transformed) and finite values in X; else one InputError naming path."""
+    ad = read_anndata(path, fix)
+    check_grid_positions(ad, path, fix)
+    check_counts(ad, path)
+    check_finite_values(ad, path, fix)
+    return ad
+
+
 def check_counts(ad, path) -> None:
     """X must hold the predicted counts: a run whose X scanpy log-transformed (uns['log1p'], the usual
     normalize_total + log1p before write_h5ad) would be scored and analysed as counts, wrongly."""

@@ -32,7 +32,7 @@ from ..core import layout as L
 from ..core import manifest as mf
 from ..core.cli import POSITIVE_INT, HelpFormatter, Parser, output_directory, path_arg, setup_logging
 from ..core.errors import InputError
-from ..core.h5ad_io import check_grid_positions, read_anndata
+from ..core.h5ad_io import read_anndata, read_maps
 from ..core.raw_io import (
     COUNTS_NAMES,
     IMAGE_NAMES,
@@ -257,8 +257,7 @@ class HeldOut:
         """(held-out spots, genes) float64: a run's super-pixel counts summed over each held-out footprint,
         for every gene of the run that the held-out counts have."""
         p = require_file(Path(run_dir) / L.SUPER_RES, fix="give run directories written by HISTEX.py (DST/results/<run>)")
-        sr = read_anndata(p, "rerun HISTEX.py")
-        check_grid_positions(sr, p, "rerun HISTEX.py")
+        sr = read_maps(p, "rerun HISTEX.py")
         genes = sr.var_names[sr.var_names.isin(self.counts.columns)]
         if len(genes) == 0:
             raise InputError(f"{p}: none of its genes is among the held-out genes of {self.directory}; score runs "

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..core.cli import Parser, path_arg, setup_logging
 from ..core.errors import InputError
-from ..core.h5ad_io import check_counts, check_finite_values, check_grid_positions, read_anndata
+from ..core.h5ad_io import read_maps
 from ..core.layout import METRICS, data_directory_of
 from ..core.raw_io import examples, unknown_names
 from ..core.stage import run_folder_in_use, run_folder_stage
@@ -102,22 +102,13 @@ def score_run(run_dir, truth_path=None):
     truth_path = Path(truth_path) if truth_path else run_dir.parent.parent / "truth" / "super.h5ad"
     if not truth_path.is_file():
         raise InputError(f"{truth_path}: no truth to score against; pass --truth PATH (a super.h5ad with obs row/col)")
-    sr = _with_grid_positions(sr_p, "rerun HISTEX.py")
+    sr = read_maps(sr_p, "rerun HISTEX.py")
     truth = read_truth(truth_path, TRUTH_FIX)
     X = sr.X if hasattr(sr.X, "tocsc") else np.asarray(sr.X)   # sparse: read by columns (metrics.OnTruth)
     m = score_arrays(sr.obs["row"].to_numpy(np.int64), sr.obs["col"].to_numpy(np.int64), X, list(sr.var_names),
                      truth, truth_path)
     m["model"] = sr.uns.get("model", run_dir.name)
     return m
-
-
-def _with_grid_positions(path, fix):
-    """The AnnData at path, whose obs hold each observation's super-pixel (row, col), with finite X."""
-    ad = read_anndata(path, fix)
-    check_grid_positions(ad, path, fix)
-    check_counts(ad, path)
-    check_finite_values(ad, path, fix)
-    return ad
 
 
 def format_table(results):
