@@ -114,6 +114,10 @@ def build_parser():
                    help="store super-res.h5ad's X gzip-compressed (HDF5 shuffle + deflate level 1, on every CPU): "
                         "about a quarter smaller, but slower to write (her2st: +5 s on 2 cores) and to read one "
                         "gene from (16 x); by default X is uncompressed, as anndata writes it")
+    o.add_argument("--library-id", type=V["library_id"], default=None, metavar="NAME",
+                   help="the section's key in uns['spatial'] of both h5ad files (scanpy's library_id; default: "
+                        "the name of DIR). Give sections that share a folder name (p1/visium, p2/visium) their "
+                        "own, so that anndata.concat keeps each one's images")
     o.add_argument("--out", type=output_directory, default=None, help="output directory (default DIR/results/<model>)")
     o.add_argument("--threads", type=V["threads"], default=D.threads,
                    help="CPUs to use: up to this many states train at once (a worker process each, one thread each) "

@@ -233,6 +233,7 @@ def test_a_literal_path_with_glob_characters_is_taken_as_written(tmp_path):
     ("HISTEX=-d/elsewhere", "leave out --directory"),
     ("HISTEX=--epochs 0", "--stage-args HISTEX: argument --epochs"),
     ("HISTEX=--out {tmp}/shared", "--out"),
+    ("HISTEX=--library-id one", "--library-id one would give all 2 sections one name"),
     ("Histology_Extractor=--login hf_secret", "export HF_TOKEN"),
     ("get_HR=--help", "python get_HR.py --help")])
 def test_stage_options_are_checked_before_anything_runs(tmp_path, fake_stages, capsys, stage_args, fragment):
@@ -242,6 +243,23 @@ def test_stage_options_are_checked_before_anything_runs(tmp_path, fake_stages, c
                   "--summary", str(tmp_path / "sum.json")])
     assert "hf_secret" not in str(e.value) + capsys.readouterr().out
     assert runs(s1) == [] and not (s1 / "logs").exists() and not (tmp_path / "sum.json").exists()
+
+
+def test_sections_whose_folders_share_a_name_get_their_own_library_ids(tmp_path, fake_stages):
+    """p1/visium and p2/visium would both be 'visium' in uns['spatial'] (anndata.concat then drops
+    their images): the cohort gives them HISTEX --library-id from the folder above; others keep theirs."""
+    from utils.cohort.sections import library_ids
+    a, b, c = make_sections(tmp_path / "data", "p1/visium", "p2/visium", "p3/other")
+    assert library_ids([a, b, c]) == {a: "p1-visium", b: "p2-visium"}
+    deep = make_sections(tmp_path / "x", "a/s/visium", "b/s/visium")
+    assert list(library_ids(deep).values()) == ["a-s-visium", "b-s-visium"]
+    rc, summary = cohort(tmp_path, a, b, c)
+    assert rc == 0
+    assert (a / "HISTEX.out").read_text().endswith("--library-id p1-visium")
+    assert (b / "HISTEX.out").read_text().endswith("--library-id p2-visium")
+    assert "--library-id" not in (c / "HISTEX.out").read_text() + (a / "get_HR.out").read_text()
+    rc, summary = cohort(tmp_path, a, b, c)   # the per-section options are remembered: all current
+    assert statuses(summary) == ["skipped"] * 3
 
 
 def test_stages_list_and_summary_path_are_checked(tmp_path, fake_stages):

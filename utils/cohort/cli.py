@@ -12,7 +12,7 @@ from ..core.cli import POSITIVE_INT, Parser, output_file, setup_logging, text_fi
 from ..core.errors import InputError
 from ..core.manifest import STAGES
 from . import runner
-from .sections import collect_sections, rank_share
+from .sections import collect_sections, library_ids, rank_share
 
 DEFAULT_SUMMARY = Path("cohort-summary.json")
 
@@ -112,6 +112,10 @@ def check_stage_options(plans, *, n_sections: int) -> None:
         if getattr(ns, "out", None) is not None and n_sections > 1:
             raise InputError(f"--stage-args {plan.stage}: --out {ns.out} would take the outputs of all {n_sections} "
                              f"sections in turn; leave it out (each section writes under its own DIR/results)")
+        if getattr(ns, "library_id", None) is not None and n_sections > 1:
+            raise InputError(f"--stage-args {plan.stage}: --library-id {ns.library_id} would give all {n_sections} "
+                             f"sections one name; leave it out (each is named by its folder, and sections whose "
+                             f"folders share a name by the folders above, e.g. p1-visium)")
 
 
 def build_plans(stages: str | None, stage_args: dict) -> list:
@@ -166,6 +170,12 @@ def check_summary_path(out: Path) -> None:
                          f"replaced)")
 
 
+def own_names(sections) -> dict:
+    """{section: {"HISTEX": ("--library-id", name)}} for the sections whose folder names collide
+    (over the whole cohort, so that every rank names them alike)."""
+    return {d: {"HISTEX": ("--library-id", name)} for d, name in library_ids(sections).items()}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
@@ -178,7 +188,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     try:
         results = runner.run_cohort(mine, plans, jobs=args.jobs, rerun=args.rerun, command=runner.stage_command,
-                                    env=runner.stage_environment(jobs=args.jobs))
+                                    env=runner.stage_environment(jobs=args.jobs), section_args=own_names(sections))
     except KeyboardInterrupt:
         print("interrupted: the stages that were running stopped and keep their previous artifacts, the ones that "
               "had finished keep their new ones; rerun the same command to go on (current stages are skipped)",

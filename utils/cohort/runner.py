@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -197,10 +197,15 @@ def run_section(directory: Path, plans: Sequence[StagePlan], *, rerun: bool = Fa
 
 
 def run_cohort(sections: Sequence[Path], plans: Sequence[StagePlan], *, jobs: int = 1, rerun: bool = False,
-               command: Callable = stage_command, env: Mapping | None = None) -> list[SectionResult]:
-    """Every section through the stages, `jobs` sections at a time; results in the order given."""
+               command: Callable = stage_command, env: Mapping | None = None,
+               section_args: Mapping[Path, Mapping[str, tuple]] | None = None) -> list[SectionResult]:
+    """Every section through the stages, `jobs` sections at a time; results in the order given.
+    section_args: {section: {stage: options}} added to that stage's options for that section alone
+    (its own --library-id)."""
     def one(directory):
-        return run_section(directory, plans, rerun=rerun, command=command, env=env)
+        extra = (section_args or {}).get(directory, {})
+        own = [replace(p, args=p.args + tuple(extra.get(p.stage, ()))) for p in plans]
+        return run_section(directory, own, rerun=rerun, command=command, env=env)
     _STOPPING.clear()
     if jobs <= 1:
         return [one(d) for d in sections]

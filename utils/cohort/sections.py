@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 from ..core.distributed import check_launcher, world_from_env
 from ..core.errors import InputError
 from ..core.text_io import read_text
+from ..scverse.spatial import folder_library_id, storable_library_id
 
 GLOB_CHARS = set("*?[")
 
@@ -74,3 +75,25 @@ def rank_share(sections: Sequence[Path], *, environ: Mapping = os.environ) -> tu
     world = world_from_env(environ)
     check_launcher(world, environ)   # a stray WORLD_SIZE would leave the other ranks' sections undone
     return world.strided(sections), world.rank, world.size
+
+
+def library_ids(sections: Sequence[Path]) -> dict[Path, str]:
+    """{section: library id} for the sections whose folder names collide (p1/visium, p2/visium):
+    the shortest tail of their paths that tells them apart, its folders joined by '-' (p1-visium),
+    so that anndata.concat of their maps keeps each section's images. Other sections keep the
+    default (their folder's name) and are not listed."""
+    groups = {}
+    for s in sections:
+        groups.setdefault(folder_library_id(s), []).append(Path(s))
+    out = {}
+    for paths in (g for g in groups.values() if len(g) > 1):
+        parts = [p.resolve().parts[1:] for p in paths]
+        names = [storable_library_id(q[-1]) for q in parts]
+        for n in range(2, max(map(len, parts)) + 1):
+            names = [storable_library_id("-".join(q[-n:])) for q in parts]   # cut at the end: the telling part is first
+            if len(set(names)) == len(names):
+                break
+        else:   # told apart only beyond the length limit, or by where '-' joins
+            names = [storable_library_id(f"{i + 1}-{name}") for i, name in enumerate(names)]
+        out.update(zip(paths, names))
+    return out

@@ -5,6 +5,9 @@ factors in row strips (the full image is never read at once): `hires` at most HI
 long side, `lowres` at most LOWRES_MAX_PX. Scale factors map he-raw pixels (the frame of
 obsm['spatial'] and obs x/y) to image pixels, as Space Ranger's `scalefactors_json.json` does."""
 import math
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 
@@ -45,6 +48,39 @@ def tissue_images(directory, calibration: dict) -> dict:
         images[key] = _block_mean(img, k)
         factors[fkey] = scale / k
     return {Key.IMAGES: images, Key.SCALEFACTORS: factors}
+
+
+LIBRARY_ID_MAX = 100    # characters
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def library_id_problem(text: str) -> str | None:
+    """Why `text` cannot be a library id (a key of uns['spatial'], an HDF5 group name), or None."""
+    if not text.strip():
+        return "is empty"
+    if "/" in text:
+        return "holds '/' (h5ad would store it as nested groups)"
+    if _CONTROL.search(text):
+        return "holds a control character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if len(text) > LIBRARY_ID_MAX:
+        return f"is longer than {LIBRARY_ID_MAX} characters"
+    return None
+
+
+def storable_library_id(name: str) -> str:
+    """A folder name made a library id: bytes that are not UTF-8 and control characters replaced,
+    cut to LIBRARY_ID_MAX characters."""
+    name = os.fsencode(name).decode("utf-8", errors="replace")
+    return _CONTROL.sub("_", name)[:LIBRARY_ID_MAX]
+
+
+def folder_library_id(directory) -> str:
+    """The default library id: the data directory's name (the section), made storable."""
+    return storable_library_id(Path(directory).resolve().name or "section")
 
 
 def spatial_uns(library_id: str, images: dict, spot_diameter_raw: float, source: str) -> dict:

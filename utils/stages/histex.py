@@ -402,7 +402,8 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
                  predicted.sum() / max(1.0, inp.counts.sum()))
         run = {"model": config.run_name, "config": cfg, "args": {k: str(v) for k, v in config.as_parameters().items()},
                "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows)),
-               "cross_validation": cv, "fusion": fusion, "consistency_kernel": sigma_record}
+               "cross_validation": cv, "fusion": fusion, "consistency_kernel": sigma_record,
+               "library_id": config.library(directory)}
         metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy,
                                  out_of_fold=oof, compress=config.compress, threads=_cpus(config))
     log.info("wrote %s (%d super-pixels x %d genes) in %.0f s", out_dir / L.SUPER_RES, len(inp.rows), len(inp.genes),
@@ -414,13 +415,13 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
     return out_dir, metrics
 
 
-def _spots_pred(inp, predicted, name, directory, images, out_of_fold=None):
+def _spots_pred(inp, predicted, name, library, images, out_of_fold=None):
     """spots-pred.h5ad: the predicted spot sums, the measured counts in layers['measured'], with
     cross-fitting each spot's out-of-fold counts (those genes-accuracy.tsv scores; NaN for a spot in
     no fold) in layers['out_of_fold']; obsm/uns 'spatial' in scanpy's Visium layout."""
     obs = inp.spots.obs[["x", "y", "x_raw", "y_raw"]].copy()
     obs["footprint_superpixels"] = inp.footprint_size
-    obsm, spatial = spot_spatial(directory, inp.calib, images, obs)
+    obsm, spatial = spot_spatial(library, inp.calib, images, obs)
     return anndata.AnnData(X=predicted.astype(np.float32), obs=obs, var=inp.spots.var[[]].copy(), obsm=obsm,
                            layers={Key.MEASURED: inp.counts,
                                    **({Key.OUT_OF_FOLD: out_of_fold.astype(np.float32)} if out_of_fold is not None else {})},
@@ -444,14 +445,14 @@ def _write_outputs(out, directory, out_dir, inp, sr, predicted, histories, run, 
         accuracy.to_csv(out.path(out_dir / L.GENES_ACCURACY), sep="\t", index=False, float_format="%.4f")
     images = tissue_images(directory, inp.calib)     # uns['spatial'] of both h5ad files
     obs = superpixel_obs(inp.rows, inp.cols, inp.calib["scale"])
-    obsm, spatial = superpixel_spatial(directory, inp.calib, images, obs)
+    obsm, spatial = superpixel_spatial(run["library_id"], inp.calib, images, obs)
     in_place = out.staged(out_dir / L.SUPER_RES)   # the map was computed in its X (_prediction_map)
     if in_place:
         complete_h5ad(in_place, obs, var, {**uns, **spatial}, obsm=obsm)
     else:
         write_h5ad_streamed(out.path(out_dir / L.SUPER_RES), obs, var, sr, {**uns, **spatial}, obsm=obsm,
                             compress=compress, threads=threads)
-    _spots_pred(inp, predicted, run["model"], directory, images, out_of_fold).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
+    _spots_pred(inp, predicted, run["model"], run["library_id"], images, out_of_fold).write_h5ad(out.path(out_dir / L.SPOTS_PRED))
     write_gene_maps(out.path(out_dir / L.GENE_MAPS), L.read_preview(directory, inp.calib), inp.rows, inp.cols, sr,
                     inp.plot_genes, inp.genes)
     if histories:

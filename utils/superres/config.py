@@ -3,11 +3,34 @@ configuration a trained state is identified by (its fingerprint, utils/superres/
 
 HISTEX.py builds its options from the same validators (VALIDATORS), so a value is checked in one
 place whether it comes from the command line or from code."""
+import argparse
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..core.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SEED, Number
 from ..core.errors import InputError
+
+
+class _LibraryId:
+    """A library id (--library-id): None for the data directory's name, else one scverse.spatial
+    accepts."""
+    __name__ = "library id"
+
+    def __call__(self, text: str) -> str:
+        from ..scverse.spatial import library_id_problem
+        problem = library_id_problem(text)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text!r} {problem}; give a short name such as the sample's")
+        return text
+
+    def check(self, option: str, v):
+        if v is not None:
+            try:
+                self(v)
+            except (argparse.ArgumentTypeError, AttributeError) as e:
+                raise InputError(f"{option} {e if isinstance(e, argparse.ArgumentTypeError) else 'must be text'}") from None
+        return v
+
 
 VAL_FRACTION = Number(float, lo=0, hi=0.5, hi_open=True)
 DROPOUT = Number(float, lo=0, hi=1, hi_open=True)
@@ -16,7 +39,7 @@ VALIDATORS = {
     "seed": SEED, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "batch_size": COUNT, "k_tokens": POSITIVE_INT,
     "token_mask": PROBABILITY, "d_model": POSITIVE_INT, "heads": POSITIVE_INT, "depth": POSITIVE_INT,
     "dropout": DROPOUT, "head_hidden": POSITIVE_INT, "sigma": POSITIVE, "consistency_sigma": NON_NEGATIVE, "stride": COUNT,
-    "batch_windows": POSITIVE_INT, "threads": COUNT,
+    "batch_windows": POSITIVE_INT, "threads": COUNT, "library_id": _LibraryId(),
 }
 CHOICES = {"loss": ("mse", "poisson"), "spot_consistency": ("auto", "local", "global", "none"),
            "fusion": ("blend", "blend-linear", "stack", "none"), "device": ("auto", "cpu", "cuda"),
@@ -101,6 +124,7 @@ class HistexConfig:
     plot_genes: list = None
     # opt-in: gzip'd X is a quarter smaller but slower to write and 16 x slower to read one gene from
     compress: bool = False
+    library_id: str = None           # None: the data directory's name
     out: Path = None
     threads: int = 0
     retrain: bool = False
@@ -200,6 +224,11 @@ class HistexConfig:
                 **({"lr_schedule": self.lr_schedule} if self.lr_schedule != "constant" else {}),
                 # only when not fp32, so states trained before the option existed still match
                 **({"precision": p} if (p := self.resolved_precision) != "fp32" else {})}
+
+    def library(self, directory) -> str:
+        """The key of uns['spatial'] in both h5ad files: --library-id, else the directory's name."""
+        from ..scverse.spatial import folder_library_id
+        return self.library_id or folder_library_id(directory)
 
     def as_parameters(self) -> dict:
         """Plain data for the manifest and run.json."""

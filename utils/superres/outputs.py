@@ -110,23 +110,18 @@ def superpixel_obs(rows, cols, scale):
                         index=pd.Index([f"{r}_{c}" for r, c in zip(rows, cols)], name="superpixel"))
 
 
-def library_id(directory) -> str:
-    """The library id of uns['spatial']: the name of the data directory (the section)."""
-    from pathlib import Path
-    return Path(directory).resolve().name or "section"
-
-
-def superpixel_spatial(directory, calibration: dict, images: dict, obs) -> tuple:
-    """(obsm, uns) of super-res.h5ad in scanpy's Visium layout; the 'spot' is one 8 um super-pixel."""
+def superpixel_spatial(library: str, calibration: dict, images: dict, obs) -> tuple:
+    """(obsm, uns) of super-res.h5ad in scanpy's Visium layout under uns['spatial'][library]; the
+    'spot' is one 8 um super-pixel."""
     side = geo.SUPER_PIXEL_PX / float(calibration["scale"])        # super-pixel side in he-raw px
-    uns = spatial_uns(library_id(directory), images, side, "TriHRGE super-pixels (8 um squares)")
+    uns = spatial_uns(library, images, side, "TriHRGE super-pixels (8 um squares)")
     return spatial_obsm(obs), {Key.SPATIAL: uns}
 
 
-def spot_spatial(directory, calibration: dict, images: dict, obs) -> tuple:
+def spot_spatial(library: str, calibration: dict, images: dict, obs) -> tuple:
     """(obsm, uns) of spots-pred.h5ad: spot centres (obs x_raw, y_raw) and the spot diameter."""
     diameter = 2 * float(calibration["radius_raw_px"])
-    uns = spatial_uns(library_id(directory), images, diameter, "measured spots")
+    uns = spatial_uns(library, images, diameter, "measured spots")
     return spatial_obsm(obs, "x_raw", "y_raw"), {Key.SPATIAL: uns}
 
 
