@@ -21,8 +21,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from utils.evaluation.heldout import HeldOut  # noqa: E402
 from utils.evaluation.metrics import pearson_per_gene  # noqa: E402
-from utils.evaluation.protocols import HeldOut, _array_coords, split  # noqa: E402
+from utils.evaluation.protocols import _array_coords, split  # noqa: E402
 
 
 def block_sizes(held: HeldOut) -> np.ndarray:

@@ -74,7 +74,7 @@ def run_one(code: Path, directory: Path, name: str, seed: int, extra) -> dict:
     res = {"start": t0, "seconds": round(dt, 1), "cpu_seconds": round(_children_cpu() - cpu0, 1), "peak_rss_mb": round(peak / 2**20), "phases": phase_seconds(log, t0, t0 + dt),
            "epochs_run": [s["epochs_run"] for s in states], "state_seconds": [round(s["seconds"], 1) for s in states]}
     if (directory / "protocol.json").is_file():
-        from utils.evaluation.protocols import score
+        from utils.evaluation.heldout import score
         res["heldout_median_r"] = round(score([out])[1][name]["median"], 4)
     print(f"{name}: {res}", flush=True)
     return res

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from her2st import DATA, prepare, sh  # noqa: E402
 
+from utils.evaluation.heldout import HeldOut, heldout_pearson  # noqa: E402
 from utils.evaluation.metrics import pearson_per_gene  # noqa: E402
-from utils.evaluation.protocols import HeldOut, heldout_pearson  # noqa: E402
 from utils.scverse.keys import Key  # noqa: E402
 
 

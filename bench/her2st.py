@@ -126,7 +126,7 @@ def main():
     if not DATA.is_dir():
         print(f"{DATA} is absent: nothing to benchmark")
         return 0
-    from utils.evaluation.protocols import score
+    from utils.evaluation.heldout import score
     out_p = REPO / "bench" / "results" / "her2st.json"
     allres = json.loads(out_p.read_text()) if out_p.is_file() else {}
     for section in a.sections:

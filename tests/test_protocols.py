@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 from conftest import square_lattice, write_raw_dir
 
-from utils.evaluation.protocols import make, score, split
+from utils.evaluation.heldout import score
+from utils.evaluation.protocols import make, split
 
 
 def test_split_square_and_hex():

@@ -15,7 +15,7 @@ from utils import demo
 from utils.core import manifest as mf
 from utils.core.cli import run
 from utils.core.stage import DirectoryLock
-from utils.evaluation import protocols
+from utils.evaluation import heldout, protocols
 from utils.scverse.keys import Key
 from utils.simulate import cli as simulate_cli
 from utils.simulate import simulation
@@ -230,7 +230,7 @@ def test_score_runs_of_two_folders_each_at_its_own_spots(tmp_path, capsys):
     protocols.make("leave-out", _source(tmp_path / "a"), p1)
     protocols.make("leave-out", _source(tmp_path / "b", seed=1), p2)
     runs = [_perfect_run(p1), _perfect_run(p2)]
-    scored = protocols.pearson_by_folder(runs, n_genes=8)
+    scored = heldout.pearson_by_folder(runs, n_genes=8)
     res = {k: float(np.median(v)) for _, _, _, r in scored for k, v in r.items()}
     assert res["p1/interp"] > 0.999 and res["p2/interp"] > 0.999
     assert {"nearest spot (p1)", "nearest spot (p2)"} <= set(res)
@@ -242,7 +242,7 @@ def test_score_refuses_a_run_of_an_earlier_protocol_folder(tmp_path, capsys):
     src, p = _source(tmp_path / "src"), tmp_path / "p"
     protocols.make("leave-out", src, p)
     run_dir = _perfect_run(p)
-    assert protocols.score([run_dir], n_genes=8)[1]["interp"]["median"] > 0.999
+    assert heldout.score([run_dir], n_genes=8)[1]["interp"]["median"] > 0.999
     protocols.make("sparse-leave-out", src, p)            # written again: other training spots
     assert_user_error(_in_process(protocols.main, ["score", run_dir], capsys), "stale", "rerun")
     # the stages' manifests tell it first, as HISTEX is told
@@ -262,7 +262,7 @@ def test_score_names_a_missing_run_and_scores_other_gene_sets_on_shared_genes(tm
     part = _perfect_run(p, "part", spots_pred=False)
     ad = anndata.read_h5ad(part / "super-res.h5ad")
     ad[:, ad.var_names[:5]].copy().write_h5ad(part / "super-res.h5ad")   # a run of fewer genes
-    _, genes, res = protocols.heldout_pearson([full, part])
+    _, genes, res = heldout.heldout_pearson([full, part])
     assert len(genes) == 5 and set(res) == {"full", "part", "nearest spot"}
     os.remove(part / "super-res.h5ad")
     assert_user_error(_in_process(protocols.main, ["score", full, part], capsys), "super-res.h5ad", "not found")

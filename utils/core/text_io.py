@@ -1,6 +1,7 @@
 """Opening the user's text inputs (numbers, gene lists, tables): a directory, UTF-16/32 text and a
 UTF-8 byte-order mark get one clear line or are accepted; CRLF line ends are accepted everywhere."""
 import gzip
+import json
 from pathlib import Path
 
 from .errors import InputError
@@ -45,3 +46,17 @@ def read_text(path, what="file") -> str:
     except UnicodeDecodeError:
         raise InputError(f"{path}: is not UTF-8 text; save it as UTF-8") from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def json_object(path, keys, fix):
+    """A JSON object holding `keys` (a user's or a protocol folder's small file), else one error line."""
+    try:
+        obj = json.loads(read_text(path, "JSON file"))
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: holds a JSON {type(obj).__name__}, not an object with {', '.join(keys)}; {fix}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise InputError(f"{path}: has no {', '.join(missing)}; {fix}")
+    return obj
