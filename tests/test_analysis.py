@@ -153,6 +153,18 @@ def test_leiden_above_scanpys_exact_search_size():
     assert adjusted_rand_score(truth, ad.obs[Key.DOMAIN]) > 0.99
 
 
+def test_users_own_scanpy_neighbours_above_the_exact_search_size():
+    """What a user runs on the maps: sc.pp.neighbors with scanpy's defaults on 8,192 or more
+    observations (pynndescent). The pinned pynndescent (< 0.7) returns what scanpy 1.11 reads."""
+    import scanpy as sc
+
+    from utils.analysis.domains import EXACT_KNN_MAX_OBS
+    rep = np.random.default_rng(0).normal(size=(EXACT_KNN_MAX_OBS + 100, 5)).astype(np.float32)
+    ad = anndata.AnnData(np.zeros((len(rep), 1), np.float32), obsm={"X_pca": rep})
+    sc.pp.neighbors(ad, n_neighbors=15, use_rep="X_pca", random_state=0)
+    assert ad.obsp["connectivities"].shape == (len(rep), len(rep)) and ad.obsp["distances"].nnz >= 14 * len(rep)
+
+
 def test_missing_spatialdata_is_one_clear_error(monkeypatch):
     from utils.core.errors import InputError
     from utils.scverse.spatialdata import require_spatialdata
