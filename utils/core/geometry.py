@@ -7,6 +7,8 @@ i.e. [8 row, 8 row + 8) um from the image origin, whatever the raw pixel size.
 """
 import numpy as np
 
+from .resize import scaled_shape
+
 TARGET_PIXEL_SIZE_UM = 0.5
 SUPER_PIXEL_PX = 16          # 8 um at 0.5 um/px
 TILE_PX = 224                # one ViT tile: 14 x 14 super-pixels
@@ -74,10 +76,8 @@ def calibration_scale(raw_pixel_size_um, target_pixel_size_um=TARGET_PIXEL_SIZE_
 def calibrated_shape(raw_shape, raw_pixel_size_um, target_pixel_size_um=TARGET_PIXEL_SIZE_UM, tile=TILE_PX):
     """(scaled_hw, padded_hw) of the calibrated image: raw size times the scale, rounded, then padded
     with white at the bottom/right to a multiple of the tile size."""
-    s = calibration_scale(raw_pixel_size_um, target_pixel_size_um)
-    # floor(x + 0.5), as OpenCV's resize rounds when it is given only the scale factor
-    h = max(1, int(np.floor(raw_shape[0] * s + 0.5)))
-    w = max(1, int(np.floor(raw_shape[1] * s + 0.5)))
+    # OpenCV's size rule, half to even (1,001 px x 0.5 -> 500), which floor(x + 0.5) broke
+    h, w = (max(1, n) for n in scaled_shape(raw_shape, calibration_scale(raw_pixel_size_um, target_pixel_size_um)))
     ph = -(-h // tile) * tile
     pw = -(-w // tile) * tile
     return (h, w), (ph, pw)

@@ -6,7 +6,9 @@ unspecified extra samples), and of a TIFF holding several images the largest is 
 store thumbnail, macro and label images beside the full-resolution one."""
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -36,13 +38,46 @@ def sniff_format(path) -> str:
 
 def read_rgb(path):
     """Read an H&E image (JPEG/PNG/TIFF/OME-TIFF; RGB, RGBA, grey, palette, CMYK, 16 bit, float) as uint8 (H, W, 3)."""
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: the file is empty; copy the H&E image again")
+    path = _non_empty(path)
     if sniff_format(path) == "TIFF":
         img, colours = _read_tiff(path)
         return to_rgb8(img, path, colours)
     return to_rgb8(_read_pil(path), path)
+
+
+class RgbBands(NamedTuple):
+    """An H&E image as consecutive uint8 RGB row bands (open_rgb_bands)."""
+    shape: tuple                                  # (height, width)
+    bands: Callable[[], Iterator[np.ndarray]]     # each call: one pass over the image, (rows, width, 3) bands
+
+
+@contextmanager
+def open_rgb_bands(path):
+    """An H&E image (any kind read_rgb reads, with the same pixels) as RgbBands. A TIFF stays in
+    its file: each band is read from it (memory-mapped when stored uncompressed in one piece, else
+    through its tiles or strips), so a scan larger than memory is converted band by band; other
+    formats are decoded whole first."""
+    path = _non_empty(path)
+    if sniff_format(path) != "TIFF":
+        rgb = to_rgb8(_read_pil(path), path)
+        yield RgbBands(rgb.shape[:2], lambda: (rgb[rows] for rows in row_chunks(len(rgb), rgb[0].size, itemsize=1)))
+        return
+    import tifffile
+    with _tiff_errors(path), tifffile.TiffFile(path) as tf:
+        img, colours = _tiff_samples(tf, path, lazy=True)
+
+        def bands():
+            with _tiff_errors(path):   # a damaged tile is found only when its band is read
+                for _, band in rgb8_bands(img, path, colours):
+                    yield band
+        yield RgbBands(img.shape[:2], bands)
+
+
+def _non_empty(path) -> Path:
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty; copy the H&E image again")
+    return path
 
 
 def image_size(path) -> tuple:
@@ -65,19 +100,38 @@ def to_rgb8(img, path, colours=None):
     the reader's function from a band of samples to grey, RGB or RGB + alpha (uint8, or floats in
     [0, 1]); without it the samples are scaled by the bit depth they use, or a float image's range."""
     img = _standard_layout(np.asarray(img), path)
-    if colours is None and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+    if _is_rgb8(img, colours):
         return np.ascontiguousarray(img)   # 8-bit RGB: nothing to convert, no copy
+    out = np.empty((*img.shape[:2], 3), np.uint8)
+    for rows, band in rgb8_bands(img, path, colours):
+        out[rows] = band
+    return out
+
+
+def _is_rgb8(img, colours) -> bool:
+    return colours is None and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+
+
+def rgb8_bands(img, path, colours=None) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, uint8 (rows, W, 3)) over consecutive row bands of an image reader's array, or of a
+    TIFF read band by band (_TiffRows); see to_rgb8. The log lines come after the last band."""
+    img = img if isinstance(img, _TiffRows) else _standard_layout(np.asarray(img), path)
     h, w = img.shape[:2]
+    if _is_rgb8(img, colours):
+        for rows in row_chunks(h, w * 3, itemsize=1):
+            yield rows, np.asarray(img[rows])
+        return
     scale = None if colours else _scale(img, path)
-    out, channels = np.empty((h, w, 3), np.uint8), 3
+    channels = 3
     for rows in row_chunks(h, w * (img.shape[2] if img.ndim == 3 else 1)):
-        band = img[rows] if colours is None else colours(img[rows])
-        out[rows], channels = _band_rgb8(band, scale or (255.0 if band.dtype.kind == "f" else 1.0))
+        band = np.asarray(img[rows])
+        band = band if colours is None else colours(band)
+        rgb, channels = _band_rgb8(band, scale or (255.0 if band.dtype.kind == "f" else 1.0))
+        yield rows, rgb
     if channels in (1, 2):
         log.info("%s: greyscale image converted to RGB", path.name)
     if channels in (2, 4):
         log.info("%s: the image's alpha composited onto white", path.name)
-    return out
 
 
 def _standard_layout(img, path):
@@ -100,7 +154,8 @@ def _scale(img, path) -> float:
     if np.issubdtype(img.dtype, np.floating):
         scale = _float_scale(img, path)
     else:
-        hi = int(img.max()) if img.size else 255
+        hi = max((int(np.asarray(img[rows]).max()) for rows in row_chunks(len(img), int(np.prod(img.shape[1:])))
+                  if rows.stop > rows.start and img.shape[1]), default=255)
         scale = 255.0 / (2 ** next(b for b in (8, 10, 12, 14, 16, 32, 64) if hi < 2 ** b) - 1)
     log.info("%s: %s image converted to 8 bit (scaled by %.5g)", path.name, img.dtype, scale)
     return scale
@@ -111,10 +166,11 @@ def _float_scale(img, path) -> float:
     overshoot allowed, as resampling leaves it), [0, 255], or its own maximum. NaN and infinity read
     as white (glass) rather than as black (dense tissue)."""
     hi, bad = -np.inf, 0
-    for rows in row_chunks(len(img), img[0].size):
-        finite = np.isfinite(img[rows])
+    for rows in row_chunks(len(img), int(np.prod(img.shape[1:]))):
+        band = np.asarray(img[rows])
+        finite = np.isfinite(band)
         bad += finite.size - int(np.count_nonzero(finite))
-        hi = max(hi, float(np.max(img[rows], where=finite, initial=-np.inf)))
+        hi = max(hi, float(np.max(band, where=finite, initial=-np.inf)))
     if bad:
         log.warning("%s: %d pixels are NaN or infinite; they are read as white (glass)", path.name, bad)
     hi = 1.0 if hi == -np.inf else hi
@@ -232,18 +288,17 @@ def _jpeg_precision(path):
 
 
 def _read_tiff(path):
+    """(the samples of a TIFF's main image in memory, the colours band function or None)."""
     import tifffile
+    with _tiff_errors(path), tifffile.TiffFile(path) as tf:
+        return _tiff_samples(tf, path, lazy=False)
+
+
+@contextmanager
+def _tiff_errors(path):
+    """A damaged or unreadable TIFF as one InputError line."""
     try:
-        with tifffile.TiffFile(path) as tf:
-            series, axes = _main_series(tf, path)
-            page = series.keyframe
-            _log_orientation(path, _tiff_orientation(series))
-            h, w = (int(series.shape[axes.index(a)]) for a in "YX")
-            samples = int(np.prod(series.shape)) // (h * w)
-            _check_size(path, w, h, samples * series.dtype.itemsize + 3)   # decoded, and the RGB made in bands
-            img = _channels_last(series.asarray(), axes, path)
-            # channels as pages (OME 'C' axis): each page's tags describe one plane, the planes are R, G, B(, A)
-            return img, (None if img.ndim == 3 and "S" not in axes else _tiff_colours(img, page, path))
+        yield
     except InputError:
         raise
     except MemoryError:
@@ -251,6 +306,58 @@ def _read_tiff(path):
     except Exception as e:  # tifffile raises many types for damaged files
         raise InputError(f"{path}: cannot be read as TIFF ({type(e).__name__}: {str(e)[:100]}); "
                          f"check that the file is complete") from None
+
+
+def _tiff_samples(tf, path, *, lazy: bool):
+    """(samples, colours) of the main image of an open TIFF: an array in memory, or with `lazy` a
+    _TiffRows where the file allows reading it band by band."""
+    series, axes = _main_series(tf, path)
+    page = series.keyframe
+    _log_orientation(path, _tiff_orientation(series))
+    h, w = (int(series.shape[axes.index(a)]) for a in "YX")
+    img = _TiffRows.of(tf, series, path) if lazy else None
+    if img is None:
+        samples = int(np.prod(series.shape)) // (h * w)
+        _check_size(path, w, h, samples * series.dtype.itemsize + 3)   # decoded, and the RGB made in bands
+        img = _channels_last(series.asarray(), axes, path)
+    # channels as pages (OME 'C' axis): each page's tags describe one plane, the planes are R, G, B(, A)
+    return img, (None if img.ndim == 3 and "S" not in axes else _tiff_colours(img, page, path))
+
+
+class _TiffRows:
+    """A TIFF image's samples read row band by row band from its file, in _channels_last's layout:
+    memory-mapped when stored uncompressed in one piece, else through tifffile's zarr view of its
+    tiles or strips. `of` gives None where neither reads less than the whole image (one strip)."""
+
+    def __init__(self, array, axes, path):
+        self._array, self._axes, self._path = array, axes, path
+        first = self[0:1]
+        self.shape, self.dtype = (int(array.shape[axes.index("Y")]), *first.shape[1:]), first.dtype
+        self.ndim = len(self.shape)
+
+    @classmethod
+    def of(cls, tf, series, path):
+        import tifffile
+        import zarr
+        axes = series.axes
+        try:
+            if series.dataoffset is not None:   # contiguous and uncompressed
+                return cls(tifffile.memmap(tf.filehandle.path, series=tf.series.index(series), mode="r"), axes, path)
+            array = zarr.open(series.aszarr(level=0), mode="r")
+        except Exception:  # a layout these views do not take: read whole, as read_rgb does
+            return None
+        if array.chunks[axes.index("Y")] >= array.shape[axes.index("Y")] > 1:
+            return None                                        # one strip: each band would decode all of it
+        return cls(array, axes, path)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        index = tuple(rows if a == "Y" else slice(None) for a in self._axes)
+        band = np.asarray(self._array[index])
+        return _channels_last(band, self._axes, self._path)
 
 
 def _main_series(tf, path):

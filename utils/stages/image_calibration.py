@@ -14,22 +14,14 @@ from ..core import layout as L
 from ..core.atomic import rgb_tiff_memmap
 from ..core.chunks import row_chunks
 from ..core.errors import InputError
-from ..core.image_io import read_rgb, write_png
+from ..core.image_io import open_rgb_bands, write_png
 from ..core.raw_io import IMAGE_NAMES, find_one, read_locs, read_pixel_size, read_radius
+from ..core.resize import scaled_bands
 from ..core.stage import Stage
 
 log = logging.getLogger("trihrge")
 
 STAGE = "image_calibration"
-
-
-def resize_to_target(rgb, scale):
-    import cv2
-    if scale == 1.0:
-        return rgb
-    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
-    # dsize=None so OpenCV uses exactly this scale factor (x_cal = scale * x_raw)
-    return cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=interp)
 
 
 def superpixel_means(img, rows_per_chunk=64):
@@ -43,15 +35,22 @@ def superpixel_means(img, rows_per_chunk=64):
     return out
 
 
-def write_padded_tiff(path, scaled, padded_shape, rows_per_chunk=2048):
-    """Write the scaled image into a white canvas of padded_shape as an uncompressed, memory-mappable TIFF."""
-    ph, pw = padded_shape
-    h, w = scaled.shape[:2]
+def write_padded_tiff(path, bands, scaled_shape, padded_shape, rows_per_chunk=2048):
+    """Write consecutive row bands of the scaled image into a white canvas of padded_shape as an
+    uncompressed, memory-mappable TIFF."""
+    (h, w), (ph, pw) = scaled_shape, padded_shape
     mm = rgb_tiff_memmap(path, ph, pw)
-    for rows in row_chunks(ph, pw, rows_per_chunk):
-        mm[rows] = 255
-        if rows.start < h:
-            mm[rows.start:min(rows.stop, h), :w] = scaled[rows.start:min(rows.stop, h)]
+    row = 0
+    for band in bands:
+        if band.shape[1] != w or row + len(band) > h:
+            raise RuntimeError(f"scaled band of {band.shape[:2]} at row {row} does not fit {h} x {w}")
+        mm[row:row + len(band), :w] = band
+        mm[row:row + len(band), w:] = 255
+        row += len(band)
+    if row != h:
+        raise RuntimeError(f"the scaled image has {row} rows, not {h}")
+    for rows in row_chunks(ph - h, pw, rows_per_chunk):
+        mm[h + rows.start:h + rows.stop] = 255
     mm.flush()
     return mm
 
@@ -95,39 +94,35 @@ def _calibrate(st, directory, pixel_size_um):
               parameters={"pixel_size": pixel_size_um})
 
     log.info("reading %s", image_path)
-    rgb = read_rgb(image_path)
-    raw_shape = rgb.shape[:2]
-    scale = geo.calibration_scale(raw_px, pixel_size_um)
-    (h, w), (ph, pw) = geo.calibrated_shape(raw_shape, raw_px, pixel_size_um)
-    if min(h, w) < geo.TILE_PX:
-        raise InputError(f"{image_path}: the image is {raw_shape[1]} x {raw_shape[0]} px, only {w} x {h} px at "
-                         f"{pixel_size_um} um/px, smaller than one {geo.TILE_PX} px tile; give the whole "
-                         f"section at full resolution (and check pixel-size-raw.txt)")
-    log.info("raw %d x %d px at %.4g um/px -> %d x %d px at %.4g um/px (scale %.6g), padded to %d x %d",
-             raw_shape[1], raw_shape[0], raw_px, w, h, pixel_size_um, scale, pw, ph)
-    scaled = resize_to_target(rgb, scale)
-    del rgb
-    assert scaled.shape[:2] == (h, w), (scaled.shape, h, w)
-
-    locs = pd.DataFrame({"x": locs_raw["x"] * scale, "y": locs_raw["y"] * scale}, index=locs_raw.index)
-    inside = (locs_raw["x"] >= 0) & (locs_raw["y"] >= 0) & (locs_raw["x"] < raw_shape[1]) & (locs_raw["y"] < raw_shape[0])
-    if not inside.any():
-        raise InputError(f"{locs_path}: all {len(locs)} spots lie outside the {raw_shape[1]} x {raw_shape[0]} px "
-                         f"image; give x (column) and y (row) in pixels of {image_path.name}")
-    if not inside.all():
-        log.warning("%d of %d spots lie outside the image (get_HR.py will drop them)", (~inside).sum(), len(locs))
-    transform = _transform(image_path, raw_px, pixel_size_um, scale, raw_shape, ((h, w), (ph, pw)), radius_raw,
-                           len(locs), (~inside).sum())
-    st.require_space(ph * pw * 3 * 1.1 + 2 * len(locs) * 40, L.CALIBRATED_IMAGE.name)
-    _write(st.out, directory, scaled, locs, transform)
-    del scaled
+    with open_rgb_bands(image_path) as image:   # a TIFF is read band by band as it is scaled
+        raw_shape = image.shape
+        scale = geo.calibration_scale(raw_px, pixel_size_um)
+        (h, w), (ph, pw) = geo.calibrated_shape(raw_shape, raw_px, pixel_size_um)
+        if min(h, w) < geo.TILE_PX:
+            raise InputError(f"{image_path}: the image is {raw_shape[1]} x {raw_shape[0]} px, only {w} x {h} px at "
+                             f"{pixel_size_um} um/px, smaller than one {geo.TILE_PX} px tile; give the whole "
+                             f"section at full resolution (and check pixel-size-raw.txt)")
+        log.info("raw %d x %d px at %.4g um/px -> %d x %d px at %.4g um/px (scale %.6g), padded to %d x %d",
+                 raw_shape[1], raw_shape[0], raw_px, w, h, pixel_size_um, scale, pw, ph)
+        locs = pd.DataFrame({"x": locs_raw["x"] * scale, "y": locs_raw["y"] * scale}, index=locs_raw.index)
+        inside = (locs_raw["x"] >= 0) & (locs_raw["y"] >= 0) & (locs_raw["x"] < raw_shape[1]) & (locs_raw["y"] < raw_shape[0])
+        if not inside.any():
+            raise InputError(f"{locs_path}: all {len(locs)} spots lie outside the {raw_shape[1]} x {raw_shape[0]} px "
+                             f"image; give x (column) and y (row) in pixels of {image_path.name}")
+        if not inside.all():
+            log.warning("%d of %d spots lie outside the image (get_HR.py will drop them)", (~inside).sum(), len(locs))
+        transform = _transform(image_path, raw_px, pixel_size_um, scale, raw_shape, ((h, w), (ph, pw)), radius_raw,
+                               len(locs), (~inside).sum())
+        st.require_space(ph * pw * 3 * 1.1 + 2 * len(locs) * 40, L.CALIBRATED_IMAGE.name)
+        _write(st.out, directory, scaled_bands(image.bands(), raw_shape, scale), locs, transform)
     log.info("wrote %s (%d x %d px), %s, %s, %s", L.CALIBRATED_IMAGE.name, pw, ph, L.LOCS.name, L.RADIUS.name,
              L.CALIBRATION.name)
     return transform
 
 
-def _write(out, directory, scaled, locs, transform):
-    mm = write_padded_tiff(out.path(L.CALIBRATED_IMAGE.path(directory)), scaled, transform["padded_shape"])
+def _write(out, directory, scaled_bands, locs, transform):
+    mm = write_padded_tiff(out.path(L.CALIBRATED_IMAGE.path(directory)), scaled_bands, transform["scaled_shape"],
+                           transform["padded_shape"])
     write_png(out.path(L.PREVIEW.path(directory)), superpixel_means(mm))
     del mm
     locs_out = locs.reset_index().rename(columns={locs.index.name or "index": "spot"})
