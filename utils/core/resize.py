@@ -9,9 +9,9 @@ bands of the input, holding only a few bands at once when shrinking: a 20 mm sec
   the whole image's pixels exactly (OpenCV averages each k x k block on its own); the last rows, a
   partial block, are averaged over the rows there are, as OpenCV does.
 - Any other factor: OpenCV's area weights (computeResizeAreaTab) applied by rows here, after
-  cv2.resize along the rows (fy = 1) in float32, then rounded as OpenCV rounds: the same pixels as
-  the whole-image call up to the order of float sums (measured: at most 1 grey level, on a few
-  pixels in ten thousand; tests/test_resize.py).
+  cv2.resize along the rows (fy = 1) in float32, in OpenCV's order of float operations, then
+  rounded as OpenCV rounds: the whole-image call's pixels exactly (tests/test_resize.py). Stage 1
+  then takes 0.9-1.2 x its whole-image time, at an eighth of the memory (bench/stage1_memory.py).
 - Enlarging (a raw image coarser than the target, at most a quarter of the output's pixels) is
   one cv2.resize of the whole image, and so is a factor within half a pixel of 1 on the width."""
 from typing import Iterable, Iterator
@@ -86,34 +86,31 @@ def area_weights(n_in: int, n_out: int, scale: float) -> list[tuple[int, int, np
     return table
 
 
-def _tap_arrays(taps, n_out):
-    """(input index, weight) arrays (n_out, most taps of a row) from an area table, padded with
-    weight 0 on the row's last input (adding 0 leaves a float sum as it is)."""
-    width = max(np.bincount([i for i, _, _ in taps], minlength=n_out))
-    index, weight = np.zeros((n_out, width), np.int64), np.zeros((n_out, width), np.float32)
-    slot = np.zeros(n_out, np.int64)
-    for i, s, w in taps:
-        index[i, slot[i]:], weight[i, slot[i]] = s, w
-        slot[i] += 1
-    return index, weight
-
-
 def _area_bands(bands, shape, scale):
-    """Any factor below 1: rows shrunk by cv2 (fy = 1), then OpenCV's row weights applied here, tap
-    by tap in its order; an output row is written once the last input row it needs has arrived."""
+    """Any factor below 1: rows shrunk by cv2 (fy = 1, in float32), then OpenCV's row weights
+    applied here tap by tap in its order; an output row is written once its last input row arrived."""
     import cv2
     n_out = scaled_shape(shape, scale)[0]
-    index, weight = _tap_arrays(area_weights(shape[0], n_out, scale), n_out)
-    held, first, done = None, 0, 0          # held: the narrowed input rows [first, first + len(held))
+    taps = area_weights(shape[0], n_out, scale)
+    last_input = np.zeros(n_out, np.int64)
+    for i, s, _ in taps:
+        last_input[i] = s                     # the table runs through each output's inputs in order
+    wide = held = None
+    first, done, t = 0, 0, 0                  # held: the shrunk input rows [first, first + len(held))
     for band in bands:
-        narrow = cv2.resize(band.astype(np.float32), None, fx=scale, fy=1.0, interpolation=cv2.INTER_AREA)
+        if wide is None or wide.shape != band.shape:
+            wide = np.empty(band.shape, np.float32)   # reused: a fresh 64 MB buffer a band cost its page faults
+        np.copyto(wide, band, casting="unsafe")
+        narrow = cv2.resize(wide, None, fx=scale, fy=1.0, interpolation=cv2.INTER_AREA)
         held = narrow if held is None else np.concatenate([held, narrow])
-        ready = int(np.searchsorted(index[:, -1], first + len(held), side="left"))   # rows whose inputs all arrived
+        ready = int(np.searchsorted(last_input, first + len(held), side="left"))   # all inputs arrived
         if ready > done:
-            out = np.zeros((ready - done, *held.shape[1:]), np.float32)
-            for slot in range(index.shape[1]):
-                out += weight[done:ready, slot, None, None] * held[index[done:ready, slot] - first]
+            out, term = np.zeros((ready - done, *held.shape[1:]), np.float32), np.empty(held.shape[1:], np.float32)
+            while t < len(taps) and taps[t][0] < ready:
+                i, s, w = taps[t]
+                out[i - done] += np.multiply(held[s - first], w, out=term)   # in place: 5 x faster than fancy indexing
+                t += 1
             yield np.clip(np.rint(out), 0, 255).astype(np.uint8)
             done = ready
-            keep = int(index[done, 0]) if done < n_out else first + len(held)   # the next row's first input
+            keep = taps[t][1] if t < len(taps) else first + len(held)   # the next output row's first input row
             held, first = held[keep - first:], keep
