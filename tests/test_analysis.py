@@ -77,6 +77,10 @@ def test_spatialdata_export(analysed):
     side = np.sqrt(shapes.geometry.area.to_numpy())
     assert np.allclose(side, 8 / 0.3, rtol=1e-6)            # 8 um squares at the demo's 0.3 um/px
     assert Key.DOMAIN in table.obs
+    colours = list(table.uns[f"{Key.DOMAIN}_colors"])       # spatialdata-plot colours the domains as domains.png
+    an = anndata.read_h5ad(run_dir / File.ANALYSIS_DIR / File.ANALYSIS_H5AD)
+    assert colours == list(an.uns[f"{Key.DOMAIN}_colors"]) and len(colours) == table.obs[Key.DOMAIN].nunique()
+    assert "Warning" not in analysed[2].stderr            # libraries' notices (zarr, spatialdata) kept out of the log
 
 
 def test_spots_input(analysed, tmp_path):

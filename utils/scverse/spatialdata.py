@@ -63,15 +63,21 @@ def export_spatialdata(adata, path, *, counts) -> None:
     counts
         The predicted counts (observations x genes, as in the run's h5ad) for the table's X.
     """
+    import warnings
+
     import anndata
+    import pandas as pd
     from spatialdata import SpatialData
     from spatialdata.models import TableModel
     name, shapes = _shapes(adata)
     obs = adata.obs.copy()
     obs.index = obs.index.astype(str)
-    obs[REGION_KEY] = name
+    obs[REGION_KEY] = pd.Categorical([name] * adata.n_obs)   # as TableModel wants it (else a warning)
     obs[INSTANCE_KEY] = np.arange(adata.n_obs)
+    colours = {k: list(v) for k, v in adata.uns.items() if k.endswith("_colors")}   # the maps' colours, scanpy's key
     table = anndata.AnnData(X=counts, obs=obs, var=adata.var[[]].copy(),
-                            obsm={Key.SPATIAL: adata.obsm[Key.SPATIAL]})
+                            obsm={Key.SPATIAL: adata.obsm[Key.SPATIAL]}, uns=colours)
     table = TableModel.parse(table, region=name, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    SpatialData(images={IMAGE: _image(adata)}, shapes={name: shapes}, tables={TABLE: table}).write(path)
+    with warnings.catch_warnings():   # zarr's notice of a future default, once per array written
+        warnings.filterwarnings("ignore", message=".*autosharding", category=UserWarning)
+        SpatialData(images={IMAGE: _image(adata)}, shapes={name: shapes}, tables={TABLE: table}).write(path)
