@@ -169,6 +169,18 @@ def test_users_own_scanpy_neighbours_above_the_exact_search_size():
     assert ad.obsp["connectivities"].shape == (len(rep), len(rep)) and ad.obsp["distances"].nnz >= 14 * len(rep)
 
 
+def test_markers_not_predicted_are_named_per_type_or_in_one_line(caplog):
+    from utils.analysis.celltypes import BREAST_PANEL, panel_table, report_missing
+    with caplog.at_level("WARNING", logger="trihrge"):
+        report_missing(panel_table(BREAST_PANEL, ["G1", "G2"]), source="built-in breast panel")
+    assert len(caplog.records) == 1 and "none of its" in caplog.text and "--markers FILE" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trihrge"):
+        report_missing(panel_table(BREAST_PANEL, ["EPCAM", "KRT8", "CD3D"]), source="p")
+    assert "cell type epithelial: 3 of 5 markers not predicted (KRT18, KRT19, CDH1)" in caplog.text
+    assert "cell type T_cell: 4 of 5" in caplog.text and "cell type B_cell: 4 of 4" in caplog.text
+
+
 def test_missing_spatialdata_is_one_clear_error(monkeypatch):
     from utils.core.errors import InputError
     from utils.scverse.spatialdata import require_spatialdata

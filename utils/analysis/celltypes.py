@@ -38,7 +38,12 @@ def panel_table(panel: dict, genes) -> pd.DataFrame:
 
 
 def report_missing(table: pd.DataFrame, *, source: str) -> None:
-    """One log line per cell type with markers that are not predicted (never silently dropped)."""
+    """One log line per cell type with markers that are not predicted (never silently dropped), or
+    one line when the run predicts none of the panel's markers."""
+    if not table["predicted"].any():     # e.g. the built-in panel on a run of other genes
+        log.warning("%s: none of its %d markers is predicted by this run (its genes are get_HR.py's selection); no "
+                    "cell typing; give --markers FILE with genes of the run", source, len(table))
+        return
     for t, part in table.groupby(Key.CELL_TYPE, sort=False):
         missing = part.loc[~part["predicted"], "gene"].tolist()
         if missing:

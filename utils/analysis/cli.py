@@ -223,8 +223,7 @@ def main(argv=None) -> int:
         if panel is not None:
             table = panel_table(panel, genes)
             report_missing(table, source=panel_used)
-            if not table["predicted"].any():     # the built-in panel on a run without those genes
-                log.warning("%s: no marker is predicted by this run; no cell typing", panel_used)
+            if not table["predicted"].any():     # said by report_missing
                 panel = table = None
         # analysis.h5ad (and the SpatialData copy) hold about what the input holds: a disk that cannot
         # take it is refused now, not by HDF5 part-way through a write
