@@ -266,17 +266,26 @@ class StainExtractor:
         """(r1 - r0, grid_cols, self.dim) float32 micro features of super-pixel rows [r0, r1)."""
         import cv2
         full = self.read_band(img, r0, r1)
-        h_sp = full.shape[0] // SP
-        # fine texture at 0.5 um/px: mean Sobel gradient magnitude of the grey level (0..1)
-        grey = cv2.cvtColor(full, cv2.COLOR_RGB2GRAY)
-        gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3, scale=1 / (8 * 255.0), borderType=cv2.BORDER_REFLECT_101)
-        gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3, scale=1 / (8 * 255.0), borderType=cv2.BORDER_REFLECT_101)
-        fine = cv2.magnitude(gx, gy)
-        del gx, gy, grey
-        fine = cv2.resize(fine, (fine.shape[1] // SP, h_sp), interpolation=cv2.INTER_AREA)
+        f = {"texture_fine": _fine_texture(full)}
         # analysis resolution: 1 um/px (exact 2 x 2 means, aligned with the super-pixels)
         half = cv2.resize(full, (full.shape[1] // DOWN, full.shape[0] // DOWN), interpolation=cv2.INTER_AREA)
         del full
+        H, E, odm, empty = self._stain_planes(half)
+        th, te = self.thresholds["h"], self.thresholds["e"]
+        f.update(_density_statistics(H, E, odm, empty, th, te))
+        del empty
+        f.update(_nuclei(H, th))
+        f.update(_structure(H, E, odm))
+        out = np.stack([f[c] for c in MICRO_CHANNELS], axis=2)[HALO_SP:HALO_SP + (r1 - r0)]
+        if self.nuclei:
+            from .nuclei_morphology import morphology_band
+            nuc = morphology_band(H, th, spd=SPD, halo_sp=HALO_SP, n_rows=r1 - r0, blur=_blur)
+            out = np.concatenate([out, nuc], axis=2)
+        return out
+
+    def _stain_planes(self, half):
+        """(H, E, mean OD, empty mask) at 1 um/px: colour deconvolution of the optical density."""
+        import cv2
         od = _od(half)                                           # (h, w, 3) natural-log OD
         conc = cv2.transform(od, self._m)                        # (h, w, 3): H, E, residual
         H = np.ascontiguousarray(np.maximum(conc[..., 0], 0))
@@ -284,69 +293,78 @@ class StainExtractor:
         del conc
         odm = cv2.transform(od, np.full((1, 3), 1 / 3, np.float32))
         empty = np.maximum(np.maximum(od[..., 0], od[..., 1]), od[..., 2]) < OD_BETA
-        del od
-        th, te = self.thresholds["h"], self.thresholds["e"]
-        f = {}
-        m = {k: _block_mean(v) for k, v in (("h", H), ("e", E), ("od", odm), ("hh", H * H), ("ee", E * E),
-                                             ("oo", odm * odm))}
-        f["h_mean"], f["e_mean"], f["od_mean"] = m["h"], m["e"], m["od"]
-        f["h_std"] = np.sqrt(np.maximum(m["hh"] - m["h"] ** 2, 0))
-        f["e_std"] = np.sqrt(np.maximum(m["ee"] - m["e"] ** 2, 0))
-        f["od_std"] = np.sqrt(np.maximum(m["oo"] - m["od"] ** 2, 0))
-        f["h_max"] = _block_max(H)
-        f["empty_frac"] = _block_mean(empty.astype(np.float32))
-        f["nuclear_frac"] = _block_mean((H > th).astype(np.float32))
-        f["eosin_frac"] = _block_mean((E > te).astype(np.float32))
-        del m, empty
+        return H, E, odm, empty
 
-        # nuclei: scale-normalised LoG blobs of H, local maxima over space (5 x 5) and scale
-        rmax, best = None, None
-        for k, s in enumerate(NUCLEUS_SIGMAS):
-            r = _neg_log(H, s)
-            if rmax is None:
-                rmax, best = r, np.zeros(r.shape, np.uint8)
-            else:
-                better = r > rmax
-                best[better] = k
-                rmax = np.maximum(rmax, r)
-        peak = (rmax >= cv2.dilate(rmax, np.ones((5, 5), np.uint8), borderType=cv2.BORDER_REFLECT_101))
-        peak &= rmax > NUCLEUS_RESPONSE * th
-        peak &= _blur(H, 1.0) > 0.5 * th
-        radii = (np.asarray(NUCLEUS_SIGMAS, np.float32) * math.sqrt(2) * DOWN * geo.TARGET_PIXEL_SIZE_UM)[best]
-        count = np.rint(_block_mean(peak.astype(np.float32)) * (SPD * SPD))
-        f["nuclei_count"] = count
-        f["nuclei_radius_um"] = _block_mean(np.where(peak, radii, 0).astype(np.float32)) * (SPD * SPD) / np.maximum(count, 1)
-        del best, rmax, peak, radii
 
-        for name, s in (("blob_h_1um", 1.0), ("blob_h_2.5um", 2.5), ("blob_h_5um", 5.0)):
-            f[name] = _block_mean(np.maximum(_neg_log(H, s), 0))
-        f["texture_fine"] = fine
-        for stain, img_ in (("h", H), ("e", E)):
-            for name, s in ((f"grad_{stain}_1um", 1.0), (f"grad_{stain}_3um", 3.0)):
-                gx, gy = _grad(img_, s)
-                f[name] = _block_mean(cv2.magnitude(gx, gy))
-        # structure tensor (derivative sigma 1, integration sigma 3): coherence = fibre alignment
-        for stain, img_ in (("e", E), ("h", H)):
-            gx, gy = _grad(img_, 1.0)
-            jxx, jyy, jxy = _blur(gx * gx, 3.0), _blur(gy * gy, 3.0), _blur(gx * gy, 3.0)
-            del gx, gy
-            tr = jxx + jyy
-            coh = ((jxx - jyy) ** 2 + 4 * jxy ** 2) / (tr ** 2 + 1e-4)
-            f[f"coherence_{stain}"] = _block_mean(coh)
-        # ridges of E (fibres): strongly negative curvature across, sigma 1.5
-        xx, yy, xy = _hessian(E, 1.5)
-        lam_min = 0.5 * (xx + yy) - np.sqrt(0.25 * (xx - yy) ** 2 + xy ** 2)
-        f["ridge_e"] = _block_mean(np.maximum(-(1.5 ** 2) * lam_min, 0))
-        del xx, yy, xy, lam_min
-        # bright round structures (lumens, vacuoles, fat) of ~6 um radius: blobs of (-OD)
-        f["lumen_4um"] = _block_mean(np.maximum(_neg_log(-odm, 4.0), 0))
+def _fine_texture(full):
+    """Fine texture at 0.5 um/px: the mean Sobel gradient magnitude of the grey level (0..1) per super-pixel."""
+    import cv2
+    grey = cv2.cvtColor(full, cv2.COLOR_RGB2GRAY)
+    gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3, scale=1 / (8 * 255.0), borderType=cv2.BORDER_REFLECT_101)
+    gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3, scale=1 / (8 * 255.0), borderType=cv2.BORDER_REFLECT_101)
+    fine = cv2.magnitude(gx, gy)
+    return cv2.resize(fine, (fine.shape[1] // SP, full.shape[0] // SP), interpolation=cv2.INTER_AREA)
 
-        out = np.stack([f[c] for c in MICRO_CHANNELS], axis=2)[HALO_SP:HALO_SP + (r1 - r0)]
-        if self.nuclei:
-            from .nuclei_morphology import morphology_band
-            nuc = morphology_band(H, th, spd=SPD, halo_sp=HALO_SP, n_rows=r1 - r0, blur=_blur)
-            out = np.concatenate([out, nuc], axis=2)
-        return out
+
+def _density_statistics(H, E, odm, empty, th, te):
+    """Means, spreads and maximum of the stain densities; the empty, nuclear and eosin-rich fractions."""
+    m = {k: _block_mean(v) for k, v in (("h", H), ("e", E), ("od", odm), ("hh", H * H), ("ee", E * E),
+                                         ("oo", odm * odm))}
+    return {"h_mean": m["h"], "e_mean": m["e"], "od_mean": m["od"],
+            "h_std": np.sqrt(np.maximum(m["hh"] - m["h"] ** 2, 0)),
+            "e_std": np.sqrt(np.maximum(m["ee"] - m["e"] ** 2, 0)),
+            "od_std": np.sqrt(np.maximum(m["oo"] - m["od"] ** 2, 0)),
+            "h_max": _block_max(H),
+            "empty_frac": _block_mean(empty.astype(np.float32)),
+            "nuclear_frac": _block_mean((H > th).astype(np.float32)),
+            "eosin_frac": _block_mean((E > te).astype(np.float32))}
+
+
+def _nuclei(H, th):
+    """Nuclei as scale-normalised LoG blobs of H, local maxima over space (5 x 5) and scale: their
+    count and mean radius per super-pixel."""
+    import cv2
+    rmax, best = None, None
+    for k, s in enumerate(NUCLEUS_SIGMAS):
+        r = _neg_log(H, s)
+        if rmax is None:
+            rmax, best = r, np.zeros(r.shape, np.uint8)
+        else:
+            best[r > rmax] = k
+            rmax = np.maximum(rmax, r)
+    peak = (rmax >= cv2.dilate(rmax, np.ones((5, 5), np.uint8), borderType=cv2.BORDER_REFLECT_101))
+    peak &= rmax > NUCLEUS_RESPONSE * th
+    peak &= _blur(H, 1.0) > 0.5 * th
+    radii = (np.asarray(NUCLEUS_SIGMAS, np.float32) * math.sqrt(2) * DOWN * geo.TARGET_PIXEL_SIZE_UM)[best]
+    count = np.rint(_block_mean(peak.astype(np.float32)) * (SPD * SPD))
+    radius = _block_mean(np.where(peak, radii, 0).astype(np.float32)) * (SPD * SPD) / np.maximum(count, 1)
+    return {"nuclei_count": count, "nuclei_radius_um": radius}
+
+
+def _structure(H, E, odm):
+    """Blob, gradient, structure-tensor (fibre alignment), ridge and lumen responses at several scales."""
+    import cv2
+    f = {}
+    for name, s in (("blob_h_1um", 1.0), ("blob_h_2.5um", 2.5), ("blob_h_5um", 5.0)):
+        f[name] = _block_mean(np.maximum(_neg_log(H, s), 0))
+    for stain, img_ in (("h", H), ("e", E)):
+        for name, s in ((f"grad_{stain}_1um", 1.0), (f"grad_{stain}_3um", 3.0)):
+            gx, gy = _grad(img_, s)
+            f[name] = _block_mean(cv2.magnitude(gx, gy))
+    # structure tensor (derivative sigma 1, integration sigma 3): coherence = fibre alignment
+    for stain, img_ in (("e", E), ("h", H)):
+        gx, gy = _grad(img_, 1.0)
+        jxx, jyy, jxy = _blur(gx * gx, 3.0), _blur(gy * gy, 3.0), _blur(gx * gy, 3.0)
+        del gx, gy
+        tr = jxx + jyy
+        f[f"coherence_{stain}"] = _block_mean(((jxx - jyy) ** 2 + 4 * jxy ** 2) / (tr ** 2 + 1e-4))
+    # ridges of E (fibres): strongly negative curvature across, sigma 1.5
+    xx, yy, xy = _hessian(E, 1.5)
+    lam_min = 0.5 * (xx + yy) - np.sqrt(0.25 * (xx - yy) ** 2 + xy ** 2)
+    f["ridge_e"] = _block_mean(np.maximum(-(1.5 ** 2) * lam_min, 0))
+    # bright round structures (lumens, vacuoles, fat) of ~6 um radius: blobs of (-OD)
+    f["lumen_4um"] = _block_mean(np.maximum(_neg_log(-odm, 4.0), 0))
+    return f
 
 
 def context_band(micro, r0, r1, sigma_sp):
