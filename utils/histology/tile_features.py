@@ -200,14 +200,7 @@ def extract_tiles(img, grid_shape, tm, out_micro, out_meso, out_macro, shifts=1,
     lattices = passes + [macro]
     bands = [(r0, min(R, r0 + g)) for r0 in range(0, R, g)]
     bands = [bands[i] for i in share(len(bands))]
-    # the order in which tile rows are first needed, and after which band each can go
-    schedule, nxt = [], {id(L): 0 for L in lattices}
-    for r0, r1 in bands:
-        for L in lattices:
-            lo, hi = L.needed(r0, r1)
-            for j in range(max(lo, nxt[id(L)]), hi + 1):
-                schedule.append((L, j))
-            nxt[id(L)] = max(nxt[id(L)], hi + 1)
+    schedule = _schedule(bands, lattices)
     n_tiles = sum(L.ncols for L, _ in schedule)
     log.info("%d tiles of %d px (%d x %d super-pixels each): %d pass(es) with shifts %s super-pixels + "
              "macro windows of %d px, batch %d", n_tiles, tm.tile_px, g, g, len(passes),
@@ -226,29 +219,8 @@ def extract_tiles(img, grid_shape, tm, out_micro, out_meso, out_macro, shifts=1,
                 (L2, j), tiles = next(stream)
                 assert L2 is schedule[k][0] and j == schedule[k][1]
                 k += 1
-                tm0 = time.perf_counter()
-                toks, sums = [], []
-                for b in range(0, len(tiles), batch_size):
-                    t_, s_ = tm(tiles[b:b + batch_size])
-                    toks.append(t_ if L2.tokens else None)
-                    sums.append(s_)
-                    if progress is not None:
-                        progress.update(len(t_))
-                model_time += time.perf_counter() - tm0
-                L2.store(j, np.concatenate(toks) if L2.tokens else None, np.concatenate(sums))
-        n = r1 - r0
-        micro = np.zeros((n, C, tm.dim), np.float32)
-        wsum = np.zeros((n, C), np.float32)
-        meso = np.zeros((n, C, tm.summary_dim), np.float32)
-        for L in passes:
-            L.add_tokens(micro, wsum, r0, r1, C)
-            L.add_summary(meso, r0, r1)
-        micro /= wsum[..., None]
-        macro_acc = np.zeros((n, C, tm.summary_dim), np.float32)
-        macro.add_summary(macro_acc, r0, r1)
-        out_micro[r0:r1] = _f16(micro)
-        out_meso[r0:r1] = _f16(meso / len(passes))
-        out_macro[r0:r1] = _f16(macro_acc)
+                model_time += _tile_row(tm, L2, j, tiles, batch_size, progress)
+        _write_band(tm, passes, macro, (r0, r1), C, (out_micro, out_meso, out_macro))
         if release is not None:
             for a in (out_micro, out_meso, out_macro):
                 release(a, 0, r1)
@@ -259,6 +231,52 @@ def extract_tiles(img, grid_shape, tm, out_micro, out_meso, out_macro, shifts=1,
     wall = time.perf_counter() - t0
     return {"n_tiles": n_tiles, "shift_offsets_superpixels": offsets, "loop_seconds": wall,
             "model_seconds": model_time}
+
+
+def _schedule(bands, lattices) -> list:
+    """[(lattice, tile row)] in the order the bands first need them (each row once): what the
+    prefetcher reads, and after which band a row can go."""
+    schedule, nxt = [], {id(L): 0 for L in lattices}
+    for r0, r1 in bands:
+        for L in lattices:
+            lo, hi = L.needed(r0, r1)
+            schedule += [(L, j) for j in range(max(lo, nxt[id(L)]), hi + 1)]
+            nxt[id(L)] = max(nxt[id(L)], hi + 1)
+    return schedule
+
+
+def _tile_row(tm, lattice, j, tiles, batch_size, progress) -> float:
+    """Run tm over one row of tiles in batches and store its tokens and summaries; the model's seconds."""
+    t0 = time.perf_counter()
+    toks, sums = [], []
+    for b in range(0, len(tiles), batch_size):
+        t_, s_ = tm(tiles[b:b + batch_size])
+        toks.append(t_ if lattice.tokens else None)
+        sums.append(s_)
+        if progress is not None:
+            progress.update(len(t_))
+    seconds = time.perf_counter() - t0
+    lattice.store(j, np.concatenate(toks) if lattice.tokens else None, np.concatenate(sums))
+    return seconds
+
+
+def _write_band(tm, passes, macro, rows, C, outputs):
+    """Super-pixel rows [r0, r1) of the three outputs: the passes' tokens averaged where they
+    overlap (micro) and their tile summaries averaged (meso); the macro windows' summaries."""
+    (r0, r1), (out_micro, out_meso, out_macro) = rows, outputs
+    n = r1 - r0
+    micro = np.zeros((n, C, tm.dim), np.float32)
+    wsum = np.zeros((n, C), np.float32)
+    meso = np.zeros((n, C, tm.summary_dim), np.float32)
+    for L in passes:
+        L.add_tokens(micro, wsum, r0, r1, C)
+        L.add_summary(meso, r0, r1)
+    micro /= wsum[..., None]
+    macro_acc = np.zeros((n, C, tm.summary_dim), np.float32)
+    macro.add_summary(macro_acc, r0, r1)
+    out_micro[r0:r1] = _f16(micro)
+    out_meso[r0:r1] = _f16(meso / len(passes))
+    out_macro[r0:r1] = _f16(macro_acc)
 
 
 def _f16(a):
