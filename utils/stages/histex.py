@@ -359,25 +359,15 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
     own = () if out_dir.resolve() == Path(directory).resolve() else (out_dir,)
     with rank_stage(STAGE, directory, force=force, sweep=(out_dir,), lock_also=own) as st:
         inp = _read_inputs(directory, config)
-        inputs = [a.path(directory) for a in (L.SPOTS, L.HR_SPOTS, L.MASK, L.CALIBRATION)]
-        if config.model_class.trainable:
-            inputs += [L.FEATURE_MAPS[s].path(directory) for s in config.scales + ["extra"]]
         if leader:
-            st.record(inputs=inputs, parameters=config.as_parameters())
+            st.record(inputs=_artifacts_read(directory, config), parameters=config.as_parameters())
         elif not config.model_class.trainable:
             return out_dir, None  # nothing to share out: rank 0 interpolates alone
         device = resolve_device(config.device)
         import torch
         torch.set_num_threads(_cpus(config))  # inference; training: one per state
         keep_freed_memory()  # each step's temporaries stay mapped (utils/core/malloc.py)
-        log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
-                 inp.spots.n_obs, len(inp.genes), len(inp.rows), inp.mean_footprint, config.run_name, device)
-        if config.ignored_options:
-            log.warning("--model %s ignores %s: the run is the same without", config.model,
-                        " ".join(config.ignored_options))
-        if config.model_class.trainable and config.batch_size >= inp.spots.n_obs:
-            log.warning("--batch-size %d is not below the %d spots: every epoch is one batch of all a state's "
-                        "training spots (0: n / 16, at most 32)", config.batch_size, inp.spots.n_obs)
+        _log_settings(config, inp, device)
         # super-pixel x spot kernel weights per width, built once when needed (interp, blend, local consistency)
         kernel_at = functools.cache(lambda s: superpixel_kernel(inp.rows, inp.cols, inp.xy, s * inp.spacing_px))
 
@@ -403,7 +393,7 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         run = {"model": config.run_name, "config": cfg, "args": {k: str(v) for k, v in config.as_parameters().items()},
                "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows)),
                "cross_validation": cv, "fusion": fusion, "consistency_kernel": sigma_record,
-               "library_id": config.library(directory)}
+               "library_id": config.library(directory)}     # run.json, and what _write_outputs writes from
         metrics = _write_outputs(st.out, directory, out_dir, inp, sr, predicted, histories, run, t_start, accuracy,
                                  out_of_fold=oof, compress=config.compress, threads=_cpus(config))
     log.info("wrote %s (%d super-pixels x %d genes) in %.0f s", out_dir / L.SUPER_RES, len(inp.rows), len(inp.genes),
@@ -413,6 +403,26 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         log.info("scores vs truth: median Pearson r %.3f, SSIM %.3f, RMSE %.3f",
                  s["pearson"]["median"], s["ssim"]["median"], s["rmse"]["median"])
     return out_dir, metrics
+
+
+def _artifacts_read(directory, config) -> list:
+    """The artifacts a run reads (its manifest's inputs): a model without weights reads no features."""
+    inputs = [a.path(directory) for a in (L.SPOTS, L.HR_SPOTS, L.MASK, L.CALIBRATION)]
+    if config.model_class.trainable:
+        inputs += [L.FEATURE_MAPS[s].path(directory) for s in config.scales + ["extra"]]
+    return inputs
+
+
+def _log_settings(config, inp, device) -> None:
+    """The run's line, and a warning for options that change nothing or a batch of all the spots."""
+    log.info("%d spots, %d genes, %d tissue super-pixels, footprint %.1f super-pixels, model %s on %s",
+             inp.spots.n_obs, len(inp.genes), len(inp.rows), inp.mean_footprint, config.run_name, device)
+    if config.ignored_options:
+        log.warning("--model %s ignores %s: the run is the same without", config.model,
+                    " ".join(config.ignored_options))
+    if config.model_class.trainable and config.batch_size >= inp.spots.n_obs:
+        log.warning("--batch-size %d is not below the %d spots: every epoch is one batch of all a state's "
+                    "training spots (0: n / 16, at most 32)", config.batch_size, inp.spots.n_obs)
 
 
 def _spots_pred(inp, predicted, name, library, images, out_of_fold=None):
