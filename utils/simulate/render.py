@@ -114,6 +114,18 @@ def _smooth_noise(seed, stream, ya, yb, width, cell_px, block=64):
     return up[r0:r0 + (yb - ya), :width]
 
 
+def _to_rgb(h, e, rng):
+    """uint8 RGB from the H and E densities (Beer-Lambert on glass) with the camera's pixel noise."""
+    out = np.empty((*h.shape, 3), np.uint8)
+    for c in range(3):
+        od = h * np.float32(STAIN_H[c]) + e * np.float32(STAIN_E[c]) + np.float32(GLASS_OD[c])
+        val = np.float32(255.0) * np.exp(-od)
+        val += rng.standard_normal(val.shape, dtype=np.float32) * np.float32(PIXEL_NOISE)
+        np.clip(val, 0, 255, out=val)
+        out[..., c] = (val + 0.5).astype(np.uint8)
+    return out
+
+
 class Renderer:
     def __init__(self, world, cells, fibres, membranes, raw_px, shape, seed):
         self.world, self.cells, self.px, self.seed = world, cells, raw_px, seed
@@ -155,20 +167,39 @@ class Renderer:
         return X, Y
 
     def render(self, y0, y1, strip_index):
-        px, W = self.px, self.W
-        rng = _rng(self.seed, 10, strip_index)
+        """uint8 RGB rows [y0, y1) of the H&E, drawn with a margin above and below so that no blur
+        or shape depends on where strips are cut."""
         ya, yb = max(0, y0 - self.margin), min(self.H, y1 + self.margin)
-        hb = yb - ya
-        q = max(1, int(round(1.2 / px)))
-        v = _upsampled_values(self.world, q, px, ya, yb, W)
-        lab = np.full((hb, W), STROMA, np.uint8)
+        v = _upsampled_values(self.world, max(1, int(round(1.2 / self.px))), self.px, ya, yb, self.W)
+        lab, secretions = self._labels(v, ya, yb)
+        h, e = REGION_H[lab], REGION_E[lab]
+        stroma, immune, fat = lab == STROMA, lab == IMMUNE, lab == FAT
+        # stroma ground substance: low, slightly mottled eosin
+        e += stroma * (0.05 * _smooth_noise(self.seed, 1, ya, yb, self.W, max(2, int(round(2.0 / self.px)))))
+        fib = self._fibres(ya, yb)
+        e += fib * stroma
+        e += fib * immune * 0.4
+        if fat.any() and len(self.membranes):
+            mem = self._membranes(fat, ya, yb)
+            e += fat * mem * 0.48
+            h += fat * mem * 0.10
+        for X, Y, a16, b16, deg in secretions:
+            cv2.ellipse(e, (X, Y), (max(a16, 1), max(b16, 1)), deg, 0, 360, 0.16, -1, cv2.LINE_8, 4)
+        self._draw_cells(h, e, ya, yb)
+        h, e = self._stain_variation(h, e, v, ya, yb)
+        return _to_rgb(h[y0 - ya:y1 - ya], e[y0 - ya:y1 - ya], _rng(self.seed, 10, strip_index))
+
+    def _labels(self, v, ya, yb):
+        """(region label per pixel, the ducts' lumen secretions to draw) of rows [ya, yb)."""
+        px = self.px
+        lab = np.full((yb - ya, self.W), STROMA, np.uint8)
         lab[v["immune"] > 0] = IMMUNE
         lab[v["fat"] > 0] = FAT
         lab[v["tumour"] > 0] = TUMOUR
         lab[v["tissue"] <= 0] = BG
         # ducts: epithelial ring + lumen drawn exactly
         um0, um1 = ya * px, yb * px
-        lumen_secretions = []
+        secretions = []
         for cx, cy, a, b, ang, th, secr in self.world.ducts:
             if cy + a < um0 or cy - a > um1:
                 continue
@@ -178,15 +209,13 @@ class Renderer:
             la, lb = max(a - th, 1.0), max(b - th, 1.0)
             cv2.ellipse(lab, (int(X), int(Y)), (int(la / px * 16), int(lb / px * 16)), deg, 0, 360, LUMEN, -1, cv2.LINE_8, 4)
             if secr:
-                lumen_secretions.append((int(X), int(Y), int(la * 0.6 / px * 16), int(lb * 0.55 / px * 16), deg))
-        h = REGION_H[lab]
-        e = REGION_E[lab]
-        stroma = lab == STROMA
-        # stroma ground substance: low, slightly mottled eosin
-        mott = _smooth_noise(self.seed, 1, ya, yb, W, max(2, int(round(2.0 / px))))
-        e += stroma * (0.05 * mott)
-        # collagen fibres
-        sel = np.flatnonzero((self.fib_ymax >= um0 - 3) & (self.fib_ymin <= um1 + 3))
+                secretions.append((int(X), int(Y), int(la * 0.6 / px * 16), int(lb * 0.55 / px * 16), deg))
+        return lab, secretions
+
+    def _fibres(self, ya, yb):
+        """The collagen fibres' eosin of rows [ya, yb), blurred."""
+        px, hb = self.px, yb - ya
+        sel = np.flatnonzero((self.fib_ymax >= ya * px - 3) & (self.fib_ymin <= yb * px + 3))
         if sel.size:
             P = self.fib_pts[sel]
             fib, pad = self._line_canvas(P, ya, yb)
@@ -196,57 +225,40 @@ class Renderer:
             for b, (thick, val) in enumerate(self.fib_table):
                 m = bk == b
                 if m.any():
-                    t = max(1, int(round(thick / px)))
-                    cv2.polylines(fib, P16[m], False, float(val), t, cv2.LINE_8, 4)
+                    cv2.polylines(fib, P16[m], False, float(val), max(1, int(round(thick / px))), cv2.LINE_8, 4)
             fib = fib[pad:pad + hb]
         else:
-            fib = np.zeros((hb, W), np.float32)
-        fib = cv2.GaussianBlur(fib, (0, 0), max(0.5, 0.35 / px))
-        e += fib * stroma
-        immune = lab == IMMUNE
-        e += fib * immune * 0.4
-        # fat: thin membranes
-        fat = lab == FAT
-        if fat.any() and len(self.membranes):
-            sel = np.flatnonzero((self.mem_ymax >= um0 - 2) & (self.mem_ymin <= um1 + 2))
-            if sel.size:
-                P = self.membranes[sel]
-                mem, pad = self._line_canvas(P, ya, yb)
-                X, Y = self._xy16(P[..., 0], P[..., 1], ya - pad)
-                P16 = np.stack([X, Y], -1).astype(np.int32)
-                cv2.polylines(mem, P16, False, 1.0, max(1, int(round(0.6 / px))), cv2.LINE_8, 4)
-                mem = np.ascontiguousarray(mem[pad:pad + hb])
-            else:
-                mem = np.zeros((hb, W), np.float32)
-            # the lobule's outer boundary is a membrane too
-            fat8 = fat.astype(np.uint8)
-            k = 2 * max(1, int(round(0.45 / px))) + 1
-            edge = fat8 - cv2.erode(fat8, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-            np.maximum(mem, edge.astype(np.float32), out=mem)
-            mem = cv2.GaussianBlur(mem, (0, 0), max(0.5, 0.25 / px))
-            e += fat * mem * 0.48
-            h += fat * mem * 0.10
-        for X, Y, a16, b16, deg in lumen_secretions:
-            cv2.ellipse(e, (X, Y), (max(a16, 1), max(b16, 1)), deg, 0, 360, 0.16, -1, cv2.LINE_8, 4)
-        self._draw_cells(h, e, ya, yb)
-        # chromatin texture, slide-level stain variation
+            fib = np.zeros((hb, self.W), np.float32)
+        return cv2.GaussianBlur(fib, (0, 0), max(0.5, 0.35 / px))
+
+    def _membranes(self, fat, ya, yb):
+        """The fat cells' thin membranes and the lobules' outer boundary in rows [ya, yb), blurred."""
+        px, hb = self.px, yb - ya
+        sel = np.flatnonzero((self.mem_ymax >= ya * px - 2) & (self.mem_ymin <= yb * px + 2))
+        if sel.size:
+            P = self.membranes[sel]
+            mem, pad = self._line_canvas(P, ya, yb)
+            X, Y = self._xy16(P[..., 0], P[..., 1], ya - pad)
+            P16 = np.stack([X, Y], -1).astype(np.int32)
+            cv2.polylines(mem, P16, False, 1.0, max(1, int(round(0.6 / px))), cv2.LINE_8, 4)
+            mem = np.ascontiguousarray(mem[pad:pad + hb])
+        else:
+            mem = np.zeros((hb, self.W), np.float32)
+        fat8 = fat.astype(np.uint8)
+        k = 2 * max(1, int(round(0.45 / px))) + 1
+        edge = fat8 - cv2.erode(fat8, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+        np.maximum(mem, edge.astype(np.float32), out=mem)
+        return cv2.GaussianBlur(mem, (0, 0), max(0.5, 0.25 / px))
+
+    def _stain_variation(self, h, e, v, ya, yb):
+        """Chromatin texture, the slide's stain variation and the optics' blur."""
+        px, W = self.px, self.W
         tex = _smooth_noise(self.seed, 2, ya, yb, W, max(1, int(round(0.5 / px))))
         tex2 = _smooth_noise(self.seed, 3, ya, yb, W, max(1, int(round(1.5 / px))))
         h *= np.clip(1.0 + 0.28 * tex + 0.12 * tex2, 0.3, None)
         h *= self.stain_gain[0] * (1.0 + 0.06 * v["stain_h"])
         e *= self.stain_gain[1] * (1.0 + 0.07 * v["stain_e"])
-        h = cv2.GaussianBlur(h, (0, 0), self.sigma)
-        e = cv2.GaussianBlur(e, (0, 0), self.sigma)
-        r0, r1 = y0 - ya, y1 - ya
-        h, e = h[r0:r1], e[r0:r1]
-        out = np.empty((y1 - y0, W, 3), np.uint8)
-        for c in range(3):
-            od = h * np.float32(STAIN_H[c]) + e * np.float32(STAIN_E[c]) + np.float32(GLASS_OD[c])
-            val = np.float32(255.0) * np.exp(-od)
-            val += rng.standard_normal(val.shape, dtype=np.float32) * np.float32(PIXEL_NOISE)
-            np.clip(val, 0, 255, out=val)
-            out[..., c] = (val + 0.5).astype(np.uint8)
-        return out
+        return cv2.GaussianBlur(h, (0, 0), self.sigma), cv2.GaussianBlur(e, (0, 0), self.sigma)
 
     def _draw_cells(self, h, e, ya, yb):
         c = self.cells
