@@ -265,46 +265,10 @@ def convert_visium_hd(args):
                          f"{sf['bin_size_um']:g} or the square_{bin_size:03d}um folder")
     M = read_10x_matrix(find_matrix(bins_dir, MATRIX_NAMES, args.matrix))
     sel = _in_tissue_barcodes(M, pos, pos_path, "bins", "same bin size")
-
-    # pixel size: microns_per_pixel, cross-checked with the bin lattice
-    lat_ps, report = lattice_pixel_size(pos.array_col, pos.array_row, pos.x, pos.y, bin_size, bin_size, pos_path, "bin")
-    if args.pixel_size:
-        ps, how = float(args.pixel_size), "given with --pixel-size"
-    elif sf.get("microns_per_pixel"):
-        ps, how = float(sf["microns_per_pixel"]), f"microns_per_pixel of {sf_path.name}"
-    elif lat_ps is not None:
-        ps, how = lat_ps, f"affine fit of the {bin_size} um bin lattice of {pos_path.name}"
-    else:
-        raise InputError(f"{sf_path}: no microns_per_pixel and the bin positions do not determine the pixel size; "
-                         f"give it with --pixel-size")
-    ps = check_pixel_size(ps, image, how)
-    if lat_ps is not None and abs(lat_ps / ps - 1) > 0.03:
-        log.warning("the %d um bin lattice gives %.5g um/px, %.1f%% away from %.5g um/px (%s)", bin_size, lat_ps,
-                    100 * (lat_ps / ps - 1), ps, how)
-    log.info("pixel size %.6g um/px (%s)", ps, how)
+    ps, how, report = _hd_pixel_size(args.pixel_size, sf, sf_path, pos, pos_path, bin_size, image)
     check_same_image(spatial, sf, hw, image, args.skip_image_check)
-
-    # bins -> 8 um super-pixels of the image (by bin centre)
-    x = pos.loc[sel, "x"].to_numpy()
-    y = pos.loc[sel, "y"].to_numpy()
-    inside = check_inside(image, hw, x, y, "in-tissue bins")
-    sel, x, y = sel[inside], x[inside], y[inside]
-    if len(sel) == 0:
-        raise InputError(f"{M.path}: no in-tissue bin with counts; give the run's filtered_feature_bc_matrix.h5")
+    sel, rows, cols, truth = _bins_to_superpixels(M, pos, sel, image, hw, ps, bin_size)
     grid_shape = superpixel_grid_shape(hw, ps)
-    r, c = superpixel_of(x, y, ps)
-    keys = r * grid_shape[1] + c
-    Xb = M.rows(sel, "bins")
-    rows, cols, truth = aggregate_to_superpixels(keys, Xb, grid_shape)
-    expected = (8.0 / bin_size) ** 2
-    per_sp = np.bincount(np.unique(keys, return_inverse=True)[1])
-    crowded = float((per_sp > expected).mean())
-    log.info("%d bins -> %d super-pixels (%.2f bins each, %.1f%% with more than %g)", len(sel), len(rows),
-             len(sel) / max(1, len(rows)), 100 * crowded, expected)
-    if bin_size == 8 and crowded > 0.02:
-        log.info("the 8 um bins are not aligned with the image's 8 um super-pixel grid (rotation/offset), so some "
-                 "super-pixels get two bins and some none; --bin-size 2 builds the truth from 2 um bins instead")
-
     spots = make_pseudo_spots(truth, rows, cols, grid_shape, hw, ps, args.seed)
     counts_name = counts_name_for(args.counts_format, len(spots["ids"]), len(M.genes))
     directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=True)
@@ -328,6 +292,50 @@ def convert_visium_hd(args):
     log.info("wrote %s: %d pseudo-spots, truth %d super-pixels x %d genes", directory, len(spots["ids"]), len(rows),
              len(M.genes))
     return {"directory": str(directory), "spots": len(spots["ids"]), "superpixels": len(rows), "pixel_size": ps}
+
+
+def _hd_pixel_size(given, sf, sf_path, pos, pos_path, bin_size, image):
+    """(um/px, how it was found, the lattice fit's report): --pixel-size, else microns_per_pixel,
+    else the bin lattice's affine fit, which also cross-checks the others."""
+    lat_ps, report = lattice_pixel_size(pos.array_col, pos.array_row, pos.x, pos.y, bin_size, bin_size, pos_path, "bin")
+    if given:
+        ps, how = float(given), "given with --pixel-size"
+    elif sf.get("microns_per_pixel"):
+        ps, how = float(sf["microns_per_pixel"]), f"microns_per_pixel of {sf_path.name}"
+    elif lat_ps is not None:
+        ps, how = lat_ps, f"affine fit of the {bin_size} um bin lattice of {pos_path.name}"
+    else:
+        raise InputError(f"{sf_path}: no microns_per_pixel and the bin positions do not determine the pixel size; "
+                         f"give it with --pixel-size")
+    ps = check_pixel_size(ps, image, how)
+    if lat_ps is not None and abs(lat_ps / ps - 1) > 0.03:
+        log.warning("the %d um bin lattice gives %.5g um/px, %.1f%% away from %.5g um/px (%s)", bin_size, lat_ps,
+                    100 * (lat_ps / ps - 1), ps, how)
+    log.info("pixel size %.6g um/px (%s)", ps, how)
+    return ps, how, report
+
+
+def _bins_to_superpixels(M, pos, sel, image, hw, ps, bin_size):
+    """(the bins kept: those on the image, super-pixel rows, cols, their summed counts): each bin
+    goes to the 8 um super-pixel of the image that holds its centre."""
+    x = pos.loc[sel, "x"].to_numpy()
+    y = pos.loc[sel, "y"].to_numpy()
+    inside = check_inside(image, hw, x, y, "in-tissue bins")
+    sel, x, y = sel[inside], x[inside], y[inside]
+    if len(sel) == 0:
+        raise InputError(f"{M.path}: no in-tissue bin with counts; give the run's filtered_feature_bc_matrix.h5")
+    grid_shape = superpixel_grid_shape(hw, ps)
+    r, c = superpixel_of(x, y, ps)
+    keys = r * grid_shape[1] + c
+    rows, cols, truth = aggregate_to_superpixels(keys, M.rows(sel, "bins"), grid_shape)
+    expected = (8.0 / bin_size) ** 2
+    crowded = float((np.bincount(np.unique(keys, return_inverse=True)[1]) > expected).mean())
+    log.info("%d bins -> %d super-pixels (%.2f bins each, %.1f%% with more than %g)", len(sel), len(rows),
+             len(sel) / max(1, len(rows)), 100 * crowded, expected)
+    if bin_size == 8 and crowded > 0.02:
+        log.info("the 8 um bins are not aligned with the image's 8 um super-pixel grid (rotation/offset), so some "
+                 "super-pixels get two bins and some none; --bin-size 2 builds the truth from 2 um bins instead")
+    return sel, rows, cols, truth
 
 
 # ----------------------------------------------------------------------------------------------------
