@@ -4,7 +4,9 @@ from scipy import sparse
 
 from ..core.errors import InputError
 from ..core.geometry import SUPER_PIXEL_UM
+from ..core.stage import Stage
 from ..evaluation.truth import pseudo_visium_spots, write_truth_h5ad
+from .raw_layout import write_raw_layout
 
 
 def superpixel_of(x_raw, y_raw, pixel_size):
@@ -46,6 +48,21 @@ def write_truth(out, directory, truth, rows, cols, genes, pixel_size, image_hw, 
     var = {"gene_ids": [str(g) for g in gene_ids]} if gene_ids is not None else None
     return write_truth_h5ad(out, directory, sparse.csr_matrix(truth, dtype=np.int32), rows, cols, genes, pixel_size,
                             image_hw, uns={"source": source, **(uns or {})}, var=var)
+
+
+def write_with_truth(args, directory, *, image, image_name, counts_name, pixel_size, spots, matrix, section, truth,
+                     rows, cols, image_hw, source, uns, also=None):
+    """The raw layout of the pseudo-Visium spots and truth/ (the 8 um truth they were summed from)
+    in one commit of DIR; also(out): more files of the same commit (Xenium's cells)."""
+    with Stage("convert", directory, manifest=False, create=True) as st:
+        write_raw_layout(st.out, directory, source=args.source, image=image, image_name=image_name,
+                         image_mode=args.image_mode, pixel_size=pixel_size, ids=spots["ids"], genes=matrix.genes,
+                         X=spots["counts"], x=spots["x"], y=spots["y"], radius_raw=spots["radius_raw"],
+                         section=section, counts_name=counts_name, gene_ids=matrix.gene_ids)
+        write_truth(st.out, directory, truth, rows, cols, matrix.genes, pixel_size, image_hw, source,
+                    gene_ids=matrix.gene_ids, uns=uns)
+        if also is not None:
+            also(st.out)
 
 
 def section_record(source, technology, tissue, ids, genes, array_x, array_y, conversion):

@@ -28,7 +28,7 @@ from .he_image import check_inside, check_pixel_size, image_shape, open_target_i
 from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
 from .tables import decode, numeric, read_json, read_table, require_columns
 from .tenx_matrix import find_matrix, read_10x_matrix
-from .truth_layout import aggregate_to_superpixels, make_pseudo_spots, section_record, superpixel_of, write_truth
+from .truth_layout import aggregate_to_superpixels, make_pseudo_spots, section_record, superpixel_of, write_with_truth
 
 log = logging.getLogger("trihrge")
 
@@ -281,14 +281,9 @@ def convert_visium_hd(args):
                              "pseudo-Visium: 55 um spots on a 100 um hexagonal lattice, summed from 8 um truth "
                              f"built from Visium HD {bin_size} um bins", args.tissue, spots["ids"], M.genes,
                              spots["array_col"], spots["array_row"], conversion)
-    with Stage("convert", directory, manifest=False, create=True) as st:
-        out = st.out
-        write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
-                         pixel_size=ps, ids=spots["ids"], genes=M.genes, X=spots["counts"], x=spots["x"],
-                         y=spots["y"], radius_raw=spots["radius_raw"], section=section, counts_name=counts_name,
-                         gene_ids=M.gene_ids)
-        write_truth(out, directory, truth, rows, cols, M.genes, ps, hw, "10x Visium HD", gene_ids=M.gene_ids,
-                    uns={"bin_size_um": float(bin_size)})
+    write_with_truth(args, directory, image=image, image_name=image_name, counts_name=counts_name, pixel_size=ps,
+                     spots=spots, matrix=M, section=section, truth=truth, rows=rows, cols=cols, image_hw=hw,
+                     source="10x Visium HD", uns={"bin_size_um": float(bin_size)})
     log.info("wrote %s: %d pseudo-spots, truth %d super-pixels x %d genes", directory, len(spots["ids"]), len(rows),
              len(M.genes))
     return {"directory": str(directory), "spots": len(spots["ids"]), "superpixels": len(rows), "pixel_size": ps}

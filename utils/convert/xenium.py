@@ -35,13 +35,12 @@ from scipy import sparse
 
 from ..core.errors import InputError
 from ..core.geometry import SUPER_PIXEL_UM, superpixel_grid_shape
-from ..core.stage import Stage
 from .affine import affine_scale, fit_affine
 from .he_image import check_pixel_size, open_target_image
-from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
+from .raw_layout import counts_name_for, prepare_directory
 from .tables import check_plain_names, decode, numeric, read_table, require_columns
 from .tenx_matrix import find_matrix, read_10x_matrix
-from .truth_layout import make_pseudo_spots, section_record, write_truth
+from .truth_layout import make_pseudo_spots, section_record, write_with_truth
 
 log = logging.getLogger("trihrge")
 
@@ -355,15 +354,11 @@ def convert_xenium(args):
                              spots["array_row"], conversion)
     cells_out = pd.DataFrame({"cell_id": cell_ids.astype(str), "x": np.round(cx, 3), "y": np.round(cy, 3),
                               "total_counts": np.asarray(X.sum(1)).ravel()})
-    with Stage("convert", directory, manifest=False, create=True) as st:
-        out = st.out
-        write_raw_layout(out, directory, source=args.source, image=image, image_name=image_name, image_mode=args.image_mode,
-                         pixel_size=ps, ids=spots["ids"], genes=Mx.genes, X=spots["counts"], x=spots["x"],
-                         y=spots["y"], radius_raw=spots["radius_raw"], section=section, counts_name=counts_name,
-                         gene_ids=Mx.gene_ids)
-        write_truth(out, directory, truth, rows, cols, Mx.genes, ps, hw, "10x Xenium", gene_ids=Mx.gene_ids,
-                    uns={"xenium_pixel_size_um": xpx})
-        cells_out.to_csv(out.path(directory / "truth" / "cells.tsv.gz"), sep="\t", index=False)
+    write_with_truth(args, directory, image=image, image_name=image_name, counts_name=counts_name, pixel_size=ps,
+                     spots=spots, matrix=Mx, section=section, truth=truth, rows=rows, cols=cols, image_hw=hw,
+                     source="10x Xenium", uns={"xenium_pixel_size_um": xpx},
+                     also=lambda out: cells_out.to_csv(out.path(directory / "truth" / "cells.tsv.gz"), sep="\t",
+                                                       index=False))
     log.info("wrote %s: %d pseudo-spots, truth %d super-pixels x %d genes from %d cells", directory,
              len(spots["ids"]), len(uk), len(Mx.genes), len(keep))
     return {"directory": str(directory), "spots": len(spots["ids"]), "superpixels": len(uk), "pixel_size": ps,

@@ -214,41 +214,38 @@ class Renderer:
 
     def _fibres(self, ya, yb):
         """The collagen fibres' eosin of rows [ya, yb), blurred."""
-        px, hb = self.px, yb - ya
+        px = self.px
         sel = np.flatnonzero((self.fib_ymax >= ya * px - 3) & (self.fib_ymin <= yb * px + 3))
-        if sel.size:
-            P = self.fib_pts[sel]
-            fib, pad = self._line_canvas(P, ya, yb)
-            X, Y = self._xy16(P[..., 0], P[..., 1], ya - pad)
-            P16 = np.stack([X, Y], -1).astype(np.int32)
-            bk = self.fib_bucket[sel]
+        bucket = self.fib_bucket[sel]
+
+        def draw(canvas, lines):
             for b, (thick, val) in enumerate(self.fib_table):
-                m = bk == b
-                if m.any():
-                    cv2.polylines(fib, P16[m], False, float(val), max(1, int(round(thick / px))), cv2.LINE_8, 4)
-            fib = fib[pad:pad + hb]
-        else:
-            fib = np.zeros((hb, self.W), np.float32)
-        return cv2.GaussianBlur(fib, (0, 0), max(0.5, 0.35 / px))
+                if (bucket == b).any():
+                    cv2.polylines(canvas, lines[bucket == b], False, float(val), max(1, int(round(thick / px))),
+                                  cv2.LINE_8, 4)
+        return cv2.GaussianBlur(self._lines(self.fib_pts[sel], ya, yb, draw), (0, 0), max(0.5, 0.35 / px))
 
     def _membranes(self, fat, ya, yb):
         """The fat cells' thin membranes and the lobules' outer boundary in rows [ya, yb), blurred."""
-        px, hb = self.px, yb - ya
+        px = self.px
         sel = np.flatnonzero((self.mem_ymax >= ya * px - 2) & (self.mem_ymin <= yb * px + 2))
-        if sel.size:
-            P = self.membranes[sel]
-            mem, pad = self._line_canvas(P, ya, yb)
-            X, Y = self._xy16(P[..., 0], P[..., 1], ya - pad)
-            P16 = np.stack([X, Y], -1).astype(np.int32)
-            cv2.polylines(mem, P16, False, 1.0, max(1, int(round(0.6 / px))), cv2.LINE_8, 4)
-            mem = np.ascontiguousarray(mem[pad:pad + hb])
-        else:
-            mem = np.zeros((hb, self.W), np.float32)
+        mem = self._lines(self.membranes[sel], ya, yb, lambda canvas, lines: cv2.polylines(
+            canvas, lines, False, 1.0, max(1, int(round(0.6 / px))), cv2.LINE_8, 4))
         fat8 = fat.astype(np.uint8)
         k = 2 * max(1, int(round(0.45 / px))) + 1
         edge = fat8 - cv2.erode(fat8, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
         np.maximum(mem, edge.astype(np.float32), out=mem)
         return cv2.GaussianBlur(mem, (0, 0), max(0.5, 0.25 / px))
+
+    def _lines(self, P, ya, yb, draw):
+        """float32 rows [ya, yb) with the polylines P (um; lines x points x 2) drawn by draw(canvas,
+        points in the 1/16 px fixed point of cv2's shift 4); zeros without lines."""
+        if not len(P):
+            return np.zeros((yb - ya, self.W), np.float32)
+        canvas, pad = self._line_canvas(P, ya, yb)
+        X, Y = self._xy16(P[..., 0], P[..., 1], ya - pad)
+        draw(canvas, np.stack([X, Y], -1).astype(np.int32))
+        return np.ascontiguousarray(canvas[pad:pad + yb - ya])
 
     def _stain_variation(self, h, e, v, ya, yb):
         """Chromatin texture, the slide's stain variation and the optics' blur."""
