@@ -173,8 +173,9 @@ def _scale(img, path) -> float:
     if np.issubdtype(img.dtype, np.floating):
         scale = _float_scale(img, path)
     else:
-        hi = max((int(np.asarray(img[rows]).max()) for rows in row_chunks(len(img), int(np.prod(img.shape[1:])))
-                  if rows.stop > rows.start and img.shape[1]), default=255)
+        n = int(np.prod(img.shape[1:]))
+        hi = max((int(np.asarray(img[rows]).max()) for rows in row_chunks(len(img), n, _band_rows(img, n * 4))
+                  if n), default=255)
         scale = 255.0 / (2 ** next(b for b in (8, 10, 12, 14, 16, 32, 64) if hi < 2 ** b) - 1)
     log.info("%s: %s image converted to 8 bit (scaled by %.5g)", path.name, img.dtype, scale)
     return scale
@@ -185,7 +186,8 @@ def _float_scale(img, path) -> float:
     overshoot allowed, as resampling leaves it), [0, 255], or its own maximum. NaN and infinity read
     as white (glass) rather than as black (dense tissue)."""
     hi, bad = -np.inf, 0
-    for rows in row_chunks(len(img), int(np.prod(img.shape[1:]))):
+    n = int(np.prod(img.shape[1:]))
+    for rows in row_chunks(len(img), n, _band_rows(img, n * 4)):
         band = np.asarray(img[rows])
         finite = np.isfinite(band)
         bad += finite.size - int(np.count_nonzero(finite))
