@@ -322,13 +322,7 @@ def convert_xenium(args):
     ps = check_pixel_size(ps, image, how)
     log.info("H&E pixel size %.6g um/px (%s; Xenium pixel size from %s)", ps, how, xpx_how)
 
-    cx, cy = apply(um_to_px, cells.x.to_numpy(), cells.y.to_numpy())
-    on_image = (cx >= 0) & (cy >= 0) & (cx < hw[1]) & (cy < hw[0])
-    if not on_image.all():
-        log.warning("%d of %d cells (%.1f%%) fall outside the H&E and are dropped", int((~on_image).sum()), len(cx),
-                    100 * (1 - frac))
-    keep = np.flatnonzero(on_image)
-    cell_ids, cx, cy, X = cells.index[keep], cx[keep], cy[keep], Mx.X[keep]
+    cell_ids, cx, cy, X, n_off = _cells_on_image(cells, Mx, um_to_px, hw, frac)
     check_plain_names(cell_ids.astype(str), args.source, "cell id")
     grid_shape = superpixel_grid_shape(hw, ps)
     assigned = _cell_pieces(args, source, cell_ids, cx, cy, um_to_px, ps, grid_shape, sub)
@@ -345,7 +339,7 @@ def convert_xenium(args):
                   "alignment_kind": kind, "alignment_matrix": M.tolist(), "invert_alignment": bool(args.invert_alignment),
                   "alignment_units": args.alignment_units, "xenium_pixel_size_um": xpx,
                   "um_to_image_px": um_to_px.tolist(), "pixel_size_um": ps, "pixel_size_from": how,
-                  "cells": int(len(keep)), "cells_off_image": int((~on_image).sum()),
+                  "cells": int(len(cell_ids)), "cells_off_image": n_off,
                   "assign": assigned["assign"], "raster_um": args.raster_um,
                   "cells_by_centroid": assigned["by_centroid"], "seed": int(args.seed)}
     section = section_record("10x Xenium (Xenium Onboard Analysis)",
@@ -360,9 +354,20 @@ def convert_xenium(args):
                      also=lambda out: cells_out.to_csv(out.path(directory / "truth" / "cells.tsv.gz"), sep="\t",
                                                        index=False))
     log.info("wrote %s: %d pseudo-spots, truth %d super-pixels x %d genes from %d cells", directory,
-             len(spots["ids"]), len(uk), len(Mx.genes), len(keep))
+             len(spots["ids"]), len(uk), len(Mx.genes), len(cell_ids))
     return {"directory": str(directory), "spots": len(spots["ids"]), "superpixels": len(uk), "pixel_size": ps,
-            "cells": len(keep)}
+            "cells": len(cell_ids)}
+
+
+def _cells_on_image(cells, Mx, um_to_px, hw, frac):
+    """(cell ids, x, y in H&E px, counts, cells dropped) of the cells whose centroid falls on the H&E."""
+    cx, cy = apply(um_to_px, cells.x.to_numpy(), cells.y.to_numpy())
+    on_image = (cx >= 0) & (cy >= 0) & (cx < hw[1]) & (cy < hw[0])
+    if not on_image.all():
+        log.warning("%d of %d cells (%.1f%%) fall outside the H&E and are dropped", int((~on_image).sum()), len(cx),
+                    100 * (1 - frac))
+    keep = np.flatnonzero(on_image)
+    return cells.index[keep], cx[keep], cy[keep], Mx.X[keep], int((~on_image).sum())
 
 
 def _raster_steps(raster_um: float) -> int:
