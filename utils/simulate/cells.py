@@ -191,11 +191,25 @@ def adipocyte_geometry(world, cells, seed):
     Returns (segments (n, 2, 2) um, pieces: (cell index, x um, y um) sample points on a 2 um grid)."""
     rng = _rng(seed, 3)
     idx = np.flatnonzero(cells.type == T_ADI)
-    E = world.extent
-    segs = np.zeros((0, 2, 2))
     if idx.size == 0:
-        return segs, (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+        return np.zeros((0, 2, 2)), (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
     pts = np.stack([cells.x[idx], cells.y[idx]], 1)
+    segs, owners = _voronoi_membranes(pts, world.extent, rng)
+    _membrane_nuclei(cells, idx, segs, owners, rng)
+    pc_all, px_all, py_all = _fat_pieces(world, cells, idx, pts)
+    # cell size from the covered area
+    r = np.sqrt(np.bincount(pc_all, minlength=len(cells))[idx] * _PIECE_STEP_UM ** 2 / np.pi)
+    cells.ca[idx] = r
+    cells.cb[idx] = r
+    return segs, (pc_all, px_all, py_all)
+
+
+_PIECE_STEP_UM = 2.0   # the grid of an adipocyte's area pieces
+
+
+def _voronoi_membranes(pts, E, rng):
+    """(slightly wavy membranes (n, 4, 2) um: 3 sub-segments with a jittered midpoint pair, the two
+    adipocytes (local indices) each ridge separates) from the Voronoi diagram of the adipocytes."""
     # far dummy points bound every region
     ring = np.stack([np.cos(np.linspace(0, 2 * np.pi, 24, endpoint=False)),
                      np.sin(np.linspace(0, 2 * np.pi, 24, endpoint=False))], 1) * 3 * E + E / 2
@@ -209,14 +223,16 @@ def adipocyte_geometry(world, cells, seed):
     ok &= (seed_gap < 150.0) & (ridge_len < 150.0)
     a = vor.vertices[rv[ok, 0]]
     b = vor.vertices[rv[ok, 1]]
-    owners = rp[ok]
-    # slightly wavy membranes: 3 sub-segments with a jittered midpoint pair
     L = np.linalg.norm(b - a, axis=1, keepdims=True)
     nrm = np.stack([-(b - a)[:, 1], (b - a)[:, 0]], 1) / np.maximum(L, 1e-9)
     p1 = a + (b - a) / 3 + nrm * rng.normal(0, 1.0, (len(a), 1))
     p2 = a + 2 * (b - a) / 3 + nrm * rng.normal(0, 1.0, (len(a), 1))
-    segs = np.stack([a, p1, p2, b], 1)
-    # membrane-bound nuclei for some adipocytes: on the middle of one of its ridges
+    return np.stack([a, p1, p2, b], 1), rp[ok]
+
+
+def _membrane_nuclei(cells, idx, segs, owners, rng):
+    """Membrane-bound nuclei for the adipocytes that have one: on the middle of one of its ridges,
+    just inside the cell (an adipocyte without a ridge loses its nucleus)."""
     for ci_local in np.flatnonzero(cells.has_nucleus[idx]):
         ridge = np.flatnonzero((owners[:, 0] == ci_local) | (owners[:, 1] == ci_local))
         ci = idx[ci_local]
@@ -230,11 +246,14 @@ def adipocyte_geometry(world, cells, seed):
         toward /= max(np.linalg.norm(toward), 1e-9)
         cells.nx[ci], cells.ny[ci] = mid + toward * 1.2
         cells.nang[ci] = math.atan2(d[1], d[0])
-    # area pieces: points of a 2 um grid in the fat region, assigned to the nearest adipocyte
+
+
+def _fat_pieces(world, cells, idx, pts):
+    """(cell index, x um, y um): the points of a 2 um grid in the fat region, each given to the nearest
+    adipocyte; an adipocyte whose region holds no point keeps one at its centre."""
     from scipy.spatial import cKDTree
     tree = cKDTree(pts)
-    step = 2.0
-    g = (np.arange(int(E // step)) + 0.5) * step
+    g = (np.arange(int(world.extent // _PIECE_STEP_UM)) + 0.5) * _PIECE_STEP_UM
     px_all, py_all, pc_all = [], [], []
     for k0 in range(0, len(g), 256):
         X, Y = np.meshgrid(g, g[k0:k0 + 256])
@@ -252,18 +271,12 @@ def adipocyte_geometry(world, cells, seed):
         px_all, py_all, pc_all = map(np.concatenate, (px_all, py_all, pc_all))
     else:
         px_all, py_all, pc_all = np.zeros(0), np.zeros(0), np.zeros(0, np.int64)
-    # an adipocyte whose region holds no grid point keeps one point at its centre
     empty = idx[np.bincount(pc_all, minlength=len(cells))[idx] == 0]
     if empty.size:
         pc_all = np.concatenate([pc_all, empty])
         px_all = np.concatenate([px_all, cells.x[empty]])
         py_all = np.concatenate([py_all, cells.y[empty]])
-    # cell size from the covered area
-    area = np.bincount(pc_all, minlength=len(cells)) * step * step
-    r = np.sqrt(area[idx] / np.pi)
-    cells.ca[idx] = r
-    cells.cb[idx] = r
-    return segs, (pc_all, px_all, py_all)
+    return pc_all, px_all, py_all
 
 
 
