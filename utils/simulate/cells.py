@@ -41,38 +41,62 @@ class Cells:
 
 
 def make_cells(world, seed):
+    """Every cell of the tissue (Cells), sorted by position: tumour, stroma and immune cells on
+    jittered lattices thinned by region, the ducts' epithelial rings, and one adipocyte per lattice
+    point of the fat."""
     rng = _rng(seed, 2)
     E = world.extent
     parts = []
+    for place in (_tumour_cells, _stroma_cells, _immune_cells):
+        x, y, types = place(world, rng)
+        parts.append(_cell_shapes(world, rng, np.asarray(x, float), np.asarray(y, float), np.asarray(types, np.int64)))
+    epithelium = _duct_epithelium(world, rng)
+    if epithelium is not None:
+        ex, ey, eang, eflat = epithelium
+        parts.append(_cell_shapes(world, rng, ex, ey, np.full(len(ex), T_EPI), epi_angle=eang, epi_flat=eflat))
+    # fat: adipocytes, one per jittered lattice point
+    x, y = _jittered_lattice(rng, E, rng.uniform(48, 62), 0.22)
+    keep = world.labels(x, y) == FAT
+    parts.append(_cell_shapes(world, rng, x[keep], y[keep], np.full(int(keep.sum()), T_ADI)))
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in Cells.FIELDS}
+    # cells must lie inside the image with their whole ellipse (adipocytes are handled by Voronoi)
+    r = np.maximum(cols["ca"], cols["cb"])
+    ok = (cols["type"] == T_ADI) | ((cols["x"] - r >= 0) & (cols["y"] - r >= 0) &
+                                    (cols["x"] + r < E) & (cols["y"] + r < E))
+    cols = {k: v[ok] for k, v in cols.items()}
+    order = np.lexsort((cols["x"], cols["y"]))
+    return Cells(**{k: v[order] for k, v in cols.items()})
 
-    def add(x, y, types, rng):
-        parts.append(_cell_shapes(world, rng, np.asarray(x, float), np.asarray(y, float),
-                                  np.asarray(types, np.int64)))
 
-    # tumour nests: dense big atypical cells with some infiltrating lymphocytes and fibroblasts
-    x, y = _jittered_lattice(rng, E, 11.5, 0.30)
-    lab = world.labels(x, y)
-    keep = (lab == TUMOUR) & (rng.random(x.size) < 0.97)
+def _tumour_cells(world, rng):
+    """Tumour nests: dense big atypical cells with some infiltrating lymphocytes and fibroblasts."""
+    x, y = _jittered_lattice(rng, world.extent, 11.5, 0.30)
+    keep = (world.labels(x, y) == TUMOUR) & (rng.random(x.size) < 0.97)
     x, y = x[keep], y[keep]
     u = rng.random(x.size)
-    types = np.where(u < 0.06, T_LYM, np.where(u < 0.085, T_FIB, T_TUM))
-    add(x, y, types, rng)
-    # stroma: sparse fibroblasts and scattered lymphocytes, cellularity from a smooth field
-    x, y = _jittered_lattice(rng, E, 15.0, 0.35)
-    lab = world.labels(x, y)
+    return x, y, np.where(u < 0.06, T_LYM, np.where(u < 0.085, T_FIB, T_TUM))
+
+
+def _stroma_cells(world, rng):
+    """Stroma: sparse fibroblasts and scattered lymphocytes, cellularity from a smooth field."""
+    x, y = _jittered_lattice(rng, world.extent, 15.0, 0.35)
     p = np.clip(0.42 + 0.18 * world.f_cell.at(x, y), 0.15, 0.8)
-    keep = (lab == STROMA) & (rng.random(x.size) < p)
+    keep = (world.labels(x, y) == STROMA) & (rng.random(x.size) < p)
     x, y = x[keep], y[keep]
-    types = np.where(rng.random(x.size) < 0.16, T_LYM, T_FIB)
-    add(x, y, types, rng)
-    # immune aggregates: densely packed small lymphocytes
-    x, y = _jittered_lattice(rng, E, 6.6, 0.28)
-    lab = world.labels(x, y)
-    keep = (lab == IMMUNE) & (rng.random(x.size) < 0.92)
+    return x, y, np.where(rng.random(x.size) < 0.16, T_LYM, T_FIB)
+
+
+def _immune_cells(world, rng):
+    """Immune aggregates: densely packed small lymphocytes."""
+    x, y = _jittered_lattice(rng, world.extent, 6.6, 0.28)
+    keep = (world.labels(x, y) == IMMUNE) & (rng.random(x.size) < 0.92)
     x, y = x[keep], y[keep]
-    types = np.where(rng.random(x.size) < 0.05, T_FIB, T_LYM)
-    add(x, y, types, rng)
-    # duct epithelium: a luminal ring around the lumen, a flat basal ring outside
+    return x, y, np.where(rng.random(x.size) < 0.05, T_FIB, T_LYM)
+
+
+def _duct_epithelium(world, rng):
+    """(x, y, nucleus angle, flat) of the duct epithelium on the image: a luminal ring around each
+    lumen and, in thick walls, a flat basal ring outside; None without ducts."""
     ex, ey, eang, eflat = [], [], [], []
     for cx, cy, a, b, ang, th, _ in world.ducts:
         la, lb = max(a - th, 1.0), max(b - th, 1.0)
@@ -89,28 +113,12 @@ def make_cells(world, seed):
             ey.append(cy + px * s + py * c)
             eang.append(nang + ang + (np.pi / 2 if flat else 0.0))
             eflat.append(np.full(n, flat))
-    if ex:
-        ex, ey, eang, eflat = map(np.concatenate, (ex, ey, eang, eflat))
-        keep = (ex >= 0) & (ey >= 0) & (ex < E) & (ey < E)
-        parts.append(_cell_shapes(world, rng, ex[keep], ey[keep], np.full(keep.sum(), T_EPI),
-                                  epi_angle=eang[keep], epi_flat=eflat[keep]))
-    # fat: adipocytes, one per jittered lattice point
-    x, y = _jittered_lattice(rng, E, rng.uniform(48, 62), 0.22)
-    lab = world.labels(x, y)
-    keep = lab == FAT
-    ax, ay = x[keep], y[keep]
-    adipo = _cell_shapes(world, rng, ax, ay, np.full(ax.size, T_ADI))
-    parts.append(adipo)
-
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in Cells.FIELDS}
-    # cells must lie inside the image with their whole ellipse (adipocytes are handled by Voronoi)
-    r = np.maximum(cols["ca"], cols["cb"])
-    ok = (cols["type"] == T_ADI) | ((cols["x"] - r >= 0) & (cols["y"] - r >= 0) &
-                                    (cols["x"] + r < E) & (cols["y"] + r < E))
-    cols = {k: v[ok] for k, v in cols.items()}
-    order = np.lexsort((cols["x"], cols["y"]))
-    cols = {k: v[order] for k, v in cols.items()}
-    return Cells(**cols)
+    if not ex:
+        return None
+    ex, ey, eang, eflat = map(np.concatenate, (ex, ey, eang, eflat))
+    E = world.extent
+    keep = (ex >= 0) & (ey >= 0) & (ex < E) & (ey < E)
+    return ex[keep], ey[keep], eang[keep], eflat[keep]
 
 
 def _cell_shapes(world, rng, x, y, types, epi_angle=None, epi_flat=None):
