@@ -101,3 +101,35 @@ def test_a_damaged_tile_read_late_is_one_error_line(tmp_path):
     with pytest.raises(InputError, match="cannot be read as TIFF"):
         with image_io.open_rgb_bands(tmp_path / "he.tif") as image:
             list(image.bands())
+
+
+def test_one_bit_grey_and_two_extra_samples_read_alike_and_right(tmp_path):
+    """A 1-bit min-is-black TIFF read white as 1 (near black) instead of 255; RGB + alpha + an
+    unspecified sample was refused whole (a (H, W, 5) layout) but read band by band."""
+    bits = np.zeros((60, 70), bool)
+    bits[:, 35:] = True
+    tifffile.imwrite(tmp_path / "bits.tif", bits, photometric="minisblack", rowsperstrip=16)
+    img = _tissue(60, 70)
+    alpha = img[..., :1]
+    tifffile.imwrite(tmp_path / "five.tif", np.dstack([img, alpha, alpha]), photometric="rgb", tile=(32, 32),
+                     extrasamples=["unassalpha", "unspecified"])
+    composite = np.clip(img * (alpha / 255.0) + 255 * (1 - alpha / 255.0), 0, 255).round().astype(np.uint8)
+    for name, want in (("bits.tif", np.repeat(np.where(bits, 255, 0).astype(np.uint8)[..., None], 3, 2)),
+                       ("five.tif", composite)):
+        np.testing.assert_array_equal(image_io.read_rgb(tmp_path / name), want)
+        with image_io.open_rgb_bands(tmp_path / name) as image:
+            np.testing.assert_array_equal(np.concatenate(list(image.bands())), want)
+
+
+def test_a_truncated_ome_tiff_is_refused_not_read_as_one_grey_page(tmp_path):
+    """Cut in half, an OME-TIFF of three channel pages lost its later pages: tifffile logged errors
+    and read the first page alone as a grey image, and stage 1 wrote the red channel as the H&E."""
+    from utils.core.errors import InputError
+    tifffile.imwrite(tmp_path / "he.ome.tif", np.moveaxis(_tissue(200, 220), -1, 0), ome=True, metadata={"axes": "CYX"})
+    data = (tmp_path / "he.ome.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[:len(data) // 2])
+    with pytest.raises(InputError, match="truncated or damaged TIFF"):
+        image_io.read_rgb(tmp_path / "cut.tif")
+    with pytest.raises(InputError, match="truncated or damaged TIFF"):
+        with image_io.open_rgb_bands(tmp_path / "cut.tif") as image:
+            list(image.bands())

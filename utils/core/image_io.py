@@ -63,12 +63,14 @@ def open_rgb_bands(path):
         yield RgbBands(rgb.shape[:2], lambda: (rgb[rows] for rows in row_chunks(len(rgb), rgb[0].size, itemsize=1)))
         return
     import tifffile
-    with _tiff_errors(path), tifffile.TiffFile(path) as tf:
+    with _tiff_errors(path) as damage, tifffile.TiffFile(path) as tf:
         img, colours = _tiff_samples(tf, path, lazy=True)
+        damage.check()
 
         def bands():
-            with _tiff_errors(path):   # a damaged tile is found only when its band is read
+            with _tiff_errors(path) as late:   # a damaged tile is found only when its band is read
                 yield from _read_ahead(band for _, band in rgb8_bands(img, path, colours))
+                late.check()
         yield RgbBands(img.shape[:2], bands)
 
 
@@ -109,7 +111,7 @@ def to_rgb8(img, path, colours=None):
     16-bit or RGBA scan is never copied whole in float32), one log line per conversion. colours:
     the reader's function from a band of samples to grey, RGB or RGB + alpha (uint8, or floats in
     [0, 1]); without it the samples are scaled by the bit depth they use, or a float image's range."""
-    img = _standard_layout(np.asarray(img), path)
+    img = _layout(img, path, colours)
     if _is_rgb8(img, colours):
         return np.ascontiguousarray(img)   # 8-bit RGB: nothing to convert, no copy
     out = np.empty((*img.shape[:2], 3), np.uint8)
@@ -133,7 +135,7 @@ def _is_rgb8(img, colours) -> bool:
 def rgb8_bands(img, path, colours=None) -> Iterator[tuple[slice, np.ndarray]]:
     """(rows, uint8 (rows, W, 3)) over consecutive row bands of an image reader's array, or of a
     TIFF read band by band (_TiffRows); see to_rgb8. The log lines come after the last band."""
-    img = img if isinstance(img, _TiffRows) else _standard_layout(np.asarray(img), path)
+    img = _layout(img, path, colours)
     h, w = img.shape[:2]
     if _is_rgb8(img, colours):
         for rows in row_chunks(h, w * 3, _band_rows(img, w * 3), itemsize=1):
@@ -151,6 +153,14 @@ def rgb8_bands(img, path, colours=None) -> Iterator[tuple[slice, np.ndarray]]:
         log.info("%s: greyscale image converted to RGB", path.name)
     if channels in (2, 4):
         log.info("%s: the image's alpha composited onto white", path.name)
+
+
+def _layout(img, path, colours):
+    """The image in (H, W[, channels]) layout: a TIFF's samples are already (and a colours function
+    reads however many samples its tags describe, e.g. RGB + alpha + an unspecified one)."""
+    if isinstance(img, _TiffRows) or colours is not None:
+        return img
+    return _standard_layout(np.asarray(img), path)
 
 
 def _standard_layout(img, path):
@@ -311,15 +321,47 @@ def _jpeg_precision(path):
 def _read_tiff(path):
     """(the samples of a TIFF's main image in memory, the colours band function or None)."""
     import tifffile
-    with _tiff_errors(path), tifffile.TiffFile(path) as tf:
-        return _tiff_samples(tf, path, lazy=False)
+    with _tiff_errors(path) as damage, tifffile.TiffFile(path) as tf:
+        samples = _tiff_samples(tf, path, lazy=False)
+        damage.check()
+        return samples
+
+
+class _TiffLog(logging.Handler):
+    """What tifffile only logs while it reads a file, collected instead of printed: an offset past
+    the end of the file (a truncated TIFF, whose lost pages tifffile skips: an OME-TIFF of three
+    channel pages cut in half read as one grey page) is refused by check(); the rest is passed on
+    as warnings."""
+    TRUNCATED = ("invalid page offset", "invalid value offset")
+
+    def __init__(self, path):
+        super().__init__(logging.WARNING)
+        self.path, self.messages = path, []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def check(self):
+        cut = [m for m in self.messages if any(t in m for t in self.TRUNCATED)]
+        if cut:
+            raise InputError(f"{self.path}: truncated or damaged TIFF ({cut[0][:100]}); check that the file is "
+                             f"complete (copy it again)")
+
+    def pass_on(self):
+        for m in dict.fromkeys(self.messages):   # once each (tifffile may parse the file twice)
+            log.warning("%s: tifffile: %s", self.path.name, m)
 
 
 @contextmanager
 def _tiff_errors(path):
-    """A damaged or unreadable TIFF as one InputError line."""
+    """A damaged or unreadable TIFF as one InputError line (tifffile's own log lines collected by a
+    _TiffLog, which is yielded)."""
+    tiff_log = logging.getLogger("tifffile")
+    collected, propagate = _TiffLog(path), tiff_log.propagate
+    tiff_log.addHandler(collected)
+    tiff_log.propagate = False
     try:
-        yield
+        yield collected
     except InputError:
         raise
     except MemoryError:
@@ -327,6 +369,11 @@ def _tiff_errors(path):
     except Exception as e:  # tifffile raises many types for damaged files
         raise InputError(f"{path}: cannot be read as TIFF ({type(e).__name__}: {str(e)[:100]}); "
                          f"check that the file is complete") from None
+    else:
+        collected.pass_on()
+    finally:
+        tiff_log.removeHandler(collected)
+        tiff_log.propagate = propagate
 
 
 def _tiff_samples(tf, path, *, lazy: bool):
@@ -439,7 +486,8 @@ def _tiff_colours(img, page, path):
     if len(extra) > len(alphas[:1]):
         log.info("%s: %d extra samples that are not alpha are ignored", path.name, len(extra) - len(alphas[:1]))
     straight = alpha is None or extra[alpha - colour] == EXTRASAMPLE.UNASSALPHA
-    if kind in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR) and (
+    whole_bytes = page.bitspersample >= 8   # 1-bit grey is read as 0/1: scaled by its bit depth below
+    if kind in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR) and whole_bytes and (
             not extra or (len(extra) == 1 and alpha == colour and straight)):
         return None
     if kind in (PHOTOMETRIC.MINISWHITE, PHOTOMETRIC.SEPARATED):
