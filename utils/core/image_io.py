@@ -97,8 +97,9 @@ def image_size(path) -> tuple:
     path = Path(path)
     if sniff_format(path) == "TIFF":
         import tifffile
-        with tifffile.TiffFile(path) as tf:
+        with _tiff_errors(path) as damage, tifffile.TiffFile(path) as tf:
             series, axes = _main_series(tf, path)
+            damage.check()
             _log_orientation(path, _tiff_orientation(series))
             return tuple(int(series.shape[axes.index(a)]) for a in "YX")
     with open_pil(path) as im:

@@ -10,8 +10,10 @@ bands of the input, holding only a few bands at once when shrinking: a 20 mm sec
   partial block, are averaged over the rows there are, as OpenCV does.
 - Any other factor: OpenCV's area weights (computeResizeAreaTab) applied by rows here, after
   cv2.resize along the rows (fy = 1) in float32, in OpenCV's order of float operations, then
-  rounded as OpenCV rounds: the whole-image call's pixels exactly (tests/test_resize.py). Stage 1
-  then takes 0.9-1.2 x its whole-image time, at an eighth of the memory (bench/stage1_memory.py).
+  rounded as OpenCV rounds: the whole-image call's pixels exactly (tests/test_resize.py). This
+  resize costs about 1.5 x cv2's on the whole image, but stage 1 as a whole (reading, which the
+  bands overlap, and writing) takes 0.9-1.2 x its whole-image time at an eighth of the memory
+  (bench/stage1_memory.py, 32,000 px).
 - Enlarging (a raw image coarser than the target, at most a quarter of the output's pixels) is
   one cv2.resize of the whole image, and so is a factor within half a pixel of 1 on the width."""
 from typing import Iterable, Iterator
