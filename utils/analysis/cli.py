@@ -17,7 +17,7 @@ from ..core.stage import run_folder_stage
 from ..report import write_report
 from ..report.page import source_fingerprint
 from ..scverse.keys import File, Key
-from ..scverse.spatial import library_of
+from ..scverse.spatial import libraries, library_of
 from .celltypes import PANELS, panel_table, report_missing, score_cell_types
 from .domains import METHODS, cluster, embed, markers, smooth
 from .genesets import parse_gene_set, read_gene_table, require_genes, score_gene_sets
@@ -90,9 +90,9 @@ def read_run(run_dir: Path, name: str):
     if not p.is_file():
         raise InputError(f"{p}: not found; run HISTEX.py on the data directory first (it writes {name})")
     ad = read_anndata(p, "rerun HISTEX.py")
-    libraries = list(ad.uns.get(Key.SPATIAL, {}) or {})
-    if len(libraries) > 1:
-        raise InputError(f"{p}: holds {len(libraries)} sections ({', '.join(map(str, libraries[:3]))} in "
+    sections = libraries(ad)
+    if len(sections) > 1:
+        raise InputError(f"{p}: holds {len(sections)} sections ({', '.join(map(str, sections[:3]))} in "
                          f"uns['spatial']: concatenated?); analyse each section's own run folder")
     if Key.SPATIAL not in ad.obsm or library_of(ad) is None:
         raise InputError(f"{p}: has no obsm/uns 'spatial' (written by an older HISTEX.py); rerun HISTEX.py")

@@ -144,9 +144,7 @@ def rgb8_bands(img, path, colours=None) -> Iterator[tuple[slice, np.ndarray]]:
         return
     scale = None if colours else _scale(img, path)
     channels = 3
-    samples = w * (img.shape[2] if img.ndim == 3 else 1)
-    for rows in row_chunks(h, samples, _band_rows(img, samples * 4)):
-        band = np.asarray(img[rows])
+    for rows, band in _sample_bands(img):
         band = band if colours is None else colours(band)
         rgb, channels = _band_rgb8(band, scale or (255.0 if band.dtype.kind == "f" else 1.0))
         yield rows, rgb
@@ -154,6 +152,14 @@ def rgb8_bands(img, path, colours=None) -> Iterator[tuple[slice, np.ndarray]]:
         log.info("%s: greyscale image converted to RGB", path.name)
     if channels in (2, 4):
         log.info("%s: the image's alpha composited onto white", path.name)
+
+
+def _sample_bands(img):
+    """(rows, samples) over consecutive row bands of an image's samples, 16 MB as float32 each (in
+    whole tiles of a TIFF read band by band)."""
+    n = int(np.prod(img.shape[1:]))
+    for rows in row_chunks(len(img), n, _band_rows(img, n * 4)):
+        yield rows, np.asarray(img[rows])
 
 
 def _layout(img, path, colours):
@@ -184,9 +190,7 @@ def _scale(img, path) -> float:
     if np.issubdtype(img.dtype, np.floating):
         scale = _float_scale(img, path)
     else:
-        n = int(np.prod(img.shape[1:]))
-        hi = max((int(np.asarray(img[rows]).max()) for rows in row_chunks(len(img), n, _band_rows(img, n * 4))
-                  if n), default=255)
+        hi = max((int(band.max()) for _, band in _sample_bands(img) if band.size), default=255)
         scale = 255.0 / (2 ** next(b for b in (8, 10, 12, 14, 16, 32, 64) if hi < 2 ** b) - 1)
     log.info("%s: %s image converted to 8 bit (scaled by %.5g)", path.name, img.dtype, scale)
     return scale
@@ -197,9 +201,7 @@ def _float_scale(img, path) -> float:
     overshoot allowed, as resampling leaves it), [0, 255], or its own maximum. NaN and infinity read
     as white (glass) rather than as black (dense tissue)."""
     hi, bad = -np.inf, 0
-    n = int(np.prod(img.shape[1:]))
-    for rows in row_chunks(len(img), n, _band_rows(img, n * 4)):
-        band = np.asarray(img[rows])
+    for _, band in _sample_bands(img):
         finite = np.isfinite(band)
         bad += finite.size - int(np.count_nonzero(finite))
         hi = max(hi, float(np.max(band, where=finite, initial=-np.inf)))
@@ -402,8 +404,8 @@ class _TiffRows:
         self._array, self._axes, self._path = array, axes, path
         chunks = getattr(array, "chunks", None)   # a memory map has none
         self.chunk_rows = int(chunks[axes.index("Y")]) if chunks else None
-        first = self[0:1]
-        self.shape, self.dtype = (int(array.shape[axes.index("Y")]), *first.shape[1:]), first.dtype
+        none = self[0:0]   # the layout of a band without decoding one
+        self.shape, self.dtype = (int(array.shape[axes.index("Y")]), *none.shape[1:]), none.dtype
         self.ndim = len(self.shape)
 
     @classmethod

@@ -95,7 +95,12 @@ def spatial_obsm(obs, x: str = "x", y: str = "y") -> dict:
     return {Key.SPATIAL: obs[[x, y]].to_numpy(np.float64)}
 
 
+def libraries(adata) -> list:
+    """The library ids of uns['spatial'] (none, one per section, several after anndata.concat)."""
+    return list(adata.uns.get(Key.SPATIAL, {}) or {})
+
+
 def library_of(adata) -> str:
     """The one library id of uns['spatial'] (KeyError-free: None when there is none)."""
-    libs = list(adata.uns.get(Key.SPATIAL, {}) or {})
+    libs = libraries(adata)
     return libs[0] if len(libs) == 1 else None

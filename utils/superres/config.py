@@ -16,19 +16,19 @@ class _LibraryId:
     accepts."""
     __name__ = "library id"
 
-    def __call__(self, text: str) -> str:
+    @staticmethod
+    def problem(v) -> str | None:
         from ..scverse.spatial import library_id_problem
-        problem = library_id_problem(text)
-        if problem:
-            raise argparse.ArgumentTypeError(f"{text!r} {problem}; give a short name such as the sample's")
+        return library_id_problem(v) if isinstance(v, str) else "must be text"
+
+    def __call__(self, text: str) -> str:
+        if self.problem(text):
+            raise argparse.ArgumentTypeError(f"{text!r} {self.problem(text)}; give a short name such as the sample's")
         return text
 
     def check(self, option: str, v):
-        if v is not None:
-            try:
-                self(v)
-            except (argparse.ArgumentTypeError, AttributeError) as e:
-                raise InputError(f"{option} {e if isinstance(e, argparse.ArgumentTypeError) else 'must be text'}") from None
+        if v is not None and self.problem(v):
+            raise InputError(f"{option} {v!r} {self.problem(v)}; give a short name such as the sample's")
         return v
 
 
