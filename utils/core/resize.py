@@ -2,20 +2,21 @@
 
 `scaled_bands` gives the rows of `cv2.resize(img, None, fx=scale, fy=scale)` (INTER_AREA to shrink,
 INTER_CUBIC to enlarge; pixel i covers [i, i + 1), so x_out = scale * x_in) from consecutive row
-bands of the input, holding only a few bands at once when shrinking: a 20 mm section scanned at
+bands of the input, holding only a few bands at once: a 20 mm section scanned at
 0.25 um/px (80,000 px, 19 GB as RGB) goes to 0.5 um/px without ever being in memory whole.
 
 - A whole factor (scale = 1/k): each band of k-row blocks is cv2.resize'd as it is, which gives
   the whole image's pixels exactly (OpenCV averages each k x k block on its own); the last rows, a
   partial block, are averaged over the rows there are, as OpenCV does.
-- Any other factor: OpenCV's area weights (computeResizeAreaTab) applied by rows here, after
+- Any other factor below 1: OpenCV's area weights (computeResizeAreaTab) applied by rows here, after
   cv2.resize along the rows (fy = 1) in float32, in OpenCV's order of float operations, then
   rounded as OpenCV rounds: the whole-image call's pixels exactly (tests/test_resize.py). This
   resize costs about 1.5 x cv2's on the whole image, but stage 1 as a whole (reading, which the
   bands overlap, and writing) takes 0.9-1.2 x its whole-image time at an eighth of the memory
   (bench/stage1_memory.py, 32,000 px).
-- Enlarging (a raw image coarser than the target, at most a quarter of the output's pixels) is
-  one cv2.resize of the whole image, and so is a factor within half a pixel of 1 on the width."""
+- Enlarging (a raw image coarser than the target): OpenCV's bicubic filter band by band
+  (utils/core/cubic.py), its pixels to within 1 in about 1 value in 10,000.
+- A factor below 1 within half a pixel of 1 on the width is one cv2.resize of the whole image."""
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -35,9 +36,11 @@ def scaled_bands(bands: Iterable[np.ndarray], shape: tuple, scale: float) -> Ite
     out = scaled_shape(shape, scale)
     if out == tuple(shape[:2]):           # OpenCV copies an image whose size does not change
         yield from bands
-    elif scale > 1.0 or out[1] == shape[1]:   # enlarging; or rows whose width cv2 would keep as they are
-        whole = np.concatenate(list(bands))
-        yield cv2.resize(whole, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    elif scale > 1.0:
+        from .cubic import cubic_bands  # numba's import only where an image is enlarged
+        yield from cubic_bands(bands, shape, out, scale)
+    elif out[1] == shape[1]:              # rows whose width cv2 would keep as they are
+        yield cv2.resize(np.concatenate(list(bands)), None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     elif abs(1.0 / scale - round(1.0 / scale)) < EPS:
         yield from _block_means(bands, shape, scale, round(1.0 / scale))
     else:
