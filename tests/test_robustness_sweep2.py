@@ -455,6 +455,15 @@ def test_an_empty_path_is_refused_not_taken_as_the_current_folder(tmp_path, argv
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_name_with_a_newline_is_still_one_error_line(tmp_path):
+    """The message names DIR; a newline in its name split the `error:` line in two (row 200)."""
+    d = tmp_path / "two\nlines"
+    d.mkdir()
+    r = run_script("image_calibration.py", d)
+    line = assert_user_error(r, "two\\nlines/he-raw.jpg", "not found")
+    assert [l for l in r.stderr.splitlines() if l.strip()] == [line]
+
+
 def test_histex_locks_an_out_folder_outside_dir(demo_upstream, tmp_path):
     """Two HISTEX.py runs on two DIRs with one --out wrote into the same run folder at once (one
     loaded the other's trained states); that folder is now locked too, and one made only for the

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import traceback
+import unicodedata
 from pathlib import Path
 
 from .errors import InputError, Stopped
@@ -182,6 +183,13 @@ def check_directory(directory) -> Path:
     return d
 
 
+def one_line(message: str) -> str:
+    """message with its control characters escaped (a newline in a folder's name as \\n), so an
+    error stays one line whatever the paths it names hold."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c)[0] == "C" else c
+                   for c in message)
+
+
 def run(main, argv=None, *, distributed: bool = False):
     """Run a command's main(argv); InputError -> one line on stderr and exit code 2.
 
@@ -196,11 +204,11 @@ def run(main, argv=None, *, distributed: bool = False):
         world = _launch() if distributed else None
         code = _main(main, argv, world) or 0
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         code = 2
     except Stopped as e:
         if e.message:
-            print(f"error: {e.message}", file=sys.stderr)
+            print(f"error: {one_line(e.message)}", file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
         print("interrupted: the previous artifacts are intact; rerun the same command to finish", file=sys.stderr)

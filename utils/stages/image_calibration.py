@@ -24,12 +24,13 @@ log = logging.getLogger("trihrge")
 STAGE = "image_calibration"
 
 
-def superpixel_means(img, rows_per_chunk=64):
-    """Mean RGB of every 16 x 16 px super-pixel of an (H, W, 3) uint8 array or memmap, streamed."""
+def superpixel_means(img, rows_per_chunk=None):
+    """Mean RGB of every 16 x 16 px super-pixel of an (H, W, 3) uint8 array or memmap, streamed in
+    float32 blocks of about CHUNK_BYTES (64 super-pixel rows were 400 MB at 32,000 px wide)."""
     sp = geo.SUPER_PIXEL_PX
     H, W = img.shape[0] // sp, img.shape[1] // sp
     out = np.empty((H, W, 3), dtype=np.uint8)
-    for rows in row_chunks(H, W, rows_per_chunk):
+    for rows in row_chunks(H, W * sp * sp * 3, rows_per_chunk):
         block = np.asarray(img[rows.start * sp:rows.stop * sp, :W * sp], dtype=np.float32)
         out[rows] = np.round(block.reshape(-1, sp, W, sp, 3).mean(axis=(1, 3))).astype(np.uint8)
     return out
