@@ -23,7 +23,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     from utils.stages.image_calibration import calibrate
-    calibrate(check_directory(args.directory), pixel_size_um=args.pixel_size, force=args.force)
+    calibrate(check_directory(args.directory), pixel_size_um=args.pixel_size, force=args.force,
+              progress=not args.quiet)
 
 
 if __name__ == "__main__":

@@ -36,18 +36,22 @@ def superpixel_means(img, rows_per_chunk=None):
     return out
 
 
-def write_padded_tiff(path, bands, scaled_shape, padded_shape, rows_per_chunk=2048):
+def write_padded_tiff(path, bands, scaled_shape, padded_shape, rows_per_chunk=2048, progress=False):
     """Write consecutive row bands of the scaled image into a white canvas of padded_shape as an
-    uncompressed, memory-mappable TIFF."""
+    uncompressed, memory-mappable TIFF (with progress: a bar of the rows written)."""
+    from tqdm import tqdm
     (h, w), (ph, pw) = scaled_shape, padded_shape
     mm = rgb_tiff_memmap(path, ph, pw)
     row = 0
-    for band in bands:
-        if band.shape[1] != w or row + len(band) > h:
-            raise RuntimeError(f"scaled band of {band.shape[:2]} at row {row} does not fit {h} x {w}")
-        mm[row:row + len(band), :w] = band
-        mm[row:row + len(band), w:] = 255
-        row += len(band)
+    with tqdm(total=h, desc="image_calibration", unit="row", unit_scale=True, disable=not progress,
+              mininterval=1.0, leave=False) as bar:
+        for band in bands:
+            if band.shape[1] != w or row + len(band) > h:
+                raise RuntimeError(f"scaled band of {band.shape[:2]} at row {row} does not fit {h} x {w}")
+            mm[row:row + len(band), :w] = band
+            mm[row:row + len(band), w:] = 255
+            row += len(band)
+            bar.update(len(band))
     if row != h:
         raise RuntimeError(f"the scaled image has {row} rows, not {h}")
     for rows in row_chunks(ph - h, pw, rows_per_chunk):
@@ -56,10 +60,10 @@ def write_padded_tiff(path, bands, scaled_shape, padded_shape, rows_per_chunk=20
     return mm
 
 
-def calibrate(directory, pixel_size_um=geo.TARGET_PIXEL_SIZE_UM, force=False):
+def calibrate(directory, pixel_size_um=geo.TARGET_PIXEL_SIZE_UM, force=False, progress=False):
     directory = Path(directory)
     with Stage(STAGE, directory, force=force) as st:
-        return _calibrate(st, directory, pixel_size_um)
+        return _calibrate(st, directory, pixel_size_um, progress)
 
 
 def _transform(image_path, raw_px, pixel_size_um, scale, raw_shape, shapes, radius_raw, n_spots, n_outside):
@@ -86,7 +90,7 @@ def _transform(image_path, raw_px, pixel_size_um, scale, raw_shape, shapes, radi
     }
 
 
-def _calibrate(st, directory, pixel_size_um):
+def _calibrate(st, directory, pixel_size_um, progress):
     image_path = find_one(directory, IMAGE_NAMES, "H&E image (he-raw.jpg/png/tif)")
     raw_px = read_pixel_size(directory)
     radius_raw = read_radius(directory, raw_px)
@@ -115,15 +119,15 @@ def _calibrate(st, directory, pixel_size_um):
         transform = _transform(image_path, raw_px, pixel_size_um, scale, raw_shape, ((h, w), (ph, pw)), radius_raw,
                                len(locs), (~inside).sum())
         st.require_space(ph * pw * 3 * 1.1 + 2 * len(locs) * 40, L.CALIBRATED_IMAGE.name)
-        _write(st.out, directory, scaled_bands(image.bands(), raw_shape, scale), locs, transform)
+        _write(st.out, directory, scaled_bands(image.bands(), raw_shape, scale), locs, transform, progress)
     log.info("wrote %s (%d x %d px), %s, %s, %s", L.CALIBRATED_IMAGE.name, pw, ph, L.LOCS.name, L.RADIUS.name,
              L.CALIBRATION.name)
     return transform
 
 
-def _write(out, directory, scaled_bands, locs, transform):
+def _write(out, directory, scaled_bands, locs, transform, progress):
     mm = write_padded_tiff(out.path(L.CALIBRATED_IMAGE.path(directory)), scaled_bands, transform["scaled_shape"],
-                           transform["padded_shape"])
+                           transform["padded_shape"], progress=progress)
     write_png(out.path(L.PREVIEW.path(directory)), superpixel_means(mm))
     del mm
     locs_out = locs.reset_index().rename(columns={locs.index.name or "index": "spot"})
