@@ -329,10 +329,13 @@ def test_stopping_the_cohort_stops_its_stages(tmp_path, jobs, sig, case):
     running as orphans that write into DIR later), also when the cohort dies while a stage still
     imports, and when the cohort was started with SIGINT ignored (`cmd &` in a script)."""
     sections = make_sections(tmp_path / "data", "s1", "s2")
-    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if case == "sigint-ignored" else None
+    # SIGINT's disposition is inherited: set it either way, or a suite started in the background by a
+    # script (which ignores SIGINT) would run every case as "sigint-ignored"
+    disposition = signal.SIG_IGN if case == "sigint-ignored" else signal.SIG_DFL
+    set_sigint = lambda: signal.signal(signal.SIGINT, disposition)  # noqa: E731
     proc = subprocess.Popen([sys.executable, "-c", SLOW_COHORT, SLOW_STAGE, "2" if case == "early" else "0",
                              *map(str, sections), "-j", str(jobs), "--summary", str(tmp_path / "sum.json"), "-q"],
-                            cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+                            cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=set_sigint)
     marker = "spawned" if case == "early" else "started"
     _wait_for([d / f"{marker}-image_calibration" for d in sections[:jobs]])
     os.kill(proc.pid, sig)
