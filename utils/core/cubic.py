@@ -84,7 +84,9 @@ def cubic_bands(bands: Iterable[np.ndarray], shape: tuple, out_shape: tuple, sca
                               out.reshape(len(out), -1))
                 yield out
                 done = ready
-            if done < len(rows) and rows[done, 0] > first:   # drop the rows before the next output's first tap
+            if done == len(rows):   # every output row written (the last reads the last input row)
+                return
+            if rows[done, 0] > first:   # drop the rows before the next output's first tap
                 drop = int(rows[done, 0]) - first
                 held[:n - drop] = held[drop:n]
                 first, n = first + drop, n - drop
