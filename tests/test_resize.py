@@ -1,6 +1,7 @@
 """Stage 1 scales the H&E row band by row band (utils/core/resize.py, utils/core/cubic.py) from a TIFF
 read band by band (image_io.open_rgb_bands): the pixels of cv2.resize of the whole image (exactly when
-shrinking, to within 1 in a rare value when enlarging), the same pixels as read_rgb, a TIFF larger than memory calibrated, and the sizes OpenCV gives (half to even)."""
+shrinking, to within 1 in a rare value when enlarging), the same pixels as read_rgb, a TIFF larger
+than memory calibrated, and the sizes OpenCV gives (half to even)."""
 import cv2
 import numpy as np
 import pytest

@@ -6,8 +6,8 @@ at most a few dozen input rows (as float32 at the output's width) besides the ba
 2 cm section at 1 um/px (20,000 px) becomes 40,000 px (4.8 GB as RGB) without either image ever
 being in memory whole.
 
-The filter is OpenCV's: output pixel i sits at input coordinate (i + 0.5) / scale - 0.5 (computed in
-float32, as OpenCV does), the 4 taps are Keys' cubic with a = -0.75 in OpenCV's float32 arithmetic,
+The filter is OpenCV's: output pixel i sits at input coordinate (i + 0.5) / scale - 0.5 (in float64,
+as OpenCV 4.14 computes it), the 4 taps are Keys' cubic with a = -0.75 in OpenCV's float32 arithmetic,
 and the image's edge repeats its last pixel. The sums are this module's own: along the rows in
 float32 tap by tap, down the columns in float64, rounded half to even. OpenCV 4.14 sums the columns
 in float32 in the vector width of the CPU it runs on (with fused multiply-adds where there are), so
@@ -24,6 +24,8 @@ ROWS = 32   # input rows filtered along the rows at once: the float32 buffer is 
 def cubic_taps(n_in: int, n_out: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV's bicubic table for one axis: (input index (n_out, 4) int64, clipped to the image,
     weight (n_out, 4) float32) of each output pixel's four taps."""
+    # the position in float64 and only its fraction in float32: a float32 position (an older OpenCV's
+    # cast) changed 1.4% of the values of a 9,300 px image against cv2.resize, this 0.003%
     pos = (np.arange(n_out) + 0.5) * (1.0 / scale) - 0.5
     start = np.floor(pos)
     x = (pos - start).astype(np.float32)
@@ -55,8 +57,10 @@ def _down_columns(held, first, index, weight, out):
     """out[j] = the four held rows index[j] - first weighted by weight[j], summed in float64 and
     rounded half to even into uint8; held (rows, n) and out (outputs, n) flat along the row."""
     for j in range(index.shape[0]):
-        r0, r1, r2, r3 = held[index[j, 0] - first], held[index[j, 1] - first], held[index[j, 2] - first], held[index[j, 3] - first]
-        w0, w1, w2, w3 = np.float64(weight[j, 0]), np.float64(weight[j, 1]), np.float64(weight[j, 2]), np.float64(weight[j, 3])
+        r0, r1 = held[index[j, 0] - first], held[index[j, 1] - first]
+        r2, r3 = held[index[j, 2] - first], held[index[j, 3] - first]
+        w0, w1 = np.float64(weight[j, 0]), np.float64(weight[j, 1])
+        w2, w3 = np.float64(weight[j, 2]), np.float64(weight[j, 3])
         o = out[j]
         for i in range(held.shape[1]):
             v = np.float64(r0[i]) * w0 + np.float64(r1[i]) * w1 + np.float64(r2[i]) * w2 + np.float64(r3[i]) * w3
