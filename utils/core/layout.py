@@ -4,7 +4,6 @@ Raw inputs are the data contract (README, "Inputs"); each later artifact is writ
 (its key in utils.core.manifest.STAGES). A loader checks what it reads and turns any damage
 (missing, a directory instead of a file, truncated, of another kind, made for another image) into
 one InputError that names the file and the command that rewrites it."""
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from .errors import InputError
 from .manifest import rerun_hint
+from .text_io import object_problem
 
 # --- raw inputs: the data contract (iStar's layout and its variants) ----------------------------
 RAW_IMAGES = ("he-raw.jpg", "he-raw.jpeg", "he-raw.png", "he-raw.tif", "he-raw.tiff",
@@ -103,14 +103,12 @@ def read_json(artifact: Artifact, directory, keys=()) -> dict:
     """A JSON object artifact holding at least `keys`."""
     p = artifact.existing(directory)
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError) as e:
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
         raise artifact.damaged(directory, f"damaged, not valid JSON ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise artifact.damaged(directory, f"damaged: holds a JSON {type(obj).__name__}, not an object")
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise artifact.damaged(directory, f"damaged: no {', '.join(missing)}")
+    obj, problem = object_problem(text, keys)
+    if problem:
+        raise artifact.damaged(directory, f"damaged: {problem}")
     return obj
 
 

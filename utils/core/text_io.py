@@ -48,15 +48,21 @@ def read_text(path, what="file") -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def object_problem(text: str, keys=()) -> tuple:
+    """(the JSON object in `text`, None), or (None, what is wrong with it: not JSON, not an object, a key missing)."""
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return None, f"not valid JSON ({type(e).__name__})"
+    if not isinstance(obj, dict):
+        return None, f"holds a JSON {type(obj).__name__}, not an object" + (f" with {', '.join(keys)}" if keys else "")
+    missing = [k for k in keys if k not in obj]
+    return (None, f"has no {', '.join(missing)}") if missing else (obj, None)
+
+
 def json_object(path, keys, fix):
     """A JSON object holding `keys` (a user's or a protocol folder's small file), else one error line."""
-    try:
-        obj = json.loads(read_text(path, "JSON file"))
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{path}: holds a JSON {type(obj).__name__}, not an object with {', '.join(keys)}; {fix}")
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise InputError(f"{path}: has no {', '.join(missing)}; {fix}")
+    obj, problem = object_problem(read_text(path, "JSON file"), keys)
+    if problem:
+        raise InputError(f"{path}: {problem}; {fix}")
     return obj
