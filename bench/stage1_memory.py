@@ -19,7 +19,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "bench" / "data" / "stage1"
-LAYOUTS = ("tiled-jpeg", "contiguous")
+LAYOUTS = ("tiled-jpeg", "contiguous", "jpeg")
 
 
 def _tiles(side, tile, seed=0):
@@ -34,15 +34,26 @@ def _tiles(side, tile, seed=0):
 
 
 def make_section(side, pixel_size, layout) -> Path:
-    """DIR in the raw layout with he-raw.tif of this layout and a few spots (made once)."""
+    """DIR in the raw layout with he-raw.tif (he-raw.jpg for a plain JPEG) of this layout and a few spots
+    (made once)."""
     import tifffile
     d = DATA / f"{layout}-{side}-{pixel_size}"
-    image = d / "he-raw.tif"
+    image = d / ("he-raw.jpg" if layout == "jpeg" else "he-raw.tif")
     if image.is_file():
         return d
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "he-raw.tif.part"
-    if layout == "tiled-jpeg":
+    tmp = d / (image.name + ".part")
+    if layout == "jpeg":   # a plain JPEG (made whole here: JPEG encoders take the whole image)
+        import cv2
+        whole = np.empty((side, side, 3), np.uint8)
+        tiles = _tiles(side, 256)
+        for r in range(0, side, 256):
+            for c in range(0, side, 256):
+                whole[r:r + 256, c:c + 256] = next(tiles)[:min(256, side - r), :min(256, side - c)]
+        ok, buf = cv2.imencode(".jpg", whole, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        del whole
+        tmp.write_bytes(buf.tobytes())
+    elif layout == "tiled-jpeg":
         tifffile.imwrite(tmp, _tiles(side, 256), shape=(side, side, 3), dtype=np.uint8, tile=(256, 256),
                          photometric="rgb", compression="jpeg")
     else:
@@ -113,7 +124,8 @@ def main():
             print(f"{layout:11s} {a.side} px at {a.pixel_size} um/px  {name:22s} {r['seconds']:7.1f} s  "
                   f"VmRSS {r['peak_rss_mb']:6d} MB  RssAnon {r['peak_anon_mb']:6d} MB", flush=True)
     old = json.loads(a.out.read_text()) if a.out.is_file() else []
-    keep = [r for r in old if (r["side"], r["pixel_size"]) != (a.side, a.pixel_size)]
+    keep = [r for r in old if (r["side"], r["pixel_size"], r["layout"]) not in
+            {(a.side, a.pixel_size, layout) for layout in a.layouts}]
     a.out.write_text(json.dumps(keep + results, indent=1) + "\n")
 
 

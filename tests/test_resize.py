@@ -11,6 +11,7 @@ from conftest import write_raw_dir
 from utils.core import geometry as geo
 from utils.core import image_io
 from utils.core import layout as L
+from utils.core.chunks import CHUNK_BYTES
 from utils.core.cubic import cubic_taps
 from utils.core.resize import scaled_bands, scaled_shape
 
@@ -157,3 +158,56 @@ def test_a_truncated_ome_tiff_is_refused_not_read_as_one_grey_page(tmp_path):
     with pytest.raises(InputError, match="truncated or damaged TIFF"):
         with image_io.open_rgb_bands(tmp_path / "cut.tif") as image:
             list(image.bands())
+
+
+def _pillow_files(tmp_path):
+    """The same tissue saved by Pillow in the modes a user's JPEG or PNG comes in."""
+    from PIL import Image
+    img = _tissue(97, 131)
+    rgb = Image.fromarray(img)
+    alpha = Image.fromarray(np.linspace(0, 255, 97 * 131).reshape(97, 131).astype(np.uint8))
+    grey = rgb.convert("L")
+    made = {"rgb.jpg": rgb, "rgb.png": rgb, "grey.png": grey, "cmyk.jpg": rgb.convert("CMYK"),
+            "la.png": Image.merge("LA", (grey, alpha)), "rgba.png": Image.merge("RGBA", (*rgb.split(), alpha)),
+            "bits.png": grey.convert("1"), "i16.png": Image.fromarray(img[..., 1].astype(np.uint16) * 257)}
+    pal = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 0
+    made["palette.png"] = pal
+    for name, im in made.items():
+        im.save(tmp_path / name)
+    return list(made)
+
+
+def test_jpeg_and_png_bands_give_the_whole_images_pixels(tmp_path):
+    """A JPEG or PNG is decoded by Pillow and copied out a band at a time, in every mode: the pixels
+    of converting the whole decoded image at once (as read_rgb did before)."""
+    from PIL import Image
+    for name in _pillow_files(tmp_path):
+        p = tmp_path / name
+        with Image.open(p) as im:
+            mode = ("RGBA" if "transparency" in im.info else "RGB") if im.mode in ("P", "CMYK", "1") else None
+            want = image_io.to_rgb8(np.array(im.convert(mode) if mode else im), p)
+        np.testing.assert_array_equal(image_io.read_rgb(p), want, err_msg=name)
+        with image_io.open_rgb_bands(p) as image:
+            assert image.shape == want.shape[:2]
+            np.testing.assert_array_equal(np.concatenate(list(image.bands())), want, err_msg=name)
+    np.testing.assert_array_equal(image_io.read_rgb(tmp_path / "rgb.png"), _tissue(97, 131))
+
+
+def test_a_large_png_is_never_copied_whole(tmp_path):
+    """Stage 1's bands of a PNG: a few copies of one 16 MB band beside Pillow's decoded image, never
+    the whole image again (tracemalloc counts numpy's and Python's memory, not Pillow's)."""
+    import tracemalloc
+
+    from PIL import Image
+    img = np.full((6000, 5000, 3), 200, np.uint8)            # 90 MB as RGB
+    img[::7] = 120
+    Image.fromarray(img).save(tmp_path / "big.png", compress_level=1)
+    tracemalloc.start()
+    try:
+        with image_io.open_rgb_bands(tmp_path / "big.png") as image:
+            rows = sum(len(band) for band in image.bands())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rows == 6000 and peak < 4 * CHUNK_BYTES < img.nbytes

@@ -42,7 +42,8 @@ def read_rgb(path):
     if sniff_format(path) == "TIFF":
         img, colours = _read_tiff(path)
         return to_rgb8(img, path, colours)
-    return to_rgb8(_read_pil(path), path)
+    with _pil_rows(path, ours=3) as rows:
+        return to_rgb8(rows, path)
 
 
 class RgbBands(NamedTuple):
@@ -56,11 +57,11 @@ def open_rgb_bands(path):
     """An H&E image (any kind read_rgb reads, with the same pixels) as RgbBands. A TIFF stays in
     its file: each band is read from it (memory-mapped when stored uncompressed in one piece, else
     through its tiles or strips), so a scan larger than memory is converted band by band; other
-    formats are decoded whole first."""
+    formats are decoded whole by Pillow, and their bands are copied out of Pillow's image."""
     path = _non_empty(path)
     if sniff_format(path) != "TIFF":
-        rgb = to_rgb8(_read_pil(path), path)
-        yield RgbBands(rgb.shape[:2], lambda: (rgb[rows] for rows in row_chunks(len(rgb), rgb[0].size, itemsize=1)))
+        with _pil_rows(path, ours=0) as rows:
+            yield RgbBands(rows.shape[:2], lambda: (band for _, band in rgb8_bands(rows, path)))
         return
     import tifffile
     with _tiff_errors(path) as damage, tifffile.TiffFile(path) as tf:
@@ -113,7 +114,7 @@ def to_rgb8(img, path, colours=None):
     the reader's function from a band of samples to grey, RGB or RGB + alpha (uint8, or floats in
     [0, 1]); without it the samples are scaled by the bit depth they use, or a float image's range."""
     img = _layout(img, path, colours)
-    if _is_rgb8(img, colours):
+    if _is_rgb8(img, colours) and isinstance(img, np.ndarray):
         return np.ascontiguousarray(img)   # 8-bit RGB: nothing to convert, no copy
     out = np.empty((*img.shape[:2], 3), np.uint8)
     for rows, band in rgb8_bands(img, path, colours):
@@ -165,7 +166,7 @@ def _sample_bands(img):
 def _layout(img, path, colours):
     """The image in (H, W[, channels]) layout: a TIFF's samples are already (and a colours function
     reads however many samples its tags describe, e.g. RGB + alpha + an unspecified one)."""
-    if isinstance(img, _TiffRows) or colours is not None:
+    if isinstance(img, (_TiffRows, _PilRows)) or colours is not None:
         return img
     return _standard_layout(np.asarray(img), path)
 
@@ -267,48 +268,67 @@ def open_pil(path):
     return Image.open(path)
 
 
-def _read_pil(path):
-    """JPEG/PNG (and what else Pillow reads) through Pillow: truncation is decided by decoding (a
-    complete JPEG followed by a camera's trailer is valid), and OpenCV's 2^30-pixel limit does not
-    apply (memory is checked)."""
+@contextmanager
+def _pil_rows(path, *, ours: int):
+    """JPEG/PNG (and what else Pillow reads) decoded by Pillow, as _PilRows. Truncation is decided by
+    decoding (a complete JPEG followed by a camera's trailer is valid), and OpenCV's 2^30-pixel limit
+    does not apply; memory is checked for Pillow's copy and `ours` bytes a pixel more."""
     try:
-        with open_pil(path) as im:
-            mode = ("RGBA" if ("transparency" in im.info or im.mode == "PA") else "RGB") \
-                if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1") else None
-            # Pillow's own copy (4 bytes a pixel for colour or 32 bit), ours, and the RGB made from it
-            _check_size(path, *im.size, bytes_per_pixel=2 * (4 if len(im.getbands()) > 1 or im.mode[0] in "IF" else 1) + 3)
-            _log_orientation(path, im.getexif().get(0x0112))
-            if im.info.get("icc_profile"):
-                log.info("%s: its embedded ICC colour profile is not applied (the pixel values are read as they "
-                         "are, as the 10x software and scanpy read them)", path.name)
-            im.load()
-            return _pil_pixels(im, mode)
+        im = open_pil(path)
+        mode = _decode_pil(im, path, ours)
     except InputError:
         raise
-    except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError for damaged files
-        if (bits := _jpeg_precision(path)) not in (None, 8):
-            raise InputError(f"{path}: a {bits}-bit JPEG, which cannot be decoded here; save the image as 16-bit "
-                             f"TIFF or PNG") from None
-        what = "truncated or damaged" if "truncated" in str(e) or isinstance(e, OSError) else "damaged"
-        raise InputError(f"{path}: cannot be decoded as an image ({what}: {str(e)[:80]}); give a complete JPEG, "
-                         f"PNG or TIFF file (copy the complete file again)") from None
     except MemoryError:
         raise InputError(f"{path}: not enough memory to decode it; save it as a (tiled) TIFF, or free memory") from None
+    except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError for damaged files
+        raise _undecodable(path, e) from None
+    with im:
+        yield _PilRows(im, mode)
 
 
-def _pil_pixels(im, mode):
-    """The loaded image's pixels as an array, copied (and converted to `mode`) in row bands: numpy's
-    view of a whole Pillow image goes through a bytes copy, twice the image at once."""
-    w, h = im.size
+def _decode_pil(im, path, ours: int):
+    """Check memory, log, decode; the mode Pillow converts the bands to (None: read as they are)."""
+    mode = ("RGBA" if ("transparency" in im.info or im.mode == "PA") else "RGB") \
+        if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1") else None
+    # Pillow's own copy: 4 bytes a pixel for colour or 32 bit
+    _check_size(path, *im.size, bytes_per_pixel=(4 if len(im.getbands()) > 1 or im.mode[0] in "IF" else 1) + ours)
+    _log_orientation(path, im.getexif().get(0x0112))
+    if im.info.get("icc_profile"):
+        log.info("%s: its embedded ICC colour profile is not applied (the pixel values are read as they "
+                 "are, as the 10x software and scanpy read them)", path.name)
+    im.load()
+    return mode
 
-    def band(r0, r1):
-        part = im.crop((0, r0, w, r1))
-        return np.asarray(part.convert(mode) if mode else part)
-    first = band(0, 1)
-    out = np.empty((h, w, *first.shape[2:]), first.dtype)
-    for rows in row_chunks(h, first[0].nbytes, itemsize=1):
-        out[rows] = band(rows.start, rows.stop)
-    return out
+
+def _undecodable(path, e) -> InputError:
+    if (bits := _jpeg_precision(path)) not in (None, 8):
+        return InputError(f"{path}: a {bits}-bit JPEG, which cannot be decoded here; save the image as 16-bit "
+                          f"TIFF or PNG")
+    what = "truncated or damaged" if "truncated" in str(e) or isinstance(e, OSError) else "damaged"
+    return InputError(f"{path}: cannot be decoded as an image ({what}: {str(e)[:80]}); give a complete JPEG, "
+                      f"PNG or TIFF file (copy the complete file again)")
+
+
+class _PilRows:
+    """A decoded Pillow image's samples, copied out (and converted to `mode`) a row band at a time:
+    numpy's view of a whole Pillow image goes through a bytes copy, and with our RGB copy beside
+    Pillow's a JPEG took 7 bytes a pixel at once instead of 4."""
+    chunk_rows = None
+
+    def __init__(self, im, mode):
+        self._im, self._mode = im, mode
+        first = self[0:1]
+        self.shape, self.dtype = (im.size[1], *first.shape[1:]), first.dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        r0, r1, _ = rows.indices(self._im.size[1])
+        part = self._im.crop((0, r0, self._im.size[0], max(r0, r1)))
+        return np.asarray(part.convert(self._mode) if self._mode else part)
 
 
 def _jpeg_precision(path):
