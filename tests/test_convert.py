@@ -505,6 +505,24 @@ def test_visium_hd_two_micron_bins(tmp_path):
     assert_user_error(p, "square_008um", "--bin-size")
 
 
+def test_visium_hd_bins_of_another_size_get_a_fix_that_works(tmp_path):
+    """A square_016um folder (bin_size_um 16) was told to 'pass --bin-size 16', which the parser refuses."""
+    outs, image, _ = visium_hd_outs(tmp_path, bin_size=16, n_genes=4)
+    p = convert_cli("visium-hd", outs / "binned_outputs" / "square_016um", "--directory", tmp_path / "raw",
+                    "--image", image)
+    assert_user_error(p, "bin_size_um is 16", "only 2 and 8 um bins", "square_008um")
+    assert "--bin-size 16" not in p.stderr
+
+
+@pytest.mark.parametrize("diameter", ["1e9", "0.001", "1001"])
+def test_an_implausible_spot_diameter_is_refused_by_the_converter(tmp_path, diameter):
+    """It was written as radius-raw.txt (exit 0), and stage 1 refused the folder afterwards."""
+    outs, image, _ = visium_outs(tmp_path, "csv")
+    p = convert_cli("visium", outs, "--directory", tmp_path / "raw", "--image", image, "--spot-diameter-um", diameter)
+    assert_user_error(p, "--spot-diameter-um", "at least 2", "at most 1000")
+    assert not (tmp_path / "raw").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Xenium
 

@@ -14,7 +14,8 @@ share.
 """
 import textwrap
 
-from ..core.cli import POSITIVE, SEED, HelpFormatter, Parser, output_directory, path_arg, setup_logging
+from ..core.cli import POSITIVE, SEED, HelpFormatter, Number, Parser, output_directory, path_arg, setup_logging
+from ..core.raw_io import RADIUS_RANGE_UM
 
 DESCRIPTION = __doc__.split("\n\n")[0] + """
 
@@ -31,6 +32,16 @@ def _wrap(text, width=100):
 def _skip_image_check(p):
     p.add_argument("--skip-image-check", action="store_true",
                    help="do not check --image against tissue_hires_image.png and tissue_hires_scalef")
+
+
+# the spot radius stage 1 takes (raw_io.RADIUS_RANGE_UM), as a diameter: refused here, not a stage later
+SPOT_DIAMETER_UM = Number(float, lo=2 * RADIUS_RANGE_UM[0], hi=2 * RADIUS_RANGE_UM[1])
+
+
+def _spot_diameter(p):
+    p.add_argument("--spot-diameter-um", type=SPOT_DIAMETER_UM, default=55.0,
+                   help=f"physical spot diameter written as radius-raw.txt (Visium: 55; ST: 100; "
+                        f"{SPOT_DIAMETER_UM.lo:g}-{SPOT_DIAMETER_UM.hi:g})")
 
 
 def _common(p, image_help, matrix=True):
@@ -81,8 +92,7 @@ def build_parser():
                     "65 um spot). radius-raw.txt = 27.5 um / pixel size."))
     v.add_argument("source", type=path_arg, help="Space Ranger outs/ folder (holding spatial/ and the matrix)")
     _common(v, FULLRES)
-    v.add_argument("--spot-diameter-um", type=POSITIVE, default=55.0,
-                   help="physical spot diameter written as radius-raw.txt (Visium: 55)")
+    _spot_diameter(v)
     _skip_image_check(v)
 
     h = sub.add_parser(
@@ -151,8 +161,7 @@ def build_parser():
     _common(a, FULLRES, matrix=False)
     a.add_argument("--spatial-key", default="spatial", help="obsm key of the spot centres in full-resolution pixels")
     a.add_argument("--library-id", default=None, help="library in uns['spatial'] when it holds several")
-    a.add_argument("--spot-diameter-um", type=POSITIVE, default=55.0,
-                   help="physical spot diameter written as radius-raw.txt (Visium: 55)")
+    _spot_diameter(a)
     return p
 
 

@@ -261,8 +261,10 @@ def convert_visium_hd(args):
     pos, pos_path = read_positions(spatial)
     sf, sf_path = read_scalefactors(spatial)
     if sf.get("bin_size_um") and abs(float(sf["bin_size_um"]) - bin_size) > 1e-6:
-        raise InputError(f"{sf_path}: bin_size_um is {sf['bin_size_um']}, not {bin_size}; pass --bin-size "
-                         f"{sf['bin_size_um']:g} or the square_{bin_size:03d}um folder")
+        size = float(sf["bin_size_um"])
+        fix = (f"pass --bin-size {size:g} or the square_{bin_size:03d}um folder" if size in (2, 8) else
+               "only 2 and 8 um bins can make 8 um truth: give the outs/ folder or its binned_outputs/square_008um")
+        raise InputError(f"{sf_path}: bin_size_um is {sf['bin_size_um']}, not {bin_size}; {fix}")
     M = read_10x_matrix(find_matrix(bins_dir, MATRIX_NAMES, args.matrix))
     sel = _in_tissue_barcodes(M, pos, pos_path, "bins", "same bin size")
     ps, how, report = _hd_pixel_size(args.pixel_size, sf, sf_path, pos, pos_path, bin_size, image)

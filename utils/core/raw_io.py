@@ -4,6 +4,7 @@ Every reader validates what it reads and raises InputError naming the file, the 
 import csv
 import gzip
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .layout import RAW_LOCS as LOCS_NAMES
 from .text_io import check_encoding, read_text
 
 PIXEL_SIZE_RANGE_UM = (0.05, 2.0)
+RADIUS_RANGE_UM = (1.0, 500.0)         # a plausible spot radius (Visium 27.5, ST 50)
 ID_COLUMNS = ("spot", "id", "barcode", "spot_id", "Unnamed: 0", "")
 
 
@@ -25,6 +27,10 @@ def find_one(directory, names, what):
     """The single file among `names` in directory (error when none or several)."""
     directory = Path(directory)
     found = [directory / n for n in names if (directory / n).exists()]
+    for p in (directory / n for n in names):
+        if p.is_symlink() and not p.exists():   # a converter's --image-mode symlink whose target moved
+            raise InputError(f"{p}: is a symbolic link to {os.readlink(p)}, which does not exist (moved or "
+                             f"deleted?); put that file back, or point the link at the {what} (ln -sf FILE {p})")
     for p in found:
         if not p.is_file():
             raise InputError(f"{p}: is a directory, not a file; put the {what} there as a file")
@@ -87,9 +93,10 @@ def read_radius(directory, pixel_size_um):
         raise InputError(f"{path}: spot radius must be positive, got {v}; write the spot radius in raw image "
                          f"pixels (27.5 um / pixel size for Visium)")
     um = v * pixel_size_um
-    if not 1.0 <= um <= 500.0:
+    lo, hi = RADIUS_RANGE_UM
+    if not lo <= um <= hi:
         raise InputError(f"{path}: a radius of {v} px is {um:.1f} um at {pixel_size_um} um/px, not a plausible "
-                         f"spot radius (1-500 um); write the radius in raw pixels of he-raw")
+                         f"spot radius ({lo:g}-{hi:g} um); write the radius in raw pixels of he-raw")
     return v
 
 
