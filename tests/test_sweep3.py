@@ -14,3 +14,31 @@ def test_a_broken_image_symlink_names_its_missing_target(tmp_path):
     assert_user_error(run_script("image_calibration.py", d), "he-raw.tif", "symbolic link", "moved.tif",
                       "does not exist")
     assert snapshot(d) == before
+
+
+def test_a_gene_measured_the_same_everywhere_has_no_accuracy():
+    """A listed gene with 7 counts in every spot scored cv_pearson 0, its interpolation r = 1 (the
+    rounding of a mean), and both counted in the run's median."""
+    from utils.evaluation.metrics import pearson_per_gene
+    from utils.superres.crossval import gene_accuracy, summary
+    rng = np.random.default_rng(0)
+    measured = np.column_stack([rng.poisson(5, 60), np.full(60, 7), np.zeros(60)]).astype(np.float64)
+    predicted = measured + rng.normal(0, 1, measured.shape)
+    reference = np.column_stack([measured[:, 0], np.full(60, 7.000001), np.zeros(60)])
+    assert pearson_per_gene(np.log1p(np.full((60, 1), 7.0)), np.log1p(reference[:, 1:2])).tolist() == [0.0]
+    table = gene_accuracy(measured, predicted, reference, ["VAR", "SEVEN", "ZERO"]).set_index("gene")
+    assert np.isfinite(table.loc["VAR", "cv_pearson"])
+    assert table.loc[["SEVEN", "ZERO"], ["cv_pearson", "cv_pearson_reference"]].isna().all().all()
+    s = summary(table.reset_index())
+    assert s["n_genes"] == 1 and s["pearson_median"] == table.loc["VAR", "cv_pearson"]
+
+
+def test_get_hr_warns_about_listed_genes_that_never_vary(tmp_path):
+    xy = np.array([[100.0, 100.0], [200, 100], [150, 200], [250, 200], [300, 100]])
+    counts = np.column_stack([[1, 5, 2, 8, 3], [7] * 5])
+    d = write_raw_dir(tmp_path / "d", xy, counts=counts, genes=["A", "FLAT"])
+    assert run_script("image_calibration.py", d).returncode == 0
+    (tmp_path / "genes.txt").write_text("A\nFLAT\n")
+    r = run_script("get_HR.py", d, "--gene-list", tmp_path / "genes.txt")
+    assert r.returncode == 0, r.stderr
+    assert "1 listed gene(s) have the same count in every spot (FLAT)" in r.stderr

@@ -12,10 +12,14 @@ SSIM_WINDOW, SSIM_K1, SSIM_K2 = 7, 0.01, 0.03   # skimage.metrics.structural_sim
 def pearson_per_gene(a, b, axis: int = 0):
     """Pearson r of each column of a with the same column of b (rows: spots), or of each row with
     axis=1; 0 for a constant column."""
+    # constant by its values, not by a zero sum of squares: a column of 7s less its rounded mean is
+    # not exactly 0, and that rounding scored r = 1
+    flat = (np.ptp(a, axis) == 0) | (np.ptp(b, axis) == 0)
     a = a - a.mean(axis, keepdims=True)
     b = b - b.mean(axis, keepdims=True)
     den = np.sqrt((a ** 2).sum(axis) * (b ** 2).sum(axis))
-    return np.where(den > 0, (a * b).sum(axis) / np.where(den > 0, den, 1), 0.0)
+    ok = ~flat & (den > 0)
+    return np.where(ok, (a * b).sum(axis) / np.where(ok, den, 1), 0.0)
 
 
 def ssim(a, b, *, win: int = SSIM_WINDOW) -> float:

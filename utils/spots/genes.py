@@ -1,4 +1,5 @@
 """Gene selection and the per-gene scaling used as the training target (min-max over spots, as iStar)."""
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ from ..core.raw_io import unknown_names
 from ..core.text_io import read_text
 
 DEFAULT_N_GENES = 1000
+log = logging.getLogger("trihrge")
 
 
 def select_genes(X, genes, n_genes=None, gene_list=None, counts_path="cnts"):
@@ -33,6 +35,10 @@ def select_genes(X, genes, n_genes=None, gene_list=None, counts_path="cnts"):
         flat = [genes[i] for i in idx if var[i] == 0]
         if len(flat) == len(idx):
             raise InputError(f"{path}: every listed gene has the same count in all spots; list genes that vary")
+        if flat:
+            log.warning("%s: %d listed gene(s) have the same count in every spot (%s%s): kept, but their maps are "
+                        "flat and their accuracy undefined (NaN in genes-accuracy.tsv, left out of the summary)",
+                        path.name, len(flat), ", ".join(flat[:5]), ", ..." if len(flat) > 5 else "")
         return idx, var
     if n_genes is None:
         n_genes = min(DEFAULT_N_GENES, len(genes))

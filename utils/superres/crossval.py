@@ -79,15 +79,17 @@ def gene_accuracy(measured, predicted, reference, genes, model=None, weights=Non
     count. Sorted by cv_pearson, best first."""
     ok = np.isfinite(predicted).all(1) & np.isfinite(reference).all(1)
     m = np.log1p(np.asarray(measured, np.float64)[ok])
+    flat = np.ptp(m, axis=0) == 0 if len(m) else np.ones(m.shape[1], bool)
 
-    def r(pred):
-        return _log1p_pearson(m, np.asarray(pred)[ok])
+    def r(pred):   # undefined (NaN) for a gene measured the same in every spot
+        return np.where(flat, np.nan, _log1p_pearson(m, np.asarray(pred)[ok]))
 
     table = pd.DataFrame({"gene": list(genes), "cv_pearson": r(predicted), "cv_pearson_reference": r(reference),
                           **({"cv_pearson_model": r(model)} if model is not None else {}),
                           **({"blend_weight": weights} if weights is not None else {}),
                           **({f"stack_{k}": stack[:, i] for i, k in enumerate(STACK_PARTS)} if stack is not None else {}),
-                          "mean_count": np.asarray(measured, np.float64).mean(0), "log1p_variance": m.var(0)})
+                          "mean_count": np.asarray(measured, np.float64).mean(0),
+                          "log1p_variance": np.where(flat, 0.0, m.var(0))})
     table.attrs["n_spots"] = int(ok.sum())
     return table.sort_values("cv_pearson", ascending=False, kind="stable").reset_index(drop=True)
 
@@ -106,7 +108,8 @@ def median_pearson(measured, predicted, n_genes: int = N_SUMMARY_GENES) -> float
 
 def summary(table: pd.DataFrame, n_genes: int = N_SUMMARY_GENES) -> dict:
     """run.json's "cross_validation": medians over the n_genes most variable genes (log1p)."""
-    top = table.sort_values("log1p_variance", ascending=False, kind="stable").head(n_genes)
+    varying = table[table["log1p_variance"] > 0]   # a gene with one count everywhere has no r
+    top = varying.sort_values("log1p_variance", ascending=False, kind="stable").head(n_genes)
     return {"pearson_median": float(np.median(top["cv_pearson"])),
             "reference_pearson_median": float(np.median(top["cv_pearson_reference"])),
             "n_genes": int(len(top)), "n_spots": int(table.attrs["n_spots"]),
