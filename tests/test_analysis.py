@@ -101,6 +101,8 @@ def test_errors_are_one_line_and_change_nothing(analysed, tmp_path):
              ((tmp_path,), "super-res.h5ad: not found"),
              ((run_dir, "--gene-set", f"X={genes[0]},NOPE9"), "NOPE9"),
              ((run_dir, "--gene-set", "X="), "NAME=GENE1"),
+             ((run_dir, "--gene-set", f"X={genes[0]}", "--gene-set", f"X={genes[1]}"), "the name is taken by"),
+             ((run_dir, "--gene-set", f"A={genes[0]}", "--gene-set", f"a={genes[1]}"), "differ only in case"),
              ((run_dir, "--n-domains", 1), "--n-domains"),
              ((run_dir, "--markers", bad), "line 1 has 3"),
              ((run_dir, "--markers", tmp_path / "missing.tsv"), "missing.tsv: not found"),

@@ -42,3 +42,36 @@ def test_get_hr_warns_about_listed_genes_that_never_vary(tmp_path):
     r = run_script("get_HR.py", d, "--gene-list", tmp_path / "genes.txt")
     assert r.returncode == 0, r.stderr
     assert "1 listed gene(s) have the same count in every spot (FLAT)" in r.stderr
+
+
+def test_the_clustering_option_a_method_does_not_read_gets_a_warning(caplog):
+    """--method leiden --n-domains 9 ignored --n-domains without a word (and k-means --resolution)."""
+    import logging
+
+    from utils.analysis.cli import DEFAULT_DOMAINS, _domain_options, build_parser
+    for argv, unused in ((["--method", "leiden", "--n-domains", "9"], "--n-domains"),
+                         (["--resolution", "2"], "--resolution"), (["--method", "leiden"], None), ([], None)):
+        args = build_parser().parse_args(["run", *argv])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="trihrge"):
+            _domain_options(args)
+        assert (f"{unused} is not used by --method" in caplog.text) if unused else not caplog.text
+        assert args.n_domains in (9, DEFAULT_DOMAINS) and args.resolution in (1.0, 2.0)
+
+
+def test_a_map_of_many_domains_keeps_its_legend_and_warns_nothing(tmp_path, recwarn):
+    import anndata
+    import pandas as pd
+
+    from utils.analysis.maps import label_map
+    n = 40 * 40
+    rows, cols = np.divmod(np.arange(n), 40)
+    labels = pd.Categorical([f"d{i % 170}" for i in range(n)])
+    ad = anndata.AnnData(X=np.zeros((n, 1), np.float32), obs=pd.DataFrame(
+        {"row": rows, "col": cols, "domain": labels}, index=[str(i) for i in range(n)]))
+    ad.obsm["spatial"] = np.c_[cols * 16.0 + 8, rows * 16.0 + 8]
+    ad.uns["spatial"] = {"lib": {"images": {"hires": np.full((660, 660, 3), 0.9, np.float32)},
+                                 "scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 16.0}}}
+    label_map(ad, key="domain", path=tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 0
+    assert not [w for w in recwarn if "layout" in str(w.message).lower()]

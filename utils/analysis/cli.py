@@ -25,6 +25,7 @@ from .maps import frame, label_map, palette, score_map
 from .preprocess import normalise_log
 
 log = logging.getLogger("trihrge")
+DEFAULT_DOMAINS = 6
 INPUTS = {"superpixels": (L.SUPER_RES, File.ANALYSIS_DIR), "spots": (L.SPOTS_PRED, File.ANALYSIS_SPOTS_DIR)}
 UNASSIGNED_COLOUR = "#bbbbbb"
 
@@ -38,14 +39,16 @@ def build_parser() -> Parser:
     p.add_argument("--directory", "-d", type=path_arg, default=None,
                    help="the data directory of the run, for the report's H&E and mask overlay (default: RUN_DIR/../.. "
                         "when it holds calibration.json)")
-    p.add_argument("--n-domains", type=Number(int, lo=2, hi=50), default=6, help="number of k-means domains")
+    p.add_argument("--n-domains", type=Number(int, lo=2, hi=50), default=None,
+                   help="number of k-means domains, 2-50 (default: 6; Leiden takes --resolution instead)")
     p.add_argument("--method", choices=METHODS, default="kmeans",
                    help="kmeans (scikit-learn, fast) or leiden (scanpy + igraph on a 15-neighbour graph; slower on "
                         "large sections, --resolution sets the number of domains)")
-    p.add_argument("--resolution", type=POSITIVE, default=1.0, help="Leiden resolution (higher: more domains)")
+    p.add_argument("--resolution", type=POSITIVE, default=None,
+                   help="Leiden resolution (default: 1; higher: more domains; k-means takes --n-domains instead)")
     p.add_argument("--smooth", type=COUNT, default=0,
                    help="spatial smoothing before clustering: average each observation's principal components over "
-                        "the neighbours within this many lattice spacings (0: none)")
+                        "the neighbours within this many lattice spacings, a whole number (0: none)")
     p.add_argument("--n-pcs", type=POSITIVE_INT, default=30, help="principal components used for the domains")
     p.add_argument("--top-markers", type=POSITIVE_INT, default=10, help="marker genes per domain in domain-markers.tsv")
     p.add_argument("--markers", default="breast",
@@ -61,6 +64,17 @@ def build_parser() -> Parser:
     add_seed(p)
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors in the log")
     return p
+
+
+def _domain_options(args) -> None:
+    """Fill in --n-domains and --resolution; each method reads one of them, and the other, when given,
+    gets a warning instead of being ignored without a word."""
+    unused = "--n-domains" if args.method == "leiden" and args.n_domains else \
+        "--resolution" if args.method == "kmeans" and args.resolution else None
+    if unused:
+        log.warning("%s is not used by --method %s (%s)", unused, args.method,
+                    "--resolution sets the number of domains" if args.method == "leiden" else "--n-domains sets it")
+    args.n_domains, args.resolution = args.n_domains or DEFAULT_DOMAINS, args.resolution or 1.0
 
 
 def _data_directory(run_dir: Path, given):
@@ -138,13 +152,25 @@ def _panel(option: str, genes):
 
 
 def _gene_sets(args, genes) -> dict:
-    sets = dict(args.gene_set)
+    named = [(name, members, f"--gene-set {name}") for name, members in args.gene_set]
     if args.gene_sets is not None:
         from_file = read_gene_table(args.gene_sets, what="gene-set file")
         require_genes(from_file, genes, source=str(args.gene_sets))
-        sets.update(from_file)
+        named += [(name, members, f"{args.gene_sets} ({name})") for name, members in from_file.items()]
     require_genes(dict(args.gene_set), genes, source="--gene-set")
-    return sets
+    _one_set_a_name(named)
+    return {name: members for name, members, _ in named}
+
+
+def _one_set_a_name(named) -> None:
+    """Two sets under one name (or names that differ only in case, whose gene-set-<name>.png files
+    are one file on macOS and Windows): the later one replaced the first without a word."""
+    seen = {}
+    for name, _, source in named:
+        if name.casefold() in seen:
+            raise InputError(f"{source}: the name is taken by {seen[name.casefold()]}; give each gene set its "
+                             f"own name (names that differ only in case count as one)")
+        seen[name.casefold()] = source
 
 
 def analyse(ad, *, args, panel, sets) -> dict:
@@ -205,6 +231,7 @@ def write_outputs(ad, out_dir: Path, *, args, panel_used, marker_table, summary,
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
+    _domain_options(args)
     if args.export == "spatialdata":
         from ..scverse.spatialdata import require_spatialdata
         require_spatialdata()

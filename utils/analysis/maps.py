@@ -2,6 +2,8 @@
 
 Both panels are drawn in the frame of the `hires` image of uns['spatial']: super-pixels (obs row,
 col) as a raster of squares, spots as discs of their diameter."""
+import warnings
+
 import numpy as np
 
 from ..scverse.keys import Key
@@ -71,9 +73,14 @@ def label_map(adata, *, key: str, path, title: str = None) -> None:
           vmax=len(cats) - 0.5)
     counts = adata.obs[key].value_counts()
     handles = [Patch(color=c, label=f"{t} ({counts[t] / adata.n_obs:.0%})") for t, c in zip(cats, colours)]
-    ax[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
+    # a column per 25 labels: Leiden at a high resolution gives ~170 domains, whose one-column legend
+    # ran off the figure (and matplotlib printed its tight-layout warning into the log)
+    ax[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
+                 ncol=-(-len(handles) // 25))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Tight layout not applied", category=UserWarning)
+        fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
