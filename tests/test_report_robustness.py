@@ -341,3 +341,20 @@ def test_histex_warns_about_a_truth_without_its_genes_and_keeps_the_run(demo_ups
     assert len(warning) == 1 and "truth/super.h5ad: shares no gene" in warning[0] and "only by case" in warning[0]
     run = d / "results" / "interp"
     assert not (run / "metrics.json").exists() and (run / File.REPORT).is_file()
+
+
+def test_score_labels_runs_by_section_and_says_why_an_out_run_has_no_truth(interp_run, template, tmp_path):  # noqa: F811
+    """Two sections' `interp` runs were two rows named `interp`; a run written with --out got
+    'no truth to score against' with no word on why DIR/truth was not looked at."""
+    a, run_a = _data_directory(interp_run, template, tmp_path / "A")
+    b, run_b = _data_directory(interp_run, template, tmp_path / "B")
+    r = _score(run_a, run_b)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^D/interp\s+\d", r.stdout, re.M) is None   # both sections' folders are named D
+    assert str(run_a) in r.stdout and str(run_b) in r.stdout
+    (a.parent / "S1").mkdir()
+    shutil.move(a, a.parent / "S1" / "sec1")
+    r = _score(a.parent / "S1" / "sec1" / "results" / "interp", run_b)
+    assert re.search(r"^sec1/interp\s+\d", r.stdout, re.M) and re.search(r"^D/interp\s+\d", r.stdout, re.M), r.stdout
+    out = _copy(template, tmp_path / "elsewhere").rename(tmp_path / "out-run")
+    assert_user_error(_score(out), "no truth to score against", "--out", "--truth")

@@ -127,7 +127,11 @@ def _folders(run_dirs) -> dict:
     return folders
 
 
-def _unique_labels(paths, ways) -> dict:
+# a run by its folder's name, else as folder/run (the data directory's name): runs of several sections
+RUN_NAMINGS = (lambda r: r.name, lambda r: f"{Path(r).resolve().parent.parent.name}/{r.name}")
+
+
+def unique_labels(paths, ways) -> dict:
     """{path: label} by the first way of naming that tells all the paths apart."""
     for way in ways:
         labels = {p: way(p) for p in paths}
@@ -163,8 +167,8 @@ def pearson_by_folder(run_dirs, n_genes=100, log1p=False) -> list:
     ("nearest spot (folder)" with several folders). log1p: of log1p counts."""
     folders = _folders(run_dirs)
     runs = [r for rs in folders.values() for r in rs]
-    labels = _unique_labels(runs, (lambda r: r.name, lambda r: f"{r.resolve().parent.parent.name}/{r.name}"))
-    baseline = _unique_labels(list(folders), (lambda d: "nearest spot",) if len(folders) == 1 else
+    labels = unique_labels(runs, RUN_NAMINGS)
+    baseline = unique_labels(list(folders), (lambda d: "nearest spot",) if len(folders) == 1 else
                               (lambda d: f"nearest spot ({d.name})", lambda d: f"nearest spot ({d})"))
     out = []
     for d, rs in folders.items():

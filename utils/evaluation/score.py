@@ -14,6 +14,7 @@ from ..core.layout import METRICS, data_directory_of
 from ..core.raw_io import examples, unknown_names
 from ..core.stage import run_folder_in_use, run_folder_stage
 from ..report import write_report
+from .heldout import RUN_NAMINGS, unique_labels
 from .metrics import SSIM_WINDOW, align_to_truth, extent, score_maps, ssim_fits
 from .truth import read_truth
 
@@ -101,7 +102,10 @@ def score_run(run_dir, truth_path=None):
     sr_p = _super_res(run_dir)
     truth_path = Path(truth_path) if truth_path else run_dir.parent.parent / "truth" / "super.h5ad"
     if not truth_path.is_file():
-        raise InputError(f"{truth_path}: no truth to score against; pass --truth PATH (a super.h5ad with obs row/col)")
+        where = "" if data_directory_of(run_dir) else (f" ({run_dir} is not in a data directory's results/ folder, "
+                                                       f"e.g. written with HISTEX.py --out, so its DIR/truth is unknown)")
+        raise InputError(f"{truth_path}: no truth to score against{where}; pass --truth PATH (a super.h5ad with obs "
+                         f"row/col, e.g. DIR/truth/super.h5ad)")
     sr = read_maps(sr_p, "rerun HISTEX.py")
     truth = read_truth(truth_path, TRUTH_FIX)
     X = sr.X if hasattr(sr.X, "tocsc") else np.asarray(sr.X)   # sparse: read by columns (metrics.OnTruth)
@@ -146,6 +150,7 @@ def main(argv=None):
                 write_report(st.out, r, directory=directory)   # it shows metrics.json: committed with it
         else:
             m = score_run(r, args.truth)
-        results.append((r.name, m))
-    print(format_table(results))
+        results.append((r, m))
+    labels = unique_labels(runs, RUN_NAMINGS)   # runs of two sections are both 'trihrge'
+    print(format_table([(labels[r], m) for r, m in results]))
     return 0
