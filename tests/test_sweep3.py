@@ -75,3 +75,25 @@ def test_a_map_of_many_domains_keeps_its_legend_and_warns_nothing(tmp_path, recw
     label_map(ad, key="domain", path=tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 0
     assert not [w for w in recwarn if "layout" in str(w.message).lower()]
+
+
+def test_tile_options_given_to_the_stain_backbone_get_a_warning(caplog):
+    """--shifts 1000000, --batch-size, --precision fp16 with the default stain backbone: exit 0, no word."""
+    import logging
+
+    from utils.histology.encoders import build_encoder
+    with caplog.at_level(logging.WARNING, logger="trihrge"):
+        build_encoder("stain")
+        assert not caplog.text
+        build_encoder("stain", shifts=1000000, batch_size=5, precision="fp16")
+    assert "--shifts 1000000, --batch-size 5, --precision fp16: not used by the stain backbone" in caplog.text
+
+
+def test_n_states_has_a_ceiling_and_too_many_folds_are_said(tmp_path):
+    """--n-states 1000 on 171 spots trained 1,000 states (hours) after one info line."""
+    from utils.superres.crossval import max_folds, spot_folds
+    d = tmp_path / "d"
+    d.mkdir()
+    assert_user_error(run_script("HISTEX.py", d, "--n-states", "1000"), "--n-states", "at most 50")
+    assert max_folds(171) == 85 and spot_folds(171, 85, 0) is not None and spot_folds(171, 86, 0) is None
+    assert max_folds(9) == 0

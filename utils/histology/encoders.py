@@ -193,9 +193,11 @@ def build_encoder(backbone: str, *, weights_source=None, device: str = "auto", p
     from .backbones import parse_backbone
     kind, _ = parse_backbone(backbone)
     if kind == "stain":
-        if shifts not in (None, 1):
-            log.info("--shifts %d: the stain backbone has no tiles (seamless banded filters), so there is "
-                     "nothing to shift", shifts)
+        unused = [f"{o} {v}" for o, v in (("--shifts", shifts), ("--batch-size", batch_size)) if v is not None] + \
+            ([f"--precision {precision}"] if precision != "auto" else [])
+        if unused:   # the tile backbones' options: said, not dropped without a word
+            log.warning("%s: not used by the %s backbone, which has no tiles and no network (seamless banded "
+                        "NumPy/OpenCV filters); --band-rows sets its memory", ", ".join(unused), backbone)
         if device not in ("auto", "cpu"):
             log.warning("--device %s: the stain backbone runs on the CPU (NumPy/OpenCV filters); using cpu", device)
         if timm_kwargs:   # they would go into the manifest as if they had shaped the features

@@ -47,6 +47,7 @@ from ..superres.consistency import (
 from ..superres.crossval import (
     gene_accuracy,
     leave_one_out_interpolation,
+    max_folds,
     out_of_fold_scaled,
     spot_folds,
 )
@@ -128,7 +129,7 @@ def _read_inputs(directory, config) -> _SpotInputs:
     spots = L.read_spots(directory)
     hr = L.read_hr_spots(directory, spots)
     genes = list(spots.var_names)
-    plot_genes = config.plot_genes or genes[:4]
+    plot_genes = list(dict.fromkeys(config.plot_genes or genes[:4]))   # a gene named twice is drawn once
     unknown = [g for g in plot_genes if g not in genes]
     if unknown:
         raise InputError(f"--plot-genes: {unknown_names(unknown, genes)} not among the {len(genes)} selected genes "
@@ -180,8 +181,9 @@ def _predict_trained(st, directory, out_dir, config, inp, device, progress, kern
                        base=None if loo is None else scale_counts(loo, lo, hi))
     folds = spot_folds(inp.spots.n_obs, config.cv_folds, config.seed)
     if config.cv_folds and folds is None:
-        log.info("too few spots (%d) for %d-fold cross-fitting: no accuracy estimate", inp.spots.n_obs,
-                 config.cv_folds)
+        log.warning("too few spots (%d) for %d-fold cross-fitting: no accuracy estimate and no fusion (--n-states "
+                    "%d or fewer makes folds of these spots)", inp.spots.n_obs, config.cv_folds,
+                    max_folds(inp.spots.n_obs))
     models, histories = trained_states(td.cfg, td, out_dir=out_dir, n_states=config.n_states, seed=config.seed,
                                        retrain=config.retrain, device=device, progress=progress, folds=folds,
                                        workers=_cpus(config), world=world)

@@ -34,8 +34,10 @@ class _LibraryId:
 
 VAL_FRACTION = Number(float, lo=0, hi=0.5, hi_open=True)
 DROPOUT = Number(float, lo=0, hi=1, hi_open=True)
+# each state is a network trained in full: 1,000 states on 171 spots ran for hours with one info line
+N_STATES = Number(int, lo=1, hi=50, note="each state is a model trained in full; 5 is the default")
 VALIDATORS = {
-    "epochs": POSITIVE_INT, "n_states": POSITIVE_INT, "val_fraction": VAL_FRACTION, "patience": COUNT,
+    "epochs": POSITIVE_INT, "n_states": N_STATES, "val_fraction": VAL_FRACTION, "patience": COUNT,
     "seed": SEED, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "batch_size": COUNT, "k_tokens": POSITIVE_INT,
     "token_mask": PROBABILITY, "d_model": POSITIVE_INT, "heads": POSITIVE_INT, "depth": POSITIVE_INT,
     "dropout": DROPOUT, "head_hidden": POSITIVE_INT, "sigma": POSITIVE, "consistency_sigma": NON_NEGATIVE, "stride": COUNT,

@@ -25,10 +25,20 @@ from .train import MIN_TRAIN_SPOTS, MIN_VAL_SPOTS, footprint_shares, spot_means
 N_SUMMARY_GENES = 100        # the summary covers the most variable genes, as the real-data protocols
 
 
+def _folds_fit(n_spots: int, n_folds: int) -> bool:
+    """Each fold large enough to validate on, and the rest to train on."""
+    return n_folds >= 2 and n_spots // n_folds >= MIN_VAL_SPOTS and n_spots - -(-n_spots // n_folds) >= MIN_TRAIN_SPOTS
+
+
+def max_folds(n_spots: int) -> int:
+    """The most folds spot_folds makes of n_spots (0: none)."""
+    return max((k for k in range(2, n_spots // MIN_VAL_SPOTS + 1) if _folds_fit(n_spots, k)), default=0)
+
+
 def spot_folds(n_spots: int, n_folds: int, seed: int):
     """A seeded partition of the spots into n_folds folds (sorted index arrays); None when a fold
     would be too small to validate on, or the rest too small to train on."""
-    if n_folds < 2 or n_spots // n_folds < MIN_VAL_SPOTS or n_spots - -(-n_spots // n_folds) < MIN_TRAIN_SPOTS:
+    if not _folds_fit(n_spots, n_folds):
         return None
     perm = np.random.default_rng([seed, n_folds]).permutation(n_spots)
     return [np.sort(perm[f::n_folds]) for f in range(n_folds)]
