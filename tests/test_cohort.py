@@ -3,6 +3,7 @@ exit codes, glob and list-file expansion, torchrun rank shares; and manifest.out
 
 Most tests replace the stage scripts by a small `python -c` stage (FAKE_STAGE) that writes one
 output and a real manifest, so they take seconds; one runs the real five stages on tiny data."""
+import errno
 import json
 import os
 import re
@@ -20,14 +21,22 @@ from utils.cohort.sections import collect_sections, rank_share
 from utils.core import manifest as mf
 from utils.core.errors import InputError
 
-# argv: DIR STAGE [options]; fails (exit 3, an `error:` line) when DIR/fail-STAGE exists
+# argv: DIR STAGE [options]; fails (exit 3, an `error:` line) when DIR/fail-STAGE exists; deletes DIR
+# (and makes DIR/manifests anew, as a real stage may, when the file says "remake") when DIR/vanish-STAGE does
 FAKE_STAGE = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + """
 import json
+import shutil
 from pathlib import Path
 from utils.core.manifest import build_manifest, manifest_path
 d, stage, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 with open(d / "runs.txt", "a") as f:
     f.write(stage + "\\n")
+if (d / ("vanish-" + stage)).exists():
+    remake = (d / ("vanish-" + stage)).read_text() == "remake"
+    shutil.rmtree(d)
+    if remake:
+        (d / "manifests").mkdir(parents=True)
+    sys.exit(0)
 if (d / ("fail-" + stage)).exists():
     print("working...", file=sys.stderr)
     print(f"error: {d}: fake failure of {stage}", file=sys.stderr)
@@ -113,6 +122,32 @@ def test_current_sections_are_skipped_and_changed_ones_rerun(tmp_path, fake_stag
 
     rc, summary = cohort(tmp_path, s2, "--rerun", "--stages", "get_HR,image_calibration")
     assert summary["sections"][0]["stages_run"] == ["image_calibration", "get_HR"]
+
+
+def test_options_are_compared_by_their_values_not_their_text(tmp_path, fake_stages):
+    """Reordered options, --opt=value, an abbreviation or a spelled-out default run HISTEX as before:
+    it is skipped; a value that changes reruns it. Read by HISTEX.py's own parser, defaults filled in."""
+    s1, = make_sections(tmp_path / "data", "s1")
+
+    def histex(options):
+        rc, summary = cohort(tmp_path, s1, "--stages", "HISTEX", "--stage-args", f"HISTEX={options}")
+        assert rc == 0
+        return statuses(summary)[0]
+
+    assert histex("--epochs 3 --n-states 2") == "ok"
+    for same in ("--n-states 2 --epochs 3", "--epochs=3 --n-states=2", "--epochs 3 --n-states 2 --seed 0",
+                 "--epoch 3 --n-states 2"):
+        assert histex(same) == "skipped", same
+    assert runs(s1) == ["HISTEX"]
+    assert histex("--epochs 3 --n-states 2 --seed 1") == "ok" and histex("--n-states 2") == "ok"
+    assert histex("") == "ok" and histex("--seed 0") == "skipped"    # the defaults, spelled out or not
+    assert runs(s1) == ["HISTEX"] * 4
+
+    record = s1 / "logs" / runner.OPTIONS_RECORD    # an option the script no longer takes: run once more
+    rec = json.loads(record.read_text())
+    rec["HISTEX"]["args"] = ["--no-such-option"]
+    record.write_text(json.dumps(rec))
+    assert histex("--seed 0") == "ok" and histex("") == "skipped"
 
 
 def test_a_failed_section_is_reported_and_the_others_finish(tmp_path, fake_stages, capsys):
@@ -344,3 +379,40 @@ def test_stopping_the_cohort_stops_its_stages(tmp_path, jobs, sig, case):
     assert not list(tmp_path.glob("data/*/started-get_HR"))
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and err.strip().startswith("interrupted:") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("remake", [False, True])
+def test_a_section_deleted_while_the_cohort_runs_fails_alone(tmp_path, fake_stages, remake):
+    """DIR deleted while its stage runs (and, as a real stage may, DIR/manifests made anew by it): that
+    section fails with `no longer exists`, the cohort recreates nothing there, the others go on."""
+    s1, s2 = make_sections(tmp_path / "data", "s1", "s2")
+    (s1 / "vanish-get_HR").write_text("remake" if remake else "")
+    rc, summary = cohort(tmp_path, s1, s2)
+    assert rc == 1 and statuses(summary) == ["failed", "ok"] and runs(s2) == ALL
+    bad = summary["sections"][0]
+    assert bad["failed_stage"] == "get_HR" and bad["stages_run"] == ["image_calibration"]
+    assert bad["error"].startswith(f"error: {s1}: the section directory no longer exists") and "put it back" in bad["error"]
+    if remake:
+        assert [p.name for p in s1.iterdir()] == ["manifests"]
+    else:
+        assert not s1.exists()
+
+
+def test_a_section_gone_before_its_turn_is_reported_as_gone(tmp_path):
+    result = runner.run_section(tmp_path / "gone", [runner.StagePlan("get_HR")])
+    assert result.status == "failed" and result.exit_code == 2
+    assert "the section directory no longer exists" in result.error and not (tmp_path / "gone").exists()
+
+
+def test_a_full_disk_says_so_and_leaves_no_new_logs_folder(tmp_path, fake_stages, monkeypatch):
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(runner, "open", full_disk, raising=False)   # the stage's log cannot be created
+    s1, = make_sections(tmp_path / "data", "s1")
+    rc, summary = cohort(tmp_path, s1)
+    error = summary["sections"][0]["error"]
+    assert rc == 1 and "cohort-image_calibration.log: the disk is full" in error and "free some space" in error
+    assert "writable" not in error and runs(s1) == [] and not (s1 / "logs").exists()
+    (s1 / "logs").mkdir()     # a logs/ folder of its own is kept
+    rc, summary = cohort(tmp_path, s1)
+    assert rc == 1 and list((s1 / "logs").iterdir()) == []

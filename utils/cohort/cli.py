@@ -1,13 +1,11 @@
 """python -m utils.cohort: the five stages over many sections (README, "Cohorts")."""
 import argparse
-import importlib.util
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from ..core import manifest as mf
 from ..core.cli import POSITIVE_INT, Parser, output_file, setup_logging, text_file
 from ..core.errors import InputError
 from ..core.manifest import STAGES
@@ -22,9 +20,10 @@ section, each stage as its own process exactly as you would run it
 (`python SCRIPT --directory DIR [options]`).
 
 A stage is skipped when its artifacts are current: its manifest (DIR/manifests/<stage>.json) shows
-its inputs and outputs unchanged, and it last ran with the options given here for it (a stage run
-by hand counts as current only when no --stage-args are given for it). A stage after one that ran
-is rerun when that changed its inputs. A section stops at its first failing stage and the others
+its inputs and outputs unchanged, and it last ran with options of the same values as those given
+here for it, as its own parser reads them (their order, --opt=value and spelled-out defaults do not
+matter; a stage run by hand counts as current only when the options given for it are its
+defaults). A stage after one that ran is rerun when that changed its inputs. A section stops at its first failing stage and the others
 go on; the end prints one line per section and writes the same summary as JSON."""
 
 EPILOG = """\
@@ -76,22 +75,6 @@ def parse_stage_args(items: Sequence[str]) -> dict:
     return out
 
 
-SECTION = "<each section>"   # the --directory the options are checked with
-
-
-def stage_parser(stage: str):
-    """The argparse parser of a stage's script (its build_parser()), named as the script."""
-    if str(runner.REPO) not in sys.path:
-        sys.path.insert(0, str(runner.REPO))
-    script = runner.REPO / mf.script_of(stage)
-    spec = importlib.util.spec_from_file_location(f"_cohort_{stage}", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    parser = module.build_parser()
-    parser.prog = script.name
-    return parser
-
-
 def check_stage_options(plans, *, n_sections: int) -> None:
     """Each stage's options read by the stage's own parser before anything runs: a bad value is one
     error now, not one failure per section later. They may not name a directory (in any spelling
@@ -100,13 +83,13 @@ def check_stage_options(plans, *, n_sections: int) -> None:
         if not plan.args:
             continue
         try:
-            ns = stage_parser(plan.stage).parse_args(["--directory", SECTION, *plan.args])
+            ns = runner.read_stage_options(plan.stage, plan.args)
         except InputError as e:
             raise InputError(f"--stage-args {plan.stage}: {e}") from None
         except SystemExit:   # --help, --version
             raise InputError(f"--stage-args {plan.stage}: only options that run the stage; for its help, run "
                              f"python {plan.script} --help") from None
-        if str(ns.directory) != SECTION:
+        if str(ns.directory) != runner.SECTION:
             raise InputError(f"--stage-args {plan.stage}: leave out --directory ({ns.directory}); the cohort passes "
                              f"each section's own")
         if getattr(ns, "out", None) is not None and n_sections > 1:

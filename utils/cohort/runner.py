@@ -3,10 +3,17 @@
 Each stage runs as its own process, exactly as a user runs it (`python SCRIPT --directory DIR
 [options]`), with its output in DIR/logs/cohort-<stage>.log. A stage is skipped when its manifest
 shows its artifacts current (utils.core.manifest.out_of_date) and the options asked for it are the
-ones it last ran with; a section stops at its first failing stage and the other sections go on."""
+ones it last ran with (compared as the stage's own parser reads them); a section stops at its first
+failing stage and the other sections go on."""
+import argparse
+import contextlib
+import errno
+import functools
+import importlib.util
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -17,8 +24,9 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ..core import manifest as mf
-from ..core.atomic import StagedOutputs
+from ..core.atomic import StagedOutputs, is_disk_full
 from ..core.device import available_cpus
+from ..core.errors import InputError
 from ..core.stage import DirectoryLock
 from ..core.workers import interrupt_children, run_child
 
@@ -83,6 +91,49 @@ def stage_environment(*, jobs: int = 1, environ: Mapping = os.environ) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# what a stage's options mean
+
+SECTION = "<each section>"   # the --directory that options are read with, apart from any section
+_PARSER_LOCK = threading.Lock()
+
+
+@functools.cache
+def _load_stage_parser(stage: str) -> argparse.ArgumentParser:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    script = REPO / mf.script_of(stage)
+    spec = importlib.util.spec_from_file_location(f"_cohort_{stage}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.build_parser()
+    parser.prog = script.name
+    return parser
+
+
+def stage_parser(stage: str) -> argparse.ArgumentParser:
+    """The argparse parser of a stage's script (its build_parser()), named as the script; loaded
+    once per process (HISTEX.py's imports torch) and by one thread at a time under --jobs."""
+    with _PARSER_LOCK:
+        return _load_stage_parser(stage)
+
+
+def read_stage_options(stage: str, args: Sequence[str]) -> argparse.Namespace:
+    """The values the stage's own parser reads from these options, its defaults filled in."""
+    return stage_parser(stage).parse_args(["--directory", SECTION, *args])
+
+
+def same_options(stage: str, last: Sequence[str], now: Sequence[str]) -> bool:
+    """Whether two option lists run the stage alike: the same values once its parser has read them,
+    whatever the order, `--opt=value` or spelled-out defaults."""
+    if list(last) == list(now):   # the usual case, without loading the script
+        return True
+    try:
+        return read_stage_options(stage, last) == read_stage_options(stage, now)
+    except (InputError, SystemExit):   # options the script no longer takes: run it as asked now
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
 # which stages are current
 
 def _options_record_path(directory: Path) -> Path:
@@ -101,6 +152,9 @@ def read_options_record(directory: Path) -> dict:
 
 def remember_options(directory: Path, plan: StagePlan) -> None:
     """Record the options this stage just ran with, tied to the manifest it wrote."""
+    folder = _options_record_path(directory).parent
+    if not folder.is_dir():   # DIR vanished while the stage ran: StagedOutputs would make it anew
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(folder))
     rec = read_options_record(directory)
     rec[plan.stage] = {"args": list(plan.args), "manifest": mf.fingerprint(mf.manifest_path(directory, plan.stage))}
     with StagedOutputs() as out:
@@ -109,15 +163,17 @@ def remember_options(directory: Path, plan: StagePlan) -> None:
 
 def is_current(directory: Path, plan: StagePlan) -> bool:
     """True when rerunning the stage would not change anything: its manifest shows its outputs and
-    inputs unchanged, and it ran with these options. Options are known for runs made by this tool
-    (its record names the manifest they produced); a stage run some other way counts as current
-    only when no options are asked for it."""
+    inputs unchanged, and it ran with options of the same values. Options are known for runs made by
+    this tool (its record names the manifest they produced); a stage run some other way counts as
+    current only when the options asked for it are its defaults."""
     if mf.out_of_date(directory, plan.stage):
         return False
     last = read_options_record(directory).get(plan.stage)
-    if isinstance(last, dict) and mf.same_fingerprint(last.get("manifest"), mf.manifest_path(directory, plan.stage)):
-        return last.get("args") == list(plan.args)
-    return not plan.args
+    ran_here = isinstance(last, dict) and mf.same_fingerprint(last.get("manifest"),
+                                                               mf.manifest_path(directory, plan.stage))
+    args = last.get("args") if ran_here else []
+    valid = isinstance(args, list) and all(isinstance(a, str) for a in args)   # else a damaged record
+    return valid and same_options(plan.stage, args, plan.args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +195,55 @@ def interrupt_stages() -> None:
     interrupt_children()
 
 
+def _remove_new(paths: Sequence[Path]) -> None:
+    """Remove files and (empty) folders this run made, in the order given; what cannot go stays."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if p.is_dir():
+                p.rmdir()
+            else:
+                p.unlink()
+
+
+def start_log(path: Path, cmd: Sequence[str]) -> None:
+    """Create the stage's log, headed by its command. A start that fails (a full disk) removes the
+    log and logs/ folder it made, so that the section keeps no new empty ones."""
+    new = [p for p in (path, path.parent) if not p.exists()]   # the log before its folder
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("$ " + " ".join(cmd) + "\n")
+    except OSError:
+        _remove_new(new)
+        raise
+
+
+def identity(directory: Path) -> tuple | None:
+    """(device, inode) of a directory, None when there is none: a section deleted while its stage ran
+    may be made anew by that stage (its manifests/ folder), which only the identity tells apart."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def cannot_write(directory: Path, e: OSError, *, was: tuple | None) -> str:
+    """The error line for a stage log or options record the cohort could not write, its fix fitting
+    the cause: the section gone (`was`: its identity when the cohort came to it), a full disk, or a
+    folder that refuses writing."""
+    now = identity(directory)
+    if now is None or now != was:
+        return (f"error: {directory}: the section directory no longer exists (deleted, moved or unmounted "
+                f"while the cohort ran); put it back in its place and rerun the cohort")
+    where = e.filename or Path(directory) / LOG_DIR
+    if is_disk_full(e):
+        return (f"error: {where}: the disk is full (No space left on device); free some space on it and rerun "
+                f"the cohort (current stages are skipped)")
+    return (f"error: {where}: {e.strerror or e}; the cohort keeps each stage's log in "
+            f"{Path(directory) / LOG_DIR}: make that a writable folder")
+
+
 def run_stage(directory: Path, plan: StagePlan, *, command: Callable = stage_command, env: Mapping | None = None):
     """Run one stage on one section, its output in its log file; (exit code, error line or "").
     A section another process works on is refused before its log is opened (that log is the other
@@ -148,10 +253,8 @@ def run_stage(directory: Path, plan: StagePlan, *, command: Callable = stage_com
         return 2, f"error: {busy}"
     path = stage_log(directory, plan)
     cmd = command(plan, directory)
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
+    start_log(path, cmd)
+    with open(path, "a", encoding="utf-8") as f:
         # in the cohort's own working directory, so relative paths in --stage-args mean what they say
         try:
             rc = run_child(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -168,6 +271,7 @@ def run_section(directory: Path, plans: Sequence[StagePlan], *, rerun: bool = Fa
     one that ran is rerun exactly when its inputs changed."""
     t0 = time.monotonic()
     result = SectionResult(str(directory), "skipped")
+    was = identity(directory)
     for plan in plans:
         if _STOPPING.is_set():   # interrupted: start nothing more
             break
@@ -179,15 +283,15 @@ def run_section(directory: Path, plans: Sequence[StagePlan], *, rerun: bool = Fa
             rc, error = run_stage(directory, plan, command=command, env=env)
             if rc == 0:
                 remember_options(directory, plan)
-        except OSError as e:  # the log or the record cannot be written (a read-only or full DIR)
-            rc, error = 2, (f"error: {e.filename or directory}: {e.strerror or e}; the cohort keeps each stage's "
-                            f"log in {Path(directory) / LOG_DIR}: make that a writable folder")
+        except OSError as e:  # the log or the record cannot be written (a read-only or full DIR, DIR gone)
+            rc, error = 2, cannot_write(directory, e, was=was)
         if rc and _STOPPING.is_set():   # stopped by the interruption, which the cohort reports once
             result.status, result.failed_stage, result.exit_code = "failed", plan.stage, rc
             break
         if rc:
-            log.warning("%s: %s failed (exit %d): %s (log: %s)", directory, plan.script, rc, error,
-                        stage_log(directory, plan))
+            where = stage_log(directory, plan)
+            log.warning("%s: %s failed (exit %d): %s%s", directory, plan.script, rc, error,
+                        f" (log: {where})" if where.is_file() else "")   # none when its start failed
             result.status, result.failed_stage, result.exit_code, result.error = "failed", plan.stage, rc, error
             break
         result.stages_run.append(plan.stage)
