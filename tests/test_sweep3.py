@@ -2,6 +2,7 @@
 lines, absurd values taken, and silent losses in the converters, get_HR, HISTEX, the analysis and
 utils.score."""
 import numpy as np
+import pytest
 from conftest import assert_user_error, run_script, snapshot, write_raw_dir
 
 
@@ -97,3 +98,35 @@ def test_n_states_has_a_ceiling_and_too_many_folds_are_said(tmp_path):
     assert_user_error(run_script("HISTEX.py", d, "--n-states", "1000"), "--n-states", "at most 50")
     assert max_folds(171) == 85 and spot_folds(171, 85, 0) is not None and spot_folds(171, 86, 0) is None
     assert max_folds(9) == 0
+
+
+@pytest.mark.parametrize("writes_after", [True, False])
+def test_a_folder_deleted_while_its_stage_runs_is_not_made_anew(tmp_path, writes_after):
+    """A section deleted mid-stage came back as DIR/manifests/<stage>.json (the stage's writes made
+    its folders again), holding a manifest of artifacts that were gone."""
+    import shutil
+
+    from utils.core.errors import InputError
+    from utils.core.stage import Stage
+    d = tmp_path / "d"
+    d.mkdir()
+    with pytest.raises(InputError, match="deleted or moved while converter ran; nothing was written"):
+        with Stage("converter", d, manifest=False) as st:
+            st.out.write_text(d / "a.txt", "before")
+            shutil.rmtree(d)
+            if writes_after:
+                st.out.write_text(d / "sub" / "b.txt", "after")
+    assert not d.exists()
+
+
+def test_a_folder_moved_while_its_stage_runs_keeps_no_new_artifact(tmp_path):
+    from utils.core.errors import InputError
+    from utils.core.stage import Stage
+    d, moved = tmp_path / "d", tmp_path / "moved"
+    d.mkdir()
+    (d / "mine.txt").write_text("a user's file")
+    with pytest.raises(InputError, match="rerun it on the folder where it is now"):
+        with Stage("converter", d, manifest=False) as st:
+            d.rename(moved)
+            st.out.write_text(d / "a.txt", "x")
+    assert not d.exists() and (moved / "mine.txt").read_text() == "a user's file" and not (moved / "a.txt").exists()

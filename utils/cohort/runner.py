@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import stat
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ..core import manifest as mf
-from ..core.atomic import StagedOutputs, is_disk_full
+from ..core.atomic import StagedOutputs, folder_identity, is_disk_full
 from ..core.device import available_cpus
 from ..core.errors import InputError
 from ..core.stage import DirectoryLock
@@ -218,21 +217,11 @@ def start_log(path: Path, cmd: Sequence[str]) -> None:
         raise
 
 
-def identity(directory: Path) -> tuple | None:
-    """(device, inode) of a directory, None when there is none: a section deleted while its stage ran
-    may be made anew by that stage (its manifests/ folder), which only the identity tells apart."""
-    try:
-        st = os.stat(directory)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
-
-
 def cannot_write(directory: Path, e: OSError, *, was: tuple | None) -> str:
     """The error line for a stage log or options record the cohort could not write, its fix fitting
     the cause: the section gone (`was`: its identity when the cohort came to it), a full disk, or a
     folder that refuses writing."""
-    now = identity(directory)
+    now = folder_identity(directory)
     if now is None or now != was:
         return (f"error: {directory}: the section directory no longer exists (deleted, moved or unmounted "
                 f"while the cohort ran); put it back in its place and rerun the cohort")
@@ -271,7 +260,7 @@ def run_section(directory: Path, plans: Sequence[StagePlan], *, rerun: bool = Fa
     one that ran is rerun exactly when its inputs changed."""
     t0 = time.monotonic()
     result = SectionResult(str(directory), "skipped")
-    was = identity(directory)
+    was = folder_identity(directory)
     for plan in plans:
         if _STOPPING.is_set():   # interrupted: start nothing more
             break

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from .errors import InputError
@@ -164,6 +165,23 @@ def remove(p: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+
+
+def folder_identity(directory: Path) -> tuple | None:
+    """(device, inode) of a folder, None when there is none: a folder deleted or moved while a run
+    worked in it, and made anew by that run's writes, has another."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def remove_empty_tree(directory: Path) -> None:
+    """Remove the empty folders under and at `directory`, deepest first; anything holding a file stays."""
+    for root, _, _ in sorted(os.walk(directory), key=lambda w: -len(Path(w[0]).parts)):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
 
 
 def pid_alive(pid: int) -> bool:

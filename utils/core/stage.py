@@ -22,7 +22,16 @@ import shutil
 from pathlib import Path
 
 from . import manifest as mf
-from .atomic import TMP_MARKER, StagedOutputs, is_disk_full, remove, remove_stale_temporaries, tmp_path_for
+from .atomic import (
+    TMP_MARKER,
+    StagedOutputs,
+    folder_identity,
+    is_disk_full,
+    remove,
+    remove_empty_tree,
+    remove_stale_temporaries,
+    tmp_path_for,
+)
 from .distributed import current
 from .errors import InputError
 
@@ -137,6 +146,7 @@ class Stage:
         self._more_locks = [DirectoryLock(Path(d), holder) for d in lock_also]
         self._made: list = []
         self._create = create
+        self._identity = None
 
     # --- entry ------------------------------------------------------------------------------
     def __enter__(self) -> "Stage":
@@ -144,6 +154,7 @@ class Stage:
             if self._create:
                 self._make(self.directory)
             self._lock.acquire()
+            self._identity = folder_identity(self.directory)
             for lock in self._more_locks:
                 self._make(lock.path.parent)
                 lock.acquire()
@@ -228,6 +239,12 @@ class Stage:
         return False
 
     def _commit(self) -> None:
+        if folder_identity(self.directory) != self._identity:   # deleted or moved while the stage ran
+            self.out.abort()
+            if self._identity is not None and self.directory.is_dir():   # made anew by this run's writes
+                remove_empty_tree(self.directory)
+            raise InputError(f"{self.directory}: the folder was deleted or moved while {self.stage} ran; nothing was "
+                             f"written: rerun it on the folder where it is now")
         if self.write_manifest:
             staged = [(tmp, final) for tmp, final in self.out.pending]
             m = mf.build_manifest(self.directory, self.stage, self.parameters, self.inputs, staged)
