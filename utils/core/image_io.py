@@ -273,17 +273,25 @@ def _pil_rows(path, *, ours: int):
     """JPEG/PNG (and what else Pillow reads) decoded by Pillow, as _PilRows. Truncation is decided by
     decoding (a complete JPEG followed by a camera's trailer is valid), and OpenCV's 2^30-pixel limit
     does not apply; memory is checked for Pillow's copy and `ours` bytes a pixel more."""
-    try:
+    with _pillow_errors(path):
         im = open_pil(path)
-        mode = _decode_pil(im, path, ours)
+    with im:   # closed however the caller's work ends; its errors are its own
+        with _pillow_errors(path):
+            mode = _decode_pil(im, path, ours)
+        yield _PilRows(im, mode)
+
+
+@contextmanager
+def _pillow_errors(path):
+    """Pillow's errors for a damaged or too large file as one InputError naming it."""
+    try:
+        yield
     except InputError:
         raise
     except MemoryError:
         raise InputError(f"{path}: not enough memory to decode it; save it as a (tiled) TIFF, or free memory") from None
     except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError for damaged files
         raise _undecodable(path, e) from None
-    with im:
-        yield _PilRows(im, mode)
 
 
 def _decode_pil(im, path, ours: int):
