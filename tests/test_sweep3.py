@@ -130,3 +130,24 @@ def test_a_folder_moved_while_its_stage_runs_keeps_no_new_artifact(tmp_path):
             d.rename(moved)
             st.out.write_text(d / "a.txt", "x")
     assert not d.exists() and (moved / "mine.txt").read_text() == "a user's file" and not (moved / "a.txt").exists()
+
+
+def test_the_temporaries_of_a_killed_stage_that_became_a_zombie_are_swept(tmp_path):
+    """`timeout -s KILL` kills its own process group, so nobody reaps the killed stage: in a container
+    whose first process reaps nothing it stays a zombie, and its GB-sized temporary survived reruns."""
+    import subprocess
+    import time
+
+    from utils.core.atomic import pid_alive, remove_stale_temporaries
+    child = subprocess.Popen(["true"])   # not waited for: a zombie once it has exited
+    try:
+        for _ in range(100):
+            if open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.02)
+        stale = tmp_path / f".trihrge-tmp-{child.pid}-he.tif"
+        stale.write_bytes(b"x")
+        assert not pid_alive(child.pid)
+        assert remove_stale_temporaries(tmp_path) == [stale] and not stale.exists()
+    finally:
+        child.wait()

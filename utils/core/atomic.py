@@ -191,7 +191,17 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that ended and that no parent has reaped: dead, though signal 0 still reaches it (in a
+    container whose first process reaps nothing, a stage killed with its parent stays one for good)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def remove_stale_temporaries(directory: Path) -> list:
