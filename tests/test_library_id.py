@@ -40,6 +40,7 @@ def test_default_and_given_ids_and_two_sections_concatenated(demo_upstream, tmp_
     d = copy_demo(demo_upstream, tmp_path / "p2" / "visium")
     before = snapshot(d)
     assert_user_error(run_script("HISTEX.py", d, "--library-id", "p2/visium"), "--library-id", "holds '/'")
+    assert_user_error(run_script("HISTEX.py", d, "--library-id=."), "--library-id", "library level")
     assert snapshot(d) == before
     b, run_dir = _interp(d, "--library-id", "p2-visium")
     assert library_of(b) == "p2-visium" == library_of(anndata.read_h5ad(run_dir / L.SPOTS_PRED))

@@ -151,3 +151,24 @@ def test_the_temporaries_of_a_killed_stage_that_became_a_zombie_are_swept(tmp_pa
         assert remove_stale_temporaries(tmp_path) == [stale] and not stale.exists()
     finally:
         child.wait()
+
+
+def test_options_the_other_options_leave_unread_are_named_and_train_no_new_states():
+    """--val-fraction 0.3 with cross-fitting retrained every state to the same bits, without a word;
+    --patience / --lr-schedule without held-out spots, the consistency's width with no kernel, and
+    interp's --fusion / --stride / --seed were dropped silently."""
+    from utils.superres.config import HistexConfig as H
+
+    def unused(**kw):
+        return sorted(o for opts in H(**kw).unused_settings.values() for o in opts)
+    assert unused() == []
+    assert unused(val_fraction=0.3) == ["--val-fraction"]
+    assert unused(val_fraction=0.3, cross_fit=False) == []
+    assert unused(val_fraction=0, patience=2, lr_schedule="plateau") == ["--lr-schedule", "--patience"]
+    assert unused(spot_consistency="global", consistency_sigma=2.0) == ["--consistency-sigma"]
+    assert unused(cross_fit=False, choose_consistency_sigma=True) == ["--choose-consistency-sigma"]
+    assert unused(model="interp", fusion="blend", stride=3, batch_windows=4, seed=5) == \
+        ["--batch-windows", "--fusion", "--seed", "--stride"]
+    dims = {"micro": 4}
+    assert H(val_fraction=0.3).model_config(dims, 3, 2) == H().model_config(dims, 3, 2)   # the same states
+    assert H(val_fraction=0.3, cross_fit=False).model_config(dims, 3, 2) != H(cross_fit=False).model_config(dims, 3, 2)

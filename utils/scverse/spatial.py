@@ -60,6 +60,8 @@ def library_id_problem(text: str) -> str | None:
         return "is empty"
     if "/" in text:
         return "holds '/' (h5ad would store it as nested groups)"
+    if text == ".":   # HDF5 reads the group '.' as its parent: uns['spatial'] lost its library level
+        return "names the HDF5 group itself: h5ad would lose uns['spatial']'s library level"
     if _CONTROL.search(text):
         return "holds a control character"
     try:

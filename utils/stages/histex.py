@@ -422,6 +422,11 @@ def _log_settings(config, inp, device) -> None:
     if config.ignored_options:
         log.warning("--model %s ignores %s: the run is the same without", config.model,
                     " ".join(config.ignored_options))
+    if config.threads > (cpus := available_cpus()):
+        log.warning("--threads %d is more than the %d CPUs this process may use: the threads share them (slower, "
+                    "not faster; 0 chooses)", config.threads, cpus)
+    for why, options in config.unused_settings.items():
+        log.warning("%s: not used by this run (%s)", " ".join(options), why)
     if config.model_class.trainable and config.batch_size >= inp.spots.n_obs:
         log.warning("--batch-size %d is not below the %d spots: every epoch is one batch of all a state's "
                     "training spots (0: n / 16, at most 32)", config.batch_size, inp.spots.n_obs)

@@ -33,6 +33,7 @@ class _LibraryId:
 
 
 VAL_FRACTION = Number(float, lo=0, hi=0.5, hi_open=True)
+VAL_FRACTION_DEFAULT = 0.1
 DROPOUT = Number(float, lo=0, hi=1, hi_open=True)
 # each state is a network trained in full: 1,000 states on 171 spots ran for hours with one info line
 N_STATES = Number(int, lo=1, hi=50, note="each state is a model trained in full; 5 is the default")
@@ -74,7 +75,7 @@ class HistexConfig:
     model: str = "trihrge"
     epochs: int = 500
     n_states: int = 5
-    val_fraction: float = 0.1
+    val_fraction: float = VAL_FRACTION_DEFAULT
     cross_fit: bool = True
     patience: int = 20
     seed: int = 0
@@ -185,6 +186,35 @@ class HistexConfig:
                 and getattr(self, f.name) != f.default and not changes(f.name, f.default)]
 
     @property
+    def unused_settings(self) -> dict:
+        """{why: [options]}: options given away from their defaults that this run's other options
+        leave unread (ignored_options: those the model itself does not read)."""
+        default = HistexConfig()
+        given = [f.name for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
+        out = {}
+
+        def unused(names, why):
+            if names := [_option(n, getattr(default, n)) for n in names if n in given]:
+                out[why] = names
+        if not self.model_class.trainable:
+            unused(("fusion", "choose_consistency_sigma", "stride", "batch_windows", "seed"),
+                   f"--model {self.model} trains nothing and predicts no windows")
+            return out
+        if self.cv_folds:
+            unused(("val_fraction",), "with cross-fitting each state holds out its own fold of the spots; "
+                                      "--no-cross-fit draws that share instead")
+        elif self.val_fraction == 0:
+            unused(("patience", "lr_schedule"), "no spot is held out (--val-fraction 0): every state runs all "
+                                                "--epochs at a constant rate")
+        if self.consistency in ("global", "none"):
+            unused(("consistency_sigma", "choose_consistency_sigma"), f"--spot-consistency {self.consistency} "
+                                                                       f"has no kernel")
+        elif not self.cv_folds:
+            unused(("choose_consistency_sigma",), "the width is chosen on the out-of-fold spots, which only "
+                                                  "cross-fitting makes")
+        return out
+
+    @property
     def scales(self) -> list:
         """Feature scales the network reads (besides 'extra')."""
         if self.no_multiscale:
@@ -216,7 +246,9 @@ class HistexConfig:
         return {"model": self.model, "dims": dims, "n_genes": n_genes, "half": half,
                 "stride": self.stride or cls.inference_stride(half, opts), "model_opts": opts,
                 "lr": self.lr, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
-                "epochs": self.epochs, "val_fraction": self.val_fraction, "patience": self.patience,
+                # with cross-fitting the folds are the held-out spots: any --val-fraction above 0 trains alike
+                "epochs": self.epochs, "val_fraction": VAL_FRACTION_DEFAULT if self.cv_folds else self.val_fraction,
+                "patience": self.patience,
                 "loss": self.loss, "token_mask": self.token_mask, "k_tokens": self.k_tokens,
                 **({"cv_folds": self.cv_folds, "cv_seed": self.seed} if self.cv_folds else {}),
                 **({"standardize_features": True} if self.standardize_features else {}),

@@ -191,6 +191,7 @@ def _train_many(jobs, cfg, data, device, workers, progress):
             done[s] = _train_to_files(cfg, data, *job, device, progress, desc)
             _log_trained(desc, cfg, done[s])
         return done
+    workers = min(workers, len(jobs))   # a worker per state at most: the log said 64 for 4 states
     log.info("training %d states in %d worker processes (one CPU thread each)", len(jobs), workers)
     try:
         with worker_pool(workers, setup=(_start_training_worker, data)) as pool:
