@@ -172,3 +172,22 @@ def test_options_the_other_options_leave_unread_are_named_and_train_no_new_state
     dims = {"micro": 4}
     assert H(val_fraction=0.3).model_config(dims, 3, 2) == H().model_config(dims, 3, 2)   # the same states
     assert H(val_fraction=0.3, cross_fit=False).model_config(dims, 3, 2) != H(cross_fit=False).model_config(dims, 3, 2)
+
+
+def test_the_loss_figure_says_what_it_shows(tmp_path):
+    """Its caption named held-out spots for a run that held none out; one epoch drew nothing."""
+    import matplotlib.pyplot as plt
+
+    from utils.report.page import _loss_caption
+    from utils.superres.outputs import write_loss_plot
+    assert "held-out spots (dashed" in _loss_caption({"config": {"cv_folds": 5, "val_fraction": 0.1}})
+    assert "held-out spots (dashed" in _loss_caption({"config": {"val_fraction": 0.1}})
+    assert "no spot held out" in _loss_caption({"config": {"val_fraction": 0.0}})
+    drawn = []
+    real = plt.Axes.plot
+    try:
+        plt.Axes.plot = lambda self, *a, **k: drawn.append(k.get("marker")) or real(self, *a, **k)
+        write_loss_plot(tmp_path / "loss.png", [(np.array([0.054]), np.array([0.06]))])
+    finally:
+        plt.Axes.plot = real
+    assert drawn[:2] == [".", "."] and (tmp_path / "loss.png").stat().st_size > 0

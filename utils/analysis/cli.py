@@ -19,7 +19,7 @@ from ..report.page import source_fingerprint
 from ..scverse.keys import File, Key
 from ..scverse.spatial import libraries, library_of
 from .celltypes import PANELS, panel_table, report_missing, score_cell_types
-from .domains import METHODS, cluster, embed, markers, smooth
+from .domains import METHODS, PCA_KEY, cluster, embed, markers, smooth
 from .genesets import parse_gene_set, read_gene_table, require_genes, score_gene_sets
 from .maps import frame, label_map, palette, score_map
 from .preprocess import normalise_log
@@ -183,7 +183,8 @@ def analyse(ad, *, args, panel, sets) -> dict:
     ad.uns[f"{Key.DOMAIN}_colors"] = palette(len(ad.obs[Key.DOMAIN].cat.categories))
     log.info("domains in %.1f s", time.time() - t)
     summary = {"domains": {"method": args.method, "n": len(ad.obs[Key.DOMAIN].cat.categories),
-                           "sizes": ad.obs[Key.DOMAIN].value_counts().sort_index().to_dict()}}
+                           "sizes": ad.obs[Key.DOMAIN].value_counts().sort_index().to_dict(),
+                           "n_pcs": int(ad.obsm[PCA_KEY].shape[1])}}   # what fits, not what was asked
     if panel is not None:
         scored = score_cell_types(ad, panel=panel, seed=args.seed)
         ad.uns[f"{Key.CELL_TYPE}_colors"] = palette(len(scored)) + [UNASSIGNED_COLOUR]

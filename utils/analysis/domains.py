@@ -34,6 +34,9 @@ def embed(adata, *, n_pcs: int = 30, seed: int = 0) -> None:
     """
     import scanpy as sc
     n = max(1, min(n_pcs, adata.n_vars - 1, adata.n_obs - 1))
+    if n < n_pcs:
+        log.info("%d principal components, not %d: %d observations x %d genes hold no more", n, n_pcs,
+                 adata.n_obs, adata.n_vars)
     sc.pp.pca(adata, n_comps=n, random_state=seed)
 
 

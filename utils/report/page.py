@@ -170,9 +170,18 @@ def _cv_note(settings) -> str:
 
 
 def _training(run: _Run, settings) -> str:
-    loss = _figure(run, run.dir / L.LOSS_PLOT, "loss per state: training (solid), held-out spots (dashed)", RERUN)
+    loss = _figure(run, run.dir / L.LOSS_PLOT, _loss_caption(settings), RERUN)
     note = _skip("the cross-validated accuracy", run.dir / L.RUN_JSON, RERUN, _cv_note, settings)
     return ("<h2>Training</h2>" + loss if loss else "") + note
+
+
+def _loss_caption(settings) -> str:
+    """Held-out spots only where the states had some (cross-fitting, or --val-fraction above 0)."""
+    config = (settings or {}).get("config")
+    config = config if isinstance(config, dict) else {}
+    held_out = config.get("cv_folds") or (isinstance(v := config.get("val_fraction", 0.1), (int, float)) and v > 0)
+    return ("loss per state: training (solid), held-out spots (dashed; the dot marks the epoch kept)" if held_out
+            else "training loss per state (no spot held out: every state ran all its epochs)")
 
 
 def _accuracy(run: _Run):

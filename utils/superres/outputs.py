@@ -185,9 +185,11 @@ def write_loss_plot(path, histories):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for i, (h, v) in enumerate(histories):
-        line, = ax.plot(np.arange(1, len(h) + 1), h, label=f"state {i} training")
+        dot = "." if len(h) == 1 else None   # one epoch is a point, which a line alone does not draw
+        line, = ax.plot(np.arange(1, len(h) + 1), h, marker=dot, label=f"state {i} training")
         if len(v):
-            ax.plot(np.arange(1, len(v) + 1), v, "--", color=line.get_color(), label=f"state {i} held-out spots")
+            ax.plot(np.arange(1, len(v) + 1), v, "--", marker=dot, color=line.get_color(),
+                    label=f"state {i} held-out spots")
             best = int(np.argmin(v))
             ax.plot([best + 1], [v[best]], "o", color=line.get_color(), ms=4)
     ax.set_xlabel("epoch")
