@@ -191,3 +191,20 @@ def test_the_loss_figure_says_what_it_shows(tmp_path):
     finally:
         plt.Axes.plot = real
     assert drawn[:2] == [".", "."] and (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_leiden_domains_of_single_observations_get_a_warning(caplog):
+    """--resolution 50 on 171 spots gave 168 domains, mostly single spots, with no comment."""
+    import logging
+
+    import anndata
+
+    from utils.analysis.domains import cluster
+    rng = np.random.default_rng(0)
+    ad = anndata.AnnData(X=np.zeros((120, 2), np.float32))
+    ad.obsm["X_pca"] = rng.normal(size=(120, 5))
+    with caplog.at_level(logging.WARNING, logger="trihrge"):
+        cluster(ad, n_domains=6, method="leiden", resolution=1.0, rep="X_pca", seed=0)
+        assert "single observations" not in caplog.text
+        cluster(ad, n_domains=6, method="leiden", resolution=60.0, rep="X_pca", seed=0)
+    assert "single observations" in caplog.text

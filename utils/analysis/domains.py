@@ -113,6 +113,9 @@ def cluster(adata, *, n_domains: int = 6, method: str = "kmeans", resolution: fl
         if labels.max() + 1 > MAX_DOMAINS:
             raise InputError(f"--resolution {resolution:g}: Leiden found {labels.max() + 1} domains, more than the "
                              f"{MAX_DOMAINS} a map can show; lower --resolution (higher gives more domains)")
+        if (single := int((np.bincount(labels) == 1).sum())) > len(labels) // 10:
+            log.warning("--resolution %g: %d of Leiden's %d domains are single observations (of %d); a lower "
+                        "--resolution gives domains of several", resolution, single, labels.max() + 1, len(labels))
     sizes = np.bincount(labels)
     rank = np.empty_like(sizes)
     rank[np.argsort(-sizes, kind="stable")] = np.arange(len(sizes))

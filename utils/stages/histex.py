@@ -361,11 +361,11 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
     own = () if out_dir.resolve() == Path(directory).resolve() else (out_dir,)
     with rank_stage(STAGE, directory, force=force, sweep=(out_dir,), lock_also=own) as st:
         inp = _read_inputs(directory, config)
+        device = resolve_device(config.device)   # refused before the log says what it would recompute
         if leader:
             st.record(inputs=_artifacts_read(directory, config), parameters=config.as_parameters())
         elif not config.model_class.trainable:
             return out_dir, None  # nothing to share out: rank 0 interpolates alone
-        device = resolve_device(config.device)
         import torch
         torch.set_num_threads(_cpus(config))  # inference; training: one per state
         keep_freed_memory()  # each step's temporaries stay mapped (utils/core/malloc.py)
