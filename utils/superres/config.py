@@ -189,12 +189,11 @@ class HistexConfig:
     def unused_settings(self) -> dict:
         """{why: [options]}: options given away from their defaults that this run's other options
         leave unread (ignored_options: those the model itself does not read)."""
-        default = HistexConfig()
-        given = [f.name for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
+        given = {f.name: f.default for f in fields(self) if getattr(self, f.name) != f.default}
         out = {}
 
         def unused(names, why):
-            if names := [_option(n, getattr(default, n)) for n in names if n in given]:
+            if names := [_option(n, given[n]) for n in names if n in given]:
                 out[why] = names
         if not self.model_class.trainable:
             unused(("fusion", "choose_consistency_sigma", "stride", "batch_windows", "seed"),
