@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .manifest import rerun_hint
+from .manifest import MANIFEST_DIR, rerun_hint
 from .text_io import object_problem
 
 # --- raw inputs: the data contract (iStar's layout and its variants) ----------------------------
@@ -86,9 +86,13 @@ RUN_JSON = "run.json"
 METRICS = "metrics.json"
 GENES_ACCURACY = "genes-accuracy.tsv"   # cross-fitted per-gene accuracy (utils/superres/crossval.py)
 # --- truth (simulator, Visium HD and Xenium converters) --------------------------------------------------
-TRUTH = Artifact("truth/super.h5ad")
-TRUTH_MASK = Artifact("truth/mask.png")
-TRUTH_SIMULATION = Artifact("truth/simulation.json")
+TRUTH_DIR = "truth"
+TRUTH = Artifact(f"{TRUTH_DIR}/super.h5ad")
+TRUTH_MASK = Artifact(f"{TRUTH_DIR}/mask.png")
+TRUTH_SIMULATION = Artifact(f"{TRUTH_DIR}/simulation.json")
+HELDOUT_DIR = "heldout"             # a protocol folder's scored spots (utils/evaluation/protocols.py)
+# the folders of DIR that hold other artifacts than runs: no run is written inside them (HISTEX --out)
+ARTIFACT_FOLDERS = (FEATURES_DIR, MANIFEST_DIR, TRUTH_DIR, HELDOUT_DIR)
 
 
 # --- loaders ------------------------------------------------------------------------------------------

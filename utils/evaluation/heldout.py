@@ -41,8 +41,8 @@ class HeldOut:
         self.protocol = json_object(d / "protocol.json", ("protocol", "radius_raw_px", "heldout_spots"),
                                      f"a damaged protocol folder: {MAKE_AGAIN}")
         try:
-            self.counts = _spot_table(d / "heldout" / "cnts.tsv.gz")
-            self.locs = _spot_table(d / "heldout" / "locs-raw.tsv")
+            self.counts = _spot_table(d / L.HELDOUT_DIR / "cnts.tsv.gz")
+            self.locs = _spot_table(d / L.HELDOUT_DIR / "locs-raw.tsv")
             self.train_counts = _spot_table(d / "cnts.tsv.gz")
             self.train_locs = _spot_table(d / "locs-raw.tsv")
         except (OSError, ValueError, EOFError) as e:  # missing, truncated, not TSV

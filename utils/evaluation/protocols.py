@@ -192,7 +192,7 @@ def _write(dst, kind, src, source, train, held):
         st.out.write_text(dst / L.RAW_PIXEL_SIZE, f"{source.pixel_size:.8g}\n")
         st.out.write_text(dst / L.RAW_RADIUS, f"{train.radius:.6f}\n")
         _write_spots(st.out, dst, train, source.genes)
-        _write_spots(st.out, dst / "heldout", held, source.genes)
+        _write_spots(st.out, dst / L.HELDOUT_DIR, held, source.genes)
         st.out.write_json(dst / "protocol.json", {
             "protocol": kind, "source": str(src), "train_spots": int(len(train.ids)),
             "heldout_spots": int(len(held.ids)), "radius_raw_px": held.radius, "train_radius_raw_px": train.radius})

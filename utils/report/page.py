@@ -279,7 +279,9 @@ def _shown(value):
 
 
 def _args_table(settings) -> str:
-    rows = sorted((str(k), _shown(v)) for k, v in (settings.get("args") or {}).items())
+    unread = set(settings.get("args_unread") or ())   # runs before it have none
+    rows = sorted((str(k), f"{_shown(v)} (not used by this run)" if k in unread else _shown(v))
+                  for k, v in (settings.get("args") or {}).items())
     return "<h2>Settings (run.json)</h2>" + _table(rows, ["option", "value"])
 
 

@@ -355,6 +355,7 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
     config = config.validated()
     t_start = time.time()
     out_dir = Path(config.out) if config.out else directory / L.RESULTS_DIR / config.run_name
+    _refuse_artifact_folder(directory, out_dir)
     leader = current().leader
     progress = progress and leader
     # the run folder is locked too: another DIR's run (--out) or an analysis may name the same folder
@@ -363,7 +364,7 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         inp = _read_inputs(directory, config)
         device = resolve_device(config.device)   # refused before the log says what it would recompute
         if leader:
-            st.record(inputs=_artifacts_read(directory, config), parameters=config.as_parameters())
+            st.record(inputs=_artifacts_read(directory, config), parameters=config.applied_parameters())
         elif not config.model_class.trainable:
             return out_dir, None  # nothing to share out: rank 0 interpolates alone
         import torch
@@ -393,6 +394,7 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         log.info("spot consistency: %s; predicted/measured spot total %.3f", config.consistency,
                  predicted.sum() / max(1.0, inp.counts.sum()))
         run = {"model": config.run_name, "config": cfg, "args": {k: str(v) for k, v in config.as_parameters().items()},
+               "args_unread": config.unread,   # given, but left unread by the other options (the report says so)
                "device": str(device), "spot_consistency": config.consistency, "n_tissue_superpixels": int(len(inp.rows)),
                "cross_validation": cv, "fusion": fusion, "consistency_kernel": sigma_record,
                "library_id": config.library(directory)}     # run.json, and what _write_outputs writes from
@@ -405,6 +407,16 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
         log.info("scores vs truth: median Pearson r %.3f, SSIM %.3f, RMSE %.3f",
                  s["pearson"]["median"], s["ssim"]["median"], s["rmse"]["median"])
     return out_dir, metrics
+
+
+def _refuse_artifact_folder(directory, out_dir) -> None:
+    """A run inside DIR/features (or manifests, truth, heldout) would sit among other artifacts, which
+    a rerun of their stage replaces whole."""
+    for sub in L.ARTIFACT_FOLDERS:
+        folder = (directory / sub).resolve()
+        if out_dir.resolve() == folder or folder in out_dir.resolve().parents:
+            raise InputError(f"--out {out_dir}: inside {folder}, which holds the artifacts of another stage; "
+                             f"write the run elsewhere (default {directory / L.RESULTS_DIR}/<model>)")
 
 
 def _artifacts_read(directory, config) -> list:

@@ -171,9 +171,12 @@ class HistexConfig:
     @property
     def ignored_options(self) -> list:
         """The options set away from their defaults that change nothing for this model, e.g.
-        --gene-tokens or --heads of --model mlp, --epochs or --residual of --model interp: a flag or
-        setting that is neither read by a trainable model (INPUT_FLAGS, TRAINING) nor one of its
-        options(config)."""
+        --gene-tokens or --heads of --model mlp, --epochs or --residual of --model interp."""
+        return [_option(name, self._default(name)) for name in self._ignored_fields()]
+
+    def _ignored_fields(self) -> list:
+        """The names behind ignored_options: a flag or setting that is neither read by a trainable
+        model (INPUT_FLAGS, TRAINING) nor one of its options(config)."""
         cls = self.model_class
 
         def changes(name, default):
@@ -182,18 +185,25 @@ class HistexConfig:
             if name in TOKEN_SETTINGS:
                 return cls.options(self).get("use_gene_tokens", False)
             return cls.options(self) != cls.options(replace(self, **{name: default}))
-        return [_option(f.name, f.default) for f in fields(self) if f.name in CHECKED_FOR_USE
+        return [f.name for f in fields(self) if f.name in CHECKED_FOR_USE
                 and getattr(self, f.name) != f.default and not changes(f.name, f.default)]
+
+    @staticmethod
+    def _default(name: str):
+        return HistexConfig.__dataclass_fields__[name].default
 
     @property
     def unused_settings(self) -> dict:
         """{why: [options]}: options given away from their defaults that this run's other options
         leave unread (ignored_options: those the model itself does not read)."""
-        given = {f.name: f.default for f in fields(self) if getattr(self, f.name) != f.default}
+        return {why: [_option(n, self._default(n)) for n in names] for why, names in self._unused_fields().items()}
+
+    def _unused_fields(self) -> dict:
+        """{why: [names]} behind unused_settings."""
         out = {}
 
         def unused(names, why):
-            if names := [_option(n, given[n]) for n in names if n in given]:
+            if names := [n for n in names if getattr(self, n) != self._default(n)]:
                 out[why] = names
         if not self.model_class.trainable:
             unused(("fusion", "choose_consistency_sigma", "stride", "batch_windows", "seed"),
@@ -212,6 +222,12 @@ class HistexConfig:
             unused(("choose_consistency_sigma",), "the width is chosen on the out-of-fold spots, which only "
                                                   "cross-fitting makes")
         return out
+
+    @property
+    def unread(self) -> list:
+        """The settings given away from their defaults that this run does not read (ignored_options
+        and unused_settings), by name."""
+        return self._ignored_fields() + [n for names in self._unused_fields().values() for n in names]
 
     @property
     def scales(self) -> list:
@@ -266,6 +282,13 @@ class HistexConfig:
     def as_parameters(self) -> dict:
         """Plain data for the manifest and run.json."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    def applied_parameters(self) -> dict:
+        """as_parameters as the run applies them, for the manifest (what a rerun logs as changed):
+        the unread settings at their defaults, --out as an absolute path."""
+        applied = replace(self, **{n: self._default(n) for n in self.unread},
+                          out=Path(self.out).resolve() if self.out else None)
+        return applied.as_parameters()
 
 
 def precision_of(model_cfg: dict) -> str:
