@@ -16,7 +16,7 @@ from .h5ad_io import read_anndata
 from .layout import RAW_COUNTS as COUNTS_NAMES
 from .layout import RAW_IMAGES as IMAGE_NAMES  # noqa: F401  (re-exported: the names the readers look for)
 from .layout import RAW_LOCS as LOCS_NAMES
-from .text_io import check_encoding, read_text
+from .text_io import check_encoding, is_gzip, read_text
 
 PIXEL_SIZE_RANGE_UM = (0.05, 2.0)
 RADIUS_RANGE_UM = (1.0, 500.0)         # a plausible spot radius (Visium 27.5, ST 50)
@@ -54,6 +54,9 @@ def _read_number(path, what):
     text = read_text(path, f"{what} (a single number)").strip()
     numbers = [v for v in (_as_number(t) for t in text.split()) if v is not None]  # a unit after it is fine
     first = text.split()[0] if text else ""
+    if _as_number(first) is None and (glued := re.fullmatch(r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)[^\W\d_]+",
+                                                            first)):
+        first = glued.group(1)   # a unit written without a space: 0.4um
     if len(numbers) > 1:
         raise InputError(f"{path}: holds {len(numbers)} numbers ({text[:40]!r}); write just the {what}, one number")
     if re.fullmatch(r"[+-]?\d+,\d+", first):
@@ -100,17 +103,30 @@ def read_radius(directory, pixel_size_um):
     return v
 
 
-def _sep_for(path):
-    name = Path(path).name.lower()
-    return "," if ".csv" in name else "\t"
+def _open(path, gz):
+    return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="") if gz else \
+        open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
-def _first_rows(path, n=2):
-    """The first n rows, fields exactly as written (pandas renames duplicates to NAME.1)."""
-    opener = gzip.open if str(path).lower().endswith(".gz") else open
+def _format(path) -> tuple:
+    """(separator, gzip'd) of a raw table, by content: the separator its name says (.csv: comma, else
+    tab) unless the header line holds none of it and holds the other (a comma-separated cnts.tsv)."""
+    gz = is_gzip(path)
+    named = "," if ".csv" in Path(path).name.lower() else "\t"
     try:
-        with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="") as f:
-            return [[c.strip() for c in row] for row in itertools.islice(csv.reader(f, delimiter=_sep_for(path)), n)]
+        with _open(path, gz) as f:
+            header = f.readline()
+    except (OSError, EOFError):
+        return named, gz   # the reader that follows reports damage
+    other = "\t" if named == "," else ","
+    return (other if named not in header and other in header else named), gz
+
+
+def _first_rows(path, fmt, n=2):
+    """The first n rows, fields exactly as written (pandas renames duplicates to NAME.1)."""
+    try:
+        with _open(path, fmt[1]) as f:
+            return [[c.strip() for c in row] for row in itertools.islice(csv.reader(f, delimiter=fmt[0]), n)]
     except (OSError, EOFError, csv.Error):
         return []
 
@@ -155,16 +171,18 @@ def _read_table(path):
     """A raw table; the columns that may hold ids are read as text, so that ids such as
     0.1 / 0.10 / 000 / NA stay distinct strings (pandas would coerce them to numbers or NaN)."""
     check_encoding(path)
-    header, unnamed = _header(path, _first_rows(path))
+    fmt = _format(path)
+    header, unnamed = _header(path, _first_rows(path, fmt))
     as_text = {i: str for i, name in enumerate(header) if _read_as_text(i, name)}
     try:
-        df = pd.read_csv(path, sep=_sep_for(path), index_col=None, low_memory=False, encoding="utf-8-sig",
-                         converters=as_text, header=0, names=_unique(header) if unnamed else None)
+        df = pd.read_csv(path, sep=fmt[0], index_col=None, low_memory=False, encoding="utf-8-sig",
+                         compression="gzip" if fmt[1] else None, converters=as_text, header=0,
+                         names=_unique(header) if unnamed else None)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, gzip.BadGzipFile,
             EOFError, OSError) as e:
         if isinstance(e, pd.errors.EmptyDataError):
             raise InputError(f"{path}: the file is empty; write a header line and one line per spot") from None
-        raise InputError(f"{path}: cannot be read as a {'comma' if _sep_for(path) == ',' else 'tab'}-separated "
+        raise InputError(f"{path}: cannot be read as a {'comma' if fmt[0] == ',' else 'tab'}-separated "
                          f"table ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
                          f"check that the file is complete and in that format") from None
     if len(df) == 0:
@@ -193,6 +211,24 @@ def _id_column(df, path, what):
         return first
     raise InputError(f"{path}: no spot id column (expected a first column named 'spot', 'barcode' or 'id' "
                      f"holding the {what} spot ids); add it")
+
+
+def _spot_ids(df, idc, path) -> pd.Index:
+    """The id column as text; an empty id would be matched to nothing (or to another empty one)."""
+    ids = df[idc].astype(str).str.strip()
+    empty = np.flatnonzero(ids.to_numpy() == "")
+    if len(empty):
+        raise InputError(f"{path}: line {empty[0] + 2} has an empty spot id ({len(empty)} line(s) in all); give "
+                         f"every spot an id")
+    return pd.Index(ids)
+
+
+def _refuse_unnamed_genes(header, path) -> None:
+    """A gene column without a name in the header, which pandas would call 'Unnamed: N'."""
+    blank = [i + 1 for i, name in enumerate(header) if i > 0 and name == ""]
+    if blank:
+        raise InputError(f"{path}: column {blank[0]} of the header has no gene name ({len(blank)} in all); write "
+                         f"a name for every gene column")
 
 
 def examples(items, k=3):
@@ -228,7 +264,8 @@ def read_counts(directory):
                              f"column(s); write spots as rows and genes as columns")
         idc = _id_column(df, path, "counted")
         df = _numbers_back(df, idc)
-        ids = df[idc].astype(str).str.strip()
+        ids = _spot_ids(df, idc, path)
+        _refuse_unnamed_genes(df.attrs["header"], path)
         gdf = df.drop(columns=[idc])
         genes = pd.Index([str(g) for g in gdf.columns])
         nonnum = [c for c in gdf.columns if not pd.api.types.is_numeric_dtype(gdf[c])]
@@ -298,7 +335,7 @@ def read_locs(directory, name_stem="locs-raw"):
     idc = _id_column(df.drop(columns=[cols["x"], cols["y"]]), path, "located")
     out = pd.DataFrame({"x": pd.to_numeric(df[cols["x"]], errors="coerce"),
                         "y": pd.to_numeric(df[cols["y"]], errors="coerce")})
-    out.index = pd.Index(df[idc].astype(str).str.strip(), name="spot")
+    out.index = pd.Index(_spot_ids(df, idc, path), name="spot")
     if out.index.duplicated().any():
         raise InputError(f"{path}: duplicated spot ids ({examples(out.index[out.index.duplicated()].unique())}); "
                          f"every spot must appear once")

@@ -21,10 +21,19 @@ def require_file(path, what="file", fix=None) -> Path:
     return path
 
 
+def is_gzip(path) -> bool:
+    """By content, not by name: a gzip'd table named cnts.tsv (or a plain one named .gz) is read as what it is."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
 def check_encoding(path) -> None:
     """Refuse UTF-16/32 text (Excel's "Unicode text") with a line that says how to fix it."""
     path = Path(path)
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    opener = gzip.open if is_gzip(path) else open
     try:
         with opener(path, "rb") as f:
             head = f.read(4)
