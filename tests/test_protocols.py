@@ -37,7 +37,7 @@ def test_make_and_score(tmp_path):
     assert co.to_numpy().sum() == pd.read_csv(src / "cnts.tsv", sep="\t", index_col=0).to_numpy().sum()
     # a run that predicts each held-out spot's counts exactly (all on the centre super-pixel) scores r = 1
     d = tmp_path / "lo"
-    (d / "calibration.json").write_text(json.dumps({"scale": 1.0, "superpixel_grid": [120, 120]}))
+    (d / "calibration.json").write_text(json.dumps({"scale": 1.0, "superpixel_grid": [120, 120], "superpixel_px": 16}))
     h = pd.read_csv(d / "heldout" / "cnts.tsv.gz", sep="\t", index_col=0)
     hl = pd.read_csv(d / "heldout" / "locs-raw.tsv", sep="\t", index_col=0)
     rows = (hl["y"].to_numpy() // 16).astype(int)

@@ -53,7 +53,7 @@ def _make(kind, src, dst, capsys):
 def _perfect_run(folder, name="interp", spots_pred=True):
     """A run in folder/results/<name> that predicts every held-out spot's counts exactly (on the super-pixel
     under its centre), with the spots-pred.h5ad of the folder's training spots that HISTEX writes."""
-    (folder / "calibration.json").write_text(json.dumps({"scale": 1.0, "superpixel_grid": [120, 120]}))
+    (folder / "calibration.json").write_text(json.dumps({"scale": 1.0, "superpixel_grid": [120, 120], "superpixel_px": 16}))
     h = pd.read_csv(folder / "heldout" / "cnts.tsv.gz", sep="\t", index_col=0)
     hl = pd.read_csv(folder / "heldout" / "locs-raw.tsv", sep="\t", index_col=0)
     run_dir = folder / "results" / name

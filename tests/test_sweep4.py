@@ -93,3 +93,149 @@ def test_an_empty_spot_id_or_gene_name_is_named(raw, tmp_path):
     (d / "cnts.tsv").write_text("\n".join(lines) + "\n")
     assert run_script("image_calibration.py", d).returncode == 0
     assert_user_error(run_script("get_HR.py", d), "cnts.tsv: column 5 of the header has no gene name")
+
+
+def test_marker_tables_name_their_own_problems(tmp_path):
+    """A cell type named 'unassigned' (the label of no match) crashed pandas; 'TS<TAB>' was said to
+    have the wrong number of fields; a cell-type name was called a set name."""
+    import pytest
+
+    from utils.analysis.genesets import read_gene_table
+    from utils.core.errors import InputError
+    cases = {"unassigned\tG1\n": "'unassigned' is reserved", "TS\t\n": "line 1 has an empty gene",
+             "\tG1\n": "line 1 has an empty cell-type name", "a b\tG1\n": "not a usable cell-type name"}
+    for text, said in cases.items():
+        (tmp_path / "m.tsv").write_text(text)
+        with pytest.raises(InputError, match=said):
+            read_gene_table(tmp_path / "m.tsv", what="marker table", kind="cell-type name", reserved=("unassigned",))
+    (tmp_path / "m.tsv").write_text("Unassigned\tG1\n")
+    assert read_gene_table(tmp_path / "m.tsv", what="gene-set file") == {"Unassigned": ["G1"]}   # only where reserved
+
+
+def _maps(path, X, genes=("A", "B")):
+    import anndata
+    import numpy as np
+    import pandas as pd
+    n = len(X)
+    anndata.AnnData(X=np.asarray(X, np.float32), obs=pd.DataFrame({"row": range(n), "col": [0] * n},
+                                                                   index=[str(i) for i in range(n)]),
+                    var=pd.DataFrame(index=list(genes))).write_h5ad(path)
+    return path
+
+
+def test_maps_that_are_not_predicted_counts_are_refused(tmp_path, recwarn):
+    """A super-res.h5ad scaled by sc.pp.scale (negative values), all zero, of no observation, or with a
+    gene twice crashed the analysis (NaN in PCA), utils.score (ZeroDivisionError), or was scored."""
+    import pytest
+
+    from utils.core.errors import InputError
+    from utils.core.h5ad_io import read_maps
+    cases = {"scaled": ([[1, -0.5], [0.2, 1]], ("A", "B"), "2 negative|1 negative value"),
+             "zero": ([[0, 0], [0, 0]], ("A", "B"), "every value of X is zero"),
+             "empty": (__import__("numpy").zeros((0, 2)), ("A", "B"), "0 observation"),
+             "twice": ([[1, 2], [3, 4]], ("A", "A"), "duplicated gene names \\(A\\)")}
+    files = {name: _maps(tmp_path / f"{name}.h5ad", X, genes) for name, (X, genes, _) in cases.items()}
+    recwarn.clear()   # anndata's own, when the file is made
+    for name, (_, _, said) in cases.items():
+        with pytest.raises(InputError, match=said):
+            read_maps(files[name], "rerun HISTEX.py")
+    assert read_maps(_maps(tmp_path / "ok.h5ad", [[1, 0], [0, 2]]), "rerun HISTEX.py").n_obs == 2
+    assert not [w for w in recwarn if "not unique" in str(w.message)]
+
+
+def test_a_damaged_protocol_folder_is_one_line(tmp_path):
+    """protocols score did not check heldout/ or protocol.json: NaN or text coordinates and a missing
+    spot were tracebacks; a radius of 0, a spot off the image, a negative count were scored."""
+    import json
+    import shutil
+
+    import numpy as np
+    import pytest
+    from conftest import square_lattice, write_raw_dir
+
+    from utils.core.errors import InputError
+    from utils.evaluation.heldout import HeldOut
+    from utils.evaluation.protocols import make
+    src = write_raw_dir(tmp_path / "src", square_lattice(6, 6, 250.0, origin=(300, 300)), pixel_size=0.5, n_genes=8)
+    (src / "section.json").write_text(json.dumps({"array_x": np.tile(np.arange(6), 6).tolist(),
+                                                  "array_y": np.repeat(np.arange(6), 6).tolist()}))
+    make("leave-out", src, tmp_path / "lo")
+    (tmp_path / "lo" / "calibration.json").write_text(json.dumps({"scale": 1.0, "superpixel_grid": [120, 120],
+                                                                  "superpixel_px": 16}))
+    HeldOut(tmp_path / "lo")
+
+    def edit_line(rel, i, field, value):
+        def edit(d):
+            import gzip
+            p = d / rel
+            opener = gzip.open if p.suffix == ".gz" else open
+            with opener(p, "rt") as f:
+                lines = f.read().splitlines()
+            cells = lines[i].split("\t")
+            cells[field] = value
+            lines[i] = "\t".join(cells)
+            with opener(p, "wt") as f:
+                f.write("\n".join(lines) + "\n")
+        return edit
+
+    def protocol(**kw):
+        def edit(d):
+            rec = json.loads((d / "protocol.json").read_text())
+            (d / "protocol.json").write_text(json.dumps({**rec, **kw}))
+        return edit
+    cases = {"nan": (edit_line("heldout/locs-raw.tsv", 2, 1, "nan"), "missing or non-numeric x/y"),
+             "text": (edit_line("heldout/locs-raw.tsv", 2, 1, "left"), "missing or non-numeric x/y"),
+             "off": (edit_line("heldout/locs-raw.tsv", 2, 1, "1e9"), "off the section's image"),
+             "negative": (edit_line("heldout/cnts.tsv.gz", 2, 1, "-5"), "negative count"),
+             "radius": (protocol(radius_raw_px=0), "radius_raw_px 0"),
+             "kind": (protocol(protocol="bogus"), "protocol 'bogus'"),
+             "missing": (lambda d: (d / "heldout" / "locs-raw.tsv").write_text(
+                 "\n".join((d / "heldout" / "locs-raw.tsv").read_text().splitlines()[:-1]) + "\n"), "have no location")}
+    for name, (damage, said) in cases.items():
+        d = shutil.copytree(tmp_path / "lo", tmp_path / name)
+        damage(d)
+        with pytest.raises(InputError, match=said) as e:
+            HeldOut(d)
+        assert "utils.protocols make" in str(e.value), name
+
+
+def test_the_lock_file_as_a_folder_and_observations_without_counts(tmp_path, recwarn):
+    import anndata
+    import numpy as np
+    import pytest
+
+    from utils.analysis.preprocess import normalise_log
+    from utils.core.errors import InputError
+    from utils.core.stage import LOCK_NAME, DirectoryLock
+    (tmp_path / LOCK_NAME).mkdir()
+    with pytest.raises(InputError, match="remove that folder"):
+        DirectoryLock(tmp_path, "HISTEX.py").acquire()
+    ad = anndata.AnnData(np.array([[0, 0], [1, 3], [2, 2]], np.float32))
+    normalise_log(ad)
+    assert np.isfinite(ad.X).all() and not [w for w in recwarn if "zero counts" in str(w.message)]
+
+
+def test_the_report_and_scores_are_not_what_makes_a_run_stale(demo_upstream, tmp_path):
+    """utils.analysis rewrites report.html, which HISTEX's manifest fingerprinted: the cohort then
+    reran HISTEX (inference and fusion again) after every analysis, without saying why."""
+    from utils.core import manifest as mf
+    d = copy_demo(demo_upstream, tmp_path / "small")
+    assert run_script("HISTEX.py", d, "--model", "interp").returncode == 0
+    (d / "results" / "interp" / "report.html").write_text("rewritten by the analysis")
+    assert mf.out_of_date(d, "HISTEX") == []
+    (d / "results" / "interp" / "run.json").write_text("{}")
+    assert mf.out_of_date(d, "HISTEX")
+
+
+def test_a_gene_list_is_recorded_by_its_absolute_path(demo_upstream, tmp_path):
+    """get_HR recorded --gene-list as typed: the same file by another path logged 'recomputing', and a
+    relative path was checked against the wrong folder from another working directory."""
+    import json
+    d = copy_demo(demo_upstream, tmp_path / "small")
+    genes = [line.split("\t")[0] for line in (d / "genes.tsv").read_text().splitlines()[1:4]]
+    (tmp_path / "genes.txt").write_text("\n".join(genes) + "\n")
+    assert run_script("get_HR.py", d, "--gene-list", os.path.relpath(tmp_path / "genes.txt", REPO)).returncode == 0
+    m = json.loads((d / "manifests" / "get_HR.json").read_text())
+    assert m["parameters"]["gene_list"] == str((tmp_path / "genes.txt").resolve())
+    r = run_script("get_HR.py", d, "--gene-list", tmp_path / "genes.txt")
+    assert r.returncode == 0 and "recomputing" not in r.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..core import layout as L
 from ..core.cli import COUNT, POSITIVE, POSITIVE_INT, Number, Parser, add_seed, path_arg, run, setup_logging, text_file
 from ..core.errors import InputError
-from ..core.h5ad_io import check_counts, check_finite_values, check_grid_positions, read_anndata
+from ..core.h5ad_io import check_grid_positions, check_predicted_counts, read_anndata
 from ..core.stage import run_folder_stage
 from ..report import write_report
 from ..report.page import source_fingerprint
@@ -116,8 +116,7 @@ def read_run(run_dir: Path, name: str):
     if "row" in ad.obs or "col" in ad.obs:   # super-pixels, drawn as a raster of the section's grid
         check_grid_positions(ad, p, "rerun HISTEX.py")
         _check_inside_image(ad, p)
-    check_counts(ad, p)
-    check_finite_values(ad, p, "rerun HISTEX.py")
+    check_predicted_counts(ad, p, "rerun HISTEX.py")
     return ad
 
 
@@ -144,7 +143,7 @@ def _panel(option: str, genes):
     if not option.strip() or (not path.exists() and path.suffix == "" and len(path.parts) == 1):
         raise InputError(f"--markers {option!r}: neither a built-in panel ({', '.join([*PANELS, 'none'])}) nor a file; "
                          f"give one of those or the path of a cell_type<TAB>gene table")
-    panel = read_gene_table(path, what="marker table")
+    panel = read_gene_table(path, what="marker table", kind="cell-type name", reserved=(Key.UNASSIGNED,))
     if not panel_table(panel, genes)["predicted"].any():
         raise InputError(f"{path}: none of its {sum(map(len, panel.values()))} markers is among the "
                          f"{len(genes)} predicted genes; check the gene names (super-res.h5ad var_names)")

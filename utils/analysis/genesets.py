@@ -15,10 +15,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")   # also a file name and an
 MAX_NAME = 100   # gene-set-<name>.png: file names end at 255 bytes
 _HEADER_FIRST = {"set", "gene_set", "name", "cell_type", "cell type", "celltype", "type"}
 
-def _check_name(name: str, where: str = "") -> str:
+def _check_name(name: str, where: str = "", kind: str = "set name") -> str:
     if not _NAME.match(name) or len(name) > MAX_NAME:
         raise InputError(f"{where + ': ' if where else ''}{name[:40]!r}{'...' if len(name) > 40 else ''} is not a "
-                         f"usable set name; use at most {MAX_NAME} letters, digits and _ . + - (it names an obs "
+                         f"usable {kind}; use at most {MAX_NAME} letters, digits and _ . + - (it names an obs "
                          f"column and a file)")
     return name
 
@@ -36,7 +36,7 @@ def parse_gene_set(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def read_gene_table(path, *, what: str) -> dict:
+def read_gene_table(path, *, what: str, kind: str = "set name", reserved: tuple = ()) -> dict:
     """A two-column table (name, gene), tab-separated, UTF-8 with or without a BOM, any line ends,
     '#' comments, an optional header line (set/cell_type ..., gene): {name: [genes in file order]}.
 
@@ -46,6 +46,10 @@ def read_gene_table(path, *, what: str) -> dict:
         The file.
     what
         What the file is, for messages ('marker table', 'gene-set file').
+    kind
+        What its first column names, for messages ('set name', 'cell-type name').
+    reserved
+        Names the caller gives a meaning of its own (a marker table's 'unassigned'), refused.
     """
     out = {}
     lines = read_text(path, what).split("\n")
@@ -53,12 +57,18 @@ def read_gene_table(path, *, what: str) -> dict:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = [f.strip() for f in line.split("\t")]
-        if len(fields) != 2 or not all(fields):
+        if len(fields) == 2 and not all(fields):
+            raise InputError(f"{path}: line {i} has an empty {'gene' if fields[0] else kind} ({line[:60]!r}); write "
+                             f"name<TAB>gene, one gene per line")
+        if len(fields) != 2:
             raise InputError(f"{path}: line {i} has {len(fields)} tab-separated field(s) {line[:60]!r}; a "
                              f"{what} holds two columns, name<TAB>gene, one gene per line")
         if not out and fields[0].lower() in _HEADER_FIRST and fields[1].lower() in ("gene", "genes", "marker"):
             continue
-        out.setdefault(_check_name(fields[0], f"{path}: line {i}"), [])
+        if fields[0].lower() in reserved:
+            raise InputError(f"{path}: line {i}: {fields[0]!r} is reserved (the {kind} of an observation that "
+                             f"no set matches); rename it")
+        out.setdefault(_check_name(fields[0], f"{path}: line {i}", kind), [])
         if fields[1] not in out[fields[0]]:
             out[fields[0]].append(fields[1])
     if not out:

@@ -115,14 +115,16 @@ def _files(tmp: Path, final: Path):
     return [(tmp, final)] if tmp.is_file() else []
 
 
-def build_manifest(directory, stage: str, parameters: dict, inputs, staged) -> dict:
+def build_manifest(directory, stage: str, parameters: dict, inputs, staged, views=()) -> dict:
     """The manifest dict. staged: (current path, final path) pairs of the outputs; they are
-    fingerprinted where they are now (renaming keeps size and mtime)."""
+    fingerprinted where they are now (renaming keeps size and mtime), except files named in `views`
+    (a run's report, which the analysis and `score --write` rewrite: not a sign of a stale run)."""
     directory = Path(directory)
     outputs = {}
     for tmp, final in staged:
         for now, later in _files(Path(tmp), Path(final)):
-            outputs[_rel(directory, later)] = fingerprint(now)
+            if later.name not in views:
+                outputs[_rel(directory, later)] = fingerprint(now)
     return {
         "stage": stage,
         "script": script_of(stage),

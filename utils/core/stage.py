@@ -83,8 +83,9 @@ class DirectoryLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
+                fix = f"remove that folder ({self.path})" if self.path.is_dir() else "make the directory writable"
                 raise InputError(f"{self.path.parent}: cannot create the lock file {LOCK_NAME} ({e.strerror}); "
-                                 f"make the directory writable") from None
+                                 f"{fix}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -130,8 +131,9 @@ class Stage:
     it empty."""
 
     def __init__(self, stage: str, directory: Path, *, force: bool = False, manifest: bool = True,
-                 sweep: tuple = (), lock_also: tuple = (), create: bool = False):
+                 sweep: tuple = (), lock_also: tuple = (), create: bool = False, views: tuple = ()):
         self.stage = stage
+        self.views = tuple(views)   # names of outputs that later commands rewrite by design: not fingerprinted
         self.directory = Path(directory)
         self.force = force
         self.write_manifest = manifest
@@ -247,7 +249,7 @@ class Stage:
                              f"written: rerun it on the folder where it is now")
         if self.write_manifest:
             staged = [(tmp, final) for tmp, final in self.out.pending]
-            m = mf.build_manifest(self.directory, self.stage, self.parameters, self.inputs, staged)
+            m = mf.build_manifest(self.directory, self.stage, self.parameters, self.inputs, staged, views=self.views)
             self.out.write_json(mf.manifest_path(self.directory, self.stage), m)
         self.out.commit()  # the manifest is the last rename: it never describes outputs not in place
 

@@ -14,7 +14,7 @@ from ..core import layout as L
 from ..core import manifest as mf
 from ..core.errors import InputError
 from ..core.h5ad_io import read_anndata, read_maps
-from ..core.raw_io import examples
+from ..core.raw_io import examples, match_spots, read_counts, read_locs
 from ..core.text_io import json_object, require_file
 from ..scverse.keys import Key
 from .metrics import pearson_per_gene
@@ -24,8 +24,39 @@ log = logging.getLogger("trihrge")
 MAKE_AGAIN = "write the folder again with `python -m utils.protocols make` and rerun the five stages"
 
 
-def _spot_table(path):
-    return pd.read_csv(path, sep="\t", index_col=0, dtype={0: str})   # spot ids stay text (0.10, 010)
+def _protocol_record(d: Path) -> dict:
+    """protocol.json: which protocol, and the held-out spots' radius in raw pixels."""
+    from .protocols import PROTOCOLS
+    fix = f"a damaged protocol folder: {MAKE_AGAIN}"
+    rec = json_object(d / "protocol.json", ("protocol", "radius_raw_px", "heldout_spots"), fix)
+    radius = rec["radius_raw_px"]
+    if rec["protocol"] not in PROTOCOLS or isinstance(radius, bool) or not isinstance(radius, (int, float)) \
+            or not 0 < radius < np.inf:
+        raise InputError(f"{d / 'protocol.json'}: protocol {rec['protocol']!r}, radius_raw_px {radius!r} (expected one "
+                         f"of {', '.join(PROTOCOLS)} and a positive number); {fix}")
+    return rec
+
+
+def _spots(folder: Path) -> tuple:
+    """(counts: spots x genes DataFrame, locs: DataFrame x, y in raw px) of a raw-layout folder, both
+    indexed by spot id in the counts' order, checked by the stages' own readers."""
+    try:
+        ids, genes, X = read_counts(folder)
+        locs, locs_path = read_locs(folder)
+        locs = match_spots(ids, locs, folder / "cnts.tsv.gz", locs_path)
+    except InputError as e:
+        raise InputError(f"{str(e).split('; ')[0]} (a damaged protocol folder); {MAKE_AGAIN}") from None
+    return pd.DataFrame(X.astype(np.float64), index=ids, columns=genes), locs   # as integers: exact
+
+
+def _check_on_image(locs, calib, path) -> None:
+    """A held-out spot off the section's image has no footprint: it would be scored as predicted 0."""
+    xy = locs[["x", "y"]].to_numpy() * calib["scale"]
+    h, w = np.asarray(calib["superpixel_grid"]) * calib["superpixel_px"]
+    off = locs.index[(xy < 0).any(axis=1) | (xy[:, 0] >= w) | (xy[:, 1] >= h)]
+    if len(off):
+        raise InputError(f"{path}: {len(off)} held-out spot(s) off the section's image ({examples(off)}); "
+                         f"{MAKE_AGAIN}")
 
 
 class HeldOut:
@@ -38,16 +69,11 @@ class HeldOut:
         if not (d / "protocol.json").is_file():
             raise InputError(f"{d}: not a protocol folder (no protocol.json); score runs made in DST/results/<run> "
                              f"of a folder written by `python -m utils.protocols make ... --directory DST`")
-        self.protocol = json_object(d / "protocol.json", ("protocol", "radius_raw_px", "heldout_spots"),
-                                     f"a damaged protocol folder: {MAKE_AGAIN}")
-        try:
-            self.counts = _spot_table(d / L.HELDOUT_DIR / "cnts.tsv.gz")
-            self.locs = _spot_table(d / L.HELDOUT_DIR / "locs-raw.tsv")
-            self.train_counts = _spot_table(d / "cnts.tsv.gz")
-            self.train_locs = _spot_table(d / "locs-raw.tsv")
-        except (OSError, ValueError, EOFError) as e:  # missing, truncated, not TSV
-            raise InputError(f"{d}: damaged protocol folder ({type(e).__name__}: {e}); {MAKE_AGAIN}") from None
-        self.calib = L.read_json(L.CALIBRATION, d, keys=("scale", "superpixel_grid"))
+        self.protocol = _protocol_record(d)
+        self.counts, self.locs = _spots(d / L.HELDOUT_DIR)
+        self.train_counts, self.train_locs = _spots(d)
+        self.calib = L.read_json(L.CALIBRATION, d, keys=("scale", "superpixel_grid", "superpixel_px"))
+        _check_on_image(self.locs, self.calib, d / L.HELDOUT_DIR / "locs-raw.tsv")
         self.n_genes, self.genes = n_genes, None
 
     def choose_genes(self, predicted_genes):

@@ -9,7 +9,6 @@ and the 10x converters (utils/convert/truth_layout.py):
 - read_truth: a truth checked for what scoring needs (utils/evaluation/score.py).
 """
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +145,7 @@ def read_truth(path, fix: str):
     to do about a file that is not such a truth)."""
     from ..core.h5ad_io import check_finite_values, check_grid_positions, read_anndata
     from ..core.raw_io import examples
-    with warnings.catch_warnings():   # duplicated gene names: refused below, in one line
-        warnings.filterwarnings("ignore", message="Variable names are not unique")
-        ad = read_anndata(path, fix)
+    ad = read_anndata(path, fix)
     if ad.n_obs == 0 or ad.X is None:
         raise InputError(f"{path}: {'has no observations' if ad.n_obs == 0 else 'has no X (expression matrix)'}; {fix}")
     check_grid_positions(ad, path, fix)

@@ -100,7 +100,8 @@ def _build_hr(st, directory, n_genes, gene_list):
     counts_path = find_one(directory, COUNTS_NAMES, "spot count matrix (cnts.tsv)")
     ids, genes, X = read_counts(directory)
     locs_raw, locs_path = read_locs(directory)
-    st.record(inputs=[counts_path, locs_path, L.CALIBRATION.path(directory)] + ([Path(gene_list)] if gene_list else []),
+    gene_list = Path(gene_list).resolve() if gene_list else None   # the same file by any path is no change
+    st.record(inputs=[counts_path, locs_path, L.CALIBRATION.path(directory)] + ([gene_list] if gene_list else []),
               parameters={"n_genes": n_genes, "gene_list": str(gene_list) if gene_list else None})
     log.info("%s: %d spots x %d genes", counts_path.name, X.shape[0], X.shape[1])
 

@@ -31,7 +31,7 @@ from ..core.malloc import keep_freed_memory
 from ..core.raw_io import unknown_names
 from ..core.stage import rank_stage
 from ..report import write_report
-from ..scverse.keys import Key
+from ..scverse.keys import File, Key
 from ..scverse.spatial import tissue_images
 from ..spots.genes import scale_counts
 from ..superres.config import HistexConfig, precision_of
@@ -360,7 +360,8 @@ def run_histex(directory, config: HistexConfig, *, force: bool = False, progress
     progress = progress and leader
     # the run folder is locked too: another DIR's run (--out) or an analysis may name the same folder
     own = () if out_dir.resolve() == Path(directory).resolve() else (out_dir,)
-    with rank_stage(STAGE, directory, force=force, sweep=(out_dir,), lock_also=own) as st:
+    with rank_stage(STAGE, directory, force=force, sweep=(out_dir,), lock_also=own,
+                    views=(File.REPORT, L.METRICS)) as st:   # rewritten by the analysis and score --write
         inp = _read_inputs(directory, config)
         device = resolve_device(config.device)   # refused before the log says what it would recompute
         if leader:
