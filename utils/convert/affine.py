@@ -24,6 +24,15 @@ def affine_scale(A):
     return float(math.sqrt(abs(np.linalg.det(A)))), float(s[0] / s[1]) if s[1] > 0 else float("inf")
 
 
+def collinear(points, rtol=1e-6) -> bool:
+    """Whether 2-d points lie on one line (or one point), up to rounding: an affine fit to them is undetermined."""
+    pts = np.asarray(points, dtype=np.float64)
+    if len(pts) < 3:
+        return True
+    s = np.linalg.svd(pts - pts.mean(0), compute_uv=False)
+    return bool(s[1] <= rtol * s[0])
+
+
 def lattice_pixel_size(col, row, x, y, dx_um, dy_um, path, what):
     """um/px from an array lattice: column step dx_um, row step dy_um (physical) vs their pixel positions.
 
@@ -31,7 +40,7 @@ def lattice_pixel_size(col, row, x, y, dx_um, dy_um, path, what):
     col = np.asarray(col, dtype=np.float64)
     row = np.asarray(row, dtype=np.float64)
     uv = np.column_stack([col * dx_um, row * dy_um])
-    if len(uv) < 3 or np.linalg.matrix_rank(uv - uv.mean(0)) < 2:
+    if collinear(uv):
         return None, {"reason": "fewer than 3 non-collinear array positions"}
     A, t, rms_px = fit_affine(uv, np.column_stack([x, y]))
     px_per_um, aniso = affine_scale(A)

@@ -15,6 +15,7 @@ share.
 import textwrap
 
 from ..core.cli import POSITIVE, SEED, HelpFormatter, Number, Parser, output_directory, path_arg, setup_logging
+from ..core.geometry import SUPER_PIXEL_UM
 from ..core.raw_io import RADIUS_RANGE_UM
 
 DESCRIPTION = __doc__.split("\n\n")[0] + """
@@ -36,6 +37,11 @@ def _skip_image_check(p):
 
 # the spot radius stage 1 takes (raw_io.RADIUS_RANGE_UM), as a diameter: refused here, not a stage later
 SPOT_DIAMETER_UM = Number(float, lo=2 * RADIUS_RANGE_UM[0], hi=2 * RADIUS_RANGE_UM[1])
+
+
+# the boundary raster: finer than 0.1 um (6,400 sub-pixels per super-pixel) only costs time, coarser than a
+# super-pixel cannot split a cell over them
+RASTER_UM = Number(float, lo=0.1, hi=SUPER_PIXEL_UM, note="it must divide 8")
 
 
 def _spot_diameter(p):
@@ -143,9 +149,9 @@ def build_parser():
     x.add_argument("--assign", choices=["auto", "boundaries", "centroids"], default="auto",
                    help="split cells over super-pixels by boundary overlap, or put each wholly at its centroid; auto "
                         "uses boundaries when the file exists")
-    x.add_argument("--raster-um", type=POSITIVE, default=0.5,
-                   help="sub-grid (um) on which cell polygons are rasterised to measure their overlap with the 8 um "
-                        "super-pixels; must divide 8")
+    x.add_argument("--raster-um", type=RASTER_UM, default=0.5,
+                   help=f"sub-grid (um) on which cell polygons are rasterised to measure their overlap with the 8 um "
+                        f"super-pixels; must divide 8 ({RASTER_UM.lo:g}-{RASTER_UM.hi:g})")
     _pseudo(x)
 
     a = sub.add_parser(

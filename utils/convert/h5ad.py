@@ -14,16 +14,19 @@ from scipy import sparse
 
 from ..core.errors import InputError
 from ..core.h5ad_io import read_anndata
+from ..core.raw_io import examples
 from ..core.stage import Stage
 from .affine import lattice_pixel_size
 from .constants import SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM
 from .he_image import check_inside, check_pixel_size, open_target_image
 from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
-from .tables import make_unique
+from .tables import make_unique, numeric
 from .truth_layout import section_record
 from .visium import COL_STEP, ROW_STEP, check_scalefactors, compare_spot_diameter
 
 log = logging.getLogger("trihrge")
+
+OBS_FIX = "store numbers there (as scanpy.read_visium does) before write_h5ad"
 
 
 def convert_h5ad(args):
@@ -36,8 +39,9 @@ def convert_h5ad(args):
     xy = _positions(ad, path, args.spatial_key)
     sf = _scalefactors(ad, path, args.library_id)
     X, genes, counts_from, gene_ids = _counts(ad, path)
-    sel = _in_tissue(ad)
-    ps, how, report = _pixel_size(ad, xy, sf, path, args)
+    sel = _in_tissue(ad, path)
+    array = _array_coordinates(ad, path)
+    ps, how, report = _pixel_size(array, xy, sf, path, args)
     ps = check_pixel_size(ps, image, how)
     log.info("pixel size %.6g um/px (%s)", ps, how)
     report["spot_diameter_fullres_um"] = compare_spot_diameter(sf, ps, path)
@@ -49,8 +53,8 @@ def convert_h5ad(args):
     if len(ids) < 3:
         raise InputError(f"{path}: only {len(ids)} spot(s) under tissue inside the image; at least 3 are needed")
     counts_name = counts_name_for(args.counts_format, len(ids), len(genes))
-    directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=False)
-    array = {k: ad.obs[k].to_numpy()[inside] if k in ad.obs.columns else [] for k in ("array_col", "array_row")}
+    directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=False, source=args.source)
+    array = {k: v[inside] for k, v in array.items()} if array else {"array_col": [], "array_row": []}
     conversion = {"converter": "python -m utils.convert h5ad", "source": str(path.resolve()),
                   "image": str(image.resolve()), "counts_from": counts_from, "pixel_size_um": ps,
                   "pixel_size_from": how, "lattice": {k: v for k, v in report.items() if np.isscalar(v) or v is None},
@@ -73,20 +77,26 @@ def _positions(ad, path, key) -> np.ndarray:
         raise InputError(f"{path}: no obsm['{key}'] (obsm holds {', '.join(ad.obsm.keys()) or 'nothing'}); "
                          f"store the spot centres in full-resolution pixels (x = column, y = row) there, as "
                          f"scanpy.read_visium does, or name the key with --spatial-key")
-    xy = np.asarray(ad.obsm[key], dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy[:, :2]).all():
+    xy = np.asarray(ad.obsm[key])
+    if xy.ndim != 2 or xy.shape[1] < 2:
         raise InputError(f"{path}: obsm['{key}'] must be an (n, 2) array of finite x, y pixel positions")
-    return xy[:, :2]
+    xy = pd.DataFrame(xy[:, :2], columns=["x", "y"])
+    return np.column_stack([numeric(xy, c, path, f"obsm['{key}'] column {c}", OBS_FIX) for c in ("x", "y")])
 
 
 def _scalefactors(ad, path, library_id) -> dict:
     """uns['spatial'][library]['scalefactors'], checked as Space Ranger's JSON is ({} without them)."""
     spatial = ad.uns.get("spatial", {}) if hasattr(ad.uns, "get") else {}
     if not spatial:
+        if library_id is not None:
+            log.warning("--library-id %s: %s holds no uns['spatial'], so it does not apply", library_id, path.name)
         return {}
     libs = list(spatial.keys())
+    if library_id is not None and library_id not in spatial:
+        raise InputError(f"{path}: --library-id {library_id}: not in uns['spatial'] ({', '.join(libs)}); pass one "
+                         f"of these")
     lib = library_id or (libs[0] if len(libs) == 1 else None)
-    if lib is None or lib not in spatial:
+    if lib is None:
         raise InputError(f"{path}: uns['spatial'] holds libraries {', '.join(libs)}; choose one with --library-id")
     where = f"{path}: uns['spatial']['{lib}']"
     if not isinstance(spatial[lib], Mapping):
@@ -130,25 +140,45 @@ def _integer_counts(X) -> bool:
     return data.size == 0 or (np.all(np.isfinite(data)) and np.all(data == np.round(data)) and data.min() >= 0)
 
 
-def _in_tissue(ad) -> np.ndarray:
-    """The spots to keep: obs['in_tissue'] == 1 where obs has it, else all."""
+IN_TISSUE_WORDS = {"1": True, "0": False, "true": True, "false": False}   # R conversions write "True"/"False"
+
+
+def _in_tissue(ad, path) -> np.ndarray:
+    """The spots to keep: obs['in_tissue'] true where obs has it (1/0, booleans, "True"/"False" in any
+    case), else all."""
     if "in_tissue" not in ad.obs.columns:
         return np.ones(ad.n_obs, bool)
-    sel = pd.to_numeric(ad.obs["in_tissue"], errors="coerce").to_numpy() == 1
+    col = ad.obs["in_tissue"].astype(object)
+    num = pd.to_numeric(col, errors="coerce").astype(float)   # booleans too: 1.0 / 0.0
+    words = col.astype(str).str.strip().str.lower().map(IN_TISSUE_WORDS)
+    flags = num.map({1.0: True, 0.0: False}).where(num.notna(), words)
+    if flags.isna().any():
+        raise InputError(f"{path}: obs['in_tissue'] holds {int(flags.isna().sum())} value(s) other than 1/0 or "
+                         f"True/False ({examples(col[flags.isna()].map(repr).unique())}); store 1 (under tissue) or "
+                         f"0 there, as scanpy.read_visium does")
+    sel = flags.to_numpy(dtype=bool)
     if (~sel).any():
-        log.info("dropped %d of %d spots not under tissue (obs['in_tissue'] = 0)", int((~sel).sum()), ad.n_obs)
+        log.info("dropped %d of %d spots not under tissue (obs['in_tissue'] false)", int((~sel).sum()), ad.n_obs)
     return sel
 
 
-def _pixel_size(ad, xy, sf, path, args):
-    """(um/px, how it was found, the lattice report): --pixel-size > the array lattice > the
-    nearest-neighbour spacing (100 um) > spot_diameter_fullres / 65."""
+def _array_coordinates(ad, path) -> dict:
+    """obs array_col, array_row as finite numbers ({} when obs lacks either)."""
+    keys = ("array_col", "array_row")
+    if not set(keys) <= set(ad.obs.columns):
+        return {}
+    return {k: numeric(ad.obs, k, path, f"obs['{k}']", OBS_FIX) for k in keys}
+
+
+def _pixel_size(array, xy, sf, path, args):
+    """(um/px, how it was found, the lattice report): --pixel-size > the array lattice (`array`: obs
+    array_col, array_row) > the nearest-neighbour spacing (100 um) > spot_diameter_fullres / 65."""
     if args.pixel_size:
         return float(args.pixel_size), "given with --pixel-size", {}
     report = {}
-    if {"array_row", "array_col"} <= set(ad.obs.columns):
-        ps, report = lattice_pixel_size(ad.obs["array_col"].to_numpy(float), ad.obs["array_row"].to_numpy(float),
-                                        xy[:, 0], xy[:, 1], COL_STEP, ROW_STEP, path, "spot")
+    if array:
+        ps, report = lattice_pixel_size(array["array_col"], array["array_row"], xy[:, 0], xy[:, 1], COL_STEP,
+                                        ROW_STEP, path, "spot")
         if ps is not None:
             return ps, f"affine fit of obsm['{args.spatial_key}'] on obs array_row/array_col (100 um hexagonal array)", report
     from ..spots.lattice import describe_lattice

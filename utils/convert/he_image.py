@@ -80,10 +80,17 @@ def place_image(out, src, final, mode):
     shutil.copyfile(src, tmp)
 
 
+def _beside(v, bounds):
+    """v to 4 significant digits, or to all of them where 4 would print a bound it lies outside of (2.0000001 as 2)."""
+    short = f"{v:.4g}"
+    return repr(float(v)) if float(short) in bounds else short
+
+
 def check_pixel_size(ps, image, how):
     lo, hi = PIXEL_SIZE_RANGE_UM
     if not (np.isfinite(ps) and lo <= ps <= hi):
-        raise InputError(f"{image}: its pixel size comes out as {ps:.4g} um/px ({how}), outside {lo}-{hi} um/px; "
+        raise InputError(f"{image}: its pixel size comes out as {_beside(ps, (lo, hi))} um/px ({how}), outside "
+                         f"{lo}-{hi} um/px; "
                          f"{'this image is far too coarse: pass the full-resolution H&E with --image' if ps > hi else 'check the inputs'}"
                          f" (or give the pixel size with --pixel-size if you know it)")
     return float(ps)

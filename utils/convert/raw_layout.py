@@ -10,22 +10,23 @@ from scipy import sparse
 
 from ..core.chunks import row_chunks
 from ..core.errors import InputError
+from ..core.layout import SECTION
 from ..core.raw_io import COUNTS_NAMES, IMAGE_NAMES, LOCS_NAMES
 from .constants import TSV_LIMIT
 from .he_image import place_image
 from .tables import check_plain_names
 
 
-def prepare_directory(directory, image_name, counts_name, writes_truth):
+def prepare_directory(directory, image_name, counts_name, writes_truth, source):
     """Check DIR (it may not exist yet: the converter's Stage(create=True) makes it); refuse when it already
-    holds raw-layout files of another data set that ours would not replace."""
+    holds raw-layout files of another data set that ours would not replace. Those of an earlier conversion
+    of the same `source` are fine: write_raw_layout removes them on commit."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory}: exists and is not a directory; pass a folder for --directory")
     if directory.is_dir():
-        ours = {image_name, counts_name, "locs-raw.tsv"}
-        others = [n for n in (*IMAGE_NAMES, *COUNTS_NAMES, *LOCS_NAMES) if n not in ours and (directory / n).exists()]
-        if not writes_truth and (directory / "truth" / "super.h5ad").exists():
+        others = [] if _converted_from(directory, source) else _earlier_raw_files(directory, image_name, counts_name)
+        if not writes_truth and (directory / "truth" / "super.h5ad").exists():   # nothing of ours replaces it
             others.append("truth/super.h5ad")
         if others:
             raise InputError(f"{directory}: already holds {', '.join(others)} of another data set, which would sit "
@@ -34,6 +35,21 @@ def prepare_directory(directory, image_name, counts_name, writes_truth):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{existing}: no write permission; make it writable or pass another --directory")
     return directory
+
+
+def _earlier_raw_files(directory, image_name, counts_name) -> list:
+    """Raw-layout image, count and location files in DIR under other names than this conversion writes."""
+    ours = {image_name, counts_name, "locs-raw.tsv"}
+    return [n for n in (*IMAGE_NAMES, *COUNTS_NAMES, *LOCS_NAMES) if n not in ours and (Path(directory) / n).exists()]
+
+
+def _converted_from(directory, source) -> bool:
+    """Whether DIR's section.json records a conversion of `source` (an unreadable one: no)."""
+    try:
+        section = json.loads((Path(directory) / SECTION).read_text())
+        return section["conversion"]["source"] == str(Path(source).resolve())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def counts_name_for(fmt, n_spots, n_genes):
@@ -70,6 +86,9 @@ def write_raw_layout(out, directory, *, source, image, image_name, image_mode, p
     check_plain_names(genes, source, "gene name")
     check_plain_names(ids, source, "spot id")
     place_image(out, image, directory / image_name, image_mode)
+    for name in _earlier_raw_files(directory, image_name, counts_name):   # prepare_directory found them ours
+        if not (image_mode == "symlink" and os.path.samefile(directory / name, image)):   # the link's target
+            out.discard(directory / name)
     out.write_text(directory / "pixel-size-raw.txt", f"{pixel_size:.8g}\n")
     out.write_text(directory / "radius-raw.txt", f"{radius_raw:.6f}\n")
     if counts_name.endswith(".h5ad"):

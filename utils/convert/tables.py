@@ -58,7 +58,7 @@ def check_plain_names(names, path, what):
 def read_json(path, what):
     path = Path(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:   # a byte-order mark (Windows editors) is not damage
             return json.load(f)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot be read as JSON ({type(e).__name__}); give the {what} written by the "
@@ -84,9 +84,14 @@ def require_columns(df, columns, path, what):
                          f"{examples(df.columns, 8)}); give the file written by the 10x software")
 
 
-def numeric(df, column, path):
-    v = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
+def numeric(df, column, path, label=None, fix="give the file written by the 10x software, unchanged"):
+    """A column as finite float64, else one line naming it (`label`, default "column NAME") and how many
+    values are missing or non-numeric."""
+    col = df[column]
+    if isinstance(col.dtype, pd.CategoricalDtype):   # numbers stored as categories (an R conversion)
+        col = col.astype(object)
+    v = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
     if not np.isfinite(v).all():
-        raise InputError(f"{path}: column {column} holds {int((~np.isfinite(v)).sum())} missing or non-numeric "
-                         f"value(s); give the file written by the 10x software, unchanged")
+        raise InputError(f"{path}: {label or f'column {column}'} holds {int((~np.isfinite(v)).sum())} missing or "
+                         f"non-numeric value(s); {fix}")
     return v

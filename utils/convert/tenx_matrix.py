@@ -36,9 +36,10 @@ class Matrix:
 
 def _finish_matrix(path, barcodes, names, ids, types, X):
     n_bc, n_feat = X.shape
-    if len(barcodes) != n_bc or len(names) != n_feat:
-        raise InputError(f"{path}: the matrix is {n_feat} features x {n_bc} barcodes but lists {len(names)} features "
-                         f"and {len(barcodes)} barcodes; the file is damaged, copy it again")
+    if len(barcodes) != n_bc or not len(names) == len(ids) == len(types) == n_feat:
+        raise InputError(f"{path}: the matrix is {n_feat} features x {n_bc} barcodes but lists {len(names)} feature "
+                         f"names, {len(ids)} ids, {len(types)} types and {len(barcodes)} barcodes; the file is "
+                         f"damaged, copy it again")
     types = np.asarray(types, dtype=object)
     keep = np.flatnonzero(types == GENE_EXPRESSION)
     if keep.size == 0:
@@ -56,11 +57,28 @@ def _finish_matrix(path, barcodes, names, ids, types, X):
         raise InputError(f"{path}: the matrix holds negative values; give the raw UMI count matrix")
     X.data = X.data.astype(np.int64)
     X.sum_duplicates()
-    genes = make_unique(np.asarray(names, dtype=object)[keep], path)
+    genes = make_unique(_named(np.asarray(names, dtype=object), np.asarray(ids, dtype=object), path)[keep], path)
     bc = pd.Index(decode(barcodes))
     if bc.duplicated().any():
         raise InputError(f"{path}: duplicated barcodes ({examples(bc[bc.duplicated()].unique())}); the file is damaged")
     return Matrix(bc, genes, np.asarray(ids, dtype=object)[keep], X, path)
+
+
+def _named(names, ids, path):
+    """Feature names with an empty one replaced by its feature id (pandas would write it as "Unnamed: N"):
+    the id names the same gene, so the conversion goes on, with a warning; refused when the id is empty too."""
+    blank = np.flatnonzero(pd.Index(names, dtype=object).astype(str).str.strip() == "")
+    if blank.size == 0:
+        return names
+    no_id = [int(i) for i in blank if not str(ids[i]).strip()]
+    if no_id:
+        raise InputError(f"{path}: feature(s) {examples(no_id)} (0-based) have neither a name nor an id; the file "
+                         f"is damaged, copy it again from the 10x software's output")
+    log.warning("%s: %d feature(s) without a name take their feature id as name (%s)", Path(path).name, blank.size,
+                examples([f"#{i} -> {ids[i]}" for i in blank]))
+    names = names.copy()
+    names[blank] = ids[blank]
+    return names
 
 
 def read_10x_h5(path):
@@ -84,18 +102,33 @@ def read_10x_h5(path):
         if missing:
             raise InputError(f"{path}: matrix/{', matrix/'.join(missing)} missing; give the 10x feature-barcode matrix "
                              f".h5 unchanged")
-        n_feat, n_bc = (int(v) for v in g["shape"][:2])
+        shape = np.atleast_1d(g["shape"][()])
         data, indices, indptr = g["data"][:], g["indices"][:], g["indptr"][:]
         barcodes = g["barcodes"][:]
         names = decode(g["features/name"][:])
         ids = decode(g["features/id"][:])
         types = decode(g["features/feature_type"][:])
-    if len(indptr) != n_bc + 1 or len(data) != len(indices):
-        raise InputError(f"{path}: inconsistent sparse matrix arrays (indptr {len(indptr)} for {n_bc} barcodes); "
-                         f"the file is damaged, copy it again")
-    # stored CSC by barcode (genes x barcodes) == CSR of barcodes x genes
-    X = sparse.csr_matrix((data, indices, indptr), shape=(n_bc, n_feat))
+    X = _barcodes_by_features(path, data, indices, indptr, shape)
     return _finish_matrix(path, barcodes, names, ids, types, X)
+
+
+def _barcodes_by_features(path, data, indices, indptr, shape):
+    """The stored CSC by barcode (genes x barcodes) as CSR of barcodes x genes, its structure checked in full:
+    a truncated or edited file would otherwise give a traceback or silently wrong counts."""
+    def damaged(problem):
+        return InputError(f"{path}: damaged feature-barcode matrix ({problem}); copy the file again from the 10x "
+                          f"software's output (Space Ranger's outs/, the Xenium output folder)")
+    if len(shape) != 2:
+        raise damaged(f"matrix/shape holds {len(shape)} value(s), not 2")
+    try:
+        n_feat, n_bc = (int(v) for v in shape)
+        X = sparse.csr_matrix((data, indices, indptr), shape=(n_bc, n_feat))
+        X.check_format(full_check=True)   # indices in range, indptr non-decreasing
+    except (ValueError, TypeError) as e:
+        raise damaged(str(e)[:120]) from None
+    if len(data) != indptr[-1]:   # scipy drops a tail past indptr[-1]: values that belong to no barcode
+        raise damaged(f"{len(data)} values where indptr ends at {indptr[-1]}")
+    return X
 
 
 def read_10x_mtx(folder):
@@ -112,11 +145,14 @@ def read_10x_mtx(folder):
     m_p, f_p, b_p = pick("matrix.mtx"), pick("features.tsv"), pick("barcodes.tsv")
     try:
         M = sparse.csr_matrix(mmread(str(m_p)).T)
-        feats = pd.read_csv(f_p, sep="\t", header=None, dtype=str)
+        feats = pd.read_csv(f_p, sep="\t", header=None, dtype=str, keep_default_na=False)   # "" and "NA" stay names
         bcs = pd.read_csv(b_p, sep="\t", header=None, dtype=str)[0].to_numpy()
     except Exception as e:
         raise InputError(f"{folder}: cannot read the Matrix Market folder ({type(e).__name__}: {str(e)[:100]}); "
                          f"copy it again") from None
+    if feats.shape[1] < 2:
+        raise InputError(f"{f_p}: {feats.shape[1]} column(s); features.tsv needs the feature id and name columns (and "
+                         f"the feature type), tab-separated, as Space Ranger writes them: copy the folder again")
     types = feats[2].to_numpy() if feats.shape[1] > 2 else np.full(len(feats), GENE_EXPRESSION, dtype=object)
     return _finish_matrix(folder, bcs, feats[1].to_numpy(), feats[0].to_numpy(), types, M)
 

@@ -213,7 +213,7 @@ def convert_visium(args):
     radius_raw = args.spot_diameter_um / 2 / ps
 
     counts_name = counts_name_for(args.counts_format, len(sel), len(M.genes))
-    directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=False)
+    directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=False, source=args.source)
     conversion = {"converter": "python -m utils.convert visium", "source": str(Path(args.source).resolve()),
                   "image": str(image.resolve()), "positions": pos_path.name, "matrix": M.path.name,
                   "pixel_size_um": ps, "pixel_size_from": how, "lattice": report,
@@ -238,9 +238,14 @@ def convert_visium(args):
 def find_bins(source, bin_size):
     source = Path(source)
     name = f"square_{bin_size:03d}um"
-    for cand in (source / "binned_outputs" / name, source / name, source):
-        if (cand / "spatial").is_dir() and cand.name == name:
+    cands = [c for c in (source / "binned_outputs" / name, source / name, source) if c.name == name and c.is_dir()]
+    for cand in cands:
+        if (cand / "spatial").is_dir():
             return cand
+    if cands:   # the bin folder is there, its spatial/ is not: a partial copy
+        raise InputError(f"{cands[0]}/spatial: not found; a Space Ranger bin folder holds spatial/ "
+                         f"(tissue_positions.parquet, scalefactors_json.json) beside filtered_feature_bc_matrix.h5: "
+                         f"copy the whole binned_outputs/{name} folder again")
     if (source / "spatial").is_dir() and (source / "spatial" / "tissue_positions.parquet").is_file():
         log.warning("%s: not named %s; taking its bins as %d um bins", source, name, bin_size)
         return source
@@ -273,7 +278,7 @@ def convert_visium_hd(args):
     grid_shape = superpixel_grid_shape(hw, ps)
     spots = make_pseudo_spots(truth, rows, cols, grid_shape, hw, ps, args.seed)
     counts_name = counts_name_for(args.counts_format, len(spots["ids"]), len(M.genes))
-    directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=True)
+    directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=True, source=args.source)
     conversion = {"converter": "python -m utils.convert visium-hd", "source": str(Path(args.source).resolve()),
                   "bins": bins_dir.name, "image": str(image.resolve()), "matrix": M.path.name,
                   "pixel_size_um": ps, "pixel_size_from": how, "lattice": report, "seed": int(args.seed),

@@ -35,7 +35,7 @@ from scipy import sparse
 
 from ..core.errors import InputError
 from ..core.geometry import SUPER_PIXEL_UM, superpixel_grid_shape
-from .affine import affine_scale, fit_affine
+from .affine import affine_scale, collinear, fit_affine
 from .he_image import check_pixel_size, open_target_image
 from .raw_layout import counts_name_for, prepare_directory
 from .tables import check_plain_names, decode, numeric, read_table, require_columns
@@ -50,6 +50,7 @@ BOUNDARY_NAMES = ("cell_boundaries.parquet", "cell_boundaries.csv.gz", "cell_bou
 MATRIX_NAMES = ("cell_feature_matrix.h5", "cell_feature_matrix")
 KEYPOINT_COLUMNS = ("fixedX", "fixedY", "alignmentX", "alignmentY")
 MIN_INSIDE = 0.5          # fraction of cells that must land on the image
+MIN_BOUNDARY_MATCH = 0.5  # fraction of those cells that must have a boundary in the boundary file
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,14 +63,16 @@ def read_alignment(path):
     if not path.is_file():
         raise InputError(f"{path}: not found; pass with --alignment the transformation matrix CSV that Xenium "
                          f"Explorer exports after aligning the H&E (or its keypoints CSV)")
-    text = path.read_text(errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")   # a byte-order mark is not a number
     first = text.strip().splitlines()[0] if text.strip() else ""
     if all(k.lower() in first.lower() for k in KEYPOINT_COLUMNS):
         df = read_table(path, "alignment keypoints")
         cols = {c.strip().lower(): c for c in df.columns}
         fx, fy, ax, ay = (numeric(df, cols[k.lower()], path) for k in KEYPOINT_COLUMNS)
-        if len(fx) < 3:
-            raise InputError(f"{path}: {len(fx)} keypoint(s); at least 3 are needed to fit the alignment")
+        if len(fx) < 3 or collinear(np.column_stack([ax, ay])) or collinear(np.column_stack([fx, fy])):
+            line = ", all on one line" if len(fx) >= 3 else ""
+            raise InputError(f"{path}: {len(fx)} keypoint(s){line}; at least 3 keypoints not on one line are needed "
+                             f"to fit the alignment: add keypoints spread over the tissue in Xenium Explorer")
         A, t, rms = fit_affine(np.column_stack([ax, ay]), np.column_stack([fx, fy]))
         log.info("%s: affine fitted to %d keypoints (rms residual %.3g)", path.name, len(fx), rms)
         M = np.eye(3)
@@ -289,7 +292,7 @@ def _xenium_pixel_size(source, override):
     p = Path(source) / "experiment.xenium"
     if p.is_file():
         try:
-            v = float(json.loads(p.read_text()).get("pixel_size"))
+            v = float(json.loads(p.read_text(encoding="utf-8-sig")).get("pixel_size"))
             if np.isfinite(v) and 0.01 < v < 10:
                 return v, f"pixel_size of {p.name}"
         except (ValueError, TypeError, AttributeError):
@@ -333,7 +336,7 @@ def convert_xenium(args):
 
     spots = make_pseudo_spots(truth, rows, cols, grid_shape, hw, ps, args.seed)
     counts_name = counts_name_for(args.counts_format, len(spots["ids"]), len(Mx.genes))
-    directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=True)
+    directory = prepare_directory(args.directory, image_name, counts_name, writes_truth=True, source=args.source)
     conversion = {"converter": "python -m utils.convert xenium", "source": str(source.resolve()),
                   "image": str(image.resolve()), "alignment": str(Path(args.alignment).resolve()),
                   "alignment_kind": kind, "alignment_matrix": M.tolist(), "invert_alignment": bool(args.invert_alignment),
@@ -389,6 +392,14 @@ def _cells_of_matrix(source, matrix):
     return cells.loc[Mx.barcodes], Mx
 
 
+def _check_boundaries_match(path, n_have, n_cells):
+    """Xenium writes a boundary for every cell: a file that outlines few of them is another run's."""
+    if n_have < MIN_BOUNDARY_MATCH * n_cells:
+        raise InputError(f"{path}: holds a boundary for only {n_have} of the {n_cells} cells on the image "
+                         f"({n_have / n_cells:.0%} of the cell ids match): it is from another run; give the "
+                         f"cell_boundaries.parquet of the same Xenium output (--boundaries), or --assign centroids")
+
+
 def _cell_pieces(args, source, cell_ids, cx, cy, um_to_px, ps, grid_shape, sub) -> dict:
     """Each cell's share of the super-pixels it covers: pieces = (cell, super-pixel key, fraction),
     sorted by cell and key; by boundary overlap where --assign and the boundaries allow, else the
@@ -405,6 +416,7 @@ def _cell_pieces(args, source, cell_ids, cx, cy, um_to_px, ps, grid_shape, sub) 
     if boundaries is not None:
         pos = boundaries["ids"].get_indexer(cell_ids)
         have = np.flatnonzero(pos >= 0)
+        _check_boundaries_match(b_path, len(have), n)
         sel = pos[have]
         # vertices of the selected cells: Xenium um -> H&E px -> image um -> sub-pixels
         vx_px, vy_px = apply(um_to_px, boundaries["x"], boundaries["y"])
