@@ -280,3 +280,16 @@ def test_pixel_size_message_does_not_contradict_itself():
         check_pixel_size(2.0000001, "he.tif", "a fit")
     with pytest.raises(InputError, match=r"as 3\.5 um/px"):
         check_pixel_size(3.5, "he.tif", "a fit")
+
+
+def test_tissue_positions_in_tissue_as_words_or_out_of_range(tmp_path):
+    """tissue_positions.csv with in_tissue True/False was refused; a 2 was read as not under tissue."""
+    import pandas as pd
+    import pytest
+
+    from utils.convert.tables import in_tissue_flags
+    from utils.core.errors import InputError
+    assert in_tissue_flags(pd.Series(["True", "false", "1", 0, True]), "p", "in_tissue", "fix").tolist() == \
+        [True, False, True, False, True]
+    with pytest.raises(InputError, match=r"in_tissue holds 1 value\(s\) other than 1/0 or True/False \(2\)"):
+        in_tissue_flags(pd.Series([1, 2, 0]), "p", "in_tissue", "fix")

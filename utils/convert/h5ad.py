@@ -14,13 +14,12 @@ from scipy import sparse
 
 from ..core.errors import InputError
 from ..core.h5ad_io import read_anndata
-from ..core.raw_io import examples
 from ..core.stage import Stage
 from .affine import lattice_pixel_size
 from .constants import SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM
 from .he_image import check_inside, check_pixel_size, open_target_image
 from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
-from .tables import make_unique, numeric
+from .tables import in_tissue_flags, make_unique, numeric
 from .truth_layout import section_record
 from .visium import COL_STEP, ROW_STEP, check_scalefactors, compare_spot_diameter
 
@@ -140,23 +139,12 @@ def _integer_counts(X) -> bool:
     return data.size == 0 or (np.all(np.isfinite(data)) and np.all(data == np.round(data)) and data.min() >= 0)
 
 
-IN_TISSUE_WORDS = {"1": True, "0": False, "true": True, "false": False}   # R conversions write "True"/"False"
-
-
 def _in_tissue(ad, path) -> np.ndarray:
-    """The spots to keep: obs['in_tissue'] true where obs has it (1/0, booleans, "True"/"False" in any
-    case), else all."""
+    """The spots to keep: obs['in_tissue'] true where obs has it (tables.in_tissue_flags), else all."""
     if "in_tissue" not in ad.obs.columns:
         return np.ones(ad.n_obs, bool)
-    col = ad.obs["in_tissue"].astype(object)
-    num = pd.to_numeric(col, errors="coerce").astype(float)   # booleans too: 1.0 / 0.0
-    words = col.astype(str).str.strip().str.lower().map(IN_TISSUE_WORDS)
-    flags = num.map({1.0: True, 0.0: False}).where(num.notna(), words)
-    if flags.isna().any():
-        raise InputError(f"{path}: obs['in_tissue'] holds {int(flags.isna().sum())} value(s) other than 1/0 or "
-                         f"True/False ({examples(col[flags.isna()].map(repr).unique())}); store 1 (under tissue) or "
-                         f"0 there, as scanpy.read_visium does")
-    sel = flags.to_numpy(dtype=bool)
+    sel = in_tissue_flags(ad.obs["in_tissue"], path, "obs['in_tissue']", "store 1 (under tissue) or 0 there, as "
+                                                                         "scanpy.read_visium does")
     if (~sel).any():
         log.info("dropped %d of %d spots not under tissue (obs['in_tissue'] false)", int((~sel).sum()), ad.n_obs)
     return sel

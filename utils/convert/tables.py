@@ -95,3 +95,19 @@ def numeric(df, column, path, label=None, fix="give the file written by the 10x 
         raise InputError(f"{path}: {label or f'column {column}'} holds {int((~np.isfinite(v)).sum())} missing or "
                          f"non-numeric value(s); {fix}")
     return v
+
+
+IN_TISSUE_WORDS = {"1": True, "0": False, "true": True, "false": False}   # R conversions write "True"/"False"
+
+
+def in_tissue_flags(values: pd.Series, path, label: str, fix: str) -> np.ndarray:
+    """in_tissue as booleans: 1/0, booleans, or "True"/"False" / "1"/"0" as text in any case; any other
+    value (a 2, a NaN) is one line naming `label`."""
+    col = values.astype(object)
+    num = pd.to_numeric(col, errors="coerce").astype(float)   # booleans too: 1.0 / 0.0
+    words = col.astype(str).str.strip().str.lower().map(IN_TISSUE_WORDS)
+    flags = num.map({1.0: True, 0.0: False}).where(num.notna(), words)
+    if flags.isna().any():
+        raise InputError(f"{path}: {label} holds {int(flags.isna().sum())} value(s) other than 1/0 or True/False "
+                         f"({examples(col[flags.isna()].map(repr).unique())}); {fix}")
+    return flags.to_numpy(dtype=bool)

@@ -26,7 +26,7 @@ from .affine import lattice_pixel_size
 from .constants import SPACERANGER_SPOT_DIAMETER_UM, VISIUM_SPOT_SPACING_UM
 from .he_image import check_inside, check_pixel_size, image_shape, open_target_image
 from .raw_layout import counts_name_for, prepare_directory, write_raw_layout
-from .tables import decode, numeric, read_json, read_table, require_columns
+from .tables import decode, in_tissue_flags, numeric, read_json, read_table, require_columns
 from .tenx_matrix import find_matrix, read_10x_matrix
 from .truth_layout import aggregate_to_superpixels, make_pseudo_spots, section_record, superpixel_of, write_with_truth
 
@@ -90,7 +90,8 @@ def read_positions(spatial):
                         names=None if header else POSITION_COLUMNS, dtype={0: str} if not header else {"barcode": str})
     df.columns = [str(c).strip() for c in df.columns]
     require_columns(df, POSITION_COLUMNS, path, "tissue positions table")
-    out = pd.DataFrame({"in_tissue": numeric(df, "in_tissue", path).astype(np.int64),
+    out = pd.DataFrame({"in_tissue": in_tissue_flags(df["in_tissue"], path, "column in_tissue",
+                                                     "give the file written by Space Ranger, unchanged").astype(np.int64),
                         "array_row": numeric(df, "array_row", path),
                         "array_col": numeric(df, "array_col", path),
                         "x": numeric(df, "pxl_col_in_fullres", path),
