@@ -56,6 +56,8 @@ def check_predicted_counts(ad, path, fix: str) -> None:
     """X holds a run's predicted counts: unique gene names, not log-transformed, finite, not negative
     (scaled?) and not all zero."""
     from .raw_io import examples
+    if ad.X is None:
+        raise InputError(f"{path}: has no X (the predicted counts); {fix}")
     if ad.var_names.duplicated().any():
         raise InputError(f"{path}: duplicated gene names ({examples(ad.var_names[ad.var_names.duplicated()].unique())}); "
                          f"make them unique (or {fix})")
