@@ -239,3 +239,30 @@ def test_a_gene_list_is_recorded_by_its_absolute_path(demo_upstream, tmp_path):
     assert m["parameters"]["gene_list"] == str((tmp_path / "genes.txt").resolve())
     r = run_script("get_HR.py", d, "--gene-list", tmp_path / "genes.txt")
     assert r.returncode == 0 and "recomputing" not in r.stderr
+
+
+def _module(*args, env=None):
+    import subprocess
+    import sys
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=REPO, capture_output=True, text=True, env=e,
+                          timeout=300)
+
+
+def test_cohort_and_demo_say_one_thing_once(tmp_path):
+    """A bad option of utils.cohort under torchrun was said by every rank; --stage-args HISTEX=-h printed
+    HISTEX's whole help before refusing it; a demo refused at its first step added that 'the artifacts
+    so far' were in the folder it had not touched."""
+    section = tmp_path / "s"
+    section.mkdir()
+    r = _module("utils.cohort", section, "-j", "0", env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert r.returncode == 2 and "error:" not in r.stderr
+    assert_user_error(_module("utils.cohort", section, "-j", "0"), "--jobs")
+    r = _module("utils.cohort", section, "--stage-args", "HISTEX=-h")
+    assert_user_error(r, "only options that run the stage")
+    assert "usage" not in r.stdout
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    r = _module("utils.demo", "--directory", tmp_path / "mine", "--size", "small")
+    assert_user_error(r, "notes.txt")
+    assert "no step before it ran" in r.stdout

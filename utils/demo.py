@@ -82,7 +82,7 @@ def main(argv=None):
     # after the maps: domains and cell types (the simulator's marker genes) on the TriHRGE run
     steps.append(([sys.executable, "-m", "utils.analysis", str(d / "results" / "trihrge"), "--markers",
                    str(d / DEMO_MARKERS), "--smooth", "2", "-q"], "utils.analysis (results/trihrge)"))
-    for cmd, name in steps:
+    for i, (cmd, name) in enumerate(steps):
         print(f"==> {name}", flush=True)
         if name.startswith("utils.analysis"):
             write_demo_markers(d)
@@ -90,7 +90,8 @@ def main(argv=None):
         rc = run_child(cmd, cwd=REPO)   # it ends with the demo, and a Ctrl-C stops it cleanly
         print(f"    {name}: {'ok' if rc == 0 else 'FAILED (exit %d)' % rc} in {time.time() - t:.1f} s", flush=True)
         if rc != 0:
-            print(f"demo stopped at {name}; the artifacts so far are in {d}", file=sys.stderr)
+            done = f"the artifacts of the steps before it are in {d}" if i else "no step before it ran"
+            print(f"demo stopped at {name}; {done}", flush=True)   # the step's own error line says why
             return rc
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     runs = [d / "results" / m for m in ("trihrge", "interp")]

@@ -1,5 +1,6 @@
 """python -m utils.cohort: the five stages over many sections (README, "Cohorts")."""
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -160,11 +161,16 @@ def own_names(sections) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.quiet)
-    plans = build_plans(args.stages, parse_stage_args(args.stage_args))
-    sections = collect_sections(args.sections, from_file=args.from_file)
-    check_stage_options(plans, n_sections=len(sections))
+    try:
+        args = build_parser().parse_args(argv)
+        setup_logging(args.quiet)
+        plans = build_plans(args.stages, parse_stage_args(args.stage_args))
+        sections = collect_sections(args.sections, from_file=args.from_file)
+        check_stage_options(plans, n_sections=len(sections))
+    except InputError:
+        if os.environ.get("RANK", "0") != "0":   # under torchrun every rank reads the same command: rank 0 says it
+            raise SystemExit(2) from None
+        raise
     mine, rank, world = rank_share(sections)
     out = runner.summary_path(args.summary, rank=rank, world=world)
     check_summary_path(out)

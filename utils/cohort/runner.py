@@ -10,6 +10,7 @@ import contextlib
 import errno
 import functools
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -117,8 +118,10 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
 
 
 def read_stage_options(stage: str, args: Sequence[str]) -> argparse.Namespace:
-    """The values the stage's own parser reads from these options, its defaults filled in."""
-    return stage_parser(stage).parse_args(["--directory", SECTION, *args])
+    """The values the stage's own parser reads from these options, its defaults filled in (a -h or
+    --version among them: SystemExit, with nothing printed)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return stage_parser(stage).parse_args(["--directory", SECTION, *args])
 
 
 def same_options(stage: str, last: Sequence[str], now: Sequence[str]) -> bool:

@@ -181,9 +181,10 @@ def _predict_trained(st, directory, out_dir, config, inp, device, progress, kern
                        base=None if loo is None else scale_counts(loo, lo, hi))
     folds = spot_folds(inp.spots.n_obs, config.cv_folds, config.seed)
     if config.cv_folds and folds is None:
-        log.warning("too few spots (%d) for %d-fold cross-fitting: no accuracy estimate and no fusion (--n-states "
-                    "%d or fewer makes folds of these spots)", inp.spots.n_obs, config.cv_folds,
-                    max_folds(inp.spots.n_obs))
+        most = max_folds(inp.spots.n_obs)
+        log.warning("too few spots (%d) for %d-fold cross-fitting: no accuracy estimate and no fusion (%s)",
+                    inp.spots.n_obs, config.cv_folds, f"--n-states {most} or fewer makes folds of these spots" if most
+                    else "no number of states makes folds of this few spots")
     models, histories = trained_states(td.cfg, td, out_dir=out_dir, n_states=config.n_states, seed=config.seed,
                                        retrain=config.retrain, device=device, progress=progress, folds=folds,
                                        workers=_cpus(config), world=world)
