@@ -2,7 +2,16 @@
 """Stage 5: train the TriHRGE network (or a baseline) and write the super-resolution maps."""
 import argparse
 
-from utils.core.cli import add_device, add_seed, check_directory, make_parser, output_directory, run, setup_logging
+from utils.core.cli import (
+    add_device,
+    add_seed,
+    check_directory,
+    gene_name,
+    make_parser,
+    output_directory,
+    run,
+    setup_logging,
+)
 from utils.superres.config import CHOICES, VALIDATORS, HistexConfig
 
 D = HistexConfig  # defaults: one place (utils/superres/config.py)
@@ -109,7 +118,8 @@ def build_parser():
                         "0 = auto: no overlap where a super-pixel's prediction does not depend on its window (trihrge, mlp), "
                         "max(3, window half-width) with --gene-tokens or --window-attention (3 for Visium)")
     o.add_argument("--batch-windows", type=V["batch_windows"], default=D.batch_windows, help="inference windows per batch (bounds memory)")
-    o.add_argument("--plot-genes", nargs="*", default=None, help="genes to draw as maps (default: the 4 most variable)")
+    o.add_argument("--plot-genes", nargs="+", action="extend", type=gene_name, default=None, metavar="GENE",
+                   help="genes to draw as maps (default: the 4 most variable); may be given more than once")
     o.add_argument("--compress", action="store_true",
                    help="store super-res.h5ad's X gzip-compressed (HDF5 shuffle + deflate level 1, on every CPU): "
                         "about a quarter smaller, but slower to write (her2st: +5 s on 2 cores) and to read one "

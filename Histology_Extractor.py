@@ -3,7 +3,7 @@
 import argparse
 import os
 
-from utils.core.cli import POSITIVE_INT, add_device, check_directory, make_parser, run, setup_logging
+from utils.core.cli import POSITIVE_INT, add_device, check_directory, make_parser, path_arg, run, setup_logging
 from utils.histology.backbones import BACKBONES
 
 EPILOG = """\
@@ -38,7 +38,7 @@ def build_parser():
                     epilog=EPILOG)
     p.add_argument("--backbone", default=None,
                    help=" | ".join(BACKBONES) + "; default: uni when --weights or --login is given, else stain")
-    p.add_argument("--weights", default=None, metavar="PATH",
+    p.add_argument("--weights", type=path_arg, default=None, metavar="PATH",
                    help="local checkpoint: pytorch_model.bin / .pth (loaded with weights_only=True) or .safetensors")
     p.add_argument("--login", default=None, metavar="TOKEN",
                    help="Hugging Face token to download gated weights (or set HF_TOKEN); never stored")

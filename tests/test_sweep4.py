@@ -266,3 +266,49 @@ def test_cohort_and_demo_say_one_thing_once(tmp_path):
     r = _module("utils.demo", "--directory", tmp_path / "mine", "--size", "small")
     assert_user_error(r, "notes.txt")
     assert "no step before it ran" in r.stdout
+
+
+def test_spots_h5ad_is_checked_for_what_no_get_hr_writes(demo_upstream, tmp_path):
+    """HISTEX --force on a spots.h5ad rewritten by hand: a sparse X (a scanpy round trip) and
+    scale_max 0 were tracebacks; all-zero counts, duplicated ids, a negative radius and 2 spots ran
+    to exit 0 (with NumPy's warnings in the log)."""
+    import anndata
+    import numpy as np
+    import pytest
+    from scipy import sparse
+
+    from utils.core import layout as L
+    from utils.core.errors import InputError
+    d = copy_demo(demo_upstream, tmp_path / "small")
+    good = anndata.read_h5ad(d / "spots.h5ad")
+
+    def edited(change):
+        ad = good.copy()
+        change(ad)
+        ad.write_h5ad(d / "spots.h5ad")
+        return d
+    assert not sparse.issparse(L.read_spots(edited(lambda a: setattr(a, "X", sparse.csr_matrix(a.X)))).X)
+    cases = {"every count is zero": lambda a: setattr(a, "X", np.zeros_like(a.X)),
+             "duplicated spot ids": lambda a: setattr(a, "obs_names", ["s"] * a.n_obs),
+             "radius_px -5": lambda a: a.uns.__setitem__("radius_px", -5),
+             "2 spot": lambda a: a._inplace_subset_obs(np.arange(2)),
+             "scale_min / scale_max": lambda a: a.var.__setitem__("scale_max", 0.0)}
+    for said, change in cases.items():
+        with pytest.raises(InputError, match=said):
+            L.read_spots(edited(change))
+
+
+def test_stage_options_and_locations_odd_values(demo_upstream, tmp_path):
+    """--plot-genes given twice kept only the last list, ' HK_01' and '' got puzzling lines;
+    --weights '' was read as the current folder; --backbone timm: was said to need --weights; a
+    locs.tsv of no spot gave a mask with exit 0."""
+    d = copy_demo(demo_upstream, tmp_path / "small")
+    r = run_script("HISTEX.py", d, "--model", "interp", "--plot-genes", " HK_01", "--plot-genes", "HK_02")
+    assert r.returncode == 0, r.stderr[-2000:]
+    drawn = (d / "results" / "interp" / "maps" / "index.tsv").read_text()
+    assert "HK_01" in drawn and "HK_02" in drawn
+    assert_user_error(run_script("HISTEX.py", d, "--plot-genes", ""), "an empty gene name")
+    assert_user_error(run_script("Histology_Extractor.py", d, "--weights", ""), "an empty path")
+    assert_user_error(run_script("Histology_Extractor.py", d, "--backbone", "timm:"), "names no architecture")
+    (d / "locs.tsv").write_text("spot\tx\ty\n")
+    assert_user_error(run_script("masking_non_tissue.py", d, "--force"), "locs.tsv", "no spots")

@@ -90,6 +90,13 @@ PROBABILITY = Number(float, lo=0, hi=1)
 NAME_MAX, PATH_MAX = 255, 4096   # Linux's limits (bytes), the same on every common file system
 
 
+def gene_name(text: str) -> str:
+    """A gene name from the command line, without the spaces around it (a shell's quoting leaves them)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty gene name")
+    return text.strip()
+
+
 def path_arg(text: str) -> Path:
     """A path from the command line; an empty one is refused (Path('') would be the current folder)."""
     if not text.strip():

@@ -183,6 +183,8 @@ def load_calibrated_spots(directory):
     except Exception as e:
         raise LOCS.damaged(directory, f"cannot be read as spot, x, y ({type(e).__name__})") from None
     locs.index = locs.index.astype(str)
+    if len(locs) == 0 or not np.isfinite(locs.to_numpy()).all():   # stage 1 writes every spot, all finite
+        raise LOCS.damaged(directory, "no spots, or x / y that are not finite numbers")
     text = RADIUS.existing(directory).read_text(errors="replace").strip()
     try:
         radius = float(text)
@@ -199,15 +201,21 @@ def read_h5ad(artifact: Artifact, directory):
 
 
 def _check_values(artifact: Artifact, directory, ad) -> None:
-    """Centres obs x, y and the matrix X: finite numbers, X not negative (counts)."""
+    """Centres obs x, y and the matrix X: finite numbers, X not negative (counts), one observation per
+    id. A sparse X (a file rewritten by scanpy) is made dense here, as the stage reads it."""
     import pandas as pd
+    if ad.obs_names.duplicated().any():
+        raise artifact.damaged(directory, "damaged: duplicated spot ids (obs names)")
     for c in ("x", "y"):
         v = ad.obs[c]
         if not pd.api.types.is_numeric_dtype(v) or not np.isfinite(v.to_numpy(np.float64)).all():
             raise artifact.damaged(directory, f"damaged: obs '{c}' holds values that are not finite numbers")
-    X = np.asarray(ad.X.toarray() if hasattr(ad.X, "toarray") else ad.X)
+    X = ad.X = np.asarray(ad.X.toarray() if hasattr(ad.X, "toarray") else ad.X)
     if not np.issubdtype(X.dtype, np.number) or not np.isfinite(X).all() or (X < 0).any():
         raise artifact.damaged(directory, "damaged: X holds values that are not finite non-negative numbers")
+
+
+MIN_SPOTS = 3   # stage 2 keeps at least these; fewer cannot train or validate anything
 
 
 def read_spots(directory):
@@ -218,7 +226,28 @@ def read_spots(directory):
     if need or ad.n_obs == 0 or ad.n_vars == 0 or ad.X is None:
         raise SPOTS.damaged(directory, f"damaged: {'no ' + ', '.join(need) if need else 'no spots, genes or X'}")
     _check_values(SPOTS, directory, ad)
+    problem = _spot_problem(ad)
+    if problem:
+        raise SPOTS.damaged(directory, f"damaged: {problem}")
     return ad
+
+
+def _spot_problem(ad) -> str | None:
+    """What in spots.h5ad no run of get_HR.py writes: too few spots, no count, scaling bounds other
+    than the genes' ranges (get_HR: spots.genes.minmax_scaling), a radius that is not a positive number."""
+    lo, hi = (ad.var[k].to_numpy(np.float64) for k in ("scale_min", "scale_max"))
+    radius = ad.uns["radius_px"]
+    if ad.n_obs < MIN_SPOTS:
+        return f"{ad.n_obs} spot(s), at least {MIN_SPOTS} are needed"
+    if not ad.X.any():
+        return "every count is zero"
+    if not (np.allclose(lo, ad.X.min(axis=0), rtol=1e-6) and np.allclose(hi, ad.X.max(axis=0), rtol=1e-6)):
+        return "var scale_min / scale_max are not the genes' count ranges over the spots"
+    if not (hi > lo).any():
+        return "no gene's count varies over the spots"
+    if isinstance(radius, bool) or not np.isscalar(radius) or not np.isreal(radius) or not 0 < float(radius) < np.inf:
+        return f"uns radius_px {radius!r} is not a positive number"
+    return None
 
 
 def read_hr_spots(directory, spots):

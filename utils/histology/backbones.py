@@ -66,7 +66,10 @@ def parse_backbone(name):
         return "stain", None
     if name in HUB_MODELS:
         return name, HUB_MODELS[name][2]
-    if name.startswith("timm:") and len(name) > 5:
+    if name == "timm:":
+        raise InputError("--backbone timm: names no architecture; give timm:NAME, a name from timm.list_models() "
+                         "(e.g. timm:vit_large_patch16_224)")
+    if name.startswith("timm:"):
         arch = name[5:]
         import timm
         if not timm.is_model(arch):

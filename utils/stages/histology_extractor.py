@@ -53,7 +53,7 @@ def _progress(total, unit, quiet):
 def _resolve_weights(backbone, weights, token, random_init):
     """Where the weights come from, settled before torch is imported (fail fast); None for stain."""
     from ..histology.backbones import parse_backbone, resolve_weights
-    kind = "timm" if backbone.startswith("timm:") else parse_backbone(backbone)[0]
+    kind = "timm" if backbone.startswith("timm:") and backbone != "timm:" else parse_backbone(backbone)[0]
     if kind == "stain":
         if weights is not None or random_init:
             raise InputError("--backbone stain uses no weights; drop --weights, or choose --backbone uni / uni2-h / "
