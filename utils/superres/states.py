@@ -2,8 +2,10 @@
 of HISTEX reuses it (a state's fingerprint is a hash of its training configuration and data).
 
 <out>/states/state-NN.pt    the weights (torch.save of a state dict of tensors, read weights_only)
-<out>/states/state-NN.json  fingerprint, seed, loss histories, timings
-A state that cannot be read (truncated, damaged, another format) is trained again, with a warning.
+<out>/states/state-NN.json  fingerprint, seed, loss histories, timings, weights_sha256 (weights_digest)
+A state that cannot be read (truncated, damaged, another format), whose weights are not finite, or
+whose weights no longer match their recorded digest (edited after training) is trained again, with a
+warning; a record without the digest (written before it existed) is not checked.
 
 Bit-identical states for any thread count: on the CPU every state trains with one torch thread (a
 multi-threaded weight gradient sums in a thread-dependent order: --threads 1 vs 2 moved counts by
@@ -52,10 +54,37 @@ def fingerprint(cfg: dict, data_fingerprint: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load_state(cfg: dict, path: Path, device):
-    """The network of `cfg` with the weights in `path`, in eval mode on `device`."""
+class DamagedState(ValueError):
+    """Weights that load but cannot be the trained ones."""
+
+
+def weights_digest(state: dict) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and tensor bytes: the same for bit-identical
+    states (a .pt file's bytes are not: torch.save writes the temporary's name and a random id in them)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}:{t.dtype}:{tuple(state[k].shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_weights(state: dict, digest) -> None:
+    """DamagedState when a loaded state dict is not finite or not the one recorded (digest, None: not
+    recorded): NaN weights made empty maps and a traceback, a weight x 1e30 a wrong map silently."""
+    if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+        raise DamagedState("weights that are not finite")
+    if digest is not None and weights_digest(state) != digest:
+        raise DamagedState("weights changed after training")
+
+
+def load_state(cfg: dict, path: Path, device, digest=None):
+    """The network of `cfg` with the weights in `path`, in eval mode on `device`; DamagedState when
+    they are not finite or, given the digest recorded at training, differ from it."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    _check_weights(state, digest)
     model = build_model(cfg["model"], cfg["dims"], cfg["n_genes"], 2 * cfg["half"] + 1, **cfg["model_opts"])
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
@@ -78,10 +107,33 @@ def _reusable(cfg, fp_id, pt, meta_p, device):
     if meta.get("fingerprint") != fp_id:
         return None
     try:
-        return load_state(cfg, pt, device), meta
+        return load_state(cfg, pt, device, meta.get("weights_sha256")), meta
     except Exception as e:  # torch raises many types for truncated or foreign files
-        log.warning("%s: damaged (%s); training this state again", pt, type(e).__name__)
+        log.warning("%s: damaged (%s); training this state again", pt, e if isinstance(e, DamagedState)
+                    else type(e).__name__)
         return None
+
+
+def _refuse_directories(paths) -> None:
+    """A folder where a state's file goes would be taken for a damaged state, trained, and then fail
+    to be committed: refused before training."""
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            raise InputError(f"{p}: is a directory where a trained state is to be written; remove or rename that "
+                             f"directory and rerun")
+
+
+def _check_writable(pt: Path) -> None:
+    """Refuse a states folder that cannot be written before training, not at its commit (where a
+    worker's torch.save failed with a long traceback): a temporary is made there and removed."""
+    out = StagedOutputs()
+    try:
+        out.path(pt).touch()
+    except OSError as e:
+        raise InputError(f"{pt.parent}: cannot be written ({e.strerror or e}); the trained states are saved there: "
+                         f"make it writable and rerun") from None
+    finally:
+        out.abort()
 
 
 @contextlib.contextmanager
@@ -107,7 +159,8 @@ def _train_to_files(cfg, data, fp_id, seed, val_idx, pt, meta_p, device, progres
 def _commit(fp_id, seed, cfg, state, info, seconds, pt, meta_p) -> dict:
     """Write a finished state's weights and record together (a later crash keeps it); returns the record."""
     meta = {"fingerprint": fp_id, "seed": seed, "epochs": cfg["epochs"], **info, "seconds": seconds,
-            "spot_epochs_per_second": info["train_spots"] * info["epochs_run"] / max(1e-9, seconds)}
+            "spot_epochs_per_second": info["train_spots"] * info["epochs_run"] / max(1e-9, seconds),
+            "weights_sha256": weights_digest(state)}
     with StagedOutputs() as out:
         torch.save(state, out.path(pt))
         out.write_json(meta_p, meta)
@@ -212,6 +265,7 @@ def trained_states(cfg: dict, training, *, out_dir: Path, n_states: int, seed: i
     Under torchrun each rank trains its share (state s on rank s mod N) and loads the others'.
     Returns (models, loss histories [(train, held-out), ...])."""
     fp_id = fingerprint(cfg, training.fingerprint)
+    _refuse_directories([p for s in range(n_states) for p in _paths(out_dir, s)])
     found, jobs = {}, []
     for s in range(n_states):
         pt, meta_p = _paths(out_dir, s)
@@ -221,6 +275,8 @@ def trained_states(cfg: dict, training, *, out_dir: Path, n_states: int, seed: i
             log.info("%s: already trained with these inputs and settings, reusing it", desc)
         else:
             jobs.append((s, fp_id, seed * 1000 + s, None if folds is None else folds[s], pt, meta_p, desc))
+    if jobs:
+        _check_writable(jobs[0][4])
     world.sync()  # every rank has looked for finished states before any rank writes new ones
     mine = [job for job in jobs if job[0] % world.size == world.rank]
     done = _train_many(mine, cfg, training.data, device, workers, progress)
