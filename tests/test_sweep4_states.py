@@ -81,3 +81,17 @@ def test_a_directory_at_a_state_file_is_refused_before_training(demo_upstream, t
     assert "damaged" not in r.stderr and "epochs" not in r.stderr, r.stderr
     assert snapshot(d) == before
     assert [p.name for p in _states(d).iterdir()] == [name]   # no temporaries left behind
+
+
+def test_a_commit_refused_leaves_no_temporaries(tmp_path):
+    """StagedOutputs' commit refusing a directory in a file's place left its temporaries behind."""
+    import pytest
+
+    from utils.core.atomic import StagedOutputs
+    from utils.core.errors import InputError
+    (tmp_path / "a.json").mkdir()
+    with pytest.raises(InputError, match="is a directory"):
+        with StagedOutputs() as out:
+            out.write_json(tmp_path / "b.json", {})
+            out.write_json(tmp_path / "a.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

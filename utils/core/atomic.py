@@ -151,10 +151,11 @@ class StagedOutputs:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.abort()   # what a failed commit left staged (after a commit: nothing)
         return False
 
 
