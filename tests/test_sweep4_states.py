@@ -67,7 +67,7 @@ def test_a_read_only_states_folder_is_refused_before_training(demo_upstream, tmp
     with _read_only(_states(d)):
         r = run_script("HISTEX.py", d, *FAST)
     line = assert_user_error(r, str(_states(d)), "cannot be written", "make it writable")
-    assert "epochs" not in r.stderr and "Traceback" not in r.stderr, line
+    assert "training" not in r.stderr and "Traceback" not in r.stderr, line
     assert snapshot(d) == before
 
 
@@ -78,7 +78,7 @@ def test_a_directory_at_a_state_file_is_refused_before_training(demo_upstream, t
     before = snapshot(d)
     r = run_script("HISTEX.py", d, *FAST[:-1])
     assert_user_error(r, str(_states(d) / name), "is a directory", "remove")
-    assert "damaged" not in r.stderr and "epochs" not in r.stderr, r.stderr
+    assert "damaged" not in r.stderr and "training" not in r.stderr, r.stderr
     assert snapshot(d) == before
     assert [p.name for p in _states(d).iterdir()] == [name]   # no temporaries left behind
 

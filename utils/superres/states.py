@@ -275,9 +275,9 @@ def trained_states(cfg: dict, training, *, out_dir: Path, n_states: int, seed: i
             log.info("%s: already trained with these inputs and settings, reusing it", desc)
         else:
             jobs.append((s, fp_id, seed * 1000 + s, None if folds is None else folds[s], pt, meta_p, desc))
-    if jobs:
-        _check_writable(jobs[0][4])
     world.sync()  # every rank has looked for finished states before any rank writes new ones
+    if jobs:   # after the sync: a rank whose partner failed (e.g. DIR in use) has written nothing
+        _check_writable(jobs[0][4])
     mine = [job for job in jobs if job[0] % world.size == world.rank]
     done = _train_many(mine, cfg, training.data, device, workers, progress)
     world.sync()  # every state is on disk
