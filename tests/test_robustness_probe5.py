@@ -183,10 +183,10 @@ def test_the_maps_h5ad_holds_no_creation_time(tmp_path):
 
 
 def test_a_batch_size_above_the_spot_count_is_said(demo_upstream, tmp_path):
-    from conftest import run_script
+    from conftest import copy_demo, run_script
     from test_robustness import FAST
-    p = run_script("HISTEX.py", demo_upstream, "--batch-size", "100000", "--epochs", "1", "--out", tmp_path / "run",
-                   *FAST[2:])
+    d = copy_demo(demo_upstream, tmp_path / "d")   # HISTEX writes its manifest into DIR: not the shared fixture
+    p = run_script("HISTEX.py", d, "--batch-size", "100000", "--epochs", "1", "--out", tmp_path / "run", *FAST[2:])
     assert p.returncode == 0, p.stderr[-2000:]
     assert "--batch-size 100000 is not below the" in p.stderr
 
@@ -263,14 +263,15 @@ def test_the_mask_counts_only_the_spots_on_the_image(demo_upstream, tmp_path):
 
 def test_analysis_of_two_sections_concatenated_says_so(demo_upstream, tmp_path):
     import anndata
-    from conftest import run_script
+    from conftest import copy_demo, run_script
+    d = copy_demo(demo_upstream, tmp_path / "d")   # HISTEX writes its manifest into DIR: not the shared fixture
     run = tmp_path / "run"
-    p = run_script("HISTEX.py", demo_upstream, "--model", "interp", "--out", run, "-q")
+    p = run_script("HISTEX.py", d, "--model", "interp", "--out", run, "-q")
     assert p.returncode == 0, p.stderr[-2000:]
     ad = anndata.read_h5ad(run / "super-res.h5ad")
     two = anndata.concat({"s1": ad, "s2": ad}, label="library_id", index_unique="-", uns_merge="unique")
     two.uns["spatial"] = {"s1": ad.uns["spatial"][next(iter(ad.uns["spatial"]))], "s2": {}}
     two.write_h5ad(run / "super-res.h5ad")
-    p = subprocess.run([sys.executable, "-m", "utils.analysis", str(run), "--directory", str(demo_upstream)],
+    p = subprocess.run([sys.executable, "-m", "utils.analysis", str(run), "--directory", str(d)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "holds 2 sections (s1, s2 in uns['spatial']: concatenated?)" in p.stderr, p.stderr
