@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import InputError
 from .manifest import MANIFEST_DIR, rerun_hint
-from .text_io import object_problem
+from .text_io import object_problem, positive_number
 
 # --- raw inputs: the data contract (iStar's layout and its variants) ----------------------------
 RAW_IMAGES = ("he-raw.jpg", "he-raw.jpeg", "he-raw.png", "he-raw.tif", "he-raw.tiff",
@@ -245,7 +245,7 @@ def _spot_problem(ad) -> str | None:
         return "var scale_min / scale_max are not the genes' count ranges over the spots"
     if not (hi > lo).any():
         return "no gene's count varies over the spots"
-    if isinstance(radius, bool) or not np.isscalar(radius) or not np.isreal(radius) or not 0 < float(radius) < np.inf:
+    if not positive_number(radius):
         return f"uns radius_px {radius!r} is not a positive number"
     return None
 

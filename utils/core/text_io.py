@@ -75,3 +75,10 @@ def json_object(path, keys, fix):
     if problem:
         raise InputError(f"{path}: {problem}; {fix}")
     return obj
+
+
+def positive_number(value) -> bool:
+    """Whether a value read from JSON or an h5ad's uns is a finite number above 0 (not a bool, not text)."""
+    import math
+    import numbers
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < math.inf

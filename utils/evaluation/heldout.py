@@ -15,7 +15,7 @@ from ..core import manifest as mf
 from ..core.errors import InputError
 from ..core.h5ad_io import read_anndata, read_maps
 from ..core.raw_io import examples, match_spots, read_counts, read_locs
-from ..core.text_io import json_object, require_file
+from ..core.text_io import json_object, positive_number, require_file
 from ..scverse.keys import Key
 from .metrics import pearson_per_gene
 
@@ -30,8 +30,7 @@ def _protocol_record(d: Path) -> dict:
     fix = f"a damaged protocol folder: {MAKE_AGAIN}"
     rec = json_object(d / "protocol.json", ("protocol", "radius_raw_px", "heldout_spots"), fix)
     radius = rec["radius_raw_px"]
-    if rec["protocol"] not in PROTOCOLS or isinstance(radius, bool) or not isinstance(radius, (int, float)) \
-            or not 0 < radius < np.inf:
+    if rec["protocol"] not in PROTOCOLS or not positive_number(radius):
         raise InputError(f"{d / 'protocol.json'}: protocol {rec['protocol']!r}, radius_raw_px {radius!r} (expected one "
                          f"of {', '.join(PROTOCOLS)} and a positive number); {fix}")
     return rec

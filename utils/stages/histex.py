@@ -416,7 +416,7 @@ def _refuse_artifact_folder(directory, out_dir) -> None:
     a rerun of their stage replaces whole."""
     for sub in L.ARTIFACT_FOLDERS:
         folder = (directory / sub).resolve()
-        if out_dir.resolve() == folder or folder in out_dir.resolve().parents:
+        if out_dir.resolve().is_relative_to(folder):   # the folder itself or inside it
             raise InputError(f"--out {out_dir}: inside {folder}, which holds the artifacts of another stage; "
                              f"write the run elsewhere (default {directory / L.RESULTS_DIR}/<model>)")
 
